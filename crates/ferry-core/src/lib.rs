@@ -1,0 +1,16 @@
+//! ferry's vocabulary, free of I/O: log positions, value rendering, table
+//! shapes and the document operations the engine hands to a sink.
+//!
+//! Everything here is synchronous and deterministic so it can be unit- and
+//! property-tested without a database or a search cluster.
+
+pub mod copytext;
+pub mod doc;
+pub mod lsn;
+pub mod schema;
+pub mod value;
+
+pub use doc::{DocOp, DocWrite};
+pub use lsn::Lsn;
+pub use schema::{ColumnShape, TableShape};
+pub use value::TypeKind;

@@ -1,0 +1,70 @@
+//! The engine: start-up (checks, publication, slot, indexes, backfill), then
+//! the streaming loop capture → bounded queue → worker → sink → ack.
+//!
+//! ```text
+//!  PostgreSQL slot ──pgoutput──▶ capture ──bounded queue──▶ worker ──_bulk──▶ OpenSearch
+//!         ▲                                                   │
+//!         └──────────── confirm LSN (only after the flush) ◀──┘
+//! ```
+//!
+//! [`run`] keeps the pipeline alive: a retryable failure (database or
+//! cluster unreachable, stream broken) tears the pipeline down and builds it
+//! again after a capped exponential backoff, resuming from the slot's
+//! confirmed position; nothing is lost because nothing unflushed was
+//! confirmed. An error only an operator can fix ends `run` with the fix in
+//! the message.
+
+mod backfill;
+mod error;
+mod rows;
+mod setup;
+mod worker;
+
+pub use error::EngineError;
+pub use setup::{check, Prepared};
+
+use std::time::Duration;
+
+use ferry_config::Config;
+use tokio::sync::watch;
+
+/// A signal that asks the engine to stop after the in-flight batch.
+pub type Shutdown = watch::Receiver<bool>;
+
+/// Runs ferry until `shutdown` turns true or an unrecoverable error occurs.
+pub async fn run(cfg: Config, mut shutdown: Shutdown) -> Result<(), EngineError> {
+    let mut backoff = Duration::from_millis(250);
+    let max_backoff = Duration::from_secs(30);
+    let mut started_once = false;
+    loop {
+        let result = run_once(&cfg, &mut shutdown, &mut started_once).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(
+    cfg: &Config,
+    shutdown: &mut Shutdown,
+    started_once: &mut bool,
+) -> Result<(), EngineError> {
+    let prepared = setup::prepare(cfg, shutdown).await?;
+    if *shutdown.borrow() {
+        return Ok(());
+    }
+    *started_once = true;
+    worker::stream(cfg, prepared, shutdown).await
+}

@@ -1,0 +1,215 @@
+//! Start-up: everything between reading the config and streaming.
+//!
+//! Order matters for consistency. The slot is created (exporting a
+//! snapshot) *before* any row is copied, and the copy reads under that
+//! snapshot, so every change after the copy's view is in the slot and every
+//! change before it is in the copy. Backfill writes carry the slot's
+//! consistent point as their version and streamed writes carry their commit
+//! LSN, which is higher, so a late copy never overwrites a streamed change.
+
+use std::time::Duration;
+
+use ferry_config::Config;
+use ferry_core::TableShape;
+use ferry_opensearch::{IndexPlan, Sink};
+use ferry_postgres::catalog::{self, TypeResolver};
+use ferry_postgres::{PgParams, SourceError};
+use tokio_postgres::Client;
+
+use crate::{backfill, EngineError, Shutdown};
+
+/// One configured index, resolved against the database and the cluster.
+#[derive(Debug, Clone)]
+pub struct IndexRuntime {
+    /// Position in the config.
+    pub pos: usize,
+    /// The alias users query.
+    pub alias: String,
+    /// The concrete index written to.
+    pub concrete: String,
+    /// The root table's shape.
+    pub shape: TableShape,
+}
+
+/// Everything the streaming loop needs, ready.
+pub struct Prepared {
+    /// Source connection parameters.
+    pub params: PgParams,
+    /// An ordinary connection (catalog look-ups, re-reads).
+    pub client: Client,
+    /// Type kinds learned so far.
+    pub types: TypeResolver,
+    /// The sink.
+    pub sink: Sink,
+    /// The indexes, in config order.
+    pub indexes: Vec<IndexRuntime>,
+}
+
+/// Resolves every index's table shape; errors name the config key.
+async fn shapes(
+    client: &Client,
+    types: &mut TypeResolver,
+    cfg: &Config,
+) -> Result<Vec<TableShape>, SourceError> {
+    let mut out = Vec::with_capacity(cfg.indexes.len());
+    for (i, ix) in cfg.indexes.iter().enumerate() {
+        out.push(catalog::table_shape(client, types, i, ix).await?);
+    }
+    Ok(out)
+}
+
+fn plan_for(alias: &str, shape: &TableShape) -> IndexPlan {
+    IndexPlan {
+        alias: alias.to_string(),
+        properties: shape.properties(),
+        settings: serde_json::Map::new(),
+    }
+}
+
+fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
+    Ok(Sink::new(
+        &cfg.sink.url,
+        Duration::from_secs(cfg.sink.request_timeout_secs),
+    )?)
+}
+
+/// Checks the database, the slot and the cluster, creates what is missing,
+/// and backfills indexes that are not seeded.
+pub async fn prepare(cfg: &Config, shutdown: &Shutdown) -> Result<Prepared, EngineError> {
+    let params = PgParams::from_url(&cfg.source.url)?;
+    let client = params.connect().await?;
+    catalog::check_wal_level(&client).await?;
+    let mut types = TypeResolver::default();
+    let shapes = shapes(&client, &mut types, cfg).await?;
+    let sink = sink_for(cfg)?;
+    let version = sink.version().await?;
+    tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
+
+    let tables: Vec<(String, String)> = shapes
+        .iter()
+        .map(|s| (s.schema.clone(), s.name.clone()))
+        .collect();
+    catalog::ensure_publication(
+        &client,
+        &cfg.source.publication,
+        &tables,
+        cfg.source.manage_publication,
+    )
+    .await?;
+
+    let slot = &cfg.source.slot;
+    let existing = catalog::slot_info(&client, slot).await?;
+    let mut new_slot = None;
+    let resume_at = match &existing {
+        Some(info) => {
+            catalog::check_slot(info, slot, params.dbname())?;
+            tracing::info!(slot, confirmed_flush = %info.confirmed_flush, "resuming replication slot");
+            info.confirmed_flush
+        }
+        None => {
+            let created = catalog::create_slot(&params, slot, &cfg.source.publication).await?;
+            let at = created.consistent_point;
+            new_slot = Some(created);
+            at
+        }
+    };
+
+    let mut indexes = Vec::with_capacity(shapes.len());
+    let mut to_seed = Vec::new();
+    for (pos, (ix, shape)) in cfg.indexes.iter().zip(shapes).enumerate() {
+        let plan = plan_for(&ix.name, &shape);
+        let prepared = sink.prepare_index(&plan, new_slot.is_some()).await?;
+        if new_slot.is_some() || prepared.seeded.is_none() {
+            to_seed.push((pos, plan, prepared.previous.clone()));
+        } else {
+            tracing::info!(index = %ix.name, concrete = %prepared.concrete, seeded_at = ?prepared.seeded, "index is seeded");
+        }
+        indexes.push(IndexRuntime {
+            pos,
+            alias: ix.name.clone(),
+            concrete: prepared.concrete,
+            shape,
+        });
+    }
+
+    if !to_seed.is_empty() {
+        let snapshot = new_slot.as_ref().map(|s| s.snapshot.as_str());
+        let snap_client = catalog::open_snapshot(&params, snapshot).await?;
+        // The snapshot is imported: the slot-creating session may go.
+        drop(new_slot.take());
+        let names: Vec<String> = indexes.iter().map(|i| i.concrete.clone()).collect();
+        for (pos, plan, previous) in &to_seed {
+            let ix = &indexes[*pos];
+            backfill::run(&snap_client, &sink, ix, &names, resume_at, cfg, shutdown).await?;
+            if *shutdown.borrow() {
+                return Ok(Prepared {
+                    params,
+                    client,
+                    types,
+                    sink,
+                    indexes,
+                });
+            }
+            sink.mark_seeded(plan, &ix.concrete, resume_at).await?;
+            if let Some(prev) = previous {
+                sink.swap_alias(&ix.alias, &ix.concrete, Some(prev)).await?;
+                sink.delete_index(prev).await?;
+                tracing::info!(alias = %ix.alias, from = %prev, to = %ix.concrete, "moved alias to the rebuilt index");
+            }
+        }
+        let _ = snap_client.batch_execute("COMMIT").await;
+    }
+    Ok(Prepared {
+        params,
+        client,
+        types,
+        sink,
+        indexes,
+    })
+}
+
+/// `ferry check`: every read-only check, returning the problems found (empty = healthy).
+pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
+    let mut problems = Vec::new();
+    let params = PgParams::from_url(&cfg.source.url)?;
+    let client = params.connect().await?;
+    if let Err(e) = catalog::check_wal_level(&client).await {
+        problems.push(e.to_string());
+    }
+    let mut types = TypeResolver::default();
+    let mut tables = Vec::new();
+    for (i, ix) in cfg.indexes.iter().enumerate() {
+        match catalog::table_shape(&client, &mut types, i, ix).await {
+            Ok(s) => tables.push((s.schema, s.name)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    // Publication coverage, read-only.
+    if let Err(e) =
+        catalog::ensure_publication(&client, &cfg.source.publication, &tables, false).await
+    {
+        if cfg.source.manage_publication {
+            tracing::info!(
+                "{e} (ferry run will do this itself: source.manage_publication is true)"
+            );
+        } else {
+            problems.push(e.to_string());
+        }
+    }
+    match catalog::slot_info(&client, &cfg.source.slot).await? {
+        Some(info) => {
+            if let Err(e) = catalog::check_slot(&info, &cfg.source.slot, params.dbname()) {
+                problems.push(e.to_string());
+            }
+        }
+        None => {
+            tracing::info!(slot = %cfg.source.slot, "slot does not exist yet; ferry run creates it")
+        }
+    }
+    let sink = sink_for(cfg)?;
+    match sink.version().await {
+        Ok(v) => tracing::info!(sink = %sink.url(), version = %v, "search cluster reachable"),
+        Err(e) => problems.push(e.to_string()),
+    }
+    Ok(problems)
+}

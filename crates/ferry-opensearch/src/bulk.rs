@@ -1,0 +1,285 @@
+//! Bulk requests: NDJSON encoding, per-item outcome classification, retries.
+
+use std::time::Duration;
+
+use ferry_core::value::write_json_str;
+use ferry_core::{DocOp, DocWrite};
+use serde::Deserialize;
+
+use crate::{is_transient, snippet, Sink, SinkError};
+
+/// What it took to make a batch durable.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BulkOutcome {
+    /// Bulk requests sent (including retries and splits).
+    pub requests: u64,
+    /// Items written or deleted.
+    pub written: u64,
+    /// Items the cluster already had in a newer version (409 on external versions).
+    pub superseded: u64,
+    /// Item attempts that failed transiently and were retried.
+    pub retried: u64,
+}
+
+/// Encodes writes as a `_bulk` NDJSON body, one action line (+ source line) per write.
+///
+/// Every action carries `version_type=external_gte` with the write's LSN, so
+/// replays of the same write are harmless and older writes lose.
+pub fn encode_bulk(writes: &[&DocWrite], index_names: &[String], out: &mut Vec<u8>) {
+    for w in writes {
+        let name = index_names.get(w.index).map(String::as_str).unwrap_or("");
+        out.extend_from_slice(match w.op {
+            DocOp::Index(_) => b"{\"index\":{\"_index\":",
+            DocOp::Delete => b"{\"delete\":{\"_index\":",
+        });
+        write_json_str(name.as_bytes(), out);
+        out.extend_from_slice(b",\"_id\":");
+        write_json_str(w.id.as_bytes(), out);
+        out.extend_from_slice(b",\"version\":");
+        out.extend_from_slice(w.version.0.to_string().as_bytes());
+        out.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
+        if let DocOp::Index(body) = &w.op {
+            out.extend_from_slice(body);
+            out.push(b'\n');
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Summary {
+    errors: bool,
+}
+
+#[derive(Deserialize)]
+struct Full {
+    items: Vec<std::collections::HashMap<String, Item>>,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    status: u16,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// How one bulk attempt ended, for the writes it carried.
+enum Attempt {
+    /// Everything durable (or superseded).
+    Done,
+    /// These positions (into the attempted slice) must be retried.
+    RetryItems(Vec<usize>),
+    /// The whole request failed transiently.
+    RetryAll(SinkError),
+    /// The body was too large: split it.
+    TooLarge,
+}
+
+const MAX_BACKOFF_START: Duration = Duration::from_millis(100);
+
+pub(crate) async fn write_all(
+    sink: &Sink,
+    writes: &[DocWrite],
+    index_names: &[String],
+) -> Result<BulkOutcome, SinkError> {
+    let mut outcome = BulkOutcome::default();
+    if writes.is_empty() {
+        return Ok(outcome);
+    }
+    // A stack of pending chunks; a 413 splits a chunk into halves.
+    let mut pending: Vec<Vec<&DocWrite>> = vec![writes.iter().collect()];
+    let mut backoff = MAX_BACKOFF_START;
+    while let Some(chunk) = pending.pop() {
+        let mut body = Vec::with_capacity(chunk.iter().map(|w| w.weight()).sum::<usize>());
+        encode_bulk(&chunk, index_names, &mut body);
+        let body = bytes::Bytes::from(body);
+        outcome.requests += 1;
+        match attempt(sink, &chunk, body, index_names, &mut outcome).await? {
+            Attempt::Done => backoff = MAX_BACKOFF_START,
+            Attempt::RetryItems(positions) => {
+                outcome.retried += positions.len() as u64;
+                tracing::warn!(
+                    items = positions.len(),
+                    backoff_ms = backoff.as_millis() as u64,
+                    "bulk items rejected transiently; retrying them"
+                );
+                pending.push(
+                    positions
+                        .into_iter()
+                        .filter_map(|i| chunk.get(i).copied())
+                        .collect(),
+                );
+                sleep_backoff(&mut backoff, sink.max_backoff).await;
+            }
+            Attempt::RetryAll(err) => {
+                tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "bulk request failed; retrying");
+                pending.push(chunk);
+                sleep_backoff(&mut backoff, sink.max_backoff).await;
+            }
+            Attempt::TooLarge => {
+                if chunk.len() == 1 {
+                    let w = chunk[0];
+                    return Err(SinkError::Poison {
+                        index: index_names.get(w.index).cloned().unwrap_or_default(),
+                        id: w.id.clone(),
+                        status: 413,
+                        reason: "the document alone exceeds the cluster's request size limit (http.max_content_length)".into(),
+                    });
+                }
+                let mid = chunk.len() / 2;
+                tracing::info!(
+                    items = chunk.len(),
+                    "bulk request too large (413); splitting it"
+                );
+                let (a, b) = chunk.split_at(mid);
+                // Pop order: first half first.
+                pending.push(b.to_vec());
+                pending.push(a.to_vec());
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+async fn sleep_backoff(backoff: &mut Duration, max: Duration) {
+    // Jitter in [50%, 100%] of the step, from the clock's sub-second noise.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    tokio::time::sleep(backoff.mul_f64(factor)).await;
+    *backoff = (*backoff * 2).min(max.max(MAX_BACKOFF_START));
+}
+
+async fn attempt(
+    sink: &Sink,
+    chunk: &[&DocWrite],
+    body: bytes::Bytes,
+    index_names: &[String],
+    outcome: &mut BulkOutcome,
+) -> Result<Attempt, SinkError> {
+    let (status, bytes) = match sink
+        .request(
+            opensearch::http::Method::Post,
+            "/_bulk",
+            Some(body),
+            "application/x-ndjson",
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return Ok(Attempt::RetryAll(e)),
+    };
+    if status == 413 {
+        return Ok(Attempt::TooLarge);
+    }
+    if !(200..300).contains(&status) {
+        let err = SinkError::Status {
+            status,
+            what: "POST /_bulk".into(),
+            body: snippet(&bytes),
+        };
+        return if err.is_retryable() {
+            Ok(Attempt::RetryAll(err))
+        } else {
+            Err(err)
+        };
+    }
+    let summary: Summary = serde_json::from_slice(&bytes).map_err(|e| SinkError::Protocol {
+        what: "POST /_bulk".into(),
+        reason: e.to_string(),
+    })?;
+    if !summary.errors {
+        outcome.written += chunk.len() as u64;
+        return Ok(Attempt::Done);
+    }
+    let full: Full = serde_json::from_slice(&bytes).map_err(|e| SinkError::Protocol {
+        what: "POST /_bulk".into(),
+        reason: e.to_string(),
+    })?;
+    if full.items.len() != chunk.len() {
+        return Err(SinkError::Protocol {
+            what: "POST /_bulk".into(),
+            reason: format!(
+                "{} items answered for {} sent",
+                full.items.len(),
+                chunk.len()
+            ),
+        });
+    }
+    let mut retry = Vec::new();
+    for (pos, item) in full.items.iter().enumerate() {
+        let Some(item) = item.values().next() else {
+            continue;
+        };
+        match item.status {
+            200..=299 | 404 => outcome.written += 1,
+            // External version: a newer (or equal) write is already there.
+            409 => outcome.superseded += 1,
+            s if is_transient(s) => retry.push(pos),
+            s => {
+                let w = chunk[pos];
+                let reason = item
+                    .error
+                    .as_ref()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e["type"].as_str().unwrap_or("error"),
+                            e["reason"].as_str().unwrap_or("")
+                        )
+                    })
+                    .unwrap_or_else(|| "no reason given".into());
+                return Err(SinkError::Poison {
+                    index: index_names.get(w.index).cloned().unwrap_or_default(),
+                    id: w.id.clone(),
+                    status: s,
+                    reason,
+                });
+            }
+        }
+    }
+    if retry.is_empty() {
+        Ok(Attempt::Done)
+    } else {
+        Ok(Attempt::RetryItems(retry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::Lsn;
+
+    #[test]
+    fn encodes_index_and_delete_actions() {
+        let a = DocWrite {
+            index: 0,
+            id: "1".into(),
+            version: Lsn(42),
+            op: DocOp::Index(b"{\"a\":1}".to_vec()),
+        };
+        let b = DocWrite {
+            index: 0,
+            id: "x\"y".into(),
+            version: Lsn(43),
+            op: DocOp::Delete,
+        };
+        let mut out = Vec::new();
+        encode_bulk(&[&a, &b], &["users-1".to_string()], &mut out);
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        for l in &lines {
+            serde_json::from_str::<serde_json::Value>(l).expect("each line is JSON");
+        }
+        assert_eq!(
+            lines[0],
+            r#"{"index":{"_index":"users-1","_id":"1","version":42,"version_type":"external_gte"}}"#
+        );
+        assert_eq!(
+            lines[2],
+            r#"{"delete":{"_index":"users-1","_id":"x\"y","version":43,"version_type":"external_gte"}}"#
+        );
+    }
+}

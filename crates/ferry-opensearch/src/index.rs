@@ -1,0 +1,234 @@
+//! Index lifecycle: each configured name is an alias over a concrete index
+//! whose name carries a hash of its mapping, so a changed mapping gets a new
+//! concrete index and the alias moves only when it is complete.
+
+use ferry_core::Lsn;
+use opensearch::http::Method;
+use serde_json::{json, Map, Value};
+
+use crate::{Sink, SinkError};
+
+/// What ferry wants an index to look like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexPlan {
+    /// The name users query (an alias).
+    pub alias: String,
+    /// Field mappings (`properties`).
+    pub properties: Map<String, Value>,
+    /// Index settings (may be empty).
+    pub settings: Map<String, Value>,
+}
+
+impl IndexPlan {
+    /// A stable hash of mapping and settings (FNV-1a over canonical JSON).
+    pub fn hash(&self) -> String {
+        let canonical =
+            json!({"properties": self.properties, "settings": self.settings}).to_string();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in canonical.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{:08x}", h >> 32)
+    }
+
+    fn create_body(&self) -> Value {
+        json!({
+            "settings": self.settings,
+            "mappings": {
+                "_meta": {"ferry": {"alias": self.alias, "hash": self.hash()}},
+                "properties": self.properties,
+            }
+        })
+    }
+}
+
+/// The concrete index name for a plan: `<alias>-<hash>`.
+pub fn concrete_name(plan: &IndexPlan) -> String {
+    format!("{}-{}", plan.alias, plan.hash())
+}
+
+/// Where an index stands after [`Sink::prepare_index`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedIndex {
+    /// The concrete index documents are written to.
+    pub concrete: String,
+    /// The LSN its backfill completed at, if it was completed.
+    pub seeded: Option<Lsn>,
+    /// Another concrete index the alias points at now (an older mapping).
+    pub previous: Option<String>,
+}
+
+impl Sink {
+    async fn exists(&self, path: &str) -> Result<bool, SinkError> {
+        let (status, body) = self
+            .request(Method::Head, path, None, "application/json")
+            .await?;
+        match status {
+            200 => Ok(true),
+            404 => Ok(false),
+            s => Err(SinkError::Status {
+                status: s,
+                what: format!("HEAD {path}"),
+                body: crate::snippet(&body),
+            }),
+        }
+    }
+
+    /// Indexes the alias points to now.
+    async fn alias_targets(&self, alias: &str) -> Result<Vec<String>, SinkError> {
+        let (status, body) = self
+            .request(
+                Method::Get,
+                &format!("/_alias/{alias}"),
+                None,
+                "application/json",
+            )
+            .await?;
+        if status == 404 {
+            return Ok(Vec::new());
+        }
+        if !(200..300).contains(&status) {
+            return Err(SinkError::Status {
+                status,
+                what: format!("GET /_alias/{alias}"),
+                body: crate::snippet(&body),
+            });
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| SinkError::Protocol {
+            what: format!("GET /_alias/{alias}"),
+            reason: e.to_string(),
+        })?;
+        Ok(v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// Makes sure the concrete index for `plan` exists (created with its
+    /// mapping before anything is written) and reports whether it is seeded.
+    ///
+    /// With `fresh`, an existing concrete index is deleted and created anew
+    /// (used when the replication slot is new, so nothing in it can be trusted).
+    pub async fn prepare_index(
+        &self,
+        plan: &IndexPlan,
+        fresh: bool,
+    ) -> Result<PreparedIndex, SinkError> {
+        let concrete = concrete_name(plan);
+        let targets = self.alias_targets(&plan.alias).await?;
+        if targets.is_empty() && self.exists(&format!("/{}", plan.alias)).await? {
+            return Err(SinkError::Conflict(format!(
+                "an index named {:?} already exists and is not an alias managed by ferry; \
+                 delete it (DELETE /{}) or choose another index name",
+                plan.alias, plan.alias
+            )));
+        }
+        let mut exists = self.exists(&format!("/{concrete}")).await?;
+        if exists && fresh {
+            tracing::info!(index = %concrete, "replication slot is new: recreating the index from scratch");
+            self.request_json(Method::Delete, &format!("/{concrete}"), None)
+                .await?;
+            exists = false;
+        }
+        let mut seeded = None;
+        if exists {
+            let m = self
+                .request_json(Method::Get, &format!("/{concrete}/_mapping"), None)
+                .await?;
+            seeded = m[&concrete]["mappings"]["_meta"]["ferry"]["seeded_lsn"]
+                .as_str()
+                .and_then(|s| s.parse::<Lsn>().ok());
+        } else {
+            self.request_json(
+                Method::Put,
+                &format!("/{concrete}"),
+                Some(plan.create_body()),
+            )
+            .await?;
+            tracing::info!(index = %concrete, alias = %plan.alias, "created index");
+        }
+        let previous = targets.iter().find(|t| **t != concrete).cloned();
+        if targets.is_empty() {
+            // First index for this name: let searches reach it at once.
+            self.swap_alias(&plan.alias, &concrete, None).await?;
+        }
+        Ok(PreparedIndex {
+            concrete,
+            seeded,
+            previous,
+        })
+    }
+
+    /// Records in the index's mapping metadata that its backfill completed at `lsn`.
+    pub async fn mark_seeded(
+        &self,
+        plan: &IndexPlan,
+        concrete: &str,
+        lsn: Lsn,
+    ) -> Result<(), SinkError> {
+        let body = json!({"_meta": {"ferry": {
+            "alias": plan.alias, "hash": plan.hash(), "seeded_lsn": lsn.to_string()
+        }}});
+        self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Points `alias` at `concrete` atomically, removing it from `previous`.
+    pub async fn swap_alias(
+        &self,
+        alias: &str,
+        concrete: &str,
+        previous: Option<&str>,
+    ) -> Result<(), SinkError> {
+        let mut actions = vec![json!({"add": {"index": concrete, "alias": alias}})];
+        if let Some(p) = previous {
+            actions.push(json!({"remove": {"index": p, "alias": alias}}));
+        }
+        self.request_json(
+            Method::Post,
+            "/_aliases",
+            Some(json!({ "actions": actions })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes every document of a concrete index, keeping the index (TRUNCATE).
+    pub async fn delete_all(&self, concrete: &str) -> Result<(), SinkError> {
+        self.refresh(concrete).await?;
+        self.request_json(
+            Method::Post,
+            &format!("/{concrete}/_delete_by_query?conflicts=proceed&refresh=true"),
+            Some(json!({"query": {"match_all": {}}})),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes a concrete index.
+    pub async fn delete_index(&self, concrete: &str) -> Result<(), SinkError> {
+        self.request_json(Method::Delete, &format!("/{concrete}"), None)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_changes_with_mapping() {
+        let mut p = IndexPlan {
+            alias: "users".into(),
+            properties: Map::new(),
+            settings: Map::new(),
+        };
+        let h1 = p.hash();
+        assert_eq!(h1, p.hash());
+        p.properties.insert("id".into(), json!({"type": "long"}));
+        assert_ne!(h1, p.hash());
+        assert!(concrete_name(&p).starts_with("users-"));
+    }
+}

@@ -1,0 +1,5 @@
+//! The `ferry` command.
+
+fn main() -> std::process::ExitCode {
+    ferry::main()
+}

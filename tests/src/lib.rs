@@ -1,0 +1,362 @@
+//! Shared helpers for ferry's end-to-end tests: a throwaway PostgreSQL, the
+//! test OpenSearch (osmem-server, or a real cluster from
+//! `FERRY_TEST_OPENSEARCH_URL`), the real `ferry` binary as a process, and
+//! an oracle comparing every document with what PostgreSQL says the row is.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use ferry_opensearch::{Method, Sink};
+use ferry_testkit::{PgCluster, PgOptions, TestSink};
+use serde_json::{json, Value};
+
+/// The `ferry` binary, built on first use if the test run did not build it.
+pub fn ferry_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-binary> → target/<profile>/ferry
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let bin = profile_dir.join("ferry");
+        if !bin.exists() {
+            let release = profile_dir.ends_with("release");
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "ferry", "--bin", "ferry"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "building the ferry binary failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// A PostgreSQL database plus a test OpenSearch, for one test.
+pub struct TestEnv {
+    /// The throwaway cluster.
+    pub pg: PgCluster,
+    /// The search endpoint.
+    pub os: TestSink,
+    /// A client for the endpoint.
+    pub sink: Sink,
+    /// Directory for config files and logs.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// Starts PostgreSQL (database `app`) and the test OpenSearch.
+    pub async fn start() -> TestEnv {
+        Self::start_with(PgOptions::default()).await
+    }
+
+    /// Like [`start`](Self::start) with PostgreSQL options.
+    pub async fn start_with(opts: PgOptions) -> TestEnv {
+        let pg = tokio::task::spawn_blocking(move || PgCluster::start_with(opts))
+            .await
+            .expect("join")
+            .expect("start PostgreSQL");
+        pg.create_database("app").await.expect("create database");
+        let os = tokio::task::spawn_blocking(TestSink::start)
+            .await
+            .expect("join")
+            .expect("start the test OpenSearch");
+        let sink = Sink::new(os.url(), Duration::from_secs(30)).expect("sink client");
+        TestEnv {
+            pg,
+            os,
+            sink,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A client on database `app`.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        self.pg.client("app").await.expect("connect to app")
+    }
+
+    /// The index name for this test (prefixed when sharing a real cluster).
+    pub fn index(&self, name: &str) -> String {
+        self.os.index_name(name)
+    }
+
+    /// A config with one index over `table`, written to a file.
+    pub fn config(&self, index: &str, table: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n[sink]\nurl = \"{}\"\n\n[engine]\nmax_batch_delay_ms = 20\n\n[[index]]\nname = \"{}\"\ntable = \"{}\"\n{extra}",
+            self.pg.url("app"),
+            self.os.url(),
+            self.index(index),
+            table
+        );
+        self.write_config(&text)
+    }
+
+    /// Writes a config file and returns its path.
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.path().join(format!("ferry-{n}.toml"));
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Starts `ferry run --config <path>`.
+    pub fn run_ferry(&self, config: &Path) -> FerryProcess {
+        FerryProcess::start(config, &self.dir.path().join("ferry.log"))
+    }
+
+    /// Every document of `index` by id (`_source`), after a refresh.
+    pub async fn documents(&self, index: &str) -> BTreeMap<String, Value> {
+        let name = self.index(index);
+        self.sink.refresh(&name).await.expect("refresh");
+        let mut out = BTreeMap::new();
+        let mut after: Option<Value> = None;
+        loop {
+            let mut q = json!({"size": 5000, "sort": [{"id": "asc"}], "query": {"match_all": {}}});
+            if let Some(a) = &after {
+                q["search_after"] = a.clone();
+            }
+            let res = self
+                .sink
+                .json_request(Method::Post, &format!("/{name}/_search"), Some(q))
+                .await
+                .expect("search");
+            let hits = res["hits"]["hits"].as_array().cloned().unwrap_or_default();
+            if hits.is_empty() {
+                break;
+            }
+            for h in &hits {
+                out.insert(
+                    h["_id"].as_str().unwrap_or_default().to_string(),
+                    h["_source"].clone(),
+                );
+            }
+            after = hits.last().map(|h| h["sort"].clone());
+        }
+        out
+    }
+
+    /// Document count of `index` after a refresh.
+    pub async fn count(&self, index: &str) -> u64 {
+        let name = self.index(index);
+        let _ = self.sink.refresh(&name).await;
+        match self
+            .sink
+            .json_request(Method::Get, &format!("/{name}/_count"), None)
+            .await
+        {
+            Ok(v) => v["count"].as_u64().unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// Waits until `index` holds exactly the rows of `table` (compared
+    /// semantically with `to_jsonb`), panicking with the differences after `within`.
+    pub async fn assert_converges(&self, index: &str, table: &str, within: Duration) {
+        let db = self.db().await;
+        let deadline = Instant::now() + within;
+        loop {
+            let rows = rows_as_json(&db, table).await;
+            let docs = self.documents(index).await;
+            let diff = compare(&rows, &docs);
+            if diff.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let shown: Vec<&String> = diff.iter().take(10).collect();
+                panic!(
+                    "index {index} did not converge to table {table} within {within:?}: {} differences, first: {shown:#?}\n--- ferry log ---\n{}",
+                    diff.len(),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The last lines of the ferry log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// The whole ferry log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default()
+    }
+}
+
+/// Every row of `table` as `to_jsonb`, by primary key `id` text.
+pub async fn rows_as_json(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String, Value> {
+    let rows = db
+        .query(
+            &format!("SELECT id::text, to_jsonb(t)::text FROM {table} t"),
+            &[],
+        )
+        .await
+        .expect("read rows");
+    rows.iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            let j: String = r.get(1);
+            (id, serde_json::from_str(&j).expect("to_jsonb is JSON"))
+        })
+        .collect()
+}
+
+/// Differences between rows (`to_jsonb`) and documents, as readable lines.
+pub fn compare(rows: &BTreeMap<String, Value>, docs: &BTreeMap<String, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, row) in rows {
+        match docs.get(id) {
+            None => out.push(format!("missing document {id}")),
+            Some(doc) => {
+                if !same(row, doc) {
+                    out.push(format!("document {id} differs:\n  row {row}\n  doc {doc}"));
+                }
+            }
+        }
+    }
+    for id in docs.keys() {
+        if !rows.contains_key(id) {
+            out.push(format!("extra document {id}"));
+        }
+    }
+    out
+}
+
+/// Semantic equality of a `to_jsonb` value and a document value: numbers by
+/// value, timestamps by instant, bytea hex vs base64.
+pub fn same(row: &Value, doc: &Value) -> bool {
+    match (row, doc) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (Value::String(a), Value::String(b)) => {
+            a == b || norm_time(a) == norm_time(b) || bytea_eq(a, b)
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            a.len() == b.len() && a.iter().all(|(k, v)| b.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => row == doc,
+    }
+}
+
+fn norm_time(s: &str) -> String {
+    let s = s.replacen(' ', "T", 1);
+    match s.strip_suffix("+00:00") {
+        Some(p) => format!("{p}Z"),
+        None => s,
+    }
+}
+
+fn bytea_eq(hex: &str, b64: &str) -> bool {
+    let Some(h) = hex.strip_prefix("\\x") else {
+        return false;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+        return false;
+    };
+    let enc: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    enc == h
+}
+
+/// A running `ferry` process; killed on drop.
+pub struct FerryProcess {
+    child: Option<Child>,
+}
+
+impl FerryProcess {
+    /// Starts `ferry run --config <config>`, logging to `log`.
+    pub fn start(config: &Path, log: &Path) -> FerryProcess {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(ferry_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("start ferry");
+        FerryProcess { child: Some(child) }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: sending a signal to our own child process id.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ferry did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process without warning (SIGKILL).
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `ferry <args…>` to completion; returns (exit code, stdout, stderr).
+pub fn ferry_once(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(ferry_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run ferry");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
