@@ -39,6 +39,9 @@ struct Projection {
     key: Vec<usize>,
 }
 
+/// A document to re-read: its id, version and primary-key texts.
+type Refetch = (String, Lsn, Vec<Vec<u8>>);
+
 /// A write waiting in the current batch.
 enum Pending {
     Write(DocWrite),
@@ -281,11 +284,13 @@ impl Worker {
             for k in &shape.key {
                 match rel.columns.iter().position(|rc| &rc.name == k) {
                     Some(at) => key.push(at),
-                    None => return Err(EngineError::Stream(format!(
+                    None => {
+                        return Err(EngineError::Stream(format!(
                         "primary-key column {k:?} of {} is missing from the replication stream; \
                              restart ferry so it re-reads the table's shape",
                         shape.qualified()
-                    ))),
+                    )))
+                    }
                 }
             }
             projs.push(Projection {
@@ -387,7 +392,7 @@ impl Worker {
             return Ok(());
         }
         let mut writes = Vec::with_capacity(items.len());
-        let mut fetches: HashMap<usize, Vec<(String, Lsn, Vec<Vec<u8>>)>> = HashMap::new();
+        let mut fetches: HashMap<usize, Vec<Refetch>> = HashMap::new();
         for it in items {
             match it {
                 Pending::Write(w) => writes.push(w),
@@ -446,7 +451,7 @@ impl Worker {
     async fn fetch_rows(
         &mut self,
         index: usize,
-        wanted: Vec<(String, Lsn, Vec<Vec<u8>>)>,
+        wanted: Vec<Refetch>,
         writes: &mut Vec<DocWrite>,
     ) -> Result<(), EngineError> {
         let shape = &self.indexes[index].shape;
