@@ -37,6 +37,17 @@ pub struct SourceConfig {
     /// Whether ferry may create or extend the publication (default true).
     #[serde(default = "yes")]
     pub manage_publication: bool,
+    /// Seconds of silence after which ferry writes a logical-message
+    /// heartbeat so the slot advances on a database busy elsewhere (0 = off).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+}
+
+impl SourceConfig {
+    /// The heartbeat interval, `None` when turned off.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        (self.heartbeat_secs > 0).then(|| Duration::from_secs(self.heartbeat_secs))
+    }
 }
 
 /// `[sink]`: the search cluster.
@@ -64,6 +75,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Rows per bulk request during backfill.
     pub backfill_batch_rows: usize,
+    /// Longest a stop (SIGTERM) waits for the in-flight batch, in seconds.
+    pub shutdown_timeout_secs: u64,
 }
 
 impl Default for EngineConfig {
@@ -74,11 +87,17 @@ impl Default for EngineConfig {
             max_batch_delay_ms: 20,
             queue_capacity: 20_000,
             backfill_batch_rows: 5_000,
+            shutdown_timeout_secs: 30,
         }
     }
 }
 
 impl EngineConfig {
+    /// `shutdown_timeout_secs` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
     /// `max_batch_delay_ms` as a duration.
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
@@ -110,6 +129,10 @@ impl IndexConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn default_heartbeat() -> u64 {
+    30
 }
 
 fn default_request_timeout() -> u64 {
@@ -191,12 +214,21 @@ impl Config {
             // Double underscores separate levels so that keys containing a
             // single underscore (max_batch_changes) survive; values are not
             // type-guessed, so a password "007" stays a string.
+            // Only nested keys (SECTION__KEY) are config keys: FERRY_CONFIG and
+            // FERRY_LOG_FORMAT belong to the command line.
+            let vars: config::Map<String, String> = std::env::vars()
+                .filter(|(k, _)| {
+                    k.strip_prefix("FERRY_")
+                        .is_some_and(|rest| rest.contains("__"))
+                })
+                .collect();
             builder = builder.add_source(
                 config::Environment::with_prefix("FERRY")
                     .prefix_separator("_")
                     .separator("__")
                     .ignore_empty(true)
-                    .try_parsing(false),
+                    .try_parsing(false)
+                    .source(Some(vars)),
             );
         }
         let raw = builder
@@ -417,9 +449,11 @@ table = "users"             # root table, schema-qualified allowed; document _id
         // Environment is process-wide: this is the only test that sets FERRY_ variables.
         std::env::set_var("FERRY_SINK__URL", "http://10.0.0.1:9200");
         std::env::set_var("FERRY_ENGINE__MAX_BATCH_CHANGES", "77");
+        std::env::set_var("FERRY_CONFIG", "/etc/ferry/ferry.toml");
         let c = Config::from_toml_with_env(REFERENCE);
         std::env::remove_var("FERRY_SINK__URL");
         std::env::remove_var("FERRY_ENGINE__MAX_BATCH_CHANGES");
+        std::env::remove_var("FERRY_CONFIG");
         let c = c.expect("env config");
         assert_eq!(c.sink.url, "http://10.0.0.1:9200");
         assert_eq!(c.engine.max_batch_changes, 77);

@@ -35,11 +35,27 @@ pub type Shutdown = watch::Receiver<bool>;
 pub async fn run(cfg: Config, mut shutdown: Shutdown) -> Result<(), EngineError> {
     let mut backoff = Duration::from_millis(250);
     let max_backoff = Duration::from_secs(30);
-    let mut started_once = false;
     loop {
-        let result = run_once(&cfg, &mut shutdown, &mut started_once).await;
+        let began = std::time::Instant::now();
+        let result = run_once(&cfg, &mut shutdown).await;
+        if began.elapsed() > Duration::from_secs(60) {
+            // It ran for a while: this failure is news, not a repeat.
+            backoff = Duration::from_millis(250);
+        }
         match result {
             Ok(()) => return Ok(()),
+            Err(EngineError::Source(ferry_postgres::SourceError::SlotBusy(why))) => {
+                // PostgreSQL lets one consumer hold a slot: that is our lock.
+                // Poll it briskly so a standby takes over within seconds.
+                tracing::info!(reason = %why, "standby: the slot is held by another consumer; retrying in 2 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
                 tokio::select! {
@@ -56,15 +72,10 @@ pub async fn run(cfg: Config, mut shutdown: Shutdown) -> Result<(), EngineError>
     }
 }
 
-async fn run_once(
-    cfg: &Config,
-    shutdown: &mut Shutdown,
-    started_once: &mut bool,
-) -> Result<(), EngineError> {
+async fn run_once(cfg: &Config, shutdown: &mut Shutdown) -> Result<(), EngineError> {
     let prepared = setup::prepare(cfg, shutdown).await?;
     if *shutdown.borrow() {
         return Ok(());
     }
-    *started_once = true;
     worker::stream(cfg, prepared, shutdown).await
 }

@@ -99,7 +99,14 @@ struct Worker {
     ack: capture::AckHandle,
     in_txn: bool,
     version: Lsn,
+    /// The bulk write in flight, resolving to the LSN it lets us confirm.
+    inflight: Option<Inflight>,
+    /// Index positions whose config lists no columns: documents follow the table's shape.
+    follow_shape: Vec<bool>,
+    last_event: Instant,
 }
+
+type Inflight = tokio::task::JoinHandle<Result<Option<Lsn>, ferry_opensearch::SinkError>>;
 
 /// Streams changes until shutdown or a failure.
 pub async fn stream(
@@ -138,28 +145,45 @@ pub async fn stream(
         ack: capture.ack.clone(),
         in_txn: false,
         version: Lsn::ZERO,
+        inflight: None,
+        follow_shape: cfg.indexes.iter().map(|i| i.columns.is_none()).collect(),
+        last_event: Instant::now(),
     };
     tracing::info!("streaming changes");
     let max_delay = cfg.engine.max_batch_delay();
+    let heartbeat = cfg.source.heartbeat();
+    let mut joined = false;
     let result: Result<(), EngineError> = loop {
         let deadline = w.batch.since.map(|t| t + max_delay);
+        let beat_at = heartbeat.map(|h| w.last_event + h);
         let ev = tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 tracing::info!("stopping: flushing the in-flight batch");
-                break w.flush(shutdown).await;
+                break w.finish(cfg.engine.shutdown_timeout()).await;
+            }
+            r = wait_inflight(&mut w.inflight) => {
+                w.inflight = None;
+                if let Err(e) = w.settled(r) { break Err(e); }
+                w.ack_if_nothing_pending();
+                continue;
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
-                if let Err(e) = w.flush(shutdown).await { break Err(e); }
+                if let Err(e) = w.dispatch().await { break Err(e); }
+                continue;
+            }
+            _ = sleep_until(beat_at), if beat_at.is_some() && w.batch.is_idle() => {
+                w.heartbeat().await;
                 continue;
             }
             ev = capture.events.recv() => ev,
         };
         let Some(ev) = ev else {
             // Capture ended: make what arrived durable, then report why.
-            if let Err(e) = w.flush(shutdown).await {
+            if let Err(e) = w.finish(cfg.engine.shutdown_timeout()).await {
                 break Err(e);
             }
+            joined = true;
             break match (&mut capture.task).await {
                 Ok(Ok(())) => Err(EngineError::Source(SourceError::Unavailable {
                     what: "streaming changes".into(),
@@ -169,13 +193,16 @@ pub async fn stream(
                 Err(e) => Err(EngineError::Stream(format!("capture task failed: {e}"))),
             };
         };
+        if !matches!(ev, Event::Keepalive { .. }) {
+            w.last_event = Instant::now();
+        }
         if let Err(e) = w.handle(ev).await {
             break Err(e);
         }
         let full = w.batch.changes >= cfg.engine.max_batch_changes
             || w.batch.bytes >= cfg.engine.max_batch_bytes;
         if full {
-            if let Err(e) = w.flush(shutdown).await {
+            if let Err(e) = w.dispatch().await {
                 break Err(e);
             }
         }
@@ -183,9 +210,20 @@ pub async fn stream(
     };
     // Capture reports the last confirmed position to the server, then closes the stream.
     capture.stop();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut capture.task).await;
+    if !joined {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut capture.task).await;
+    }
     tracing::info!(confirmed = %capture.ack.confirmed(), "stream closed");
     result
+}
+
+async fn wait_inflight(
+    inflight: &mut Option<Inflight>,
+) -> Result<Result<Option<Lsn>, ferry_opensearch::SinkError>, tokio::task::JoinError> {
+    match inflight {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -199,7 +237,7 @@ impl Worker {
     /// Confirms at once a commit that left nothing to write (every write
     /// of its transaction is already durable, or it had none).
     fn ack_if_nothing_pending(&mut self) {
-        if self.batch.items.is_empty() {
+        if self.batch.items.is_empty() && self.inflight.is_none() {
             if let Some(lsn) = self.batch.ack.take() {
                 self.ack.confirm(lsn);
                 self.batch.since = None;
@@ -234,7 +272,11 @@ impl Worker {
                     .collect();
                 if !hit.is_empty() {
                     // Everything before the truncate must land first.
-                    self.write_batch().await?;
+                    let writes = self.prepare_writes().await?;
+                    self.settle().await?;
+                    if !writes.is_empty() {
+                        self.sink.write(&writes, &self.names).await?;
+                    }
                     for i in hit {
                         let name = &self.names[i];
                         self.sink.delete_all(name).await?;
@@ -243,7 +285,7 @@ impl Worker {
                 }
             }
             Event::Keepalive { wal_end } => {
-                if !self.in_txn && self.batch.is_idle() {
+                if !self.in_txn && self.batch.is_idle() && self.inflight.is_none() {
                     self.ack.confirm(wal_end);
                 }
             }
@@ -257,6 +299,11 @@ impl Worker {
             self.relations.insert(rel.oid, rel);
             return Ok(());
         };
+        for &pos in &positions {
+            if self.follow_shape.get(pos).copied().unwrap_or(false) {
+                self.follow_table_shape(pos, &rel).await?;
+            }
+        }
         let mut projs = Vec::with_capacity(positions.len());
         for pos in positions {
             let shape = &self.indexes[pos].shape;
@@ -302,6 +349,71 @@ impl Worker {
         }
         self.projections.insert(rel.oid, projs);
         self.relations.insert(rel.oid, rel);
+        Ok(())
+    }
+
+    /// Brings an index whose documents carry every column in line with a
+    /// new Relation message: added columns join the documents (and the
+    /// mapping is extended), dropped ones leave, changed types are reported.
+    async fn follow_table_shape(&mut self, pos: usize, rel: &Relation) -> Result<(), EngineError> {
+        let mut added = serde_json::Map::new();
+        let mut columns = Vec::with_capacity(rel.columns.len());
+        for rc in &rel.columns {
+            let old = self.indexes[pos]
+                .shape
+                .columns
+                .iter()
+                .find(|c| c.name == rc.name)
+                .cloned();
+            let column = match old {
+                Some(c) if c.type_oid == rc.type_oid => c,
+                Some(c) => {
+                    let kind = self.types.resolve(&self.client, rc.type_oid).await?;
+                    tracing::warn!(
+                        index = %self.indexes[pos].alias,
+                        column = %rc.name,
+                        "column changed type; the index mapping keeps {}; documents that no longer fit are rejected: run a reindex after such a change",
+                        c.kind.mapping()
+                    );
+                    ColumnShape {
+                        name: rc.name.clone(),
+                        type_oid: rc.type_oid,
+                        kind,
+                    }
+                }
+                None => {
+                    let kind = self.types.resolve(&self.client, rc.type_oid).await?;
+                    added.insert(rc.name.clone(), kind.mapping());
+                    ColumnShape {
+                        name: rc.name.clone(),
+                        type_oid: rc.type_oid,
+                        kind,
+                    }
+                }
+            };
+            columns.push(column);
+        }
+        let ix = &mut self.indexes[pos];
+        for gone in ix
+            .shape
+            .columns
+            .iter()
+            .filter(|c| !rel.columns.iter().any(|rc| rc.name == c.name))
+        {
+            tracing::info!(index = %ix.alias, column = %gone.name, "column dropped from the table; it leaves the documents");
+        }
+        ix.shape.columns = columns;
+        if !added.is_empty() {
+            let names: Vec<String> = added.keys().cloned().collect();
+            match self.sink.extend_mapping(&self.names[pos], added).await {
+                Ok(()) => {
+                    tracing::info!(index = %self.indexes[pos].alias, columns = ?names, "new columns: extended the index mapping")
+                }
+                Err(e) => {
+                    tracing::error!(index = %self.indexes[pos].alias, columns = ?names, error = %e, "new columns: the index mapping could not be extended")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -383,14 +495,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Resolves fetches and writes the batch; does not ack.
-    async fn write_batch(&mut self) -> Result<(), EngineError> {
+    /// Takes the batch's pending items and resolves re-reads into writes.
+    async fn prepare_writes(&mut self) -> Result<Vec<DocWrite>, EngineError> {
         let items = std::mem::take(&mut self.batch.items);
         self.batch.slots.clear();
         self.batch.bytes = 0;
-        if items.is_empty() {
-            return Ok(());
-        }
         let mut writes = Vec::with_capacity(items.len());
         let mut fetches: HashMap<usize, Vec<Refetch>> = HashMap::new();
         for it in items {
@@ -407,43 +516,102 @@ impl Worker {
         for (index, wanted) in fetches {
             self.fetch_rows(index, wanted, &mut writes).await?;
         }
-        let started = Instant::now();
-        let outcome = self.sink.write(&writes, &self.names).await?;
-        tracing::debug!(
-            writes = writes.len(),
-            requests = outcome.requests,
-            superseded = outcome.superseded,
-            ms = started.elapsed().as_millis() as u64,
-            "batch flushed"
-        );
+        Ok(writes)
+    }
+
+    /// Closes the current batch: waits for the previous bulk write (so
+    /// writes reach the sink in stream order), then sends this one in the
+    /// background while the next batch fills. Its LSN is confirmed when it
+    /// completes (see [`Worker::settled`]).
+    async fn dispatch(&mut self) -> Result<(), EngineError> {
+        let writes = self.prepare_writes().await?;
+        let ack = self.batch.ack.take();
+        self.batch.since = None;
+        self.batch.changes = 0;
+        self.settle().await?;
+        if writes.is_empty() {
+            if let Some(lsn) = ack {
+                self.ack.confirm(lsn);
+            }
+            return Ok(());
+        }
+        let sink = self.sink.clone();
+        let names = self.names.clone();
+        self.inflight = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = sink.write(&writes, &names).await?;
+            tracing::debug!(
+                writes = writes.len(),
+                requests = outcome.requests,
+                superseded = outcome.superseded,
+                ms = started.elapsed().as_millis() as u64,
+                "batch flushed"
+            );
+            Ok(ack)
+        }));
         Ok(())
     }
 
-    /// Writes the batch, then confirms its last commit. Gives up (without
-    /// confirming) if shutdown is requested while the sink keeps failing.
-    async fn flush(&mut self, shutdown: &mut Shutdown) -> Result<(), EngineError> {
-        let stopping = *shutdown.borrow();
-        let result = if stopping {
-            // Already stopping: give the in-flight batch a bounded chance.
-            match tokio::time::timeout(std::time::Duration::from_secs(30), self.write_batch()).await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!("sink still failing at shutdown; unconfirmed changes will be replayed on restart");
-                    self.batch = Batch::default();
-                    return Ok(());
-                }
-            }
-        } else {
-            self.write_batch().await
-        };
-        result?;
-        if let Some(lsn) = self.batch.ack.take() {
-            self.ack.confirm(lsn);
+    /// Waits for the bulk write in flight, if any, and confirms its LSN.
+    async fn settle(&mut self) -> Result<(), EngineError> {
+        if let Some(h) = self.inflight.take() {
+            let r = h.await;
+            self.settled(r)?;
         }
-        self.batch.since = None;
-        self.batch.changes = 0;
         Ok(())
+    }
+
+    fn settled(
+        &mut self,
+        r: Result<Result<Option<Lsn>, ferry_opensearch::SinkError>, tokio::task::JoinError>,
+    ) -> Result<(), EngineError> {
+        match r {
+            Ok(Ok(Some(lsn))) => {
+                self.ack.confirm(lsn);
+                Ok(())
+            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(EngineError::Stream(format!("bulk write task failed: {e}"))),
+        }
+    }
+
+    /// Flushes and confirms everything received, within `limit`; past it,
+    /// gives up without confirming (the changes are replayed on restart).
+    async fn finish(&mut self, limit: std::time::Duration) -> Result<(), EngineError> {
+        let work = async {
+            self.dispatch().await?;
+            self.settle().await
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    seconds = limit.as_secs(),
+                    "could not flush within the shutdown timeout; unconfirmed changes will be replayed on restart"
+                );
+                if let Some(h) = self.inflight.take() {
+                    h.abort();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a transactional logical message so an idle slot still advances
+    /// (its Begin/Commit arrive and are confirmed like any transaction).
+    async fn heartbeat(&mut self) {
+        self.last_event = Instant::now();
+        if let Err(e) = self
+            .client
+            .execute(
+                "SELECT pg_logical_emit_message(true, 'ferry_heartbeat', '')",
+                &[],
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "heartbeat failed (needs EXECUTE on pg_logical_emit_message); set source.heartbeat_secs = 0 to turn it off");
+        }
     }
 
     /// Re-reads rows by key (for TOAST values the stream did not carry) and

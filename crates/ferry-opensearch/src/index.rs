@@ -206,6 +206,21 @@ impl Sink {
         .map(|_| ())
     }
 
+    /// Adds field mappings to a concrete index (new columns).
+    pub async fn extend_mapping(
+        &self,
+        concrete: &str,
+        properties: Map<String, Value>,
+    ) -> Result<(), SinkError> {
+        self.request_json(
+            Method::Put,
+            &format!("/{concrete}/_mapping"),
+            Some(json!({ "properties": properties })),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Deletes a concrete index.
     pub async fn delete_index(&self, concrete: &str) -> Result<(), SinkError> {
         self.request_json(Method::Delete, &format!("/{concrete}"), None)

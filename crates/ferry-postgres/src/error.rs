@@ -11,6 +11,11 @@ pub enum SourceError {
         /// Why it failed.
         reason: String,
     },
+    /// Another session (typically the active ferry) holds the slot: wait as a standby.
+    #[error(
+        "replication slot is in use by another consumer ({0}); waiting as a standby to take over"
+    )]
+    SlotBusy(String),
     /// Something only an operator can fix; the message says how.
     #[error("{0}")]
     Operator(String),
@@ -32,7 +37,10 @@ pub enum SourceError {
 impl SourceError {
     /// True when retrying later may succeed without anyone's help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SourceError::Unavailable { .. })
+        matches!(
+            self,
+            SourceError::Unavailable { .. } | SourceError::SlotBusy(_)
+        )
     }
 
     /// Classifies a tokio-postgres error by SQLSTATE.
@@ -52,12 +60,7 @@ impl SourceError {
         // The library reports server errors as text that starts with the SQLSTATE
         // in some versions; look for the well-known ones.
         if text.contains("55006") || text.contains("is active for PID") {
-            return SourceError::Unavailable {
-                what: what.to_string(),
-                reason: format!(
-                    "{text} (another consumer holds the slot; waiting for it to let go)"
-                ),
-            };
+            return SourceError::SlotBusy(text);
         }
         if text.contains("does not exist") && text.contains("replication slot") {
             return SourceError::Operator(format!(

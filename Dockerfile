@@ -1,0 +1,80 @@
+# syntax=docker/dockerfile:1
+#
+# ferry container image.
+#
+#   docker build -t ferry .
+#   docker run --rm -v "$PWD/config/ferry.toml:/etc/ferry/ferry.toml:ro" \
+#     -e FERRY_SOURCE__URL=postgres://ferry:secret@db:5432/app \
+#     --stop-timeout 60 ferry
+#
+# No configuration is baked in: mount one at /etc/ferry/ferry.toml (or pass
+# another path after `run --config`). Keys can be overridden with
+# FERRY_<SECTION>__<KEY> variables, see config/README.md.
+
+# --- build ------------------------------------------------------------------
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+
+# Only what cargo needs: the workspace manifest, the lock file and the
+# members (crates/* and tests, see Cargo.toml).
+COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
+COPY tests ./tests
+
+# Downloaded crates and compiled dependencies live in BuildKit cache mounts,
+# so a rebuild after a source change recompiles only ferry's own crates.
+# (Cache mounts instead of a "dummy sources" layer: they keep working when
+# a crate is added to the workspace.) The target directory is a cache mount
+# too, so the binary is copied out of it within the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release -p ferry --locked \
+ && install -D -m 0755 target/release/ferry /out/ferry
+
+# --- runtime ----------------------------------------------------------------
+FROM debian:bookworm-slim
+
+LABEL org.opencontainers.image.title="ferry" \
+      org.opencontainers.image.description="Keeps OpenSearch indexes in sync with PostgreSQL through logical replication" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# CA certificates for https:// sink URLs; nothing else is needed (the binary
+# links only glibc and libgcc).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN groupadd --system --gid 10001 ferry \
+ && useradd --system --uid 10001 --gid ferry --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin ferry \
+ && mkdir -p /etc/ferry
+
+COPY --from=builder /out/ferry /usr/local/bin/ferry
+
+# Logs go to stderr; no colour codes in collected container logs.
+# RUST_LOG (default "info") selects what is logged, e.g. RUST_LOG=ferry=debug.
+# Do not set FERRY_CONFIG or FERRY_LOG_FORMAT here: every FERRY_* variable is
+# also read as a configuration key and these two are rejected as unknown keys.
+# Use the command line instead: ["--log-format", "json", "run", "--config", ...].
+ENV NO_COLOR=1
+
+# ferry keeps no local state (its position lives in the replication slot and
+# in the index metadata), so no volume is needed and the filesystem can be
+# read-only.
+USER 10001:10001
+
+# On SIGTERM ferry flushes the in-flight batch and confirms it before
+# exiting; give it time with `docker run --stop-timeout 60` or compose's
+# stop_grace_period (Docker's default is 10 s).
+STOPSIGNAL SIGTERM
+
+# No HEALTHCHECK yet: ferry has no health endpoint. `ferry check` is not a
+# substitute, since it would open database and cluster connections at every
+# interval. The check arrives with the admin HTTP endpoint ([admin] listen,
+# GET /healthz). The image has no curl, so the probe will either be a ferry
+# subcommand or need curl installed. Placeholder, to be filled in then:
+# HEALTHCHECK --interval=15s --timeout=3s --start-period=30s CMD ["ferry", "<probe /healthz>"]
+
+ENTRYPOINT ["ferry"]
+CMD ["run", "--config", "/etc/ferry/ferry.toml"]
