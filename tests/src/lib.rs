@@ -165,10 +165,17 @@ impl TestEnv {
     /// Waits until `index` holds exactly the rows of `table` (compared
     /// semantically with `to_jsonb`), panicking with the differences after `within`.
     pub async fn assert_converges(&self, index: &str, table: &str, within: Duration) {
+        let sql = format!("SELECT id::text, to_jsonb(ferry_row__)::text FROM {table} ferry_row__");
+        self.assert_converges_to(index, &sql, within).await
+    }
+
+    /// Waits until `index` holds exactly the documents `sql` describes (rows
+    /// of document id text and expected JSON text), comparing semantically.
+    pub async fn assert_converges_to(&self, index: &str, sql: &str, within: Duration) {
         let db = self.db().await;
         let deadline = Instant::now() + within;
         loop {
-            let rows = rows_as_json(&db, table).await;
+            let rows = expected_json(&db, sql).await;
             let docs = self.documents(index).await;
             let diff = compare(&rows, &docs);
             if diff.is_empty() {
@@ -177,7 +184,7 @@ impl TestEnv {
             if Instant::now() > deadline {
                 let shown: Vec<&String> = diff.iter().take(10).collect();
                 panic!(
-                    "index {index} did not converge to table {table} within {within:?}: {} differences, first: {shown:#?}\n--- ferry log ---\n{}",
+                    "index {index} did not converge within {within:?}: {} differences, first: {shown:#?}\n--- ferry log ---\n{}",
                     diff.len(),
                     self.log_tail()
                 );
@@ -199,22 +206,25 @@ impl TestEnv {
     }
 }
 
-/// Every row of `table` as `to_jsonb`, by primary key `id` text.
-pub async fn rows_as_json(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String, Value> {
-    let rows = db
-        .query(
-            &format!("SELECT id::text, to_jsonb(ferry_row__)::text FROM {table} ferry_row__"),
-            &[],
-        )
-        .await
-        .expect("read rows");
+/// Rows of (id text, JSON text) from `sql`, parsed.
+pub async fn expected_json(db: &tokio_postgres::Client, sql: &str) -> BTreeMap<String, Value> {
+    let rows = db.query(sql, &[]).await.expect("read expected documents");
     rows.iter()
         .map(|r| {
             let id: String = r.get(0);
             let j: String = r.try_get(1).unwrap_or_else(|e| panic!("row {id}: {e:?}"));
-            (id, serde_json::from_str(&j).expect("to_jsonb is JSON"))
+            (
+                id,
+                serde_json::from_str(&j).expect("expected document is JSON"),
+            )
         })
         .collect()
+}
+
+/// Every row of `table` as `to_jsonb`, by primary key `id` text.
+pub async fn rows_as_json(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String, Value> {
+    let sql = format!("SELECT id::text, to_jsonb(ferry_row__)::text FROM {table} ferry_row__");
+    expected_json(db, &sql).await
 }
 
 /// Differences between rows (`to_jsonb`) and documents, as readable lines.

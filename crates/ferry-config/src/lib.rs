@@ -3,6 +3,7 @@
 //! (unknown keys are errors) and then validated as a whole so that one run
 //! reports every problem with the key that has it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -37,6 +38,10 @@ pub struct SourceConfig {
     /// Whether ferry may create or extend the publication (default true).
     #[serde(default = "yes")]
     pub manage_publication: bool,
+    /// Whether ferry may set REPLICA IDENTITY FULL on tables whose old rows
+    /// it needs (related tables); when false, the SQL is printed instead.
+    #[serde(default = "yes")]
+    pub manage_replica_identity: bool,
     /// Seconds of silence after which ferry writes a logical-message
     /// heartbeat so the slot advances on a database busy elsewhere (0 = off).
     #[serde(default = "default_heartbeat")]
@@ -115,9 +120,137 @@ pub struct IndexConfig {
     /// Columns to include; default every column.
     #[serde(default)]
     pub columns: Option<Vec<String>>,
+    /// Row filter, an SQL boolean expression over the root table's columns
+    /// (e.g. `"status <> 'draft'"`); rows failing it are not in the index.
+    #[serde(default, rename = "where")]
+    pub filter: Option<String>,
+    /// Soft-delete column: rows where it is true (boolean) or set (any other
+    /// type) leave the index.
+    #[serde(default)]
+    pub soft_delete: Option<String>,
+    /// Column → field renames (`rename = { email = "mail" }`).
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Field → OpenSearch mapping overrides
+    /// (`mapping = { email = { type = "keyword" } }`).
+    #[serde(default)]
+    pub mapping: BTreeMap<String, serde_json::Value>,
+    /// One-to-many relations folded in as arrays.
+    #[serde(default)]
+    pub has_many: Vec<RelationConfig>,
+    /// Many-to-one relations folded in as an object (or null).
+    #[serde(default)]
+    pub belongs_to: Vec<RelationConfig>,
+    /// Counts of related rows, as integers.
+    #[serde(default)]
+    pub count: Vec<CountConfig>,
+}
+
+/// A related table folded into the document (`[[index.has_many]]`,
+/// `[[index.belongs_to]]`, nestable to any depth).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelationConfig {
+    /// Document field holding the relation.
+    pub field: String,
+    /// Related table, optionally schema-qualified.
+    pub table: String,
+    /// has_many: the column of the related table pointing at the parent;
+    /// belongs_to: the column of the parent pointing at the related table;
+    /// with `through`: the join-table column pointing at the parent.
+    pub foreign_key: String,
+    /// The column the foreign key points at (default: the primary key of the
+    /// parent for has_many, of the related table for belongs_to).
+    #[serde(default)]
+    pub references: Option<String>,
+    /// Many-to-many: the join table between parent and related table.
+    #[serde(default)]
+    pub through: Option<ThroughConfig>,
+    /// Columns to include; default every column.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// has_many ordering, SQL `column [asc|desc]` list (e.g. `"created_at desc"`).
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// has_many: keep at most this many related rows.
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Row filter over the related table's columns.
+    #[serde(default, rename = "where")]
+    pub filter: Option<String>,
+    /// Soft-delete column of the related table.
+    #[serde(default)]
+    pub soft_delete: Option<String>,
+    /// Column → field renames.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Field → mapping overrides inside this relation.
+    #[serde(default)]
+    pub mapping: BTreeMap<String, serde_json::Value>,
+    /// `nested` (default for has_many) or `object` (default for belongs_to).
+    #[serde(default)]
+    pub mapping_type: Option<MappingType>,
+    /// Relations of the related table.
+    #[serde(default)]
+    pub has_many: Vec<RelationConfig>,
+    /// Relations of the related table.
+    #[serde(default)]
+    pub belongs_to: Vec<RelationConfig>,
+    /// Counts of rows related to the related table.
+    #[serde(default)]
+    pub count: Vec<CountConfig>,
+}
+
+/// The join table of a many-to-many relation.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ThroughConfig {
+    /// Join table, optionally schema-qualified.
+    pub table: String,
+    /// Join-table column pointing at the related table's `references` column.
+    pub other_key: String,
+}
+
+/// `[[index.count]]`: the number of related rows as an integer field.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CountConfig {
+    /// Document field holding the count.
+    pub field: String,
+    /// Related table.
+    pub table: String,
+    /// Column of the related table pointing at the parent.
+    pub foreign_key: String,
+    /// The parent column it points at (default: the parent's primary key).
+    #[serde(default)]
+    pub references: Option<String>,
+    /// Only count rows passing this SQL filter.
+    #[serde(default, rename = "where")]
+    pub filter: Option<String>,
+}
+
+/// How an embedded relation is mapped in OpenSearch.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingType {
+    /// Each element indexed as its own hidden document: queries match within one element.
+    Nested,
+    /// Fields flattened into the parent: cheaper, but array elements mix in queries.
+    Object,
 }
 
 impl IndexConfig {
+    /// True when documents need more than the root row's own columns
+    /// (relations, a filter or a soft-delete column), so they are built by
+    /// querying PostgreSQL rather than from the replicated row alone.
+    pub fn is_relational(&self) -> bool {
+        !self.has_many.is_empty()
+            || !self.belongs_to.is_empty()
+            || !self.count.is_empty()
+            || self.filter.is_some()
+            || self.soft_delete.is_some()
+    }
+
     /// The root table split into (schema, table); schema defaults to `public`.
     pub fn schema_and_table(&self) -> (&str, &str) {
         match self.table.split_once('.') {
@@ -295,6 +428,7 @@ impl Config {
             );
         }
         let mut seen = std::collections::HashSet::new();
+        let mut relation_problems = Vec::new();
         for (i, ix) in self.indexes.iter().enumerate() {
             if let Some(m) = index_name_problem(&ix.name) {
                 bad(&format!("index[{i}].name"), m);
@@ -331,13 +465,119 @@ impl Config {
                     }
                 }
             }
+            let mut fields = std::collections::HashSet::new();
+            validate_relations(
+                &format!("index[{i}]"),
+                &ix.has_many,
+                &ix.belongs_to,
+                &ix.count,
+                &mut fields,
+                &mut relation_problems,
+            );
         }
+        p.append(&mut relation_problems);
         if p.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(p))
         }
     }
+}
+
+fn validate_relations(
+    at: &str,
+    has_many: &[RelationConfig],
+    belongs_to: &[RelationConfig],
+    count: &[CountConfig],
+    fields: &mut std::collections::HashSet<String>,
+    p: &mut Vec<Problem>,
+) {
+    let mut bad = |key: String, message: String| p.push(Problem { key, message });
+    let mut nested = Vec::new();
+    for (kind, list) in [("has_many", has_many), ("belongs_to", belongs_to)] {
+        for (j, r) in list.iter().enumerate() {
+            let key = format!("{at}.{kind}[{j}]");
+            if r.field.is_empty() || !fields.insert(r.field.clone()) {
+                bad(
+                    format!("{key}.field"),
+                    format!("{:?} is empty or used twice at this level", r.field),
+                );
+            }
+            if r.table.is_empty() || r.table.split('.').count() > 2 {
+                bad(
+                    format!("{key}.table"),
+                    format!("{:?} must be `table` or `schema.table`", r.table),
+                );
+            }
+            if r.foreign_key.is_empty() {
+                bad(format!("{key}.foreign_key"), "must name a column".into());
+            }
+            if kind == "belongs_to"
+                && (r.through.is_some() || r.order_by.is_some() || r.limit.is_some())
+            {
+                bad(
+                    key.clone(),
+                    "through, order_by and limit apply to has_many only".into(),
+                );
+            }
+            if r.limit == Some(0) {
+                bad(format!("{key}.limit"), "must be at least 1".into());
+            }
+            if let Some(o) = &r.order_by {
+                if !order_by_ok(o) {
+                    bad(
+                        format!("{key}.order_by"),
+                        format!("{o:?} must be a list of `column [asc|desc]`, e.g. \"created_at desc, id\""),
+                    );
+                }
+            }
+            nested.push((key, r));
+        }
+    }
+    for (j, c) in count.iter().enumerate() {
+        if c.field.is_empty() || !fields.insert(c.field.clone()) {
+            bad(
+                format!("{at}.count[{j}].field"),
+                format!("{:?} is empty or used twice at this level", c.field),
+            );
+        }
+        if c.table.is_empty() || c.foreign_key.is_empty() {
+            bad(
+                format!("{at}.count[{j}]"),
+                "table and foreign_key are required".into(),
+            );
+        }
+    }
+    for (key, r) in nested {
+        let mut inner = std::collections::HashSet::new();
+        validate_relations(&key, &r.has_many, &r.belongs_to, &r.count, &mut inner, p);
+    }
+}
+
+/// `col [asc|desc] [nulls first|last], …` with plain identifiers only.
+fn order_by_ok(text: &str) -> bool {
+    text.split(',').all(|part| {
+        let words: Vec<String> = part
+            .split_whitespace()
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let ident = |w: &str| {
+            !w.is_empty()
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !w.starts_with(|c: char| c.is_ascii_digit())
+        };
+        match words.as_slice() {
+            [c] => ident(c),
+            [c, d] => ident(c) && (d == "asc" || d == "desc"),
+            [c, d, n, f] => {
+                ident(c)
+                    && (d == "asc" || d == "desc")
+                    && n == "nulls"
+                    && (f == "first" || f == "last")
+            }
+            _ => false,
+        }
+    })
 }
 
 fn pg_name_problem(name: &str, slot: bool) -> Option<String> {
@@ -403,6 +643,50 @@ table = "users"             # root table, schema-qualified allowed; document _id
         assert_eq!(c.indexes[0].schema_and_table(), ("public", "users"));
         assert_eq!(c.indexes[0].columns, None);
         assert_eq!(c.engine, EngineConfig::default());
+    }
+
+    #[test]
+    fn relational_reference_config_parses() {
+        let text = format!(
+            "{}\n{}",
+            REFERENCE.split("[[index]]").next().unwrap_or_default(),
+            r#"
+[[index]]
+name = "users"
+table = "users"
+columns = ["id", "email", "name", "company_id"]
+
+  [[index.has_many]]            # users.id <- orders.user_id ; an array of objects
+  field = "orders"
+  table = "orders"
+  foreign_key = "user_id"
+  columns = ["id", "total", "status"]
+  order_by = "id"               # optional; "created_at desc" allowed
+  # limit = 5                   # optional
+
+    [[index.has_many.has_many]]
+    field = "items"
+    table = "line_items"
+    foreign_key = "order_id"
+
+  [[index.belongs_to]]          # users.company_id -> companies.id ; an object or null
+  field = "company"
+  table = "companies"
+  foreign_key = "company_id"
+  columns = ["id", "name"]
+"#
+        );
+        let c = Config::from_toml(&text).expect("relational config");
+        let ix = &c.indexes[0];
+        assert!(ix.is_relational());
+        assert_eq!(ix.has_many[0].order_by.as_deref(), Some("id"));
+        assert_eq!(ix.has_many[0].has_many[0].table, "line_items");
+        assert_eq!(ix.belongs_to[0].field, "company");
+        let bad = text.replace("order_by = \"id\"", "order_by = \"id; drop table x\"");
+        let err = Config::from_toml(&bad)
+            .expect_err("bad order_by")
+            .to_string();
+        assert!(err.contains("index[0].has_many[0].order_by"), "{err}");
     }
 
     #[test]

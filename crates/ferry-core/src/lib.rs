@@ -7,6 +7,7 @@
 pub mod copytext;
 pub mod doc;
 pub mod lsn;
+pub mod plan;
 pub mod schema;
 pub mod value;
 

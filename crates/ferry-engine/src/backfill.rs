@@ -8,10 +8,9 @@
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
-use ferry_core::schema::{doc_id, DocumentWriter};
+use ferry_core::schema::doc_id;
 use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::Sink;
-use ferry_postgres::catalog::backfill_copy_sql;
 use ferry_postgres::SourceError;
 use futures_util::{pin_mut, StreamExt};
 use tokio::sync::mpsc;
@@ -32,7 +31,8 @@ pub async fn run(
     shutdown: &Shutdown,
 ) -> Result<u64, EngineError> {
     let started = Instant::now();
-    let (sql, key_pos) = backfill_copy_sql(&ix.shape);
+    let sql = ix.plan.build_sql(None);
+    let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let estimate = estimate_rows(client, &ix.shape.qualified()).await;
     tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate, "backfill started");
 
@@ -54,8 +54,8 @@ pub async fn run(
         .await
         .map_err(|e| SourceError::from_pg(&format!("reading {}", ix.shape.qualified()), e))?;
     pin_mut!(stream);
-    let doc = DocumentWriter::new(&ix.shape.columns);
     let ncols = ix.shape.columns.len();
+    let mut malformed = 0u64;
     let batch_rows = cfg.engine.backfill_batch_rows;
     let mut batch = Vec::with_capacity(batch_rows);
     let mut row = RowBuf::default();
@@ -75,7 +75,10 @@ pub async fn run(
                 .collect();
             let id = doc_id(&keys);
             let mut body = Vec::with_capacity(line.len() + ncols * 16);
-            doc.write(|i| row.field(i), &mut body);
+            if !ix.plan.write_root(|i| row.field(i), &mut body) {
+                malformed += 1;
+                return;
+            }
             batch.push(DocWrite {
                 index: ix.pos,
                 id,
@@ -117,6 +120,12 @@ pub async fn run(
             )))
         }
     };
+    if malformed > 0 {
+        return Err(EngineError::Stream(format!(
+            "backfill of {}: {malformed} rows came back in an unexpected shape from the document query",
+            ix.alias
+        )));
+    }
     let secs = started.elapsed().as_secs_f64().max(0.001);
     tracing::info!(index = %ix.alias, rows = written, seconds = secs, rate = (written as f64 / secs) as u64, "backfill finished");
     Ok(written)

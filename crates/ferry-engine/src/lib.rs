@@ -15,6 +15,7 @@
 //! the message.
 
 mod backfill;
+mod docplan;
 mod error;
 mod rows;
 mod setup;

@@ -10,13 +10,14 @@
 use std::time::Duration;
 
 use ferry_config::Config;
+use ferry_core::plan::Node;
 use ferry_core::TableShape;
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, SourceError};
 use tokio_postgres::Client;
 
-use crate::{backfill, EngineError, Shutdown};
+use crate::{backfill, docplan, EngineError, Shutdown};
 
 /// One configured index, resolved against the database and the cluster.
 #[derive(Debug, Clone)]
@@ -29,6 +30,11 @@ pub struct IndexRuntime {
     pub concrete: String,
     /// The root table's shape.
     pub shape: TableShape,
+    /// How documents are built (root, relations, filters).
+    pub plan: Node,
+    /// Documents come straight from the replicated root row (no relations,
+    /// filter, soft delete or renames); otherwise they are built by query.
+    pub fast: bool,
 }
 
 /// Everything the streaming loop needs, ready.
@@ -45,25 +51,86 @@ pub struct Prepared {
     pub indexes: Vec<IndexRuntime>,
 }
 
-/// Resolves every index's table shape; errors name the config key.
-async fn shapes(
+/// Builds every index's document plan; errors name the config key.
+async fn plans(
     client: &Client,
     types: &mut TypeResolver,
     cfg: &Config,
-) -> Result<Vec<TableShape>, SourceError> {
+) -> Result<Vec<Node>, SourceError> {
     let mut out = Vec::with_capacity(cfg.indexes.len());
     for (i, ix) in cfg.indexes.iter().enumerate() {
-        out.push(catalog::table_shape(client, types, i, ix).await?);
+        out.push(docplan::build(client, types, i, ix).await?);
     }
     Ok(out)
 }
 
-fn plan_for(alias: &str, shape: &TableShape) -> IndexPlan {
+fn index_plan(alias: &str, plan: &Node) -> IndexPlan {
     IndexPlan {
         alias: alias.to_string(),
-        properties: shape.properties(),
+        properties: plan.properties(),
         settings: serde_json::Map::new(),
     }
+}
+
+/// (schema, table) of every table any plan reads, for the publication.
+async fn plan_tables(
+    client: &Client,
+    plans: &[Node],
+) -> Result<Vec<(String, String)>, SourceError> {
+    let mut oids: Vec<i64> = plans
+        .iter()
+        .flat_map(|p| p.usages().into_iter().map(|(oid, _)| i64::from(oid)))
+        .collect();
+    oids.sort_unstable();
+    oids.dedup();
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid::int8 = ANY($1) ORDER BY 1, 2",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| SourceError::from_pg("reading table names", e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Sets (or asks for) REPLICA IDENTITY FULL where resolving related changes
+/// needs old values beyond the primary key.
+async fn ensure_identities(
+    client: &Client,
+    plans: &[Node],
+    manage: bool,
+) -> Result<(), SourceError> {
+    let mut done = std::collections::HashSet::new();
+    for plan in plans {
+        for (oid, column) in plan.needs_full_identity() {
+            if !done.insert(oid) {
+                continue;
+            }
+            let row = client
+                .query_one(
+                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid::int8 = $1",
+                    &[&i64::from(oid)],
+                )
+                .await
+                .map_err(|e| SourceError::from_pg("reading replica identities", e))?;
+            let ident: String = row.get(2);
+            if ident == "f" {
+                continue;
+            }
+            let shape = TableShape {
+                schema: row.get(0),
+                name: row.get(1),
+                oid,
+                columns: Vec::new(),
+                key: Vec::new(),
+            };
+            let why = format!("old values of {column:?} find the documents a changed row leaves");
+            catalog::ensure_full_identity(client, &shape, &why, manage).await?;
+        }
+    }
+    Ok(())
 }
 
 fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
@@ -80,15 +147,13 @@ pub async fn prepare(cfg: &Config, shutdown: &Shutdown) -> Result<Prepared, Engi
     let client = params.connect().await?;
     catalog::check_wal_level(&client).await?;
     let mut types = TypeResolver::default();
-    let shapes = shapes(&client, &mut types, cfg).await?;
+    let plans = plans(&client, &mut types, cfg).await?;
     let sink = sink_for(cfg)?;
     let version = sink.version().await?;
     tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
 
-    let tables: Vec<(String, String)> = shapes
-        .iter()
-        .map(|s| (s.schema.clone(), s.name.clone()))
-        .collect();
+    let tables = plan_tables(&client, &plans).await?;
+    ensure_identities(&client, &plans, cfg.source.manage_replica_identity).await?;
     catalog::ensure_publication(
         &client,
         &cfg.source.publication,
@@ -114,10 +179,10 @@ pub async fn prepare(cfg: &Config, shutdown: &Shutdown) -> Result<Prepared, Engi
         }
     };
 
-    let mut indexes = Vec::with_capacity(shapes.len());
+    let mut indexes = Vec::with_capacity(plans.len());
     let mut to_seed = Vec::new();
-    for (pos, (ix, shape)) in cfg.indexes.iter().zip(shapes).enumerate() {
-        let plan = plan_for(&ix.name, &shape);
+    for (pos, (ix, doc_plan)) in cfg.indexes.iter().zip(plans).enumerate() {
+        let plan = index_plan(&ix.name, &doc_plan);
         let prepared = sink.prepare_index(&plan, new_slot.is_some()).await?;
         if new_slot.is_some() || prepared.seeded.is_none() {
             to_seed.push((pos, plan, prepared.previous.clone()));
@@ -128,7 +193,9 @@ pub async fn prepare(cfg: &Config, shutdown: &Shutdown) -> Result<Prepared, Engi
             pos,
             alias: ix.name.clone(),
             concrete: prepared.concrete,
-            shape,
+            shape: doc_plan.table.clone(),
+            fast: !ix.is_relational() && ix.rename.is_empty(),
+            plan: doc_plan,
         });
     }
 
@@ -177,11 +244,21 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
         problems.push(e.to_string());
     }
     let mut types = TypeResolver::default();
-    let mut tables = Vec::new();
+    let mut plans_ok = Vec::new();
     for (i, ix) in cfg.indexes.iter().enumerate() {
-        match catalog::table_shape(&client, &mut types, i, ix).await {
-            Ok(s) => tables.push((s.schema, s.name)),
+        match docplan::build(&client, &mut types, i, ix).await {
+            Ok(p) => plans_ok.push(p),
             Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let tables = plan_tables(&client, &plans_ok).await?;
+    if let Err(e) = ensure_identities(&client, &plans_ok, false).await {
+        if cfg.source.manage_replica_identity {
+            tracing::info!(
+                "{e} (ferry run will do this itself: source.manage_replica_identity is true)"
+            );
+        } else {
+            problems.push(e.to_string());
         }
     }
     // Publication coverage, read-only.

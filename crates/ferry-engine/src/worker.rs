@@ -10,12 +10,13 @@
 //!   replays after a crash are harmless and never overwrite newer documents;
 //! * within a batch only the last write per document is sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_config::Config;
-use ferry_core::schema::{doc_id, quote_ident, quote_literal, DocumentWriter};
+use ferry_core::plan::{Probe, Role, Usage};
+use ferry_core::schema::{doc_id, DocumentWriter};
 use ferry_core::{ColumnShape, DocOp, DocWrite, Lsn};
 use ferry_opensearch::Sink;
 use ferry_postgres::capture::{self, Change, ChangeOp, Event};
@@ -39,25 +40,17 @@ struct Projection {
     key: Vec<usize>,
 }
 
-/// A document to re-read: its id, version and primary-key texts.
-type Refetch = (String, Lsn, Vec<Vec<u8>>);
-
-/// A write waiting in the current batch.
-enum Pending {
-    Write(DocWrite),
-    /// The document must be re-read from the table (an unchanged TOAST value was not sent).
-    Fetch {
-        index: usize,
-        id: String,
-        version: Lsn,
-        key: Vec<Vec<u8>>,
-    },
-}
+/// Root keys (primary-key texts) of documents to rebuild from the database.
+type RootKeys = HashSet<Vec<String>>;
 
 #[derive(Default)]
 struct Batch {
     slots: HashMap<(usize, String), usize>,
-    items: Vec<Pending>,
+    items: Vec<DocWrite>,
+    /// Per index: roots whose documents are rebuilt by query at dispatch.
+    rebuild: HashMap<usize, RootKeys>,
+    /// Per index and probe: values selecting parent rows whose roots are rebuilt.
+    probes: HashMap<(usize, Probe), HashSet<String>>,
     changes: usize,
     bytes: usize,
     ack: Option<Lsn>,
@@ -65,22 +58,28 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, index: usize, id: String, item: Pending) {
-        self.bytes += match &item {
-            Pending::Write(w) => w.weight(),
-            Pending::Fetch { .. } => 64,
-        };
-        match self.slots.get(&(index, id.clone())) {
-            Some(&at) => self.items[at] = item,
+    fn push(&mut self, w: DocWrite) {
+        self.bytes += w.weight();
+        match self.slots.get(&(w.index, w.id.clone())) {
+            Some(&at) => self.items[at] = w,
             None => {
-                self.slots.insert((index, id), self.items.len());
-                self.items.push(item);
+                self.slots.insert((w.index, w.id.clone()), self.items.len());
+                self.items.push(w);
             }
         }
     }
 
+    fn rebuild(&mut self, index: usize, key: Vec<String>) {
+        self.bytes += 64;
+        self.rebuild.entry(index).or_default().insert(key);
+    }
+
+    fn has_work(&self) -> bool {
+        !self.items.is_empty() || !self.rebuild.is_empty() || !self.probes.is_empty()
+    }
+
     fn is_idle(&self) -> bool {
-        self.items.is_empty() && self.ack.is_none()
+        !self.has_work() && self.ack.is_none()
     }
 }
 
@@ -92,8 +91,12 @@ struct Worker {
     names: Vec<String>,
     /// Root table OID → index positions.
     roots: HashMap<u32, Vec<usize>>,
-    /// Relation OID → how each index reads it.
+    /// Relation OID → how each fast index reads it.
     projections: HashMap<u32, Vec<Projection>>,
+    /// Table OID → (index, usage) for indexes built by query.
+    routes: HashMap<u32, Vec<(usize, Usage)>>,
+    cfg: Config,
+    shutdown: Shutdown,
     relations: HashMap<u32, Arc<Relation>>,
     batch: Batch,
     ack: capture::AckHandle,
@@ -129,9 +132,17 @@ pub async fn stream(
     )
     .await?;
     let mut roots: HashMap<u32, Vec<usize>> = HashMap::new();
+    let mut routes: HashMap<u32, Vec<(usize, Usage)>> = HashMap::new();
     for ix in &indexes {
-        roots.entry(ix.shape.oid).or_default().push(ix.pos);
+        if ix.fast {
+            roots.entry(ix.shape.oid).or_default().push(ix.pos);
+        } else {
+            for (oid, usage) in ix.plan.usages() {
+                routes.entry(oid).or_default().push((ix.pos, usage));
+            }
+        }
     }
+    let indexes_fast: Vec<bool> = indexes.iter().map(|i| i.fast).collect();
     let mut w = Worker {
         client,
         types,
@@ -140,13 +151,21 @@ pub async fn stream(
         indexes,
         roots,
         projections: HashMap::new(),
+        routes,
+        cfg: cfg.clone(),
+        shutdown: shutdown.clone(),
         relations: HashMap::new(),
         batch: Batch::default(),
         ack: capture.ack.clone(),
         in_txn: false,
         version: Lsn::ZERO,
         inflight: None,
-        follow_shape: cfg.indexes.iter().map(|i| i.columns.is_none()).collect(),
+        follow_shape: cfg
+            .indexes
+            .iter()
+            .zip(&indexes_fast)
+            .map(|(i, fast)| i.columns.is_none() && *fast)
+            .collect(),
         last_event: Instant::now(),
     };
     tracing::info!("streaming changes");
@@ -237,7 +256,7 @@ impl Worker {
     /// Confirms at once a commit that left nothing to write (every write
     /// of its transaction is already durable, or it had none).
     fn ack_if_nothing_pending(&mut self) {
-        if self.batch.items.is_empty() && self.inflight.is_none() {
+        if !self.batch.has_work() && self.inflight.is_none() {
             if let Some(lsn) = self.batch.ack.take() {
                 self.ack.confirm(lsn);
                 self.batch.since = None;
@@ -263,27 +282,7 @@ impl Worker {
                 self.batch.since.get_or_insert_with(Instant::now);
                 self.on_change(change)?;
             }
-            Event::Truncate { rels } => {
-                let hit: Vec<usize> = rels
-                    .iter()
-                    .filter_map(|r| self.roots.get(r))
-                    .flatten()
-                    .copied()
-                    .collect();
-                if !hit.is_empty() {
-                    // Everything before the truncate must land first.
-                    let writes = self.prepare_writes().await?;
-                    self.settle().await?;
-                    if !writes.is_empty() {
-                        self.sink.write(&writes, &self.names).await?;
-                    }
-                    for i in hit {
-                        let name = &self.names[i];
-                        self.sink.delete_all(name).await?;
-                        tracing::info!(index = %self.indexes[i].alias, "root table truncated: removed every document");
-                    }
-                }
-            }
+            Event::Truncate { rels } => self.on_truncate(rels).await?,
             Event::Keepalive { wal_end } => {
                 if !self.in_txn && self.batch.is_idle() && self.inflight.is_none() {
                     self.ack.confirm(wal_end);
@@ -418,6 +417,9 @@ impl Worker {
     }
 
     fn on_change(&mut self, change: Change) -> Result<(), EngineError> {
+        if self.routes.contains_key(&change.rel) {
+            self.route_change(&change)?;
+        }
         let Some(projs) = self.projections.get(&change.rel) else {
             if self.roots.contains_key(&change.rel) {
                 return Err(EngineError::Stream(format!(
@@ -437,13 +439,12 @@ impl Worker {
                         let old_id = key_id(&old.tuple, &p.key);
                         if old_id != id {
                             // The primary key changed: the old document goes.
-                            let w = DocWrite {
+                            self.batch.push(DocWrite {
                                 index: p.index,
-                                id: old_id.clone(),
+                                id: old_id,
                                 version,
                                 op: DocOp::Delete,
-                            };
-                            self.batch.push(p.index, old_id, Pending::Write(w));
+                            });
                         }
                     }
                     let unchanged = p
@@ -451,70 +452,62 @@ impl Worker {
                         .iter()
                         .any(|c| matches!(new.0.get(*c), Some(Datum::Unchanged)));
                     if unchanged {
+                        // A TOASTed value was not sent: rebuild from the table.
                         let key = p
                             .key
                             .iter()
-                            .map(|k| text(new, *k).unwrap_or(b"").to_vec())
+                            .map(|k| {
+                                String::from_utf8_lossy(text(new, *k).unwrap_or(b"")).into_owned()
+                            })
                             .collect();
-                        self.batch.push(
-                            p.index,
-                            id.clone(),
-                            Pending::Fetch {
-                                index: p.index,
-                                id,
-                                version,
-                                key,
-                            },
-                        );
+                        self.batch.rebuild(p.index, key);
                         continue;
                     }
                     let mut body = Vec::with_capacity(128);
                     p.writer
                         .write(|i| p.cols.get(i).and_then(|c| text(new, *c)), &mut body);
-                    let w = DocWrite {
+                    self.batch.push(DocWrite {
                         index: p.index,
-                        id: id.clone(),
+                        id,
                         version,
                         op: DocOp::Index(body),
-                    };
-                    self.batch.push(p.index, id, Pending::Write(w));
+                    });
                 }
                 ChangeOp::Delete => {
                     let Some(old) = &change.old else { continue };
                     let id = key_id(&old.tuple, &p.key);
-                    let w = DocWrite {
+                    self.batch.push(DocWrite {
                         index: p.index,
-                        id: id.clone(),
+                        id,
                         version,
                         op: DocOp::Delete,
-                    };
-                    self.batch.push(p.index, id, Pending::Write(w));
+                    });
                 }
             }
         }
         Ok(())
     }
 
-    /// Takes the batch's pending items and resolves re-reads into writes.
+    /// Takes the batch's writes and turns its rebuild requests into writes
+    /// (resolving related-row changes to roots first).
     async fn prepare_writes(&mut self) -> Result<Vec<DocWrite>, EngineError> {
-        let items = std::mem::take(&mut self.batch.items);
+        let mut writes = std::mem::take(&mut self.batch.items);
         self.batch.slots.clear();
         self.batch.bytes = 0;
-        let mut writes = Vec::with_capacity(items.len());
-        let mut fetches: HashMap<usize, Vec<Refetch>> = HashMap::new();
-        for it in items {
-            match it {
-                Pending::Write(w) => writes.push(w),
-                Pending::Fetch {
-                    index,
-                    id,
-                    version,
-                    key,
-                } => fetches.entry(index).or_default().push((id, version, key)),
-            }
+        let probes = std::mem::take(&mut self.batch.probes);
+        let mut rebuild = std::mem::take(&mut self.batch.rebuild);
+        for ((index, probe), values) in probes {
+            let keys = self.resolve(index, &probe, values).await?;
+            rebuild.entry(index).or_default().extend(keys);
         }
-        for (index, wanted) in fetches {
-            self.fetch_rows(index, wanted, &mut writes).await?;
+        // The build reads the current rows, which reflect at least every
+        // transaction of this batch: version them with the newest one.
+        let version = self.version;
+        for (index, keys) in rebuild {
+            let keys: Vec<Vec<String>> = keys.into_iter().collect();
+            for chunk in keys.chunks(1000) {
+                self.build_docs(index, chunk, version, &mut writes).await?;
+            }
         }
         Ok(writes)
     }
@@ -614,91 +607,237 @@ impl Worker {
         }
     }
 
-    /// Re-reads rows by key (for TOAST values the stream did not carry) and
-    /// turns them into writes; rows gone from the table become deletes.
-    async fn fetch_rows(
+    /// Builds the documents of these roots with one query; roots gone (or
+    /// filtered out) become deletes.
+    async fn build_docs(
         &mut self,
         index: usize,
-        wanted: Vec<Refetch>,
+        keys: &[Vec<String>],
+        version: Lsn,
         writes: &mut Vec<DocWrite>,
     ) -> Result<(), EngineError> {
-        let shape = &self.indexes[index].shape;
-        let mut names: Vec<&str> = shape.columns.iter().map(|c| c.name.as_str()).collect();
-        let mut key_pos = Vec::new();
-        for k in &shape.key {
-            match names.iter().position(|n| n == k) {
-                Some(p) => key_pos.push(p),
-                None => {
-                    names.push(k);
-                    key_pos.push(names.len() - 1);
-                }
-            }
-        }
-        let cols = names
-            .iter()
-            .map(|n| quote_ident(n))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key_cols = shape
-            .key
-            .iter()
-            .map(|k| quote_ident(k))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let tuples = wanted
-            .iter()
-            .map(|(_, _, key)| {
-                let parts: Vec<String> = key
-                    .iter()
-                    .map(|k| quote_literal(&String::from_utf8_lossy(k)))
-                    .collect();
-                format!("({})", parts.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "COPY (SELECT {cols} FROM {} WHERE ({key_cols}) IN ({tuples})) TO STDOUT",
-            shape.qualified()
-        );
-        let stream = self.client.copy_out(sql.as_str()).await.map_err(|e| {
-            SourceError::from_pg(&format!("re-reading rows of {}", shape.qualified()), e)
-        })?;
+        let plan = &self.indexes[index].plan;
+        let sql = plan.build_sql(Some(keys));
+        let what = format!("building documents of index {}", self.indexes[index].alias);
+        let stream = self
+            .client
+            .copy_out(sql.as_str())
+            .await
+            .map_err(|e| SourceError::from_pg(&what, e))?;
         pin_mut!(stream);
-        let mut versions: HashMap<&str, Lsn> =
-            wanted.iter().map(|(id, v, _)| (id.as_str(), *v)).collect();
-        let writer = DocumentWriter::new(&shape.columns);
+        let mut wanted: HashSet<String> = keys
+            .iter()
+            .map(|k| {
+                let parts: Vec<&[u8]> = k.iter().map(|p| p.as_bytes()).collect();
+                doc_id(&parts)
+            })
+            .collect();
+        let key_pos: Vec<usize> = plan.key_positions().collect();
         let mut row = RowBuf::default();
         let mut lines = LineSplitter::default();
+        let mut malformed = 0usize;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                SourceError::from_pg(&format!("re-reading rows of {}", shape.qualified()), e)
-            })?;
+            let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
             lines.feed(&chunk, |line| {
                 row.parse(line);
-                let keys: Vec<&[u8]> = key_pos
+                let parts: Vec<&[u8]> = key_pos
                     .iter()
                     .map(|p| row.field(*p).unwrap_or(b""))
                     .collect();
-                let id = doc_id(&keys);
-                if let Some(version) = versions.remove(id.as_str()) {
-                    let mut body = Vec::new();
-                    writer.write(|i| row.field(i), &mut body);
-                    writes.push(DocWrite {
-                        index,
-                        id,
-                        version,
-                        op: DocOp::Index(body),
-                    });
+                let id = doc_id(&parts);
+                let mut body = Vec::with_capacity(line.len() + 64);
+                if !plan.write_root(|i| row.field(i), &mut body) {
+                    malformed += 1;
+                    return;
                 }
+                wanted.remove(&id);
+                writes.push(DocWrite {
+                    index,
+                    id,
+                    version,
+                    op: DocOp::Index(body),
+                });
             });
         }
-        for (id, version) in versions {
+        if malformed > 0 {
+            return Err(EngineError::Stream(format!(
+                "{what}: {malformed} rows came back in an unexpected shape"
+            )));
+        }
+        for id in wanted {
             writes.push(DocWrite {
                 index,
-                id: id.to_string(),
+                id,
                 version,
                 op: DocOp::Delete,
             });
+        }
+        Ok(())
+    }
+
+    /// Root keys whose documents a probe's values affect.
+    async fn resolve(
+        &mut self,
+        index: usize,
+        probe: &Probe,
+        values: HashSet<String>,
+    ) -> Result<Vec<Vec<String>>, EngineError> {
+        let plan = &self.indexes[index].plan;
+        // A direct child of the root pointing at the root's key: the values are the keys.
+        if probe.parent.is_empty()
+            && probe.via_join.is_none()
+            && plan.table.key.len() == 1
+            && plan.table.key[0] == probe.column
+        {
+            return Ok(values.into_iter().map(|v| vec![v]).collect());
+        }
+        let values: Vec<String> = values.into_iter().collect();
+        let mut out = Vec::new();
+        for chunk in values.chunks(1000) {
+            let Some(sql) = plan.resolve_sql(probe, chunk) else {
+                continue;
+            };
+            let what = format!(
+                "finding documents of index {} to rebuild",
+                self.indexes[index].alias
+            );
+            let stream = self
+                .client
+                .copy_out(sql.as_str())
+                .await
+                .map_err(|e| SourceError::from_pg(&what, e))?;
+            pin_mut!(stream);
+            let mut row = RowBuf::default();
+            let mut lines = LineSplitter::default();
+            let n = plan.table.key.len();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
+                lines.feed(&chunk, |line| {
+                    row.parse(line);
+                    let key = (0..n)
+                        .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
+                        .collect();
+                    out.push(key);
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records which documents of query-built indexes a change affects.
+    fn route_change(&mut self, change: &Change) -> Result<(), EngineError> {
+        let Some(rel) = self.relations.get(&change.rel).cloned() else {
+            return Err(EngineError::Stream(format!(
+                "a change of relation {} arrived before its Relation message",
+                change.rel
+            )));
+        };
+        let Some(routes) = self.routes.get(&change.rel).cloned() else {
+            return Ok(());
+        };
+        let images: Vec<&Tuple> = change
+            .new
+            .iter()
+            .chain(change.old.iter().map(|o| &o.tuple))
+            .collect();
+        let column = |name: &str| rel.columns.iter().position(|c| c.name == name);
+        for (index, usage) in routes {
+            let plan = &self.indexes[index].plan;
+            if usage.path.is_empty() && usage.role == Role::Node {
+                let key_pos: Option<Vec<usize>> =
+                    plan.table.key.iter().map(|k| column(k)).collect();
+                let Some(key_pos) = key_pos else {
+                    return Err(EngineError::Stream(format!(
+                        "primary key of {} is missing from the replication stream; restart ferry",
+                        plan.table.qualified()
+                    )));
+                };
+                for t in &images {
+                    let key: Option<Vec<String>> = key_pos
+                        .iter()
+                        .map(|p| text(t, *p).map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect();
+                    if let Some(key) = key {
+                        self.batch.rebuild(index, key);
+                    }
+                }
+                continue;
+            }
+            let Some((col, probe)) = plan.probe(&usage) else {
+                continue;
+            };
+            let Some(at) = column(&col) else {
+                tracing::warn!(table = %rel.name, column = %col, "column used to find documents is missing from the stream");
+                continue;
+            };
+            let values: Vec<String> = images
+                .iter()
+                .filter_map(|t| text(t, at))
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect();
+            if values.is_empty() {
+                continue;
+            }
+            self.batch.bytes += 64 * values.len();
+            self.batch
+                .probes
+                .entry((index, probe))
+                .or_default()
+                .extend(values);
+        }
+        Ok(())
+    }
+
+    /// TRUNCATE: a root table's index is emptied; a related table's
+    /// truncation rebuilds every document of the indexes that read it.
+    async fn on_truncate(&mut self, rels: Vec<u32>) -> Result<(), EngineError> {
+        let mut empty = Vec::new();
+        let mut rebuild_all = Vec::new();
+        for r in &rels {
+            if let Some(list) = self.roots.get(r) {
+                empty.extend(list.iter().copied());
+            }
+            if let Some(list) = self.routes.get(r) {
+                for (index, usage) in list {
+                    if usage.path.is_empty() && usage.role == Role::Node {
+                        empty.push(*index);
+                    } else {
+                        rebuild_all.push(*index);
+                    }
+                }
+            }
+        }
+        empty.sort_unstable();
+        empty.dedup();
+        rebuild_all.sort_unstable();
+        rebuild_all.dedup();
+        rebuild_all.retain(|i| !empty.contains(i));
+        if empty.is_empty() && rebuild_all.is_empty() {
+            return Ok(());
+        }
+        // Everything before the truncate must land first.
+        let writes = self.prepare_writes().await?;
+        self.settle().await?;
+        if !writes.is_empty() {
+            self.sink.write(&writes, &self.names).await?;
+        }
+        for i in empty {
+            self.sink.delete_all(&self.names[i]).await?;
+            tracing::info!(index = %self.indexes[i].alias, "root table truncated: removed every document");
+        }
+        for i in rebuild_all {
+            tracing::info!(index = %self.indexes[i].alias, "a related table was truncated: rebuilding every document");
+            let names = self.names.clone();
+            crate::backfill::run(
+                &self.client,
+                &self.sink,
+                &self.indexes[i],
+                &names,
+                self.version,
+                &self.cfg,
+                &self.shutdown,
+            )
+            .await?;
         }
         Ok(())
     }

@@ -107,8 +107,66 @@ pub async fn table_shape(
     index_pos: usize,
     index: &IndexConfig,
 ) -> Result<TableShape, SourceError> {
-    let (schema, table) = index.schema_and_table();
-    let key = format!("index[{index_pos}].table");
+    let info = read_table(
+        client,
+        types,
+        &format!("index[{index_pos}]"),
+        &index.table,
+        index.columns.as_deref(),
+        true,
+    )
+    .await?;
+    Ok(info.shape)
+}
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// The selected columns and the primary key.
+    pub shape: TableShape,
+    /// Every column.
+    pub all: Vec<ColumnShape>,
+    /// `relreplident`: `d` default, `f` full, `n` nothing, `i` index.
+    pub replica_identity: char,
+}
+
+impl TableInfo {
+    /// The column named `name`, if the table has it.
+    pub fn column(&self, name: &str) -> Option<&ColumnShape> {
+        self.all.iter().find(|c| c.name == name)
+    }
+
+    /// An error naming `key` for a column the table lacks.
+    pub fn missing(&self, key: &str, name: &str) -> SourceError {
+        SourceError::Operator(format!(
+            "{key}: table {}.{} has no column {name:?}; existing columns: {}",
+            self.shape.schema,
+            self.shape.name,
+            self.all
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+}
+
+/// Reads a table (`table` or `schema.table`): OID, every column with its
+/// kind, the `columns` selection (all when `None`), the primary key
+/// (required when `need_pk`). `at` is the config key prefix for errors.
+pub async fn read_table(
+    client: &Client,
+    types: &mut TypeResolver,
+    at: &str,
+    table: &str,
+    columns: Option<&[String]>,
+    need_pk: bool,
+) -> Result<TableInfo, SourceError> {
+    let (schema, table) = match table.split_once('.') {
+        Some((s, t)) => (s, t),
+        None => ("public", table),
+    };
+    let key = format!("{at}.table");
     let row = client
         .query_opt(
             "SELECT c.oid::int8, c.relkind::text, c.relreplident::text FROM pg_class c \
@@ -124,6 +182,7 @@ pub async fn table_shape(
     };
     let oid: i64 = row.get(0);
     let relkind: String = row.get(1);
+    let replident: String = row.get(2);
     if relkind != "r" && relkind != "p" {
         return Err(SourceError::Operator(format!(
             "{key}: {schema}.{table} is not a table (relkind {relkind}); logical replication covers ordinary tables only"
@@ -159,15 +218,15 @@ pub async fn table_shape(
         .await
         .map_err(|e| SourceError::from_pg("reading the primary key", e))?;
     let pk: Vec<String> = key_rows.iter().map(|r| r.get(0)).collect();
-    if pk.is_empty() {
+    if pk.is_empty() && need_pk {
         return Err(SourceError::Operator(format!(
             "{key}: table {schema}.{table} has no primary key; ferry derives document ids from it: \
              run ALTER TABLE {} ADD PRIMARY KEY (...)",
             qualified(schema, table)
         )));
     }
-    let columns = match &index.columns {
-        None => all,
+    let selected = match columns {
+        None => all.clone(),
         Some(wanted) => {
             let mut picked = Vec::with_capacity(wanted.len());
             for w in wanted {
@@ -175,7 +234,7 @@ pub async fn table_shape(
                     Some(c) => picked.push(c.clone()),
                     None => {
                         return Err(SourceError::Operator(format!(
-                            "index[{index_pos}].columns: table {schema}.{table} has no column {w:?}; existing columns: {}",
+                            "{at}.columns: table {schema}.{table} has no column {w:?}; existing columns: {}",
                             all.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
                         )))
                     }
@@ -184,13 +243,42 @@ pub async fn table_shape(
             picked
         }
     };
-    Ok(TableShape {
-        schema: schema.to_string(),
-        name: table.to_string(),
-        oid: oid as u32,
-        columns,
-        key: pk,
+    Ok(TableInfo {
+        shape: TableShape {
+            schema: schema.to_string(),
+            name: table.to_string(),
+            oid: oid as u32,
+            columns: selected,
+            key: pk,
+        },
+        all,
+        replica_identity: replident.chars().next().unwrap_or('d'),
     })
+}
+
+/// Makes sure `table` logs whole old rows (REPLICA IDENTITY FULL), which
+/// resolving related changes needs; with `manage` false, an error carries the SQL.
+pub async fn ensure_full_identity(
+    client: &Client,
+    shape: &TableShape,
+    why: &str,
+    manage: bool,
+) -> Result<(), SourceError> {
+    let sql = format!("ALTER TABLE {} REPLICA IDENTITY FULL", shape.qualified());
+    if !manage {
+        return Err(SourceError::Operator(format!(
+            "table {} needs REPLICA IDENTITY FULL ({why}) and source.manage_replica_identity is false: run {sql}",
+            shape.qualified()
+        )));
+    }
+    client.batch_execute(&sql).await.map_err(|e| {
+        SourceError::Operator(format!(
+            "table {} needs REPLICA IDENTITY FULL ({why}) but ferry could not set it ({e}): run {sql} as the table owner",
+            shape.qualified()
+        ))
+    })?;
+    tracing::info!(table = %shape.qualified(), why, "set REPLICA IDENTITY FULL");
+    Ok(())
 }
 
 fn qualified(schema: &str, table: &str) -> String {

@@ -8,12 +8,16 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod fastsink;
+pub mod faultproxy;
 mod osmem;
 mod pg;
 mod sink;
 mod util;
 
 pub use error::{Result, TestkitError};
+pub use fastsink::FastSink;
+pub use faultproxy::{Fault, FaultProxy};
 pub use osmem::Osmem;
 pub use pg::{PgCluster, PgOptions};
 pub use sink::TestSink;

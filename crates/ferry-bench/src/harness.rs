@@ -1,0 +1,445 @@
+//! One workload's world: a throwaway PostgreSQL, a [`FastSink`], and the
+//! real `ferry` binary running as a child process the way users run it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_testkit::{FastSink, PgCluster, PgOptions};
+
+/// Database every workload uses.
+pub const DB: &str = "bench";
+/// ferry's replication slot.
+pub const SLOT: &str = "ferry_bench";
+/// ferry's publication (also read by the `pg_recvlogical` ceiling).
+pub const PUBLICATION: &str = "ferry_bench";
+/// The index name (an alias over ferry's concrete index).
+pub const INDEX: &str = "bench";
+
+/// PostgreSQL settings that keep checkpoints out of the measurements.
+///
+/// `synchronous_commit = on` matters for lag: the walsender only sends WAL
+/// that is flushed, and with the test kit's `off` a commit waits up to
+/// `wal_writer_delay` (200 ms) for that. With `fsync = off` it costs little.
+const PG_CONF: &[&str] = &[
+    "synchronous_commit = on",
+    "max_wal_size = '4GB'",
+    "checkpoint_timeout = '30min'",
+    "shared_buffers = '512MB'",
+    "autovacuum = off",
+];
+
+/// PostgreSQL + sink + (once started) ferry, all torn down on drop.
+pub struct Harness {
+    // Field order is drop order: ferry goes before the services it talks to.
+    ferry: Option<Ferry>,
+    /// The OpenSearch double ferry writes to.
+    pub sink: FastSink,
+    /// The throwaway cluster.
+    pub pg: PgCluster,
+    /// A connection to [`DB`].
+    pub db: tokio_postgres::Client,
+    dir: tempfile::TempDir,
+    ferry_bin: PathBuf,
+    keep_logs: Option<(PathBuf, String)>,
+}
+
+impl Harness {
+    /// Starts PostgreSQL (with database [`DB`]) and a FastSink.
+    pub async fn start(
+        ferry_bin: &Path,
+        workload: &str,
+        keep_logs: Option<&Path>,
+    ) -> Result<Harness> {
+        let opts = PgOptions {
+            extra_conf: PG_CONF.iter().map(|s| (*s).to_owned()).collect(),
+            ..PgOptions::default()
+        };
+        let pg = tokio::task::spawn_blocking(move || PgCluster::start_with(opts))
+            .await
+            .context("joining the PostgreSQL start-up task")?
+            .context("starting PostgreSQL")?;
+        pg.create_database(DB).await?;
+        let db = pg.client(DB).await?;
+        let sink = FastSink::start().context("starting FastSink")?;
+        Ok(Harness {
+            ferry: None,
+            sink,
+            pg,
+            db,
+            dir: tempfile::tempdir()?,
+            ferry_bin: ferry_bin.to_path_buf(),
+            keep_logs: keep_logs.map(|d| (d.to_path_buf(), workload.to_owned())),
+        })
+    }
+
+    /// A new connection to [`DB`].
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        Ok(self.pg.client(DB).await?)
+    }
+
+    /// Runs `ferry run --config …` for one index over `table`; returns when
+    /// the process has been spawned.
+    pub fn start_ferry(&mut self, table: &str) -> Result<Instant> {
+        let config = format!(
+            "[source]\nurl = \"{}\"\nslot = \"{SLOT}\"\npublication = \"{PUBLICATION}\"\n\n\
+             [sink]\nurl = \"{}\"\n\n[[index]]\nname = \"{INDEX}\"\ntable = \"{table}\"\n",
+            self.pg.url(DB),
+            self.sink.url()
+        );
+        let config_path = self.dir.path().join("ferry.toml");
+        std::fs::write(&config_path, config)?;
+        let log = self.dir.path().join("ferry.log");
+        let started = Instant::now();
+        self.ferry = Some(Ferry::spawn(&self.ferry_bin, &config_path, &log)?);
+        Ok(started)
+    }
+
+    /// The running ferry process.
+    pub fn ferry(&self) -> Result<&Ferry> {
+        self.ferry.as_ref().context("ferry was not started")
+    }
+
+    /// Blocks (off the async workers) until `done` holds for the sink, checking
+    /// in between that ferry is still alive. Returns when it was observed.
+    pub async fn wait_sink(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&FastSink, Duration) -> bool,
+    ) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(250));
+            let sink = &self.sink;
+            if tokio::task::block_in_place(|| done(sink, slice)) {
+                return Ok(Instant::now());
+            }
+            self.check_alive(what)?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {:.0} s waiting for {what} (the sink holds {} documents)\n{}",
+                    timeout.as_secs_f64(),
+                    self.sink.doc_count(INDEX),
+                    self.log_excerpt()
+                );
+            }
+        }
+    }
+
+    /// Waits until the index holds exactly `count` documents.
+    pub async fn wait_count(&mut self, count: usize, timeout: Duration) -> Result<Instant> {
+        self.wait_sink(&format!("{count} documents"), timeout, |s, t| {
+            s.wait_for_count(INDEX, count, t)
+        })
+        .await
+    }
+
+    /// Waits until document `id` exists.
+    pub async fn wait_doc(&mut self, id: &str, timeout: Duration) -> Result<Instant> {
+        self.wait_sink(&format!("document {id}"), timeout, |s, t| {
+            s.wait_for_doc(INDEX, id, t)
+        })
+        .await
+    }
+
+    /// Fails with the log tail when ferry has exited.
+    pub fn check_alive(&mut self, what: &str) -> Result<()> {
+        let exited = match self.ferry.as_mut() {
+            Some(f) => f.exited(),
+            None => bail!("ferry was not started"),
+        };
+        if let Some(status) = exited {
+            bail!(
+                "ferry exited ({status}) while waiting for {what}\n{}",
+                self.log_excerpt()
+            );
+        }
+        Ok(())
+    }
+
+    /// Proves the streaming path works: a probe row appears, then disappears.
+    pub async fn probe_stream(&mut self, table: &str, insert_probe: &str) -> Result<()> {
+        let before = self.sink.doc_count(INDEX);
+        self.db.batch_execute(insert_probe).await?;
+        self.wait_doc("-1", Duration::from_secs(120)).await?;
+        self.db
+            .batch_execute(&format!("DELETE FROM {table} WHERE id = -1"))
+            .await?;
+        self.wait_count(before, Duration::from_secs(60)).await?;
+        Ok(())
+    }
+
+    /// Bytes of WAL ferry's slot still holds back.
+    pub async fn retained_wal(&self) -> Result<Option<i64>> {
+        let row = self
+            .db
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&SLOT],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+
+    /// Bytes between the WAL end and what ferry has confirmed as flushed.
+    pub async fn unconfirmed_wal(&self) -> Result<Option<i64>> {
+        let row = self
+            .db
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&SLOT],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+
+    /// The current WAL position as text.
+    pub async fn current_lsn(&self) -> Result<String> {
+        let row = self
+            .db
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Creates a pgoutput slot for a `pg_recvlogical` ceiling run.
+    pub async fn create_ceiling_slot(&self, name: &str) -> Result<()> {
+        self.db
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&name],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Drains `slot` with `pg_recvlogical` into /dev/null up to `end_lsn`;
+    /// returns how long it took.
+    pub async fn recvlogical(&self, slot: &str, end_lsn: &str) -> Result<Duration> {
+        let bin = self.pg.bin_dir().join("pg_recvlogical");
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(["--start", "--no-loop", "-S", slot, "-P", "pgoutput"])
+            .args(["-o", "proto_version=1"])
+            .arg("-o")
+            .arg(format!("publication_names={PUBLICATION}"))
+            .args(["-f", "/dev/null", "-E", end_lsn, "-h", self.pg.host()])
+            .args([
+                "-p",
+                &self.pg.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                DB,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for var in ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
+            cmd.env_remove(var);
+        }
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let out = tokio::time::timeout(Duration::from_secs(900), child.wait_with_output())
+            .await
+            .context("pg_recvlogical did not reach the end position within 15 minutes")??;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!(
+                "pg_recvlogical failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let _ = self
+            .db
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await;
+        Ok(took)
+    }
+
+    /// Stops ferry with SIGTERM; returns its exit status when it stopped in time.
+    pub fn stop_ferry(&mut self) -> Option<ExitStatus> {
+        let status = self
+            .ferry
+            .as_mut()
+            .and_then(|f| f.stop(Duration::from_secs(30)));
+        self.save_log();
+        status
+    }
+
+    /// The last lines of ferry's log, labelled, for error messages.
+    pub fn log_excerpt(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+        if tail.trim().is_empty() {
+            "(ferry's log is empty)".to_owned()
+        } else {
+            format!("--- last lines of ferry's log ---\n{tail}")
+        }
+    }
+
+    fn save_log(&self) {
+        if let Some((dir, name)) = &self.keep_logs {
+            let _ = std::fs::create_dir_all(dir);
+            let _ = std::fs::copy(
+                self.dir.path().join("ferry.log"),
+                dir.join(format!("{name}.ferry.log")),
+            );
+            let _ = std::fs::copy(
+                self.dir.path().join("ferry.toml"),
+                dir.join(format!("{name}.ferry.toml")),
+            );
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.save_log();
+    }
+}
+
+/// The ferry child process; killed on drop if still running.
+pub struct Ferry {
+    child: Child,
+    pid: i32,
+}
+
+impl Ferry {
+    fn spawn(bin: &Path, config: &Path, log: &Path) -> Result<Ferry> {
+        let log_file = File::create(log)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file));
+        // The user's own FERRY_… overrides must not leak into the benchmark.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FERRY_") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        Ok(Ferry { child, pid })
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// User plus system CPU seconds used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        cpu_from_stat(&stat, clock_ticks())
+    }
+
+    /// Peak resident set size so far (`VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        vm_field_bytes(&status, "VmHWM:")
+    }
+
+    fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.exited() {
+            return Some(status);
+        }
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Clock ticks per second for `/proc/<pid>/stat` times.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line, in seconds.
+fn cpu_from_stat(stat: &str, ticks: f64) -> Option<f64> {
+    // The command name may contain spaces; fields after it are plain.
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 3 (state) is fields[0], so utime (14) and stime (15) are 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks)
+}
+
+/// A `kB` line of `/proc/<pid>/status`, in bytes.
+fn vm_field_bytes(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line
+        .get(field.len()..)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_files() {
+        let stat = "1234 (ferry (x) y) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1";
+        assert_eq!(cpu_from_stat(stat, 100.0), Some(3.0));
+        assert_eq!(cpu_from_stat("garbage", 100.0), None);
+        let status = "Name:\tferry\nVmHWM:\t   2048 kB\nVmRSS:\t 1024 kB\n";
+        assert_eq!(vm_field_bytes(status, "VmHWM:"), Some(2048 * 1024));
+        assert_eq!(vm_field_bytes(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn our_own_process_is_readable() {
+        let pid = std::process::id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        assert!(cpu_from_stat(&stat, clock_ticks()).is_some());
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        assert!(vm_field_bytes(&status, "VmHWM:").is_some_and(|b| b > 0));
+    }
+}

@@ -1,0 +1,687 @@
+//! The workloads. Each one gets a fresh PostgreSQL, FastSink and ferry
+//! process, measures one phase, then checks that the index converged.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_testkit::fastsink::FastSinkStats;
+use futures_util::StreamExt;
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::harness::{Harness, INDEX};
+use crate::report::{bytes, thousands, Lag, Outcome};
+use crate::{selftest, verify};
+
+/// The slot `pg_recvlogical` drains for the streaming ceilings.
+const CEILING_SLOT: &str = "bench_ceiling";
+/// Goals the figures are compared with.
+const TARGET_BACKFILL_ROWS_S: f64 = 300_000.0;
+const TARGET_STREAM_CHANGES_S: f64 = 50_000.0;
+const TARGET_LAG_P50_MS: f64 = 50.0;
+const TARGET_LAG_P99_MS: f64 = 150.0;
+const TARGET_RSS_MIB: f64 = 128.0;
+const TARGET_SINK_DOCS_S: f64 = 100_000.0;
+
+/// The narrow table: a key and a few int, text and timestamptz columns.
+const NARROW_DDL: &str = "CREATE TABLE items (id bigint PRIMARY KEY, a integer NOT NULL, \
+     b integer, label text, note text, created_at timestamptz NOT NULL)";
+/// The wide table: about 2 KB of text per row (below the TOAST threshold).
+const WIDE_DDL: &str = "CREATE TABLE docs (id bigint PRIMARY KEY, a integer NOT NULL, \
+     title text NOT NULL, body text NOT NULL, created_at timestamptz NOT NULL)";
+
+/// A benchmark workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// FastSink alone, driven by a raw HTTP client.
+    SinkSelftest,
+    /// Initial copy of narrow rows.
+    Backfill,
+    /// Initial copy of ~2 KB rows.
+    BackfillWide,
+    /// Concurrent writers as fast as possible.
+    StreamSimple,
+    /// 1,000 changes/s, measuring lag.
+    Stream1k,
+    /// 5,000 changes/s, measuring lag.
+    Stream5k,
+    /// One transaction of many rows.
+    BigTransaction,
+}
+
+impl Workload {
+    /// Every workload, in the order a default run uses.
+    pub const ALL: [Workload; 7] = [
+        Workload::SinkSelftest,
+        Workload::Backfill,
+        Workload::BackfillWide,
+        Workload::StreamSimple,
+        Workload::Stream1k,
+        Workload::Stream5k,
+        Workload::BigTransaction,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::SinkSelftest => "sink-selftest",
+            Workload::Backfill => "backfill",
+            Workload::BackfillWide => "backfill-wide",
+            Workload::StreamSimple => "stream-simple",
+            Workload::Stream1k => "stream-1k",
+            Workload::Stream5k => "stream-5k",
+            Workload::BigTransaction => "big-transaction",
+        }
+    }
+
+    /// The workload called `name`.
+    pub fn parse(name: &str) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| w.name() == name)
+    }
+
+    /// Whether the workload runs ferry (the self-test does not).
+    pub fn needs_ferry(self) -> bool {
+        self != Workload::SinkSelftest
+    }
+
+    fn planned(self, s: &Sizes) -> (u64, &'static str) {
+        match self {
+            Workload::SinkSelftest => (s.selftest_docs, "docs"),
+            Workload::Backfill => (s.backfill_rows, "rows"),
+            Workload::BackfillWide => (s.wide_rows, "rows"),
+            Workload::StreamSimple => (s.stream_changes, "changes"),
+            Workload::Stream1k => (1_000 * s.rate_seconds, "changes"),
+            Workload::Stream5k => (5_000 * s.rate_seconds, "changes"),
+            Workload::BigTransaction => (s.big_tx_rows, "rows"),
+        }
+    }
+}
+
+/// How much each workload moves.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Rows of the narrow backfill.
+    pub backfill_rows: u64,
+    /// Rows of the wide backfill.
+    pub wide_rows: u64,
+    /// Changes written by the unpaced writers.
+    pub stream_changes: u64,
+    /// Seconds of each fixed-rate run.
+    pub rate_seconds: u64,
+    /// Rows of the big transaction.
+    pub big_tx_rows: u64,
+    /// Documents of the sink self-test.
+    pub selftest_docs: u64,
+}
+
+impl Sizes {
+    /// The default run (about ten minutes on two cores).
+    pub fn full() -> Sizes {
+        Sizes {
+            backfill_rows: 1_000_000,
+            wide_rows: 200_000,
+            stream_changes: 500_000,
+            rate_seconds: 15,
+            big_tx_rows: 1_000_000,
+            selftest_docs: 1_000_000,
+        }
+    }
+
+    /// Small sizes proving everything works end to end.
+    pub fn quick() -> Sizes {
+        Sizes {
+            backfill_rows: 50_000,
+            wide_rows: 10_000,
+            stream_changes: 50_000,
+            rate_seconds: 3,
+            big_tx_rows: 50_000,
+            selftest_docs: 100_000,
+        }
+    }
+}
+
+/// What every workload needs to know.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// The ferry executable.
+    pub ferry_bin: PathBuf,
+    /// Workload sizes.
+    pub sizes: Sizes,
+    /// Where to copy each ferry log and config, if anywhere.
+    pub keep_logs: Option<PathBuf>,
+}
+
+/// Runs one workload; failures become a FAIL outcome.
+pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
+    let result = match w {
+        Workload::SinkSelftest => selftest::run(ctx.sizes.selftest_docs, TARGET_SINK_DOCS_S).await,
+        Workload::Backfill => backfill(ctx, false).await,
+        Workload::BackfillWide => backfill(ctx, true).await,
+        Workload::StreamSimple => stream_simple(ctx).await,
+        Workload::Stream1k => stream_rate(ctx, w.name(), 1_000).await,
+        Workload::Stream5k => stream_rate(ctx, w.name(), 5_000).await,
+        Workload::BigTransaction => big_transaction(ctx).await,
+    };
+    result.unwrap_or_else(|e| {
+        let (size, unit) = w.planned(&ctx.sizes);
+        Outcome::failed(w.name(), size, unit, format!("{e:#}"))
+    })
+}
+
+/// `INSERT` of narrow rows `lo..=hi`, deterministic in the id.
+fn insert_narrow(lo: i64, hi: i64) -> String {
+    format!(
+        "INSERT INTO items SELECT g, (g % 1000)::int, ((g * 7) % 100000)::int, \
+         'label-' || (g % 97), md5(g::text), \
+         timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second' \
+         FROM generate_series({lo}::bigint, {hi}::bigint) g"
+    )
+}
+
+/// `INSERT` of wide rows `1..=n`: 1,920 characters of body text each.
+fn insert_wide(n: u64) -> String {
+    format!(
+        "INSERT INTO docs SELECT g, (g % 1000)::int, 'title ' || g, repeat(md5(g::text), 60), \
+         timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second' \
+         FROM generate_series(1, {n}::bigint) g"
+    )
+}
+
+/// Sum of the rows every statement of a simple query touched.
+fn rows_touched(messages: &[SimpleQueryMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => *n,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Generous time limit for moving `units` at no less than `min_rate` per second.
+fn limit(units: u64, min_rate: f64) -> Duration {
+    Duration::from_secs_f64(60.0 + units as f64 / min_rate)
+}
+
+/// ferry's CPU time and the sink's counters at one instant.
+struct Phase {
+    cpu: Option<f64>,
+    stats: FastSinkStats,
+}
+
+impl Phase {
+    fn now(h: &Harness) -> Phase {
+        Phase {
+            cpu: h.ferry().ok().and_then(|f| f.cpu_seconds()),
+            stats: h.sink.stats(),
+        }
+    }
+}
+
+/// Derived figures, the convergence check, the end-of-run readings, and
+/// stopping ferry.
+async fn finish(h: &mut Harness, o: &mut Outcome, table: &str, start: &Phase, end: &Phase) {
+    let units = o.size.max(1) as f64;
+    if let (Some(a), Some(b)) = (start.cpu, end.cpu) {
+        o.cpu_s_per_100k = Some((b - a) * 100_000.0 / units);
+    }
+    let st = end.stats.since(&start.stats);
+    o.bulk_per_1k = Some(st.bulk_requests as f64 * 1000.0 / units);
+    o.notes.push(format!(
+        "ferry sent {} bulk requests, {} items, {:.1} MiB",
+        st.bulk_requests,
+        st.bulk_items,
+        st.bytes_received as f64 / (1024.0 * 1024.0)
+    ));
+    if st.bulk_conflicts > 0 {
+        o.notes.push(format!(
+            "{} bulk items were refused as older than the stored version (409)",
+            st.bulk_conflicts
+        ));
+    }
+    if st.bulk_errors > 0 {
+        o.notes.push(format!(
+            "{} bulk items were rejected by the sink",
+            st.bulk_errors
+        ));
+    }
+    match verify::converged(h, table, Duration::from_secs(60)).await {
+        Ok(summary) => {
+            o.ok = true;
+            o.check = format!("converged: {summary}");
+        }
+        Err(why) => {
+            o.ok = false;
+            o.check = format!("FAIL: {why}");
+        }
+    }
+    o.wal_retained_bytes = h.retained_wal().await.ok().flatten();
+    if let Ok(Some(unconfirmed)) = h.unconfirmed_wal().await {
+        o.notes.push(format!(
+            "slot at the end: restart_lsn holds {} of WAL (PostgreSQL moves it at running-xacts records), \
+             ferry's confirmed_flush_lsn is {} behind the WAL end",
+            bytes(o.wal_retained_bytes.unwrap_or(0)),
+            bytes(unconfirmed)
+        ));
+    }
+    o.peak_rss_mib = h
+        .ferry()
+        .ok()
+        .and_then(|f| f.peak_rss_bytes())
+        .map(|b| b as f64 / (1024.0 * 1024.0));
+    if let Err(e) = h.check_alive("the end of the workload") {
+        o.ok = false;
+        o.check = format!("FAIL: {e:#}");
+    }
+    match h.stop_ferry() {
+        Some(status) if status.success() => {}
+        Some(status) => o
+            .notes
+            .push(format!("ferry exited with {status} after SIGTERM")),
+        None => o
+            .notes
+            .push("ferry did not stop within 30 s of SIGTERM and was killed".to_owned()),
+    }
+}
+
+/// Drains `COPY … TO STDOUT` and returns how long it took and the bytes read.
+async fn copy_out(db: &tokio_postgres::Client, sql: &str) -> Result<(Duration, u64)> {
+    let started = Instant::now();
+    let stream = db.copy_out(sql).await?;
+    futures_util::pin_mut!(stream);
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk?.len() as u64;
+    }
+    Ok((started.elapsed(), bytes))
+}
+
+async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
+    let name = if wide { "backfill-wide" } else { "backfill" };
+    let n = if wide {
+        ctx.sizes.wide_rows
+    } else {
+        ctx.sizes.backfill_rows
+    };
+    let (table, ddl, load, cols) = if wide {
+        (
+            "docs",
+            WIDE_DDL,
+            insert_wide(n),
+            "id, a, title, body, created_at",
+        )
+    } else {
+        (
+            "items",
+            NARROW_DDL,
+            insert_narrow(1, n as i64),
+            "id, a, b, label, note, created_at",
+        )
+    };
+    let mut o = Outcome::new(name, n, "rows");
+    let mut h = Harness::start(&ctx.ferry_bin, name, ctx.keep_logs.as_deref()).await?;
+
+    let loading = Instant::now();
+    h.db.batch_execute(ddl).await?;
+    h.db.batch_execute(&load).await?;
+    h.db.batch_execute(&format!("VACUUM (ANALYZE) {table}"))
+        .await?;
+    let size: String =
+        h.db.query_one(
+            &format!("SELECT pg_size_pretty(pg_table_size('{table}'))"),
+            &[],
+        )
+        .await?
+        .get(0);
+    o.notes.push(format!(
+        "loading the table ({size}) took {:.1} s before ferry started",
+        loading.elapsed().as_secs_f64()
+    ));
+
+    let (copy_time, copy_bytes) = copy_out(
+        &h.db,
+        &format!("COPY (SELECT {cols} FROM {table}) TO STDOUT"),
+    )
+    .await?;
+    o.ceiling = Some(n as f64 / copy_time.as_secs_f64());
+    o.ceiling_method = Some(format!(
+        "COPY (SELECT …) TO STDOUT of the same table into nothing: {:.2} s, {:.1} MiB",
+        copy_time.as_secs_f64(),
+        copy_bytes as f64 / (1024.0 * 1024.0)
+    ));
+
+    let start = Phase {
+        cpu: Some(0.0),
+        stats: h.sink.stats(),
+    };
+    let t0 = h.start_ferry(table)?;
+    let t1 = h.wait_count(n as usize, limit(n, 5_000.0)).await?;
+    let end = Phase::now(&h);
+    let secs = (t1 - t0).as_secs_f64();
+    o.seconds = Some(secs);
+    o.rate = Some(n as f64 / secs);
+    o.notes
+        .push("measured from spawning ferry (slot creation and index set-up included)".into());
+    finish(&mut h, &mut o, table, &start, &end).await;
+    if !wide {
+        o.target_rate(TARGET_BACKFILL_ROWS_S);
+    }
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+/// Starts ferry on the empty narrow table and waits until a change streams through.
+async fn ferry_streaming(ctx: &Ctx, name: &str, preload: u64) -> Result<Harness> {
+    let mut h = Harness::start(&ctx.ferry_bin, name, ctx.keep_logs.as_deref()).await?;
+    h.db.batch_execute(NARROW_DDL).await?;
+    if preload > 0 {
+        h.db.batch_execute(&insert_narrow(1, preload as i64))
+            .await?;
+        h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+    }
+    h.start_ferry("items")?;
+    h.wait_count(preload as usize, limit(preload, 5_000.0))
+        .await?;
+    h.probe_stream("items", &insert_narrow(-1, -1)).await?;
+    Ok(h)
+}
+
+/// Drains `pg_recvlogical` from the ceiling slot to the current WAL end and
+/// records the resulting rate.
+async fn stream_ceiling(h: &Harness, o: &mut Outcome, changes: u64) -> Result<()> {
+    let end_lsn = h.current_lsn().await?;
+    let took = h.recvlogical(CEILING_SLOT, &end_lsn).await?;
+    o.ceiling = Some(changes as f64 / took.as_secs_f64());
+    o.ceiling_method = Some(format!(
+        "pg_recvlogical (pgoutput, proto_version=1) draining the same changes from a fresh slot into /dev/null: {:.2} s",
+        took.as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Writer `w` of the unpaced stream: `txs` transactions of 60 inserts plus
+/// 30 updates and 10 deletes of the previous transaction's rows.
+async fn unpaced_writer(db: tokio_postgres::Client, w: i64, txs: i64) -> Result<u64> {
+    let base = w * 1_000_000_000;
+    let mut changes = 0;
+    for k in 0..txs {
+        let lo = base + 60 * k + 1;
+        let mut sql = format!("BEGIN; {}; ", insert_narrow(lo, lo + 59));
+        if k > 0 {
+            let p = lo - 60;
+            sql.push_str(&format!(
+                "UPDATE items SET b = b + 1, note = 'u' || id, created_at = created_at + interval '1 hour' \
+                 WHERE id BETWEEN {p} AND {}; DELETE FROM items WHERE id BETWEEN {} AND {}; ",
+                p + 29,
+                p + 30,
+                p + 39
+            ));
+        }
+        sql.push_str("COMMIT;");
+        changes += rows_touched(&db.simple_query(&sql).await?);
+    }
+    Ok(changes)
+}
+
+async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
+    const WRITERS: i64 = 4;
+    const PER_TX: u64 = 100;
+    let name = Workload::StreamSimple.name();
+    let planned = ctx.sizes.stream_changes;
+    let mut h = ferry_streaming(ctx, name, 0).await?;
+    h.create_ceiling_slot(CEILING_SLOT).await?;
+
+    let txs = planned.div_ceil(WRITERS as u64 * PER_TX) as i64;
+    let mut clients = Vec::new();
+    for _ in 0..WRITERS {
+        clients.push(h.connect().await?);
+    }
+    let start = Phase::now(&h);
+    let t0 = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, db)| tokio::spawn(unpaced_writer(db, w as i64, txs)))
+        .collect();
+    let mut written = 0u64;
+    for t in tasks {
+        written += t.await.context("joining a writer")??;
+    }
+    let writers_done = t0.elapsed();
+    h.db.batch_execute(&insert_narrow(0, 0)).await?;
+    let changes = written + 1;
+    h.wait_doc("0", limit(changes, 2_000.0)).await?;
+    let arrived = h.sink.last_write(INDEX, "0").unwrap_or_else(Instant::now);
+    let end = Phase::now(&h);
+
+    let mut o = Outcome::new(name, changes, "changes");
+    let secs = (arrived - t0).as_secs_f64();
+    o.seconds = Some(secs);
+    o.rate = Some(changes as f64 / secs);
+    o.notes.push(format!(
+        "{WRITERS} writers, {PER_TX} changes per transaction (60 inserts, 30 updates, 10 deletes); \
+         PostgreSQL absorbed them in {:.2} s ({} changes/s); completion = arrival of a sentinel row committed last",
+        writers_done.as_secs_f64(),
+        thousands(written as f64 / writers_done.as_secs_f64())
+    ));
+    stream_ceiling(&h, &mut o, changes).await?;
+    finish(&mut h, &mut o, "items", &start, &end).await;
+    o.target_rate(TARGET_STREAM_CHANGES_S);
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+/// Ids a paced transaction `k` changes, given the preloaded row count `p`:
+/// five inserts above `p`, four updates counting up from 1, one delete
+/// counting down from `p`. No id is changed by two transactions.
+fn paced_ids(k: i64, p: i64) -> [i64; 10] {
+    let i = p + 5 * k;
+    let u = 4 * k;
+    [
+        i + 1,
+        i + 2,
+        i + 3,
+        i + 4,
+        i + 5,
+        u + 1,
+        u + 2,
+        u + 3,
+        u + 4,
+        p - k,
+    ]
+}
+
+/// One paced writer: transactions `first, first + step, …` below `count`,
+/// each started at `t0 + k * period`. Returns (k, commit time) and the
+/// changes made.
+async fn paced_writer(
+    db: tokio_postgres::Client,
+    first: i64,
+    step: usize,
+    count: i64,
+    p: i64,
+    t0: Instant,
+    period: Duration,
+) -> Result<(Vec<(i64, Instant)>, u64)> {
+    let mut commits = Vec::new();
+    let mut changes = 0;
+    for k in (first..count).step_by(step) {
+        let due = t0 + period.mul_f64(k as f64);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        let ids = paced_ids(k, p);
+        let sql = format!(
+            "BEGIN; {}; UPDATE items SET b = b + 1, note = 'r' || id WHERE id BETWEEN {} AND {}; \
+             DELETE FROM items WHERE id = {}; COMMIT;",
+            insert_narrow(ids[0], ids[4]),
+            ids[5],
+            ids[8],
+            ids[9]
+        );
+        changes += rows_touched(&db.simple_query(&sql).await?);
+        commits.push((k, Instant::now()));
+    }
+    Ok((commits, changes))
+}
+
+async fn stream_rate(ctx: &Ctx, name: &str, rate: u64) -> Result<Outcome> {
+    const PER_TX: u64 = 10;
+    const WRITERS: usize = 2;
+    let seconds = ctx.sizes.rate_seconds;
+    let tx_count = (rate * seconds / PER_TX) as i64;
+    let preload = (5 * tx_count + 1_000).max(50_000);
+    let mut h = ferry_streaming(ctx, name, preload as u64).await?;
+
+    // First arrival of every id from now on.
+    let arrivals = h.sink.subscribe();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_collector = Arc::clone(&stop);
+    let collector = std::thread::spawn(move || {
+        let mut first: HashMap<String, Instant> = HashMap::new();
+        loop {
+            match arrivals.recv_timeout(Duration::from_millis(50)) {
+                Ok(bulk) => {
+                    for item in bulk.items {
+                        first.entry(item.id).or_insert(bulk.received);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if stop_collector.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        first
+    });
+
+    let mut clients = Vec::new();
+    for _ in 0..WRITERS {
+        clients.push(h.connect().await?);
+    }
+    let period = Duration::from_secs_f64(PER_TX as f64 / rate as f64);
+    let start = Phase::now(&h);
+    let t0 = Instant::now() + Duration::from_millis(20);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(j, db)| {
+            tokio::spawn(paced_writer(
+                db, j as i64, WRITERS, tx_count, preload, t0, period,
+            ))
+        })
+        .collect();
+    let mut commits = Vec::new();
+    let mut changes = 0u64;
+    for t in tasks {
+        let (c, n) = t.await.context("joining a writer")??;
+        commits.extend(c);
+        changes += n;
+    }
+    let last_commit = commits.iter().map(|(_, t)| *t).max().unwrap_or(t0);
+    h.db.batch_execute(&insert_narrow(0, 0)).await?;
+    h.wait_doc("0", Duration::from_secs(120)).await?;
+    let end = Phase::now(&h);
+    stop.store(true, Ordering::Release);
+    let first = collector
+        .join()
+        .map_err(|_| anyhow::anyhow!("the arrival collector panicked"))?;
+
+    let mut lags = Vec::with_capacity(commits.len() * PER_TX as usize);
+    let mut unseen = 0usize;
+    for (k, committed) in &commits {
+        for id in paced_ids(*k, preload) {
+            match first.get(&id.to_string()) {
+                Some(at) => lags.push(at.saturating_duration_since(*committed).as_secs_f64() * 1e3),
+                None => unseen += 1,
+            }
+        }
+    }
+    let mut o = Outcome::new(name, changes, "changes");
+    let secs = (last_commit - t0).as_secs_f64().max(1e-3);
+    o.seconds = Some(secs);
+    o.rate = Some(changes as f64 / secs);
+    o.lag_ms = Lag::from_ms(lags);
+    o.notes.push(format!(
+        "paced at {} changes/s for {seconds} s: {} transactions of {PER_TX} changes (5 inserts, 4 updates, 1 delete) over {WRITERS} connections, {preload} rows preloaded; lag = first arrival at the sink - return of COMMIT",
+        thousands(rate as f64),
+        tx_count
+    ));
+    if unseen > 0 {
+        o.notes.push(format!(
+            "{unseen} changes never arrived as a write of their own"
+        ));
+    }
+    finish(&mut h, &mut o, "items", &start, &end).await;
+    if unseen > 0 && o.ok {
+        o.ok = false;
+        o.check = format!("FAIL: {unseen} changes were never written to the sink");
+    }
+    if rate == 5_000 {
+        o.target_lag(TARGET_LAG_P50_MS, TARGET_LAG_P99_MS);
+    }
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
+    let name = Workload::BigTransaction.name();
+    let n = ctx.sizes.big_tx_rows;
+    let mut h = ferry_streaming(ctx, name, 0).await?;
+    h.create_ceiling_slot(CEILING_SLOT).await?;
+    let start = Phase::now(&h);
+    let began = Instant::now();
+    // One statement outside BEGIN/COMMIT is one transaction.
+    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
+    let committed = Instant::now();
+    let done = h.wait_count(n as usize, limit(n, 2_000.0)).await?;
+    let end = Phase::now(&h);
+    if h.sink.doc_count(INDEX) != n as usize {
+        bail!("the sink does not hold {n} documents");
+    }
+
+    let mut o = Outcome::new(name, n, "rows");
+    let secs = (done - committed).as_secs_f64();
+    o.seconds = Some(secs);
+    o.rate = Some(n as f64 / secs);
+    o.notes.push(format!(
+        "INSERT … SELECT of {} rows ran {:.2} s; the rate counts from its COMMIT (nothing can stream before it), {:.2} s from BEGIN",
+        thousands(n as f64),
+        (committed - began).as_secs_f64(),
+        (done - began).as_secs_f64()
+    ));
+    stream_ceiling(&h, &mut o, n).await?;
+    finish(&mut h, &mut o, "items", &start, &end).await;
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn paced_transactions_never_share_an_id() {
+        let k_total = 7_500;
+        let p = 5 * k_total + 1_000;
+        let mut seen = HashSet::new();
+        for k in 0..k_total {
+            for id in paced_ids(k, p) {
+                assert!(id > 0);
+                assert!(seen.insert(id), "id {id} changed twice");
+            }
+        }
+    }
+
+    #[test]
+    fn workloads_round_trip_their_names() {
+        for w in Workload::ALL {
+            assert_eq!(Workload::parse(w.name()), Some(w));
+        }
+        assert_eq!(Workload::parse("nope"), None);
+    }
+}

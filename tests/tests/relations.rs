@@ -1,0 +1,183 @@
+//! Relational documents: joins folded in and kept exact as any related row
+//! changes. The oracle is an independent SQL query building the expected
+//! documents with jsonb functions.
+
+use std::time::Duration;
+
+use ferry_e2e::TestEnv;
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+const SCHEMA: &str = "
+CREATE TABLE companies (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text, company_id int REFERENCES companies,
+                    deleted_at timestamptz);
+CREATE TABLE orders (id int PRIMARY KEY, user_id int REFERENCES users, total numeric(10,2), status text NOT NULL,
+                     created_at timestamptz DEFAULT now());
+CREATE TABLE line_items (id int PRIMARY KEY, order_id int REFERENCES orders ON DELETE CASCADE, sku text, qty int);
+CREATE TABLE tags (id int PRIMARY KEY, label text NOT NULL);
+CREATE TABLE user_tags (user_id int REFERENCES users, tag_id int REFERENCES tags, PRIMARY KEY (user_id, tag_id));
+INSERT INTO companies SELECT g, 'company ' || g FROM generate_series(1, 10) g;
+INSERT INTO users SELECT g, 'u' || g || '@example.com', 'User ' || g, 1 + g % 10, NULL FROM generate_series(1, 300) g;
+INSERT INTO orders SELECT g, 1 + g % 300, (g % 97) + 0.5, (ARRAY['new','paid','cancelled'])[1 + g % 3] FROM generate_series(1, 900) g;
+INSERT INTO line_items SELECT g, 1 + g % 900, 'sku-' || (g % 50), 1 + g % 4 FROM generate_series(1, 1800) g;
+INSERT INTO tags SELECT g, 'tag ' || g FROM generate_series(1, 20) g;
+INSERT INTO user_tags SELECT u, t FROM generate_series(1, 300) u, generate_series(1, 20) t WHERE (u + t) % 7 = 0;
+";
+
+const INDEX: &str = r#"
+columns = ["id", "email", "name", "company_id"]
+soft_delete = "deleted_at"
+rename = { name = "full_name" }
+mapping = { email = { type = "keyword" } }
+
+  [[index.has_many]]
+  field = "orders"
+  table = "orders"
+  foreign_key = "user_id"
+  columns = ["id", "total", "status"]
+  order_by = "id"
+  where = "status <> 'cancelled'"
+
+    [[index.has_many.has_many]]
+    field = "items"
+    table = "line_items"
+    foreign_key = "order_id"
+    columns = ["id", "sku", "qty"]
+
+  [[index.has_many]]
+  field = "tags"
+  table = "tags"
+  foreign_key = "user_id"
+  through = { table = "user_tags", other_key = "tag_id" }
+  columns = ["id", "label"]
+  mapping_type = "object"
+
+  [[index.belongs_to]]
+  field = "company"
+  table = "companies"
+  foreign_key = "company_id"
+  columns = ["id", "name"]
+
+  [[index.count]]
+  field = "order_count"
+  table = "orders"
+  foreign_key = "user_id"
+"#;
+
+/// What every document must be, built independently of ferry's queries.
+const EXPECTED: &str = "
+SELECT u.id::text, jsonb_build_object(
+  'id', u.id, 'email', u.email, 'full_name', u.name, 'company_id', u.company_id,
+  'orders', coalesce((SELECT jsonb_agg(jsonb_build_object('id', o.id, 'total', o.total, 'status', o.status,
+        'items', coalesce((SELECT jsonb_agg(jsonb_build_object('id', li.id, 'sku', li.sku, 'qty', li.qty) ORDER BY li.id)
+                           FROM line_items li WHERE li.order_id = o.id), '[]'::jsonb)) ORDER BY o.id)
+     FROM orders o WHERE o.user_id = u.id AND o.status <> 'cancelled'), '[]'::jsonb),
+  'tags', coalesce((SELECT jsonb_agg(jsonb_build_object('id', t.id, 'label', t.label) ORDER BY t.id)
+     FROM tags t JOIN user_tags ut ON ut.tag_id = t.id WHERE ut.user_id = u.id), '[]'::jsonb),
+  'company', (SELECT jsonb_build_object('id', c.id, 'name', c.name) FROM companies c WHERE c.id = u.company_id),
+  'order_count', (SELECT count(*) FROM orders o WHERE o.user_id = u.id)
+)::text FROM users u WHERE u.deleted_at IS NULL";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn related_rows_rebuild_exactly_the_documents_they_feed() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(SCHEMA).await.expect("schema");
+    let cfg = env.config("users", "users", INDEX);
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("users", EXPECTED, CONVERGE).await;
+
+    // ferry set REPLICA IDENTITY FULL where it needs old values.
+    let full: Vec<String> = db
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relreplident = 'f' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("identities")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(full, ["line_items", "orders", "user_tags"], "{full:?}");
+
+    let steps: [(&str, &str); 9] = [
+        (
+            "child rows: insert, update, delete (orders and nested line items)",
+            "INSERT INTO orders VALUES (5000, 1, 12.34, 'new');
+             INSERT INTO line_items VALUES (9000, 5000, 'fresh', 2);
+             UPDATE orders SET total = total + 1 WHERE id IN (2, 5);
+             UPDATE line_items SET qty = 99 WHERE id = 7;
+             DELETE FROM line_items WHERE id = 8;
+             DELETE FROM line_items WHERE order_id = 4; DELETE FROM orders WHERE id = 4;",
+        ),
+        (
+            "a foreign key moves: both the old and the new parent are rebuilt",
+            "UPDATE orders SET user_id = 3 WHERE id = 2;
+             UPDATE line_items SET order_id = 10 WHERE id = 11;",
+        ),
+        (
+            "a parent-side change rebuilds every root pointing at it",
+            "UPDATE companies SET name = 'ACME renamed' WHERE id = 2;",
+        ),
+        (
+            "many-to-many: join rows and the related table",
+            "INSERT INTO user_tags VALUES (1, 1), (1, 2) ON CONFLICT DO NOTHING;
+             DELETE FROM user_tags WHERE user_id = 6;
+             UPDATE tags SET label = 'relabelled' WHERE id = 3;",
+        ),
+        (
+            "filters: a related row leaving and joining the filter",
+            "UPDATE orders SET status = 'cancelled' WHERE id = 1;
+             UPDATE orders SET status = 'paid' WHERE id = 3;",
+        ),
+        (
+            "soft delete: the root leaves the index, and comes back",
+            "UPDATE users SET deleted_at = now() WHERE id IN (10, 11);
+             UPDATE users SET deleted_at = now() WHERE id = 12;
+             UPDATE users SET deleted_at = NULL WHERE id = 12;",
+        ),
+        (
+            "root rows: update, insert, delete, belongs_to to null",
+            "UPDATE users SET email = 'changed@example.com', company_id = NULL WHERE id = 20;
+             INSERT INTO users VALUES (1000, 'new@example.com', 'Newcomer', 5, NULL);
+             DELETE FROM user_tags WHERE user_id = 21; DELETE FROM line_items WHERE order_id IN (SELECT id FROM orders WHERE user_id = 21);
+             DELETE FROM orders WHERE user_id = 21; DELETE FROM users WHERE id = 21;",
+        ),
+        (
+            "one transaction touching many tables",
+            "BEGIN;
+             UPDATE companies SET name = name || '!' WHERE id = 3;
+             INSERT INTO orders VALUES (5001, 30, 1, 'new');
+             INSERT INTO line_items VALUES (9001, 5001, 'x', 1);
+             UPDATE users SET name = 'In txn' WHERE id = 31;
+             COMMIT;",
+        ),
+        (
+            "TRUNCATE of a related table rebuilds every document",
+            "TRUNCATE line_items;",
+        ),
+    ];
+    for (i, (what, sql)) in steps.into_iter().enumerate() {
+        db.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        env.assert_converges_to("users", EXPECTED, CONVERGE).await;
+        if i == 2 {
+            // Spot checks, independent of the oracle query.
+            let docs = env.documents("users").await;
+            let u1 = &docs["1"];
+            assert_eq!(u1["company"]["name"], "ACME renamed", "{u1}");
+            let orders = u1["orders"].as_array().expect("orders array");
+            assert!(
+                orders
+                    .iter()
+                    .any(|o| o["id"] == 5000 && o["items"][0]["sku"] == "fresh"),
+                "{u1}"
+            );
+            assert_eq!(u1["full_name"], "User 1");
+            assert!(u1.get("name").is_none());
+        }
+    }
+    assert_eq!(ferry.stop(), Some(0));
+}

@@ -1,0 +1,448 @@
+//! End-to-end: the real ferry binary writes to OpenSearch through a
+//! `FaultProxy` that fails bulk requests on demand, while PostgreSQL keeps
+//! changing. Each test is named after the invariant it guards: transient
+//! sink failures are retried until every change lands, nothing is treated
+//! as poison that is not, and the replication slot never confirms changes
+//! that are not yet in the index.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_e2e::{compare, rows_as_json, FerryProcess, TestEnv};
+use ferry_testkit::{Fault, FaultProxy};
+
+/// A test environment whose sink URL is a fault proxy in front of the test OpenSearch.
+struct Rig {
+    env: TestEnv,
+    proxy: FaultProxy,
+}
+
+impl Rig {
+    /// Starts PostgreSQL, the test OpenSearch and a proxy in front of it;
+    /// `None` (the test is skipped) when the configured real cluster is not
+    /// reachable over plain HTTP, which the proxy cannot speak to.
+    async fn start() -> Option<Rig> {
+        let env = TestEnv::start().await;
+        match FaultProxy::start(env.os.url()).await {
+            Ok(proxy) => Some(Rig { env, proxy }),
+            Err(e) if env.os.is_external() => {
+                eprintln!("skipping: the fault proxy cannot front this cluster: {e}");
+                None
+            }
+            Err(e) => panic!("starting the fault proxy: {e}"),
+        }
+    }
+
+    /// Like `TestEnv::config`, but ferry's sink is the proxy. `sink` and
+    /// `engine` are extra lines for those sections.
+    fn config(&self, index: &str, table: &str, sink: &str, engine: &str) -> PathBuf {
+        let text = format!(
+            "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n\
+             [sink]\nurl = \"{}\"\n{sink}\n\n\
+             [engine]\n{engine}\n\n\
+             [[index]]\nname = \"{}\"\ntable = \"{}\"\n",
+            self.env.pg.url("app"),
+            self.proxy.url(),
+            self.env.index(index),
+            table
+        );
+        self.env.write_config(&text)
+    }
+
+    /// Differences between `table` and `index` right now (empty: converged).
+    async fn differences(&self, db: &tokio_postgres::Client, index: &str, table: &str) -> usize {
+        let rows = rows_as_json(db, table).await;
+        let docs = self.env.documents(index).await;
+        compare(&rows, &docs).len()
+    }
+
+    /// Panics with the log if ferry is no longer running.
+    fn assert_running(&self, ferry: &mut FerryProcess, when: &str) {
+        assert!(
+            ferry.is_running(),
+            "ferry exited {when}\n--- ferry log ---\n{}",
+            self.env.log_tail()
+        );
+    }
+
+    /// Stops ferry and expects a clean exit.
+    fn stop(&self, ferry: FerryProcess) {
+        assert_eq!(
+            ferry.stop(),
+            Some(0),
+            "ferry exits 0 on SIGTERM\n{}",
+            self.env.log_tail()
+        );
+    }
+}
+
+/// `docs` with `rows` rows.
+async fn create_docs(db: &tokio_postgres::Client, rows: u32) {
+    db.batch_execute(&format!(
+        "CREATE TABLE docs (
+             id         bigint PRIMARY KEY,
+             title      text NOT NULL,
+             n          integer,
+             tags       text[],
+             updated_at timestamptz DEFAULT now()
+         );
+         INSERT INTO docs (id, title, n, tags)
+         SELECT g, 'title ' || g, g % 97, ARRAY['t' || (g % 5), 'all']
+         FROM generate_series(1, {rows}) g;"
+    ))
+    .await
+    .expect("create docs");
+}
+
+/// 1,000 changes over rows 1..=2000 in several transactions: 400 inserts
+/// (ids from `first_new`), 400 updates, 200 deletes.
+async fn thousand_changes(db: &tokio_postgres::Client, first_new: u32) {
+    let mut sql = String::new();
+    for part in 0..4 {
+        let from = first_new + part * 100;
+        sql.push_str(&format!(
+            "INSERT INTO docs (id, title, n) SELECT g, 'new ' || g, g FROM generate_series({from}, {}) g;\n",
+            from + 99
+        ));
+    }
+    sql.push_str(
+        "UPDATE docs SET title = 'updated ' || id, n = NULL, tags = '{}' WHERE id % 5 = 0 AND id <= 2000;
+         BEGIN;
+         DELETE FROM docs WHERE id % 10 = 1 AND id <= 1000;
+         DELETE FROM docs WHERE id % 10 = 1 AND id BETWEEN 1001 AND 2000;
+         COMMIT;",
+    );
+    db.batch_execute(&sql).await.expect("1,000 changes");
+}
+
+async fn lsn(db: &tokio_postgres::Client, sql: &str) -> String {
+    db.query_one(sql, &[]).await.expect("read an LSN").get(0)
+}
+
+/// The slot's `confirmed_flush_lsn`, and whether `confirmed_flush_lsn <op> lsn`.
+async fn slot_vs(db: &tokio_postgres::Client, op: &str, lsn: &str) -> (String, bool) {
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn {op} $1::text::pg_lsn
+                 FROM pg_replication_slots WHERE slot_name = 'ferry_test'"
+            ),
+            &[&lsn],
+        )
+        .await
+        .expect("read the slot");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_outage_of_503s_ends_in_full_convergence_without_restart() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 2000).await;
+    let cfg = rig.config("docs", "docs", "", "max_batch_delay_ms = 20");
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+
+    rig.proxy.set(Fault::Status {
+        status: 503,
+        times: None,
+    });
+    let before = rig.proxy.injected();
+    let outage = Instant::now();
+    thousand_changes(&db, 10_001).await;
+    assert!(
+        rig.proxy
+            .wait_for_injected(before + 1, Duration::from_secs(10))
+            .await,
+        "ferry never sent a bulk request during the outage\n{}",
+        rig.env.log_tail()
+    );
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
+    rig.assert_running(&mut ferry, "during the 503 outage");
+    assert!(
+        rig.proxy.injected() >= before + 2,
+        "ferry retried the failed bulk during the outage ({} answered 503)",
+        rig.proxy.injected() - before
+    );
+    let pending = rig.differences(&db, "docs", "docs").await;
+    assert!(
+        pending > 0,
+        "the index converged although every bulk request failed: the fault did not hold"
+    );
+
+    rig.proxy.clear();
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(45))
+        .await;
+    rig.assert_running(&mut ferry, "after the outage");
+    rig.stop(ferry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_429_is_retried_not_treated_as_poison() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 1000).await;
+
+    // Whole-request 429s: the first four bulk requests of the backfill.
+    rig.proxy.set(Fault::Status {
+        status: 429,
+        times: Some(4),
+    });
+    let cfg = rig.config("docs", "docs", "", "max_batch_delay_ms = 20");
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    assert_eq!(rig.proxy.injected(), 4, "four bulk requests were throttled");
+    rig.assert_running(&mut ferry, "after whole-request 429s");
+
+    // Per-item 429s on every third item of the next twelve bulks that have one.
+    rig.proxy.set(Fault::ItemStatus {
+        status: 429,
+        every_nth: 3,
+        times: Some(12),
+    });
+    for round in 0..4u32 {
+        let lo = round * 250 + 1;
+        db.batch_execute(&format!(
+            "UPDATE docs SET title = 'round {round} ' || id, n = {round} WHERE id BETWEEN {lo} AND {};
+             INSERT INTO docs (id, title) SELECT g, 'inserted in round {round}' FROM generate_series({}, {}) g;",
+            lo + 99,
+            5000 + round * 100,
+            5000 + round * 100 + 49,
+        ))
+        .await
+        .expect("changes");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        rig.proxy.fault(),
+        None,
+        "all twelve per-item faults were used (bulks rejected: {}, items rejected: {})",
+        rig.proxy.injected() - 4,
+        rig.proxy.items_rejected()
+    );
+    assert!(rig.proxy.items_rejected() >= 12);
+    rig.assert_running(&mut ferry, "after per-item 429s");
+    let log = rig.env.log();
+    assert!(
+        !log.contains("OpenSearch rejected document"),
+        "a throttled item was treated as poison:\n{}",
+        rig.env.log_tail()
+    );
+    rig.stop(ferry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_and_timeouts_are_retried() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 500).await;
+    let cfg = rig.config(
+        "docs",
+        "docs",
+        "request_timeout_secs = 2",
+        "max_batch_delay_ms = 20",
+    );
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+
+    // Five bulk requests lose their connection without an answer.
+    rig.proxy.set(Fault::DropConnection { times: Some(5) });
+    let before = rig.proxy.injected();
+    db.batch_execute("UPDATE docs SET title = 'after drops ' || id WHERE id % 3 = 0")
+        .await
+        .expect("changes");
+    assert!(
+        rig.proxy
+            .wait_for_injected(before + 5, Duration::from_secs(20))
+            .await,
+        "ferry did not retry through five dropped connections (saw {})\n{}",
+        rig.proxy.injected() - before,
+        rig.env.log_tail()
+    );
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(30))
+        .await;
+    rig.assert_running(&mut ferry, "after dropped connections");
+
+    // Then the cluster stops answering at all: ferry's 2 s timeout must fire.
+    rig.proxy.set(Fault::Blackhole);
+    let before = rig.proxy.injected();
+    let hole = Instant::now();
+    db.batch_execute(
+        "INSERT INTO docs (id, title) SELECT g, 'during blackhole' FROM generate_series(501, 700) g;
+         DELETE FROM docs WHERE id BETWEEN 1 AND 50;",
+    )
+    .await
+    .expect("changes");
+    // A second blackholed request means the first one timed out and was retried.
+    assert!(
+        rig.proxy
+            .wait_for_injected(before + 2, Duration::from_secs(10))
+            .await,
+        "ferry did not give up on an unanswered request within its 2 s timeout (saw {} requests)\n{}",
+        rig.proxy.injected() - before,
+        rig.env.log_tail()
+    );
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(hole.elapsed())).await;
+    rig.assert_running(&mut ferry, "while the sink did not answer");
+    assert!(
+        rig.differences(&db, "docs", "docs").await > 0,
+        "the index converged although no bulk request was answered: the fault did not hold"
+    );
+    rig.proxy.clear();
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(30))
+        .await;
+    rig.assert_running(&mut ferry, "after the blackhole");
+    rig.stop(ferry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_too_large_413_splits_the_batch() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 1000).await;
+    // The backfill sends all 1,000 rows in one bulk (backfill_batch_rows is
+    // 5,000); a long batch delay keeps the later transaction in one bulk too,
+    // so three halvings never reach a single document.
+    rig.proxy.set(Fault::Status {
+        status: 413,
+        times: Some(3),
+    });
+    let cfg = rig.config("docs", "docs", "", "max_batch_delay_ms = 1500");
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    assert_eq!(rig.proxy.injected(), 3, "three requests answered 413");
+    rig.assert_running(&mut ferry, "after 413s during the backfill");
+
+    rig.proxy.set(Fault::Status {
+        status: 413,
+        times: Some(3),
+    });
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO docs (id, title, n) SELECT g, 'big batch ' || g, g FROM generate_series(1001, 1800) g;
+         UPDATE docs SET title = 'big update ' || id WHERE id <= 200;
+         COMMIT;",
+    )
+    .await
+    .expect("one large transaction");
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(45))
+        .await;
+    assert_eq!(rig.proxy.injected(), 6, "three more requests answered 413");
+    rig.assert_running(&mut ferry, "after 413s on live changes");
+    let splits = rig.env.log().matches("splitting it").count();
+    assert!(
+        splits >= 6,
+        "ferry logged {splits} splits for six 413 answers\n{}",
+        rig.env.log_tail()
+    );
+    rig.stop(ferry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_does_not_advance_past_unflushed_changes() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 500).await;
+    let cfg = rig.config("docs", "docs", "", "max_batch_delay_ms = 20");
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+
+    rig.proxy.set(Fault::Status {
+        status: 503,
+        times: None,
+    });
+    let before = rig.proxy.injected();
+    // The insert position just before a transaction's COMMIT is below the end
+    // of its commit record, which is what confirming that transaction reports.
+    db.batch_execute("BEGIN; UPDATE docs SET title = 'outage ' || id WHERE id <= 100;")
+        .await
+        .expect("first change");
+    let first_precommit = lsn(&db, "SELECT pg_current_wal_insert_lsn()::text").await;
+    db.batch_execute("COMMIT").await.expect("commit");
+    db.batch_execute(
+        "INSERT INTO docs (id, title) SELECT g, 'outage insert' FROM generate_series(501, 600) g;
+         DELETE FROM docs WHERE id BETWEEN 401 AND 450;",
+    )
+    .await
+    .expect("more changes");
+    db.batch_execute("BEGIN; UPDATE docs SET n = -1 WHERE id BETWEEN 300 AND 320;")
+        .await
+        .expect("last change");
+    let last_precommit = lsn(&db, "SELECT pg_current_wal_insert_lsn()::text").await;
+    db.batch_execute("COMMIT").await.expect("commit");
+    let after_changes = lsn(&db, "SELECT pg_current_wal_lsn()::text").await;
+
+    assert!(
+        rig.proxy
+            .wait_for_injected(before + 1, Duration::from_secs(10))
+            .await,
+        "ferry never tried to write the changes\n{}",
+        rig.env.log_tail()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rig.assert_running(&mut ferry, "during the outage");
+    let (confirmed, past_first) = slot_vs(&db, ">", &first_precommit).await;
+    assert!(
+        !past_first,
+        "the slot confirmed {confirmed} while the first unflushed transaction commits after {first_precommit}: \
+         ferry confirmed changes it could not write\n{}",
+        rig.env.log_tail()
+    );
+    assert!(
+        rig.differences(&db, "docs", "docs").await > 0,
+        "the index converged although every bulk request failed: the fault did not hold"
+    );
+
+    rig.proxy.clear();
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(45))
+        .await;
+    // Once everything is flushed the slot moves past all of it: first past
+    // the last commit, then (keepalives of an idle stream) past the WAL
+    // position read after the changes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (confirmed, past_last) = slot_vs(&db, ">", &last_precommit).await;
+        let (_, past_all) = slot_vs(&db, ">=", &after_changes).await;
+        if past_last && past_all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after converging the slot is still at {confirmed}: not past the last \
+             flushed commit (which ends after {last_precommit}: {past_last}) or the WAL \
+             position after the changes ({after_changes}: {past_all})\n{}",
+            rig.env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    rig.assert_running(&mut ferry, "after the outage");
+    rig.stop(ferry);
+}
