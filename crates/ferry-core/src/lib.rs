@@ -9,6 +9,7 @@ pub mod doc;
 pub mod lsn;
 pub mod plan;
 pub mod schema;
+pub mod stats;
 pub mod value;
 
 pub use doc::{DocOp, DocWrite};

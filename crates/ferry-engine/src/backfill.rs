@@ -19,6 +19,7 @@ use tokio_postgres::Client;
 use crate::rows::{LineSplitter, RowBuf};
 use crate::setup::IndexRuntime;
 use crate::{EngineError, Shutdown};
+use ferry_core::stats::IndexStats;
 
 /// Copies every row of `ix`'s table into its concrete index, versioned `version`.
 pub async fn run(
@@ -29,11 +30,18 @@ pub async fn run(
     version: Lsn,
     cfg: &Config,
     shutdown: &Shutdown,
+    stats: Option<&IndexStats>,
 ) -> Result<u64, EngineError> {
     let started = Instant::now();
     let sql = ix.plan.build_sql(None);
     let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let estimate = estimate_rows(client, &ix.shape.qualified()).await;
+    if let Some(st) = stats {
+        st.backfill_total
+            .store(estimate, std::sync::atomic::Ordering::Relaxed);
+        st.backfill_rows
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate, "backfill started");
 
     // The writer task: at most one batch in flight plus one waiting.
@@ -98,6 +106,10 @@ pub async fn run(
                 send_failed = true;
                 break;
             }
+        }
+        if let Some(st) = stats {
+            st.backfill_rows
+                .store(rows, std::sync::atomic::Ordering::Relaxed);
         }
         if send_failed || *shutdown.borrow() {
             break;

@@ -24,7 +24,10 @@ mod worker;
 pub use error::EngineError;
 pub use setup::{check, Prepared};
 
+use std::sync::Arc;
 use std::time::Duration;
+
+pub use ferry_core::stats::Stats;
 
 use ferry_config::Config;
 use tokio::sync::watch;
@@ -33,12 +36,16 @@ use tokio::sync::watch;
 pub type Shutdown = watch::Receiver<bool>;
 
 /// Runs ferry until `shutdown` turns true or an unrecoverable error occurs.
-pub async fn run(cfg: Config, mut shutdown: Shutdown) -> Result<(), EngineError> {
+pub async fn run(
+    cfg: Config,
+    mut shutdown: Shutdown,
+    stats: Arc<Stats>,
+) -> Result<(), EngineError> {
     let mut backoff = Duration::from_millis(250);
     let max_backoff = Duration::from_secs(30);
     loop {
         let began = std::time::Instant::now();
-        let result = run_once(&cfg, &mut shutdown).await;
+        let result = run_once(&cfg, &mut shutdown, &stats).await;
         if began.elapsed() > Duration::from_secs(60) {
             // It ran for a while: this failure is news, not a repeat.
             backoff = Duration::from_millis(250);
@@ -58,6 +65,9 @@ pub async fn run(cfg: Config, mut shutdown: Shutdown) -> Result<(), EngineError>
                 }
             }
             Err(e) if e.is_retryable() => {
+                stats
+                    .reconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -73,10 +83,18 @@ pub async fn run(cfg: Config, mut shutdown: Shutdown) -> Result<(), EngineError>
     }
 }
 
-async fn run_once(cfg: &Config, shutdown: &mut Shutdown) -> Result<(), EngineError> {
-    let prepared = setup::prepare(cfg, shutdown).await?;
+async fn run_once(
+    cfg: &Config,
+    shutdown: &mut Shutdown,
+    stats: &Arc<Stats>,
+) -> Result<(), EngineError> {
+    let prepared = setup::prepare(cfg, shutdown, stats).await?;
     if *shutdown.borrow() {
         return Ok(());
     }
-    worker::stream(cfg, prepared, shutdown).await
+    let result = worker::stream(cfg, prepared, shutdown, stats).await;
+    stats
+        .streaming
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    result
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ferry_config::Config;
 use ferry_core::plan::Node;
+use ferry_core::stats::{IndexState, Stats};
 use ferry_core::TableShape;
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
@@ -142,14 +143,23 @@ fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
 
 /// Checks the database, the slot and the cluster, creates what is missing,
 /// and backfills indexes that are not seeded.
-pub async fn prepare(cfg: &Config, shutdown: &Shutdown) -> Result<Prepared, EngineError> {
+pub async fn prepare(
+    cfg: &Config,
+    shutdown: &Shutdown,
+    stats: &Stats,
+) -> Result<Prepared, EngineError> {
     let params = PgParams::from_url(&cfg.source.url)?;
     let client = params.connect().await?;
     catalog::check_wal_level(&client).await?;
     let mut types = TypeResolver::default();
     let plans = plans(&client, &mut types, cfg).await?;
+    let names: Vec<String> = cfg.indexes.iter().map(|i| i.name.clone()).collect();
+    let index_stats = stats.register(&names);
     let sink = sink_for(cfg)?;
     let version = sink.version().await?;
+    stats
+        .sink_ok
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
 
     let tables = plan_tables(&client, &plans).await?;
@@ -207,7 +217,20 @@ pub async fn prepare(cfg: &Config, shutdown: &Shutdown) -> Result<Prepared, Engi
         let names: Vec<String> = indexes.iter().map(|i| i.concrete.clone()).collect();
         for (pos, plan, previous) in &to_seed {
             let ix = &indexes[*pos];
-            backfill::run(&snap_client, &sink, ix, &names, resume_at, cfg, shutdown).await?;
+            if let Some(st) = index_stats.get(*pos) {
+                st.set_state(IndexState::Backfilling);
+            }
+            backfill::run(
+                &snap_client,
+                &sink,
+                ix,
+                &names,
+                resume_at,
+                cfg,
+                shutdown,
+                index_stats.get(*pos).map(|s| s.as_ref()),
+            )
+            .await?;
             if *shutdown.borrow() {
                 return Ok(Prepared {
                     params,

@@ -29,6 +29,8 @@ use tokio_postgres::Client;
 use crate::rows::{LineSplitter, RowBuf};
 use crate::setup::{IndexRuntime, Prepared};
 use crate::{EngineError, Shutdown};
+use ferry_core::stats::{IndexState, Stats};
+use std::sync::atomic::Ordering::Relaxed;
 
 /// How one index reads the tuples of one relation (rebuilt on every Relation message).
 struct Projection {
@@ -97,6 +99,9 @@ struct Worker {
     routes: HashMap<u32, Vec<(usize, Usage)>>,
     cfg: Config,
     shutdown: Shutdown,
+    stats: Arc<Stats>,
+    /// Commit time of the newest transaction in the current batch.
+    batch_commit_ts: i64,
     relations: HashMap<u32, Arc<Relation>>,
     batch: Batch,
     ack: capture::AckHandle,
@@ -116,6 +121,7 @@ pub async fn stream(
     cfg: &Config,
     prepared: Prepared,
     shutdown: &mut Shutdown,
+    stats: &Arc<Stats>,
 ) -> Result<(), EngineError> {
     let Prepared {
         params,
@@ -154,6 +160,8 @@ pub async fn stream(
         routes,
         cfg: cfg.clone(),
         shutdown: shutdown.clone(),
+        stats: stats.clone(),
+        batch_commit_ts: 0,
         relations: HashMap::new(),
         batch: Batch::default(),
         ack: capture.ack.clone(),
@@ -169,6 +177,12 @@ pub async fn stream(
         last_event: Instant::now(),
     };
     tracing::info!("streaming changes");
+    stats.streaming.store(true, Relaxed);
+    for i in 0..w.indexes.len() {
+        if let Some(st) = stats.index(i) {
+            st.set_state(IndexState::Streaming);
+        }
+    }
     let max_delay = cfg.engine.max_batch_delay();
     let heartbeat = cfg.source.heartbeat();
     let mut joined = false;
@@ -253,12 +267,18 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Worker {
+    /// Confirms `lsn` to PostgreSQL (through capture) and records it.
+    fn confirm(&mut self, lsn: Lsn) {
+        self.ack.confirm(lsn);
+        self.stats.confirmed_lsn.fetch_max(lsn.0, Relaxed);
+    }
+
     /// Confirms at once a commit that left nothing to write (every write
     /// of its transaction is already durable, or it had none).
     fn ack_if_nothing_pending(&mut self) {
         if !self.batch.has_work() && self.inflight.is_none() {
             if let Some(lsn) = self.batch.ack.take() {
-                self.ack.confirm(lsn);
+                self.confirm(lsn);
                 self.batch.since = None;
                 self.batch.changes = 0;
             }
@@ -270,14 +290,25 @@ impl Worker {
             Event::Begin { final_lsn, .. } => {
                 self.in_txn = true;
                 self.version = final_lsn;
+                self.stats.transactions.fetch_add(1, Relaxed);
+                self.stats.received_lsn.fetch_max(final_lsn.0, Relaxed);
             }
-            Event::Commit { end_lsn, .. } => {
+            Event::Commit {
+                end_lsn, commit_ts, ..
+            } => {
                 self.in_txn = false;
+                self.batch_commit_ts = commit_ts;
                 self.batch.ack = Some(end_lsn);
                 self.batch.since.get_or_insert_with(Instant::now);
             }
             Event::Relation(rel) => self.on_relation(rel).await?,
             Event::Change(change) => {
+                let op = match change.op {
+                    ChangeOp::Insert => 0,
+                    ChangeOp::Update => 1,
+                    ChangeOp::Delete => 2,
+                };
+                self.stats.changes[op].fetch_add(1, Relaxed);
                 self.batch.changes += 1;
                 self.batch.since.get_or_insert_with(Instant::now);
                 self.on_change(change)?;
@@ -285,7 +316,7 @@ impl Worker {
             Event::Truncate { rels } => self.on_truncate(rels).await?,
             Event::Keepalive { wal_end } => {
                 if !self.in_txn && self.batch.is_idle() && self.inflight.is_none() {
-                    self.ack.confirm(wal_end);
+                    self.confirm(wal_end);
                 }
             }
         }
@@ -524,15 +555,31 @@ impl Worker {
         self.settle().await?;
         if writes.is_empty() {
             if let Some(lsn) = ack {
-                self.ack.confirm(lsn);
+                self.confirm(lsn);
             }
             return Ok(());
         }
         let sink = self.sink.clone();
         let names = self.names.clone();
+        let stats = self.stats.clone();
+        let commit_ts = self.batch_commit_ts;
         self.inflight = Some(tokio::spawn(async move {
             let started = Instant::now();
             let outcome = sink.write(&writes, &names).await?;
+            stats.record_flush(writes.len() as u64, started.elapsed().as_micros() as u64);
+            stats.retries.fetch_add(outcome.retried, Relaxed);
+            stats.bulk_requests[0].fetch_add(outcome.requests, Relaxed);
+            if ack.is_some() {
+                stats.last_durable_commit_us.fetch_max(commit_ts, Relaxed);
+            }
+            for w in &writes {
+                if let Some(st) = stats.index(w.index) {
+                    match w.op {
+                        DocOp::Index(_) => st.docs_written.fetch_add(1, Relaxed),
+                        DocOp::Delete => st.docs_deleted.fetch_add(1, Relaxed),
+                    };
+                }
+            }
             tracing::debug!(
                 writes = writes.len(),
                 requests = outcome.requests,
@@ -560,7 +607,7 @@ impl Worker {
     ) -> Result<(), EngineError> {
         match r {
             Ok(Ok(Some(lsn))) => {
-                self.ack.confirm(lsn);
+                self.confirm(lsn);
                 Ok(())
             }
             Ok(Ok(None)) => Ok(()),
@@ -836,6 +883,7 @@ impl Worker {
                 self.version,
                 &self.cfg,
                 &self.shutdown,
+                None,
             )
             .await?;
         }

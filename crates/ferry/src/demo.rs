@@ -78,7 +78,11 @@ async fn demo(rows: u32) -> Result<(), String> {
     say!("\nconfig:\n{toml}");
     let cfg = Config::from_toml(&toml).map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let engine = tokio::spawn(ferry_engine::run(cfg, stop_rx));
+    let engine = tokio::spawn(ferry_engine::run(
+        cfg,
+        stop_rx,
+        std::sync::Arc::new(ferry_engine::Stats::default()),
+    ));
 
     let sink = Sink::new(os.url(), Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let backfilled = wait_count(&sink, u64::from(rows), Duration::from_secs(60)).await?;

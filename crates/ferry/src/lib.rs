@@ -145,7 +145,8 @@ async fn run(path: PathBuf) -> ExitCode {
         Err(code) => return code,
     };
     let shutdown = shutdown_signal();
-    match ferry_engine::run(cfg, shutdown).await {
+    let stats = std::sync::Arc::new(ferry_engine::Stats::default());
+    match ferry_engine::run(cfg, shutdown, stats).await {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             ExitCode::SUCCESS
