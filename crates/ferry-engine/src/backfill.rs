@@ -21,6 +21,16 @@ use crate::setup::IndexRuntime;
 use crate::{EngineError, Shutdown};
 use ferry_core::stats::IndexStats;
 
+/// What a backfill needs besides the table and the sink.
+pub struct Ctx<'a> {
+    /// The configuration (batch sizes).
+    pub cfg: &'a Config,
+    /// Stop early when this turns true.
+    pub shutdown: &'a Shutdown,
+    /// Progress figures to update.
+    pub stats: Option<&'a IndexStats>,
+}
+
 /// Copies every row of `ix`'s table into its concrete index, versioned `version`.
 pub async fn run(
     client: &Client,
@@ -28,11 +38,10 @@ pub async fn run(
     ix: &IndexRuntime,
     names: &[String],
     version: Lsn,
-    cfg: &Config,
-    shutdown: &Shutdown,
-    stats: Option<&IndexStats>,
+    ctx: &Ctx<'_>,
 ) -> Result<u64, EngineError> {
     let started = Instant::now();
+    let (shutdown, stats) = (ctx.shutdown, ctx.stats);
     let sql = ix.plan.build_sql(None);
     let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let estimate = estimate_rows(client, &ix.shape.qualified()).await;
@@ -64,7 +73,7 @@ pub async fn run(
     pin_mut!(stream);
     let ncols = ix.shape.columns.len();
     let mut malformed = 0u64;
-    let batch_rows = cfg.engine.backfill_batch_rows;
+    let batch_rows = ctx.cfg.engine.backfill_batch_rows;
     let mut batch = Vec::with_capacity(batch_rows);
     let mut row = RowBuf::default();
     let mut lines = LineSplitter::default();

@@ -220,17 +220,12 @@ pub async fn prepare(
             if let Some(st) = index_stats.get(*pos) {
                 st.set_state(IndexState::Backfilling);
             }
-            backfill::run(
-                &snap_client,
-                &sink,
-                ix,
-                &names,
-                resume_at,
+            let ctx = backfill::Ctx {
                 cfg,
                 shutdown,
-                index_stats.get(*pos).map(|s| s.as_ref()),
-            )
-            .await?;
+                stats: index_stats.get(*pos).map(|s| s.as_ref()),
+            };
+            backfill::run(&snap_client, &sink, ix, &names, resume_at, &ctx).await?;
             if *shutdown.borrow() {
                 return Ok(Prepared {
                     params,

@@ -875,15 +875,18 @@ impl Worker {
         for i in rebuild_all {
             tracing::info!(index = %self.indexes[i].alias, "a related table was truncated: rebuilding every document");
             let names = self.names.clone();
+            let ctx = crate::backfill::Ctx {
+                cfg: &self.cfg,
+                shutdown: &self.shutdown,
+                stats: None,
+            };
             crate::backfill::run(
                 &self.client,
                 &self.sink,
                 &self.indexes[i],
                 &names,
                 self.version,
-                &self.cfg,
-                &self.shutdown,
-                None,
+                &ctx,
             )
             .await?;
         }
