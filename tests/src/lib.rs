@@ -298,7 +298,14 @@ impl FerryProcess {
             .append(true)
             .open(log)
             .expect("log file");
-        let child = Command::new(ferry_bin())
+        let mut cmd = Command::new(ferry_bin());
+        // Tests run in parallel: unless a test configures the admin
+        // endpoint itself, let each ferry take any free port.
+        let text = std::fs::read_to_string(config).unwrap_or_default();
+        if !text.contains("[admin]") {
+            cmd.env("FERRY_ADMIN__LISTEN", "127.0.0.1:0");
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env(

@@ -220,13 +220,31 @@ impl Harness {
         Ok(())
     }
 
-    /// Drains `slot` with `pg_recvlogical` into /dev/null up to `end_lsn`;
-    /// returns how long it took.
+    /// Records the current end of WAL as the end position of ceiling runs,
+    /// and writes a non-transactional logical message just past it.
+    ///
+    /// `pg_recvlogical` asks for messages (`messages=true`), so it sees a
+    /// record beyond `-E` and exits at once instead of waiting for a
+    /// keepalive from an idle walsender.
+    pub async fn mark_end(&self) -> Result<String> {
+        let end_lsn = self.current_lsn().await?;
+        self.db
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'ferry-bench', 'end')",
+                &[],
+            )
+            .await?;
+        Ok(end_lsn)
+    }
+
+    /// Drains `slot` with `pg_recvlogical` into /dev/null up to `end_lsn`
+    /// (from [`mark_end`](Self::mark_end)), then drops the slot; returns how
+    /// long the drain took.
     pub async fn recvlogical(&self, slot: &str, end_lsn: &str) -> Result<Duration> {
         let bin = self.pg.bin_dir().join("pg_recvlogical");
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.args(["--start", "--no-loop", "-S", slot, "-P", "pgoutput"])
-            .args(["-o", "proto_version=1"])
+            .args(["-o", "proto_version=1", "-o", "messages=true"])
             .arg("-o")
             .arg(format!("publication_names={PUBLICATION}"))
             .args(["-f", "/dev/null", "-E", end_lsn, "-h", self.pg.host()])

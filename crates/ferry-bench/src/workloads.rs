@@ -16,8 +16,9 @@ use crate::harness::{Harness, INDEX};
 use crate::report::{bytes, thousands, Lag, Outcome};
 use crate::{selftest, verify};
 
-/// The slot `pg_recvlogical` drains for the streaming ceilings.
-const CEILING_SLOT: &str = "bench_ceiling";
+/// Slots `pg_recvlogical` drains for the streaming ceilings: two runs over
+/// the same changes, the faster one counts.
+const CEILING_SLOTS: [&str; 2] = ["bench_ceiling_1", "bench_ceiling_2"];
 /// Goals the figures are compared with.
 const TARGET_BACKFILL_ROWS_S: f64 = 300_000.0;
 const TARGET_STREAM_CHANGES_S: f64 = 50_000.0;
@@ -389,15 +390,29 @@ async fn ferry_streaming(ctx: &Ctx, name: &str, preload: u64) -> Result<Harness>
     Ok(h)
 }
 
-/// Drains `pg_recvlogical` from the ceiling slot to the current WAL end and
-/// records the resulting rate.
+/// Creates the ceiling slots; changes from now on are in the ceiling.
+async fn create_ceiling_slots(h: &Harness) -> Result<()> {
+    for slot in CEILING_SLOTS {
+        h.create_ceiling_slot(slot).await?;
+    }
+    Ok(())
+}
+
+/// Drains every ceiling slot with `pg_recvlogical` up to the current end of
+/// WAL and records the best resulting rate.
 async fn stream_ceiling(h: &Harness, o: &mut Outcome, changes: u64) -> Result<()> {
-    let end_lsn = h.current_lsn().await?;
-    let took = h.recvlogical(CEILING_SLOT, &end_lsn).await?;
-    o.ceiling = Some(changes as f64 / took.as_secs_f64());
+    let end_lsn = h.mark_end().await?;
+    let mut runs = Vec::new();
+    for slot in CEILING_SLOTS {
+        runs.push(h.recvlogical(slot, &end_lsn).await?.as_secs_f64());
+    }
+    let best = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    o.ceiling = Some(changes as f64 / best);
+    let shown: Vec<String> = runs.iter().map(|r| format!("{r:.2} s")).collect();
     o.ceiling_method = Some(format!(
-        "pg_recvlogical (pgoutput, proto_version=1) draining the same changes from a fresh slot into /dev/null: {:.2} s",
-        took.as_secs_f64()
+        "pg_recvlogical (pgoutput, proto_version=1) draining the same changes from fresh slots into /dev/null, best of {}: {}",
+        runs.len(),
+        shown.join(", ")
     ));
     Ok(())
 }
@@ -432,7 +447,7 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     let name = Workload::StreamSimple.name();
     let planned = ctx.sizes.stream_changes;
     let mut h = ferry_streaming(ctx, name, 0).await?;
-    h.create_ceiling_slot(CEILING_SLOT).await?;
+    create_ceiling_slots(&h).await?;
 
     let txs = planned.div_ceil(WRITERS as u64 * PER_TX) as i64;
     let mut clients = Vec::new();
@@ -631,7 +646,7 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
     let name = Workload::BigTransaction.name();
     let n = ctx.sizes.big_tx_rows;
     let mut h = ferry_streaming(ctx, name, 0).await?;
-    h.create_ceiling_slot(CEILING_SLOT).await?;
+    create_ceiling_slots(&h).await?;
     let start = Phase::now(&h);
     let began = Instant::now();
     // One statement outside BEGIN/COMMIT is one transaction.
@@ -654,6 +669,12 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
         (done - began).as_secs_f64()
     ));
     stream_ceiling(&h, &mut o, n).await?;
+    if let Some(method) = o.ceiling_method.as_mut() {
+        method.push_str(
+            "; it decodes the whole transaction inside the timing, which ferry's walsender \
+             partly did while the INSERT ran, so the ratio may exceed 1",
+        );
+    }
     finish(&mut h, &mut o, "items", &start, &end).await;
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)

@@ -23,6 +23,25 @@ pub struct Config {
     /// The search indexes ferry keeps in sync.
     #[serde(default, rename = "index")]
     pub indexes: Vec<IndexConfig>,
+    /// The admin HTTP endpoint (health, readiness, metrics, status).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: where the admin HTTP endpoint listens.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Socket address, e.g. `127.0.0.1:9187` (the default); port 0 picks a free port.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
 }
 
 /// `[source]`: the PostgreSQL side.
@@ -46,6 +65,76 @@ pub struct SourceConfig {
     /// heartbeat so the slot advances on a database busy elsewhere (0 = off).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
+    /// TLS towards PostgreSQL, as libpq's `sslmode`. When unset, the URL's
+    /// `?sslmode=` decides, then the `PGSSLMODE` variable, then `prefer`.
+    #[serde(default)]
+    pub sslmode: Option<SslMode>,
+    /// PEM file with the CA certificate(s) that signed the server's
+    /// certificate, for `verify-ca` and `verify-full` (default: the Mozilla
+    /// roots). The URL's `?sslrootcert=` works too.
+    #[serde(default)]
+    pub ssl_root_cert: Option<std::path::PathBuf>,
+    /// File holding the password (a trailing newline is ignored), e.g. a
+    /// mounted secret. Read at start-up; excludes a password in `url`.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Name of the environment variable holding the password (read at
+    /// start-up); excludes a password in `url` and `password_file`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+/// How ferry protects its PostgreSQL connections, the values of libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, plain otherwise; the certificate is not checked.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked (no protection
+    /// against an active man in the middle).
+    Require,
+    /// TLS with a certificate signed by a trusted CA; any host name.
+    VerifyCa,
+    /// TLS with a certificate signed by a trusted CA and valid for the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Parses libpq's spelling (`verify-full`, …); `allow` counts as `prefer`.
+    pub fn parse(text: &str) -> Option<SslMode> {
+        Some(match text {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// libpq's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// True for the modes that check the server's certificate.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl SourceConfig {
@@ -61,9 +150,66 @@ impl SourceConfig {
 pub struct SinkConfig {
     /// Base URL, e.g. `http://127.0.0.1:9200`.
     pub url: String,
+    /// Index where rejected documents are recorded (default `ferry-dead-letters`).
+    #[serde(default = "default_dead_letter_index")]
+    pub dead_letter_index: String,
     /// Timeout of one bulk request in seconds (default 60).
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// HTTP basic-auth user (a user in `url` works too, but not both).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the basic-auth password (a trailing newline is ignored).
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Name of the environment variable holding the basic-auth password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// PEM file with extra CA certificate(s) to trust for `https://` (added
+    /// to the system's roots).
+    #[serde(default)]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Whether the cluster's certificate is checked (default true). `false`
+    /// accepts any certificate and is logged as a warning at every start.
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+    /// AWS SigV4 request signing for Amazon OpenSearch Service / Serverless;
+    /// credentials come from the standard AWS chain.
+    #[serde(default)]
+    pub aws: Option<AwsConfig>,
+}
+
+/// `[sink.aws]`: SigV4 signing for Amazon OpenSearch Service.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// AWS region, e.g. `eu-west-1` (default: `AWS_REGION`, then `AWS_DEFAULT_REGION`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `es` for OpenSearch Service domains (the default), `aoss` for Serverless collections.
+    #[serde(default)]
+    pub service: AwsService,
+}
+
+/// Which AWS service signs the requests.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AwsService {
+    /// Amazon OpenSearch Service (managed domains).
+    #[default]
+    Es,
+    /// Amazon OpenSearch Serverless.
+    Aoss,
+}
+
+impl AwsService {
+    /// The SigV4 service name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AwsService::Es => "es",
+            AwsService::Aoss => "aoss",
+        }
+    }
 }
 
 /// `[engine]`: how changes are batched between the stream and the sink.
@@ -144,6 +290,28 @@ pub struct IndexConfig {
     /// Counts of related rows, as integers.
     #[serde(default)]
     pub count: Vec<CountConfig>,
+    /// What to do with a document the cluster rejects for good.
+    #[serde(default)]
+    pub on_poison: PoisonPolicy,
+}
+
+/// What happens to a document the cluster rejects for good (a 4xx other
+/// than a version conflict: mapping conflict, strict mapping, too large).
+///
+/// The default, `dead_letter`, keeps every other document flowing and
+/// records the rejected one durably, where `ferry dead-letters` lists and
+/// retries it: one bad row never stops the whole pipeline, and nothing is
+/// silently lost.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PoisonPolicy {
+    /// Stop ferry with the document id and the reason.
+    Stop,
+    /// Log it, count it, go on.
+    Skip,
+    /// Store it in the dead-letter index, count it, go on.
+    #[default]
+    DeadLetter,
 }
 
 /// A related table folded into the document (`[[index.has_many]]`,
@@ -264,12 +432,191 @@ fn yes() -> bool {
     true
 }
 
+fn default_dead_letter_index() -> String {
+    "ferry-dead-letters".into()
+}
+
 fn default_heartbeat() -> u64 {
     30
 }
 
 fn default_request_timeout() -> u64 {
     60
+}
+
+/// Conflicts between the ways of giving credentials and TLS settings. Files
+/// and variables are not read here: they are resolved at start-up, where a
+/// missing one is reported with its key too.
+fn secret_problems(src: &SourceConfig, sink: &SinkConfig) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        p.push(Problem {
+            key: key.to_string(),
+            message,
+        })
+    };
+    let src_url_password = url::Url::parse(&src.url)
+        .ok()
+        .is_some_and(|u| u.password().is_some());
+    secret_ref_problems(
+        "source",
+        src.password_file.as_deref(),
+        src.password_env.as_deref(),
+        src_url_password,
+        &mut bad,
+    );
+    if let (Some(_), Some(mode)) = (&src.ssl_root_cert, src.sslmode) {
+        if !mode.verifies() {
+            bad(
+                "source.ssl_root_cert",
+                format!("is used only with source.sslmode = \"verify-ca\" or \"verify-full\" (it is {mode:?}); set one of those or remove the key", mode = mode.as_str()),
+            );
+        }
+    }
+
+    let parsed = url::Url::parse(&sink.url).ok();
+    let url_user = parsed.as_ref().is_some_and(|u| !u.username().is_empty());
+    let url_password = parsed.as_ref().is_some_and(|u| u.password().is_some());
+    let https = parsed.as_ref().is_some_and(|u| u.scheme() == "https");
+    secret_ref_problems(
+        "sink",
+        sink.password_file.as_deref(),
+        sink.password_env.as_deref(),
+        url_password,
+        &mut bad,
+    );
+    let has_password = url_password || sink.password_file.is_some() || sink.password_env.is_some();
+    if sink.username.is_some() && url_user {
+        bad(
+            "sink.username",
+            "is given twice: here and as the user in sink.url; keep one".into(),
+        );
+    }
+    if let Some(u) = &sink.username {
+        if u.is_empty() {
+            bad("sink.username", "must not be empty".into());
+        } else if !has_password {
+            bad(
+                "sink.username",
+                "has no password: set sink.password_file or sink.password_env".into(),
+            );
+        }
+    }
+    if (sink.password_file.is_some() || sink.password_env.is_some())
+        && sink.username.is_none()
+        && !url_user
+    {
+        bad(
+            "sink.username",
+            "is missing: sink.password_file / sink.password_env need a user for basic auth".into(),
+        );
+    }
+    if sink.ca_cert.is_some() {
+        if !sink.tls_verify {
+            bad(
+                "sink.ca_cert",
+                "has no effect with sink.tls_verify = false; remove one of them".into(),
+            );
+        }
+        if parsed.is_some() && !https {
+            bad(
+                "sink.ca_cert",
+                "is set but sink.url is not https://; use an https:// URL or remove the key".into(),
+            );
+        }
+    }
+    if let Some(aws) = &sink.aws {
+        if sink.username.is_some() || url_user || has_password {
+            bad(
+                "sink.aws",
+                "SigV4 signing replaces basic auth: remove sink.username, sink.password_file, sink.password_env and any user in sink.url".into(),
+            );
+        }
+        if aws.region.as_deref().is_some_and(str::is_empty) {
+            bad(
+                "sink.aws.region",
+                "must not be empty (e.g. \"eu-west-1\"); remove it to use AWS_REGION".into(),
+            );
+        }
+    }
+    p
+}
+
+/// Reads a secret from a file named by a `password_file` key, dropping one
+/// trailing line break (`\n` or `\r\n`) as editors and `echo` leave it. The
+/// error says why the file is unusable and never holds its content.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut text = String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string())?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        return Err("it is empty".into());
+    }
+    Ok(text)
+}
+
+/// Reads a secret from the environment variable named by a `password_env`
+/// key; the error says whether it is unset or empty.
+pub fn read_secret_env(name: &str) -> Result<String, String> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Ok(v),
+        Ok(_) => Err(format!("the environment variable {name} is empty")),
+        Err(std::env::VarError::NotPresent) => {
+            Err(format!("the environment variable {name} is not set"))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("the environment variable {name} is not UTF-8"))
+        }
+    }
+}
+
+/// `password_file` / `password_env` of one section: at most one way to give
+/// the password, and each well-formed.
+fn secret_ref_problems(
+    section: &str,
+    file: Option<&Path>,
+    env: Option<&str>,
+    url_password: bool,
+    bad: &mut impl FnMut(&str, String),
+) {
+    if file.is_some() && env.is_some() {
+        bad(
+            &format!("{section}.password_file"),
+            format!("and {section}.password_env both give the password; keep one"),
+        );
+    }
+    if url_password {
+        for (key, set) in [
+            ("password_file", file.is_some()),
+            ("password_env", env.is_some()),
+        ] {
+            if set {
+                bad(
+                    &format!("{section}.{key}"),
+                    format!("gives the password that {section}.url also carries; keep one (the URL is easier to leak)"),
+                );
+            }
+        }
+    }
+    if file.is_some_and(|f| f.as_os_str().is_empty()) {
+        bad(
+            &format!("{section}.password_file"),
+            "must be a file path".into(),
+        );
+    }
+    if let Some(name) = env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            bad(
+                &format!("{section}.password_env"),
+                format!("{name:?} is not an environment variable name (e.g. \"PGPASSWORD\")"),
+            );
+        }
+    }
 }
 
 /// One thing wrong with the configuration, located by its key.
@@ -421,6 +768,15 @@ impl Config {
                 bad(key, "must be greater than 0".into());
             }
         }
+        if let Err(e) = self.admin.listen.parse::<std::net::SocketAddr>() {
+            bad(
+                "admin.listen",
+                format!(
+                    "{:?} is not a socket address ({e}); expected e.g. 127.0.0.1:9187 or [::1]:9187",
+                    self.admin.listen
+                ),
+            );
+        }
         if self.indexes.is_empty() {
             bad(
                 "index",
@@ -476,6 +832,7 @@ impl Config {
             );
         }
         p.append(&mut relation_problems);
+        p.extend(secret_problems(&self.source, &self.sink));
         if p.is_empty() {
             Ok(())
         } else {
@@ -690,6 +1047,25 @@ columns = ["id", "email", "name", "company_id"]
     }
 
     #[test]
+    fn admin_section_defaults_and_validates() {
+        let c = Config::from_toml(REFERENCE).expect("reference config");
+        assert_eq!(c.admin.listen, "127.0.0.1:9187");
+        let text = format!("[admin]\nlisten = \"0.0.0.0:9999\"\n{REFERENCE}");
+        let c = Config::from_toml(&text).expect("admin listen");
+        assert_eq!(c.admin.listen, "0.0.0.0:9999");
+        let text = format!("[admin]\nlisten = \"localhost\"\n{REFERENCE}");
+        let err = Config::from_toml(&text)
+            .expect_err("bad listen")
+            .to_string();
+        assert!(err.contains("admin.listen"), "{err}");
+        let text = format!("[admin]\nport = 1\n{REFERENCE}");
+        let err = Config::from_toml(&text)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = REFERENCE.replace("[sink]", "[sink]\nurll = \"x\"");
         let err = Config::from_toml(&text)
@@ -734,12 +1110,188 @@ columns = ["id", "email", "name", "company_id"]
         std::env::set_var("FERRY_SINK__URL", "http://10.0.0.1:9200");
         std::env::set_var("FERRY_ENGINE__MAX_BATCH_CHANGES", "77");
         std::env::set_var("FERRY_CONFIG", "/etc/ferry/ferry.toml");
+        std::env::set_var("FERRY_SOURCE__SSLMODE", "verify-full");
+        std::env::set_var("FERRY_SOURCE__PASSWORD_ENV", "PG_SECRET");
+        std::env::set_var("FERRY_SINK__TLS_VERIFY", "false");
         let c = Config::from_toml_with_env(REFERENCE);
+        std::env::remove_var("FERRY_SOURCE__SSLMODE");
+        std::env::remove_var("FERRY_SOURCE__PASSWORD_ENV");
+        std::env::remove_var("FERRY_SINK__TLS_VERIFY");
         std::env::remove_var("FERRY_SINK__URL");
         std::env::remove_var("FERRY_ENGINE__MAX_BATCH_CHANGES");
         std::env::remove_var("FERRY_CONFIG");
         let c = c.expect("env config");
         assert_eq!(c.sink.url, "http://10.0.0.1:9200");
         assert_eq!(c.engine.max_batch_changes, 77);
+        assert_eq!(c.source.sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(c.source.password_env.as_deref(), Some("PG_SECRET"));
+        assert!(!c.sink.tls_verify);
+    }
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[source]
+url = "postgres://ferry@127.0.0.1:5432/app"
+slot = "ferry_app"
+publication = "ferry_app"
+
+[sink]
+url = "https://search.example:9200"
+
+[[index]]
+name = "users"
+table = "users"
+"#;
+
+    fn with(source_extra: &str, sink_extra: &str) -> String {
+        BASE.replace(
+            "publication = \"ferry_app\"",
+            &format!("publication = \"ferry_app\"\n{source_extra}"),
+        )
+        .replace(
+            "url = \"https://search.example:9200\"",
+            &format!("url = \"https://search.example:9200\"\n{sink_extra}"),
+        )
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn security_keys_default_to_safe_values() {
+        let c = Config::from_toml(BASE).expect("base");
+        assert_eq!(c.source.sslmode, None);
+        assert!(c.sink.tls_verify, "certificate checks are on by default");
+        assert_eq!(c.sink.aws, None);
+        assert_eq!(c.sink.username, None);
+    }
+
+    #[test]
+    fn security_keys_parse() {
+        let text = with(
+            "sslmode = \"verify-full\"\nssl_root_cert = \"/etc/ferry/ca.pem\"\npassword_file = \"/run/secrets/pg\"",
+            "username = \"ferry\"\npassword_env = \"OS_PASSWORD\"\nca_cert = \"/etc/ferry/os-ca.pem\"",
+        );
+        let c = Config::from_toml(&text).expect("security config");
+        assert_eq!(c.source.sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(
+            c.source.password_file.as_deref(),
+            Some(Path::new("/run/secrets/pg"))
+        );
+        assert_eq!(c.sink.username.as_deref(), Some("ferry"));
+        assert_eq!(c.sink.password_env.as_deref(), Some("OS_PASSWORD"));
+
+        let aws = with("", "aws = { region = \"eu-west-1\", service = \"aoss\" }");
+        let c = Config::from_toml(&aws).expect("aws config");
+        let a = c.sink.aws.expect("aws");
+        assert_eq!(a.service, AwsService::Aoss);
+        assert_eq!(a.region.as_deref(), Some("eu-west-1"));
+    }
+
+    #[test]
+    fn unknown_sslmode_is_named() {
+        let e = err(&with("sslmode = \"verify_full\"", ""));
+        assert!(e.contains("verify_full"), "{e}");
+    }
+
+    #[test]
+    fn secret_files_lose_one_trailing_line_break_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("pw");
+        for (content, want) in [
+            ("s3cret\n", Ok("s3cret")),
+            ("s3cret\r\n", Ok("s3cret")),
+            ("s3cret", Ok("s3cret")),
+            (" s3cret \n\n", Ok(" s3cret \n")),
+            ("\n", Err(())),
+        ] {
+            std::fs::write(&f, content).expect("write");
+            let got = read_secret_file(&f);
+            match want {
+                Ok(w) => assert_eq!(got.as_deref(), Ok(w)),
+                Err(()) => assert!(got.is_err(), "{content:?} should be refused"),
+            }
+        }
+        let missing = read_secret_file(&dir.path().join("nope")).expect_err("missing file");
+        assert!(!missing.is_empty());
+        let e = read_secret_env("FERRY_TEST_SURELY_UNSET_VARIABLE").expect_err("unset");
+        assert!(e.contains("not set"), "{e}");
+    }
+
+    #[test]
+    fn sslmode_spellings_match_libpq() {
+        for m in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+            let parsed = SslMode::parse(m).expect("libpq spelling");
+            assert_eq!(parsed.as_str(), m);
+        }
+        assert_eq!(SslMode::parse("allow"), Some(SslMode::Prefer));
+        assert_eq!(SslMode::parse("verify_full"), None);
+    }
+
+    #[test]
+    fn password_in_url_and_file_is_an_error_naming_both_keys() {
+        let text = with("password_file = \"/run/secrets/pg\"", "")
+            .replace("postgres://ferry@", "postgres://ferry:inline-secret@");
+        let e = err(&text);
+        assert!(e.contains("source.password_file"), "{e}");
+        assert!(e.contains("source.url"), "{e}");
+        assert!(!e.contains("inline-secret"), "the password leaked: {e}");
+
+        let text = with("", "password_env = \"OS_PW\"").replace(
+            "https://search.example",
+            "https://admin:inline-secret@search.example",
+        );
+        let e = err(&text);
+        assert!(e.contains("sink.password_env"), "{e}");
+        assert!(e.contains("sink.url"), "{e}");
+        assert!(!e.contains("inline-secret"), "the password leaked: {e}");
+    }
+
+    #[test]
+    fn two_password_sources_are_an_error() {
+        let e = err(&with(
+            "password_file = \"/run/secrets/pg\"\npassword_env = \"PGPW\"",
+            "",
+        ));
+        assert!(e.contains("source.password_file"), "{e}");
+        assert!(e.contains("source.password_env"), "{e}");
+    }
+
+    #[test]
+    fn sink_credentials_must_be_complete() {
+        let e = err(&with("", "username = \"ferry\""));
+        assert!(e.contains("sink.username"), "{e}");
+        let e = err(&with("", "password_file = \"/run/secrets/os\""));
+        assert!(e.contains("sink.username"), "{e}");
+        let text = with("", "username = \"ferry\"\npassword_file = \"/x\"")
+            .replace("https://search", "https://other@search");
+        let e = err(&text);
+        assert!(e.contains("sink.username"), "{e}");
+    }
+
+    #[test]
+    fn contradictory_tls_settings_are_errors() {
+        let e = err(&with("", "ca_cert = \"/ca.pem\"\ntls_verify = false"));
+        assert!(e.contains("sink.ca_cert"), "{e}");
+        let text = with("", "ca_cert = \"/ca.pem\"").replace("https://search", "http://search");
+        let e = err(&text);
+        assert!(e.contains("sink.ca_cert"), "{e}");
+        let e = err(&with(
+            "sslmode = \"require\"\nssl_root_cert = \"/ca.pem\"",
+            "",
+        ));
+        assert!(e.contains("source.ssl_root_cert"), "{e}");
+        let e = err(&with(
+            "",
+            "username = \"u\"\npassword_env = \"P\"\naws = { region = \"eu-west-1\" }",
+        ));
+        assert!(e.contains("sink.aws"), "{e}");
+        let e = err(&with("password_env = \"\"", ""));
+        assert!(e.contains("source.password_env"), "{e}");
     }
 }

@@ -29,6 +29,8 @@ pub struct Ctx<'a> {
     pub shutdown: &'a Shutdown,
     /// Progress figures to update.
     pub stats: Option<&'a IndexStats>,
+    /// All figures (rejections are counted per index).
+    pub all_stats: std::sync::Arc<ferry_core::stats::Stats>,
 }
 
 /// Copies every row of `ix`'s table into its concrete index, versioned `version`.
@@ -57,11 +59,23 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel::<Vec<DocWrite>>(1);
     let sink2 = sink.clone();
     let names2 = names.to_vec();
+    let cfg2 = ctx.cfg.clone();
+    let stats2 = ctx.all_stats.clone();
+    let policies: Vec<(String, ferry_config::PoisonPolicy)> = ctx
+        .cfg
+        .indexes
+        .iter()
+        .map(|c| (c.name.clone(), c.on_poison))
+        .collect();
     let writer = tokio::spawn(async move {
         let mut written = 0u64;
         while let Some(batch) = rx.recv().await {
-            sink2.write(&batch, &names2).await?;
-            written += batch.len() as u64;
+            let outcome = sink2.write(&batch, &names2).await?;
+            written += batch.len() as u64 - outcome.rejected.len() as u64;
+            if !outcome.rejected.is_empty() {
+                // Backfill documents come from the current rows already.
+                crate::poison::apply(&sink2, &cfg2, &stats2, &policies, outcome.rejected).await?;
+            }
         }
         Ok::<u64, EngineError>(written)
     });

@@ -15,8 +15,11 @@
 //! the message.
 
 mod backfill;
+mod build;
 mod docplan;
 mod error;
+pub mod ops;
+mod poison;
 mod rows;
 mod setup;
 mod worker;

@@ -7,6 +7,7 @@
 //! consistent point as their version and streamed writes carry their commit
 //! LSN, which is higher, so a late copy never overwrites a streamed change.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_config::Config;
@@ -146,7 +147,7 @@ fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
 pub async fn prepare(
     cfg: &Config,
     shutdown: &Shutdown,
-    stats: &Stats,
+    stats: &Arc<Stats>,
 ) -> Result<Prepared, EngineError> {
     let params = PgParams::from_url(&cfg.source.url)?;
     let client = params.connect().await?;
@@ -224,6 +225,7 @@ pub async fn prepare(
                 cfg,
                 shutdown,
                 stats: index_stats.get(*pos).map(|s| s.as_ref()),
+                all_stats: stats.clone(),
             };
             backfill::run(&snap_client, &sink, ix, &names, resume_at, &ctx).await?;
             if *shutdown.borrow() {

@@ -16,17 +16,16 @@ use std::time::Instant;
 
 use ferry_config::Config;
 use ferry_core::plan::{Probe, Role, Usage};
+use ferry_core::schema::split_doc_id;
 use ferry_core::schema::{doc_id, DocumentWriter};
 use ferry_core::{ColumnShape, DocOp, DocWrite, Lsn};
-use ferry_opensearch::Sink;
+use ferry_opensearch::{Rejected, Sink};
 use ferry_postgres::capture::{self, Change, ChangeOp, Event};
 use ferry_postgres::catalog::TypeResolver;
 use ferry_postgres::pgoutput::{Datum, Relation, Tuple};
 use ferry_postgres::SourceError;
-use futures_util::{pin_mut, StreamExt};
 use tokio_postgres::Client;
 
-use crate::rows::{LineSplitter, RowBuf};
 use crate::setup::{IndexRuntime, Prepared};
 use crate::{EngineError, Shutdown};
 use ferry_core::stats::{IndexState, Stats};
@@ -114,7 +113,11 @@ struct Worker {
     last_event: Instant,
 }
 
-type Inflight = tokio::task::JoinHandle<Result<Option<Lsn>, ferry_opensearch::SinkError>>;
+/// What a finished bulk write reports: the LSN it lets us confirm and the
+/// writes the cluster rejected for good.
+type Flushed = (Option<Lsn>, Vec<Rejected>);
+
+type Inflight = tokio::task::JoinHandle<Result<Flushed, ferry_opensearch::SinkError>>;
 
 /// Streams changes until shutdown or a failure.
 pub async fn stream(
@@ -197,7 +200,7 @@ pub async fn stream(
             }
             r = wait_inflight(&mut w.inflight) => {
                 w.inflight = None;
-                if let Err(e) = w.settled(r) { break Err(e); }
+                if let Err(e) = w.settled(r).await { break Err(e); }
                 w.ack_if_nothing_pending();
                 continue;
             }
@@ -252,7 +255,7 @@ pub async fn stream(
 
 async fn wait_inflight(
     inflight: &mut Option<Inflight>,
-) -> Result<Result<Option<Lsn>, ferry_opensearch::SinkError>, tokio::task::JoinError> {
+) -> Result<Result<Flushed, ferry_opensearch::SinkError>, tokio::task::JoinError> {
     match inflight {
         Some(h) => h.await,
         None => std::future::pending().await,
@@ -587,7 +590,7 @@ impl Worker {
                 ms = started.elapsed().as_millis() as u64,
                 "batch flushed"
             );
-            Ok(ack)
+            Ok((ack, outcome.rejected))
         }));
         Ok(())
     }
@@ -596,24 +599,81 @@ impl Worker {
     async fn settle(&mut self) -> Result<(), EngineError> {
         if let Some(h) = self.inflight.take() {
             let r = h.await;
-            self.settled(r)?;
+            self.settled(r).await?;
         }
         Ok(())
     }
 
-    fn settled(
+    async fn settled(
         &mut self,
-        r: Result<Result<Option<Lsn>, ferry_opensearch::SinkError>, tokio::task::JoinError>,
+        r: Result<Result<Flushed, ferry_opensearch::SinkError>, tokio::task::JoinError>,
     ) -> Result<(), EngineError> {
         match r {
-            Ok(Ok(Some(lsn))) => {
-                self.confirm(lsn);
+            Ok(Ok((ack, rejected))) => {
+                if !rejected.is_empty() {
+                    self.on_rejected(rejected).await?;
+                }
+                if let Some(lsn) = ack {
+                    self.confirm(lsn);
+                }
                 Ok(())
             }
-            Ok(Ok(None)) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(EngineError::Stream(format!("bulk write task failed: {e}"))),
         }
+    }
+
+    /// Documents the cluster refused for good. Each is first rebuilt from
+    /// its current row (the row may have been fixed since the change that
+    /// failed) and written again; what is still refused follows the index's
+    /// poison policy. Runs before the batch's LSN is confirmed.
+    async fn on_rejected(&mut self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
+        let mut by_index: HashMap<usize, Vec<Rejected>> = HashMap::new();
+        for r in rejected {
+            by_index.entry(r.write.index).or_default().push(r);
+        }
+        let mut still = Vec::new();
+        for (index, list) in by_index {
+            let keys: Vec<Vec<String>> = list
+                .iter()
+                .map(|r| split_doc_id(&r.write.id, self.indexes[index].plan.table.key.len()))
+                .collect();
+            let version = list
+                .iter()
+                .map(|r| r.write.version)
+                .max()
+                .unwrap_or(self.version);
+            let mut writes = Vec::new();
+            self.build_docs(index, &keys, version, &mut writes).await?;
+            let outcome = self.sink.write(&writes, &self.names).await?;
+            let reasons: HashMap<&str, &Rejected> =
+                list.iter().map(|r| (r.write.id.as_str(), r)).collect();
+            for r in outcome.rejected {
+                let first = reasons.get(r.write.id.as_str()).copied().cloned();
+                still.push(
+                    first
+                        .map(|f| Rejected {
+                            write: r.write.clone(),
+                            ..f
+                        })
+                        .unwrap_or(r),
+                );
+            }
+        }
+        let indexes: Vec<(String, ferry_config::PoisonPolicy)> = self
+            .indexes
+            .iter()
+            .map(|ix| {
+                let policy = self
+                    .cfg
+                    .indexes
+                    .get(ix.pos)
+                    .map(|c| c.on_poison)
+                    .unwrap_or_default();
+                (ix.alias.clone(), policy)
+            })
+            .collect();
+        crate::poison::apply(&self.sink, &self.cfg, &self.stats, &indexes, still).await
     }
 
     /// Flushes and confirms everything received, within `limit`; past it,
@@ -654,8 +714,7 @@ impl Worker {
         }
     }
 
-    /// Builds the documents of these roots with one query; roots gone (or
-    /// filtered out) become deletes.
+    /// Builds the documents of these roots; gone roots become deletes.
     async fn build_docs(
         &mut self,
         index: usize,
@@ -663,63 +722,8 @@ impl Worker {
         version: Lsn,
         writes: &mut Vec<DocWrite>,
     ) -> Result<(), EngineError> {
-        let plan = &self.indexes[index].plan;
-        let sql = plan.build_sql(Some(keys));
-        let what = format!("building documents of index {}", self.indexes[index].alias);
-        let stream = self
-            .client
-            .copy_out(sql.as_str())
-            .await
-            .map_err(|e| SourceError::from_pg(&what, e))?;
-        pin_mut!(stream);
-        let mut wanted: HashSet<String> = keys
-            .iter()
-            .map(|k| {
-                let parts: Vec<&[u8]> = k.iter().map(|p| p.as_bytes()).collect();
-                doc_id(&parts)
-            })
-            .collect();
-        let key_pos: Vec<usize> = plan.key_positions().collect();
-        let mut row = RowBuf::default();
-        let mut lines = LineSplitter::default();
-        let mut malformed = 0usize;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
-            lines.feed(&chunk, |line| {
-                row.parse(line);
-                let parts: Vec<&[u8]> = key_pos
-                    .iter()
-                    .map(|p| row.field(*p).unwrap_or(b""))
-                    .collect();
-                let id = doc_id(&parts);
-                let mut body = Vec::with_capacity(line.len() + 64);
-                if !plan.write_root(|i| row.field(i), &mut body) {
-                    malformed += 1;
-                    return;
-                }
-                wanted.remove(&id);
-                writes.push(DocWrite {
-                    index,
-                    id,
-                    version,
-                    op: DocOp::Index(body),
-                });
-            });
-        }
-        if malformed > 0 {
-            return Err(EngineError::Stream(format!(
-                "{what}: {malformed} rows came back in an unexpected shape"
-            )));
-        }
-        for id in wanted {
-            writes.push(DocWrite {
-                index,
-                id,
-                version,
-                op: DocOp::Delete,
-            });
-        }
-        Ok(())
+        let ix = &self.indexes[index];
+        crate::build::build_docs(&self.client, ix, keys, version, writes).await
     }
 
     /// Root keys whose documents a probe's values affect.
@@ -729,46 +733,8 @@ impl Worker {
         probe: &Probe,
         values: HashSet<String>,
     ) -> Result<Vec<Vec<String>>, EngineError> {
-        let plan = &self.indexes[index].plan;
-        // A direct child of the root pointing at the root's key: the values are the keys.
-        if probe.parent.is_empty()
-            && probe.via_join.is_none()
-            && plan.table.key.len() == 1
-            && plan.table.key[0] == probe.column
-        {
-            return Ok(values.into_iter().map(|v| vec![v]).collect());
-        }
-        let values: Vec<String> = values.into_iter().collect();
-        let mut out = Vec::new();
-        for chunk in values.chunks(1000) {
-            let Some(sql) = plan.resolve_sql(probe, chunk) else {
-                continue;
-            };
-            let what = format!(
-                "finding documents of index {} to rebuild",
-                self.indexes[index].alias
-            );
-            let stream = self
-                .client
-                .copy_out(sql.as_str())
-                .await
-                .map_err(|e| SourceError::from_pg(&what, e))?;
-            pin_mut!(stream);
-            let mut row = RowBuf::default();
-            let mut lines = LineSplitter::default();
-            let n = plan.table.key.len();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
-                lines.feed(&chunk, |line| {
-                    row.parse(line);
-                    let key = (0..n)
-                        .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
-                        .collect();
-                    out.push(key);
-                });
-            }
-        }
-        Ok(out)
+        let ix = &self.indexes[index];
+        crate::build::resolve(&self.client, ix, probe, values).await
     }
 
     /// Records which documents of query-built indexes a change affects.
@@ -879,6 +845,7 @@ impl Worker {
                 cfg: &self.cfg,
                 shutdown: &self.shutdown,
                 stats: None,
+                all_stats: self.stats.clone(),
             };
             crate::backfill::run(
                 &self.client,

@@ -19,6 +19,20 @@ pub struct BulkOutcome {
     pub superseded: u64,
     /// Item attempts that failed transiently and were retried.
     pub retried: u64,
+    /// Items rejected for good (4xx other than 409): the caller applies its
+    /// poison policy. Every other item of the batch is durable.
+    pub rejected: Vec<Rejected>,
+}
+
+/// A write the cluster refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The write.
+    pub write: DocWrite,
+    /// Item status (400 mapping error, 413 too large, …).
+    pub status: u16,
+    /// `type: reason` from the response.
+    pub reason: String,
 }
 
 /// Encodes writes as a `_bulk` NDJSON body, one action line (+ source line) per write.
@@ -93,7 +107,7 @@ pub(crate) async fn write_all(
         encode_bulk(&chunk, index_names, &mut body);
         let body = bytes::Bytes::from(body);
         outcome.requests += 1;
-        match attempt(sink, &chunk, body, index_names, &mut outcome).await? {
+        match attempt(sink, &chunk, body, &mut outcome).await? {
             Attempt::Done => backoff = MAX_BACKOFF_START,
             Attempt::RetryItems(positions) => {
                 outcome.retried += positions.len() as u64;
@@ -117,13 +131,12 @@ pub(crate) async fn write_all(
             }
             Attempt::TooLarge => {
                 if chunk.len() == 1 {
-                    let w = chunk[0];
-                    return Err(SinkError::Poison {
-                        index: index_names.get(w.index).cloned().unwrap_or_default(),
-                        id: w.id.clone(),
+                    outcome.rejected.push(Rejected {
+                        write: chunk[0].clone(),
                         status: 413,
                         reason: "the document alone exceeds the cluster's request size limit (http.max_content_length)".into(),
                     });
+                    continue;
                 }
                 let mid = chunk.len() / 2;
                 tracing::info!(
@@ -155,7 +168,6 @@ async fn attempt(
     sink: &Sink,
     chunk: &[&DocWrite],
     body: bytes::Bytes,
-    index_names: &[String],
     outcome: &mut BulkOutcome,
 ) -> Result<Attempt, SinkError> {
     let (status, bytes) = match sink
@@ -230,9 +242,8 @@ async fn attempt(
                         )
                     })
                     .unwrap_or_else(|| "no reason given".into());
-                return Err(SinkError::Poison {
-                    index: index_names.get(w.index).cloned().unwrap_or_default(),
-                    id: w.id.clone(),
+                outcome.rejected.push(Rejected {
+                    write: w.clone(),
                     status: s,
                     reason,
                 });

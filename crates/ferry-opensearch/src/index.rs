@@ -75,8 +75,8 @@ impl Sink {
         }
     }
 
-    /// Indexes the alias points to now.
-    async fn alias_targets(&self, alias: &str) -> Result<Vec<String>, SinkError> {
+    /// Concrete indexes the alias points to now (empty when it does not exist).
+    pub async fn alias_targets(&self, alias: &str) -> Result<Vec<String>, SinkError> {
         let (status, body) = self
             .request(
                 Method::Get,

@@ -1,9 +1,10 @@
-//! The `ferry` command line: `run`, `check`, `demo`.
+//! The `ferry` command line: `run`, `check`, `status`, `demo`.
 //!
 //! This is the only crate that names concrete backends; it wires the
 //! config, the PostgreSQL source and the OpenSearch sink into the engine.
 
 mod demo;
+mod ops;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +50,45 @@ pub enum Command {
         #[arg(long, short, env = "FERRY_CONFIG")]
         config: PathBuf,
     },
+    /// Show what a running ferry is doing, read from its admin endpoint (`/status`).
+    Status {
+        /// Base URL of the admin endpoint [default: http://127.0.0.1:9187].
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// Take the endpoint from `admin.listen` in this configuration file instead.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the status document as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage documents the cluster rejected for good (`on_poison = "dead_letter"`).
+    DeadLetters {
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+        /// Only this index (its configured name).
+        #[arg(long, global = true)]
+        index: Option<String>,
+        /// list, retry or purge.
+        #[command(subcommand)]
+        action: ops::DeadLetterAction,
+    },
+    /// Rebuild documents from PostgreSQL and compare them with the cluster; safe on a live deployment.
+    Verify {
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+        /// Only this index (its configured name).
+        #[arg(long)]
+        index: Option<String>,
+        /// Check a random sample of this many rows instead of every row.
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Rewrite (or delete) the documents that differ.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Run the whole pipeline on a throwaway PostgreSQL and a local osmem-server, with sample data.
     Demo {
         /// Rows of sample data.
@@ -77,7 +117,19 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::Status { url, config, json } => status(url, config, json).await,
             Command::Demo { rows } => demo::run(rows).await,
+            Command::DeadLetters {
+                config,
+                index,
+                action,
+            } => ops::dead_letters(&config, action, index).await,
+            Command::Verify {
+                config,
+                index,
+                sample,
+                repair,
+            } => ops::verify(&config, index, sample, repair).await,
         }
     })
 }
@@ -95,7 +147,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+pub(crate) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         tracing::error!("{e}");
         ExitCode::from(2)
@@ -144,9 +196,64 @@ async fn run(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // Open the admin endpoint before anything else so that a taken port
+    // fails fast, naming the key to change.
+    let admin = match cfg.admin.listen.parse() {
+        Ok(addr) => ferry_admin::AdminServer::bind(addr).await,
+        Err(e) => {
+            tracing::error!(
+                "admin.listen: {:?} is not a socket address: {e}",
+                cfg.admin.listen
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let admin = match admin {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(
+                "admin.listen: {e}; set [admin] listen (or FERRY_ADMIN__LISTEN) to a free address"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        address = %admin.local_addr(),
+        "admin endpoint listening: /healthz /readyz /metrics /status"
+    );
     let shutdown = shutdown_signal();
     let stats = std::sync::Arc::new(ferry_engine::Stats::default());
-    match ferry_engine::run(cfg, shutdown, stats).await {
+    let info = ferry_admin::AdminInfo {
+        slot: cfg.source.slot.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let admin_task = tokio::spawn({
+        let stats = stats.clone();
+        async move {
+            if let Err(e) = admin.run(stats, info).await {
+                tracing::error!(error = %e, "admin endpoint stopped; replication goes on");
+            }
+        }
+    });
+    let notifier = systemd_notifier();
+    let notify_task = notifier.clone().map(|n| {
+        tokio::spawn(ferry_admin::systemd::supervise(
+            n,
+            stats.clone(),
+            shutdown.clone(),
+            ferry_admin::systemd::watchdog_interval(),
+        ))
+    });
+    let result = ferry_engine::run(cfg, shutdown, stats).await;
+    if let Some(n) = &notifier {
+        // Also when the engine ended on its own (an error, not a signal).
+        let _ = n.notify("STOPPING=1");
+    }
+    if let Some(t) = notify_task {
+        t.abort();
+    }
+    admin_task.abort();
+    match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             ExitCode::SUCCESS
@@ -156,6 +263,84 @@ async fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The systemd notifier when started by systemd with `Type=notify`.
+fn systemd_notifier() -> Option<std::sync::Arc<ferry_admin::systemd::Notifier>> {
+    match ferry_admin::systemd::Notifier::from_env() {
+        Ok(n) => n.map(std::sync::Arc::new),
+        Err(e) => {
+            tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; not notifying systemd");
+            None
+        }
+    }
+}
+
+/// `ferry status`: fetches `/status` and prints it as a table or JSON.
+async fn status(url: Option<String>, config: Option<PathBuf>, json: bool) -> ExitCode {
+    let base = match (url, config) {
+        (Some(u), _) => u,
+        (None, Some(path)) => {
+            let cfg = match load(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match ferry_admin::admin_url(&cfg.admin.listen) {
+                Some(u) => u,
+                None => {
+                    tracing::error!(
+                        "admin.listen: {:?} is not a socket address",
+                        cfg.admin.listen
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (None, None) => "http://127.0.0.1:9187".to_string(),
+    };
+    let target = format!("{}/status", base.trim_end_matches('/'));
+    let mut err = std::io::stderr().lock();
+    let reply = match ferry_admin::fetch(&target).await {
+        Ok(r) if r.status == 200 => r,
+        Ok(r) => {
+            let _ = writeln!(
+                err,
+                "{target} answered HTTP {}: {}",
+                r.status,
+                r.body.trim()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e @ ferry_admin::AdminError::Request { .. }) => {
+            let _ = writeln!(
+                err,
+                "{e}\n(is ferry running, and is this its admin.listen address?)"
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            let _ = writeln!(err, "{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let doc: serde_json::Value = match serde_json::from_str(&reply.body) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = writeln!(
+                err,
+                "{target} did not answer JSON ({e}); is it a ferry admin endpoint?"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let text = if json {
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|_| reply.body.clone())
+    } else {
+        ferry_admin::status_table(&doc)
+    };
+    let _ = writeln!(out, "{}", text.trim_end());
+    ExitCode::SUCCESS
 }
 
 async fn check(path: PathBuf) -> ExitCode {

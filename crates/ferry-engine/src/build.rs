@@ -1,0 +1,128 @@
+//! Building documents by query and resolving related changes to roots,
+//! shared by the streaming worker, dead-letter retries and `verify`.
+
+use std::collections::HashSet;
+
+use ferry_core::plan::Probe;
+use ferry_core::schema::doc_id;
+use ferry_core::{DocOp, DocWrite, Lsn};
+use ferry_postgres::SourceError;
+use futures_util::{pin_mut, StreamExt};
+use tokio_postgres::Client;
+
+use crate::rows::{LineSplitter, RowBuf};
+use crate::setup::IndexRuntime;
+use crate::EngineError;
+
+/// Builds the documents of these roots with one query; roots gone (or
+/// filtered out) become deletes.
+pub async fn build_docs(
+    client: &Client,
+    ix: &IndexRuntime,
+    keys: &[Vec<String>],
+    version: Lsn,
+    writes: &mut Vec<DocWrite>,
+) -> Result<(), EngineError> {
+    let index = ix.pos;
+    let plan = &ix.plan;
+    let sql = plan.build_sql(Some(keys));
+    let what = format!("building documents of index {}", ix.alias);
+    let stream = client
+        .copy_out(sql.as_str())
+        .await
+        .map_err(|e| SourceError::from_pg(&what, e))?;
+    pin_mut!(stream);
+    let mut wanted: HashSet<String> = keys
+        .iter()
+        .map(|k| {
+            let parts: Vec<&[u8]> = k.iter().map(|p| p.as_bytes()).collect();
+            doc_id(&parts)
+        })
+        .collect();
+    let key_pos: Vec<usize> = plan.key_positions().collect();
+    let mut row = RowBuf::default();
+    let mut lines = LineSplitter::default();
+    let mut malformed = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
+        lines.feed(&chunk, |line| {
+            row.parse(line);
+            let parts: Vec<&[u8]> = key_pos
+                .iter()
+                .map(|p| row.field(*p).unwrap_or(b""))
+                .collect();
+            let id = doc_id(&parts);
+            let mut body = Vec::with_capacity(line.len() + 64);
+            if !plan.write_root(|i| row.field(i), &mut body) {
+                malformed += 1;
+                return;
+            }
+            wanted.remove(&id);
+            writes.push(DocWrite {
+                index,
+                id,
+                version,
+                op: DocOp::Index(body),
+            });
+        });
+    }
+    if malformed > 0 {
+        return Err(EngineError::Stream(format!(
+            "{what}: {malformed} rows came back in an unexpected shape"
+        )));
+    }
+    for id in wanted {
+        writes.push(DocWrite {
+            index,
+            id,
+            version,
+            op: DocOp::Delete,
+        });
+    }
+    Ok(())
+}
+
+/// Root keys whose documents a probe's values affect.
+pub async fn resolve(
+    client: &Client,
+    ix: &IndexRuntime,
+    probe: &Probe,
+    values: HashSet<String>,
+) -> Result<Vec<Vec<String>>, EngineError> {
+    let plan = &ix.plan;
+    // A direct child of the root pointing at the root's key: the values are the keys.
+    if probe.parent.is_empty()
+        && probe.via_join.is_none()
+        && plan.table.key.len() == 1
+        && plan.table.key[0] == probe.column
+    {
+        return Ok(values.into_iter().map(|v| vec![v]).collect());
+    }
+    let values: Vec<String> = values.into_iter().collect();
+    let mut out = Vec::new();
+    let what = format!("finding documents of index {} to rebuild", ix.alias);
+    let n = plan.table.key.len();
+    for chunk in values.chunks(1000) {
+        let Some(sql) = plan.resolve_sql(probe, chunk) else {
+            continue;
+        };
+        let stream = client
+            .copy_out(sql.as_str())
+            .await
+            .map_err(|e| SourceError::from_pg(&what, e))?;
+        pin_mut!(stream);
+        let mut row = RowBuf::default();
+        let mut lines = LineSplitter::default();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
+            lines.feed(&chunk, |line| {
+                row.parse(line);
+                let key = (0..n)
+                    .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
+                    .collect();
+                out.push(key);
+            });
+        }
+    }
+    Ok(out)
+}

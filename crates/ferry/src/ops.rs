@@ -1,0 +1,126 @@
+//! `ferry dead-letters …` and `ferry verify`: operator commands printing
+//! plain-text reports on stdout.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+/// What to do with dead letters.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DeadLetterAction {
+    /// List rejected documents (index, id, status, reason, LSN).
+    List,
+    /// Rebuild each from its current row and write it; healed entries are removed.
+    Retry,
+    /// Delete the entries (the documents stay absent until their rows change).
+    Purge,
+}
+
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Runs a dead-letter command.
+pub async fn dead_letters(
+    config: &Path,
+    action: DeadLetterAction,
+    index: Option<String>,
+) -> ExitCode {
+    let cfg = match crate::load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let index = index.as_deref();
+    let result = match action {
+        DeadLetterAction::List => {
+            ferry_engine::ops::dead_letters_list(&cfg, index)
+                .await
+                .map(|list| {
+                    out!("{} dead letter(s)", list.len());
+                    for l in list {
+                        out!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            l.index,
+                            l.id,
+                            l.status,
+                            l.lsn,
+                            l.reason
+                        );
+                    }
+                })
+        }
+        DeadLetterAction::Retry => ferry_engine::ops::dead_letters_retry(&cfg, index)
+            .await
+            .map(|(healed, failing)| out!("healed {healed}, still failing {failing}")),
+        DeadLetterAction::Purge => ferry_engine::ops::dead_letters_purge(&cfg, index)
+            .await
+            .map(|n| out!("purged {n} dead letter(s)")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "dead-letters failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `ferry verify`; exits 1 when differences remain.
+pub async fn verify(
+    config: &Path,
+    index: Option<String>,
+    sample: Option<usize>,
+    repair: bool,
+) -> ExitCode {
+    let cfg = match crate::load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match ferry_engine::ops::verify(&cfg, index.as_deref(), sample, repair).await {
+        Ok(reports) => {
+            let mut clean = true;
+            for r in &reports {
+                out!(
+                    "{}: checked {}, missing {}, different {}, extra {}{}",
+                    r.index,
+                    r.checked,
+                    r.missing.len(),
+                    r.different.len(),
+                    r.extra.len(),
+                    if repair {
+                        format!(", repaired {}", r.repaired)
+                    } else {
+                        String::new()
+                    }
+                );
+                for (what, ids) in [
+                    ("missing", &r.missing),
+                    ("different", &r.different),
+                    ("extra", &r.extra),
+                ] {
+                    for id in ids.iter().take(20) {
+                        out!("  {what}\t{id}");
+                    }
+                }
+                let differences = r.missing.len() + r.different.len() + r.extra.len();
+                let fixed = repair && r.repaired == differences;
+                if !(r.is_clean() || fixed) {
+                    clean = false;
+                }
+            }
+            if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "verify failed");
+            ExitCode::FAILURE
+        }
+    }
+}

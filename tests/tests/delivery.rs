@@ -1,0 +1,195 @@
+//! Delivery you can trust: poison documents follow their policy and heal
+//! from dead letters; `ferry verify` finds and repairs drift.
+
+use std::time::{Duration, Instant};
+
+use ferry_e2e::{ferry_once, TestEnv};
+use ferry_opensearch::Method;
+use serde_json::json;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn cfg_text(env: &TestEnv, slot: &str, index: &str, policy: &str) -> String {
+    format!(
+        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n[sink]\nurl = \"{}\"\ndead_letter_index = \"{}\"\n\n[engine]\nmax_batch_delay_ms = 20\n\n[[index]]\nname = \"{}\"\ntable = \"items\"\non_poison = \"{policy}\"\nmapping = {{ code = {{ type = \"integer\" }} }}\n",
+        env.pg.url("app"),
+        env.os.url(),
+        env.index("dead-letters"),
+        env.index(index),
+    )
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Documents expected in an index whose `code` maps as an integer: rows whose code is numeric.
+const EXPECTED: &str = "SELECT id::text, to_jsonb(i)::text FROM items i WHERE code ~ '^[0-9]+$'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_documents_follow_the_policy_and_heal_from_dead_letters() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, code text);
+         INSERT INTO items SELECT g, g::text FROM generate_series(1, 50) g;
+         INSERT INTO items VALUES (51, 'not-a-number');",
+    )
+    .await
+    .expect("schema");
+
+    // dead_letter (the default): everything else flows, the bad one is recorded.
+    let cfg = env.write_config(&cfg_text(&env, "ferry_dl", "dl", "dead_letter"));
+    let cfg_s = cfg.to_str().expect("utf8").to_string();
+    let mut ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("dl", EXPECTED, CONVERGE).await;
+    db.batch_execute("INSERT INTO items VALUES (52, 'bad too'), (53, '53')")
+        .await
+        .expect("insert");
+    env.assert_converges_to("dl", EXPECTED, CONVERGE).await;
+    assert!(
+        ferry.is_running(),
+        "a poison document does not stop the pipeline"
+    );
+    wait_for("two dead letters", CONVERGE, async || {
+        ferry_once(&["dead-letters", "--config", &cfg_s, "list"])
+            .1
+            .contains("2 dead letter(s)")
+    })
+    .await;
+    let (_, listed, _) = ferry_once(&["dead-letters", "--config", &cfg_s, "list"]);
+    assert!(
+        listed.contains("\t51\t") && listed.contains("\t52\t") && listed.contains("mapper_parsing"),
+        "{listed}"
+    );
+
+    // Fix one row; retry heals it from the current row and keeps the other.
+    db.batch_execute("UPDATE items SET code = '5100' WHERE id = 51")
+        .await
+        .expect("fix");
+    env.assert_converges_to("dl", EXPECTED, CONVERGE).await;
+    let (code, out, err) = ferry_once(&["dead-letters", "--config", &cfg_s, "retry"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("healed 1, still failing 1"), "{out}");
+    let (_, listed, _) = ferry_once(&["dead-letters", "--config", &cfg_s, "list"]);
+    assert!(
+        listed.contains("1 dead letter(s)") && listed.contains("\t52\t"),
+        "{listed}"
+    );
+    let (code, out, _) = ferry_once(&["dead-letters", "--config", &cfg_s, "purge"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("purged 1"), "{out}");
+    assert_eq!(ferry.stop(), Some(0));
+
+    // skip: logged and counted, the pipeline goes on, nothing is recorded.
+    db.batch_execute("UPDATE items SET code = '52' WHERE id = 52")
+        .await
+        .expect("fix 52");
+    let cfg = env.write_config(&cfg_text(&env, "ferry_skip", "skip", "skip"));
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("skip", EXPECTED, CONVERGE).await;
+    db.batch_execute("INSERT INTO items VALUES (60, 'skipped')")
+        .await
+        .expect("insert");
+    db.batch_execute("INSERT INTO items VALUES (61, '61')")
+        .await
+        .expect("insert");
+    env.assert_converges_to("skip", EXPECTED, CONVERGE).await;
+    assert!(env.log().contains("skipped (on_poison = \"skip\")"));
+    assert_eq!(ferry.stop(), Some(0));
+
+    // stop: ferry halts naming the document; once the row is fixed, a restart
+    // rebuilds the rejected document from the current row and goes on.
+    let cfg = env.write_config(&cfg_text(&env, "ferry_stop", "stop", "stop"));
+    db.batch_execute("UPDATE items SET code = '60' WHERE id = 60")
+        .await
+        .expect("fix 60");
+    let mut ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("stop", EXPECTED, CONVERGE).await;
+    db.batch_execute("INSERT INTO items VALUES (70, 'halts')")
+        .await
+        .expect("insert");
+    wait_for(
+        "ferry to stop on the poison document",
+        CONVERGE,
+        async || !ferry.is_running(),
+    )
+    .await;
+    let log = env.log();
+    assert!(
+        log.contains("rejected document \"70\""),
+        "{}",
+        env.log_tail()
+    );
+    db.batch_execute("UPDATE items SET code = '70' WHERE id = 70")
+        .await
+        .expect("fix 70");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("stop", EXPECTED, CONVERGE).await;
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_and_repairs_planted_drift() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g;",
+    )
+    .await
+    .expect("schema");
+    let cfg = env.config("t", "t", "");
+    let cfg_s = cfg.to_str().expect("utf8").to_string();
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("t", "t", CONVERGE).await;
+    let (code, out, err) = ferry_once(&["verify", "--config", &cfg_s]);
+    assert_eq!(code, 0, "clean index verifies clean: {out}{err}");
+    assert!(
+        out.contains("checked 300, missing 0, different 0, extra 0"),
+        "{out}"
+    );
+
+    // Plant drift behind ferry's back: a lost, a changed and a stray document.
+    let name = env.index("t");
+    env.sink
+        .json_request(Method::Delete, &format!("/{name}/_doc/7"), None)
+        .await
+        .expect("delete");
+    env.sink
+        .json_request(
+            Method::Put,
+            &format!("/{name}/_doc/8"),
+            Some(json!({"id": 8, "v": "tampered"})),
+        )
+        .await
+        .expect("tamper");
+    env.sink
+        .json_request(
+            Method::Put,
+            &format!("/{name}/_doc/9999"),
+            Some(json!({"id": 9999, "v": "stray"})),
+        )
+        .await
+        .expect("stray");
+    // Unrelated activity moves the WAL on, as on any live database.
+    db.batch_execute("CREATE TABLE wal_bump (x int); DROP TABLE wal_bump;")
+        .await
+        .expect("wal");
+    let (code, out, _) = ferry_once(&["verify", "--config", &cfg_s]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing 1, different 1, extra 1"), "{out}");
+    let (code, out, _) = ferry_once(&["verify", "--config", &cfg_s, "--sample", "50"]);
+    assert!(code == 0 || code == 1, "{out}");
+    let (code, out, _) = ferry_once(&["verify", "--config", &cfg_s, "--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("repaired 3"), "{out}");
+    env.assert_converges("t", "t", CONVERGE).await;
+    let (code, out, _) = ferry_once(&["verify", "--config", &cfg_s]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(ferry.stop(), Some(0));
+}
