@@ -181,3 +181,81 @@ async fn related_rows_rebuild_exactly_the_documents_they_feed() {
     }
     assert_eq!(ferry.stop(), Some(0));
 }
+
+/// Reads one counter from ferry's `/metrics` (HTTP/1.0 GET on loopback).
+async fn metric(port: u16, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the admin endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("response");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_1000_child_changes_costs_a_bounded_number_of_statements() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(SCHEMA).await.expect("schema");
+    let port = ferry_testkit::free_port();
+    let cfg = env.config("users", "users", INDEX);
+    let text = std::fs::read_to_string(&cfg).expect("read config");
+    let cfg = env.write_config(&format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n\n{text}"));
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("users", EXPECTED, CONVERGE).await;
+    let before = metric(port, "ferry_sql_statements_total").await;
+    // 1,000 grandchild changes spread over many orders and users, one transaction.
+    db.batch_execute("UPDATE line_items SET qty = qty + 1 WHERE id <= 1000")
+        .await
+        .expect("1000 changes");
+    env.assert_converges_to("users", EXPECTED, CONVERGE).await;
+    let after = metric(port, "ferry_sql_statements_total").await;
+    let used = after - before;
+    // One statement to find the affected users, one to build them, per
+    // batch; the transaction may straddle two batches.
+    assert!(
+        (1.0..=4.0).contains(&used),
+        "1,000 child changes took {used} statements"
+    );
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_row_level_security_that_would_hide_rows() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE secrets (id int PRIMARY KEY, v text);
+         ALTER TABLE secrets ENABLE ROW LEVEL SECURITY;
+         CREATE ROLE reader LOGIN REPLICATION;
+         GRANT SELECT ON secrets TO reader;
+         CREATE PUBLICATION ferry_test FOR TABLE secrets;",
+    )
+    .await
+    .expect("schema");
+    let url = env.pg.url("app").replace("postgres@", "reader@");
+    let cfg = env.write_config(&format!(
+        "[source]\nurl = \"{url}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n[sink]\nurl = \"{}\"\n\n[[index]]\nname = \"{}\"\ntable = \"secrets\"\n",
+        env.os.url(),
+        env.index("secrets")
+    ));
+    let (code, out, err) =
+        ferry_e2e::ferry_once(&["check", "--config", cfg.to_str().expect("utf8")]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("row-level security") && out.contains("BYPASSRLS"),
+        "{out}"
+    );
+    db.batch_execute("ALTER ROLE reader BYPASSRLS")
+        .await
+        .expect("grant");
+    let (code, out, err) =
+        ferry_e2e::ferry_once(&["check", "--config", cfg.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}{err}");
+}

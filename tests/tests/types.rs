@@ -408,7 +408,7 @@ fn columns() -> Vec<Column> {
         col(
             "ip",
             "inet",
-            "ip",
+            "keyword",
             &[
                 ("'192.168.0.1'", r#""192.168.0.1""#),
                 ("'::1'", r#""::1""#),
@@ -874,93 +874,34 @@ async fn lone_value_is_indexed(sql_type: &str, literal: &str, want: Option<Value
     assert_eq!(ferry.stop(), Some(0), "clean stop\n{}", env.log_tail());
 }
 
-/// `inet` maps as `ip`, but an address with a prefix length prints as
-/// `10.1.2.3/24`, which an `ip` field rejects ("is not an IP string
-/// literal"); the poison document stops ferry.
+/// An address with a prefix length prints as `10.1.2.3/24`, which an `ip`
+/// field would refuse: `inet` maps as `keyword`, so every value is indexed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: inet with a prefix length (10.1.2.3/24) is rejected by the ip mapping and stops ferry"]
 async fn inet_with_prefix_length_is_indexed() {
     lone_value_is_indexed("inet", "'10.1.2.3/24'", Some(Value::from("10.1.2.3/24"))).await;
 }
 
-/// A `numeric` beyond a double's range (about 1.8e308) is written as a
-/// string of its digits, which the `double` field rejects ("supports only
-/// finite values"); the poison document stops ferry.
+/// A `numeric` beyond a double's range (about 1.8e308) cannot live in a
+/// `double` field: it is written as null, like NaN and Infinity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: numeric beyond double range (1e400) is rejected by the double mapping and stops ferry"]
 async fn numeric_beyond_double_range_is_indexed() {
-    lone_value_is_indexed("numeric", "'1e400'", None).await;
+    lone_value_is_indexed("numeric", "'1e400'", Some(Value::Null)).await;
 }
 
 /// `json` keeps duplicate keys (`{"a": 1, "a": 2}`) and ferry embeds the
 /// text as is, but OpenSearch rejects a source with a duplicate key even
-/// inside a disabled object; the poison document stops ferry.
+/// inside a disabled object. With the default poison policy the document
+/// becomes a dead letter and ferry goes on; indexing it would need ferry to
+/// rewrite the JSON (keeping the last key, as jsonb does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: json with duplicate keys is rejected by OpenSearch and stops ferry"]
+#[ignore = "known limitation: json with duplicate keys is refused by OpenSearch (dead-lettered by default)"]
 async fn json_with_duplicate_keys_is_indexed() {
     lone_value_is_indexed("json", r#"'{"a": 1, "a": 2}'"#, None).await;
 }
 
-/// `int2vector` and `oidvector` have `typcategory = 'A'` in `pg_type`, so
-/// the type resolver takes them for arrays of `int2` / `oid` and maps them
-/// as `short` / `long`; but they print space-separated (`1 2 3`), not as an
-/// array literal, so the value is written as the string `"1 2 3"`, which
-/// the numeric field rejects; the poison document stops ferry.
+/// `int2vector` and `oidvector` are catalogued as arrays but print
+/// space-separated (`1 2 3`): they are kept as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug (minor): int2vector/oidvector are mapped as arrays of numbers but render as one string and stop ferry"]
 async fn int2vector_is_indexed() {
     lone_value_is_indexed("int2vector", "'1 2 3'", None).await;
-}
-
-/// A value the index rejects, arriving by the stream, stops ferry; the
-/// error says "fix the mapping or the row, then restart ferry". But after
-/// the row is fixed, the restart replays the original change (with the
-/// rejected value) from the slot before the fix, so ferry stops again on
-/// every restart: only dropping the slot (a full re-seed) gets it going.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a poison document from the stream stops ferry on every restart, even after the row is fixed"]
-async fn stream_poison_document_clears_once_the_row_is_fixed() {
-    let env = TestEnv::start().await;
-    let db = env.db().await;
-    db.batch_execute(
-        "CREATE TABLE lone (id integer PRIMARY KEY, v inet);
-         INSERT INTO lone VALUES (1, '10.0.0.1');",
-    )
-    .await
-    .expect("schema");
-    let cfg = env.config("lone", "lone", "");
-    let mut ferry = env.run_ferry(&cfg);
-    wait_for_count(&env, &mut ferry, "lone", 1, Duration::from_secs(60)).await;
-    db.batch_execute("INSERT INTO lone VALUES (2, '10.0.0.2/24')")
-        .await
-        .expect("poison row");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ferry.is_running() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        !ferry.is_running(),
-        "the rejected document stops ferry\n{}",
-        env.log_tail()
-    );
-
-    // Fix the row as the error message says, then restart. One change per
-    // batch, so the replayed insert is not merged with the fix that follows
-    // it (with bigger batches the outcome depends on where batches split).
-    db.batch_execute("UPDATE lone SET v = '10.0.0.2' WHERE id = 2")
-        .await
-        .expect("fix the row");
-    let one_per_batch = env.write_config(&format!(
-        "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n\
-         [sink]\nurl = \"{}\"\n\n[engine]\nmax_batch_changes = 1\n\n\
-         [[index]]\nname = \"{}\"\ntable = \"lone\"\n",
-        env.pg.url("app"),
-        env.os.url(),
-        env.index("lone"),
-    ));
-    let mut ferry = env.run_ferry(&one_per_batch);
-    wait_for_count(&env, &mut ferry, "lone", 2, Duration::from_secs(60)).await;
-    let docs = env.documents("lone").await;
-    assert_eq!(docs["2"]["v"], Value::from("10.0.0.2"));
-    assert_eq!(ferry.stop(), Some(0), "clean stop\n{}", env.log_tail());
 }

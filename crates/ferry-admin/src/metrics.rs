@@ -92,6 +92,12 @@ pub(crate) fn render_at(stats: &Stats, now_us: i64) -> String {
         stats.retries.load(Relaxed),
     );
     w.single(
+        "ferry_sql_statements_total",
+        "counter",
+        "SQL statements the worker issued to build or resolve documents.",
+        stats.sql_statements.load(Relaxed),
+    );
+    w.single(
         "ferry_reconnects_total",
         "counter",
         "Pipeline restarts after a retryable failure.",

@@ -70,6 +70,8 @@ pub struct Stats {
     pub bulk_requests: [AtomicU64; 3],
     /// Retried bulk attempts (whole request or items).
     pub retries: AtomicU64,
+    /// SQL statements issued to build documents or resolve related changes.
+    pub sql_statements: AtomicU64,
     /// Pipeline rebuilds after a retryable failure.
     pub reconnects: AtomicU64,
     /// Events waiting in the queue between capture and worker.

@@ -153,7 +153,10 @@ impl TypeKind {
                 "type": "date",
                 "format": "strict_date_optional_time||epoch_millis"
             }),
-            TypeKind::Inet => simple("ip"),
+            // An inet may carry a netmask (10.1.2.3/24), which `ip` fields
+            // refuse; keyword keeps every value (override with `ip` when the
+            // column only ever holds plain addresses).
+            TypeKind::Inet => simple("keyword"),
             TypeKind::Array { elem, .. } => elem.mapping(),
         }
     }
@@ -210,6 +213,15 @@ pub fn write_value(kind: &TypeKind, text: &[u8], out: &mut Vec<u8>) {
         TypeKind::Float32 | TypeKind::Float64 | TypeKind::Numeric => match text {
             b"NaN" | b"Infinity" | b"-Infinity" => out.extend_from_slice(b"null"),
             _ if is_finite_json_number(text) => out.extend_from_slice(text),
+            // A number beyond a double's range (numeric 1e400): no search
+            // engine field can hold it, so it is null like NaN.
+            _ if std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+                .is_some_and(f64::is_infinite) =>
+            {
+                out.extend_from_slice(b"null")
+            }
             _ => write_json_str(text, out),
         },
         TypeKind::Money => write_money(text, out),
@@ -1096,7 +1108,8 @@ mod tests {
                     ("1e", r#""1e""#),
                     ("01", r#""01""#),
                     ("+1", r#""+1""#),
-                    ("1e999", r#""1e999""#),
+                    // Beyond a double's range: null, like Infinity.
+                    ("1e999", "null"),
                 ],
             );
         }
@@ -1119,7 +1132,8 @@ mod tests {
                 ("Infinity", "null"),
                 ("-Infinity", "null"),
                 (&tiny, &tiny),
-                (&huge, &format!("\"{huge}\"")),
+                // Beyond a double's range: null, like Infinity.
+                (&huge, "null"),
                 ("abc", r#""abc""#),
             ],
         );
@@ -1464,7 +1478,7 @@ mod tests {
             (TypeKind::TimeTz, json!({"type": "keyword"})),
             (TypeKind::Interval, json!({"type": "keyword"})),
             (TypeKind::Cidr, json!({"type": "keyword"})),
-            (TypeKind::Inet, json!({"type": "ip"})),
+            (TypeKind::Inet, json!({"type": "keyword"})),
             (TypeKind::Json, json!({"type": "object", "enabled": false})),
             (TypeKind::Bytea, json!({"type": "binary"})),
             (TypeKind::Date, date.clone()),

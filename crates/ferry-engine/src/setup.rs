@@ -96,6 +96,39 @@ async fn plan_tables(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Tables whose row-level security would hide rows from ferry's queries,
+/// with what to grant.
+async fn rls_problems(client: &Client, plans: &[Node]) -> Result<Vec<String>, SourceError> {
+    let mut oids: Vec<i64> = plans
+        .iter()
+        .flat_map(|p| p.usages().into_iter().map(|(oid, _)| i64::from(oid)))
+        .collect();
+    oids.sort_unstable();
+    oids.dedup();
+    let rows = client
+        .query(
+            "SELECT n.nspname::text || '.' || c.relname::text, current_user::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_roles r \
+             WHERE r.rolname = current_user AND c.oid::int8 = ANY($1) AND c.relrowsecurity \
+               AND NOT (r.rolbypassrls OR r.rolsuper) \
+               AND (c.relowner <> r.oid OR c.relforcerowsecurity) ORDER BY 1",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| SourceError::from_pg("checking row-level security", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let table: String = r.get(0);
+            let role: String = r.get(1);
+            format!(
+                "table {table} has row-level security enabled: ferry's queries as role {role} may silently miss rows; \
+                 run ALTER ROLE {role} BYPASSRLS, or add a policy letting {role} read every row"
+            )
+        })
+        .collect())
+}
+
 /// Sets (or asks for) REPLICA IDENTITY FULL where resolving related changes
 /// needs old values beyond the primary key.
 async fn ensure_identities(
@@ -164,6 +197,10 @@ pub async fn prepare(
     tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
 
     let tables = plan_tables(&client, &plans).await?;
+    for problem in rls_problems(&client, &plans).await? {
+        // A policy may well grant every row: warn rather than refuse.
+        tracing::warn!("{problem}");
+    }
     ensure_identities(&client, &plans, cfg.source.manage_replica_identity).await?;
     catalog::ensure_publication(
         &client,
@@ -272,6 +309,7 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
         }
     }
     let tables = plan_tables(&client, &plans_ok).await?;
+    problems.extend(rls_problems(&client, &plans_ok).await?);
     if let Err(e) = ensure_identities(&client, &plans_ok, false).await {
         if cfg.source.manage_replica_identity {
             tracing::info!(

@@ -723,6 +723,7 @@ impl Worker {
         writes: &mut Vec<DocWrite>,
     ) -> Result<(), EngineError> {
         let ix = &self.indexes[index];
+        self.stats.sql_statements.fetch_add(1, Relaxed);
         crate::build::build_docs(&self.client, ix, keys, version, writes).await
     }
 
@@ -734,7 +735,18 @@ impl Worker {
         values: HashSet<String>,
     ) -> Result<Vec<Vec<String>>, EngineError> {
         let ix = &self.indexes[index];
-        crate::build::resolve(&self.client, ix, probe, values).await
+        let before = values.len();
+        let keys = crate::build::resolve(&self.client, ix, probe, values).await?;
+        if !(probe.parent.is_empty()
+            && probe.via_join.is_none()
+            && ix.plan.table.key == [probe.column.clone()])
+        {
+            // One statement per 1,000 values (see build::resolve).
+            self.stats
+                .sql_statements
+                .fetch_add(before.div_ceil(1000) as u64, Relaxed);
+        }
+        Ok(keys)
     }
 
     /// Records which documents of query-built indexes a change affects.

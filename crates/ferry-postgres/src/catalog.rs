@@ -47,6 +47,11 @@ impl TypeResolver {
         if let Some(k) = TypeKind::from_builtin_oid(oid) {
             return Ok(k);
         }
+        // int2vector and oidvector are catalogued as arrays but print as
+        // space-separated lists: keep them as text.
+        if oid == 22 || oid == 30 {
+            return Ok(TypeKind::Text);
+        }
         if let Some(k) = self.known.get(&oid) {
             return Ok(k.clone());
         }

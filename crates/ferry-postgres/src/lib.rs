@@ -240,14 +240,19 @@ impl PgParams {
     fn connect_error(&self, what: &str, e: tokio_postgres::Error) -> SourceError {
         if let Some(db) = e.as_db_error() {
             let code = db.code().code();
-            if code == "28P01" || code == "28000" {
-                return SourceError::Operator(format!(
-                    "{what}: {} (SQLSTATE {code}); {}",
-                    db.message(),
-                    self.password_from.hint()
-                ));
-            }
-            return SourceError::from_pg(what, e);
+            let message = db.message();
+            let hint = match code {
+                "28P01" => self.password_from.hint(),
+                "28000" if message.contains("no encryption") => format!(
+                    "the server accepts this user only over TLS: set source.sslmode to \"require\", \"verify-ca\" or \"verify-full\" (it is \"{}\")",
+                    self.tls.mode
+                ),
+                "28000" if message.contains("pg_hba.conf") => {
+                    "the server's pg_hba.conf has no entry letting this user in from here: add one, or connect as another user".into()
+                }
+                _ => return SourceError::from_pg(what, e),
+            };
+            return SourceError::Operator(format!("{what}: {message} (SQLSTATE {code}); {hint}"));
         }
         let text = error_text(&e);
         if text.contains("password missing") {
