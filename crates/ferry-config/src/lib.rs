@@ -226,6 +226,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Rows per bulk request during backfill.
     pub backfill_batch_rows: usize,
+    /// Rows per key-ordered backfill chunk; a checkpoint follows each chunk.
+    pub backfill_chunk_rows: usize,
     /// Longest a stop (SIGTERM) waits for the in-flight batch, in seconds.
     pub shutdown_timeout_secs: u64,
 }
@@ -238,6 +240,7 @@ impl Default for EngineConfig {
             max_batch_delay_ms: 20,
             queue_capacity: 20_000,
             backfill_batch_rows: 5_000,
+            backfill_chunk_rows: 100_000,
             shutdown_timeout_secs: 30,
         }
     }
@@ -293,6 +296,11 @@ pub struct IndexConfig {
     /// What to do with a document the cluster rejects for good.
     #[serde(default)]
     pub on_poison: PoisonPolicy,
+    /// Index settings used when ferry creates the index
+    /// (`settings = { number_of_shards = 1, number_of_replicas = 1 }`, analyzers, …).
+    /// Changing them builds a new index in the background and moves the alias.
+    #[serde(default)]
+    pub settings: BTreeMap<String, serde_json::Value>,
 }
 
 /// What happens to a document the cluster rejects for good (a 4xx other
@@ -763,6 +771,7 @@ impl Config {
             ("engine.max_batch_bytes", e.max_batch_bytes),
             ("engine.queue_capacity", e.queue_capacity),
             ("engine.backfill_batch_rows", e.backfill_batch_rows),
+            ("engine.backfill_chunk_rows", e.backfill_chunk_rows),
         ] {
             if v == 0 {
                 bad(key, "must be greater than 0".into());

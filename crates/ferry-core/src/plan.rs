@@ -335,6 +335,34 @@ impl Node {
         sql
     }
 
+    /// Like [`Node::build_sql`] for every root, but one key-ordered chunk:
+    /// roots whose primary key sorts after `after`, at most `limit` of them.
+    /// Chunks let a long backfill resume where it stopped.
+    pub fn build_chunk_sql(&self, after: Option<&[String]>, limit: usize) -> String {
+        let all = self.build_sql(None);
+        let body = all
+            .strip_prefix("COPY (")
+            .and_then(|s| s.strip_suffix(") TO STDOUT"))
+            .unwrap_or(&all);
+        let cols = self
+            .table
+            .key
+            .iter()
+            .map(|k| format!("t0.{}", quote_ident(k)))
+            .collect::<Vec<_>>();
+        let mut sql = format!("COPY ({body}");
+        if let Some(after) = after {
+            let lits: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
+            let _ = write!(sql, " WHERE ({}) > ({})", cols.join(", "), lits.join(", "));
+        }
+        let _ = write!(
+            sql,
+            " ORDER BY {} LIMIT {limit}) TO STDOUT",
+            cols.join(", ")
+        );
+        sql
+    }
+
     /// The `COPY … TO STDOUT` listing the root keys (as text) of roots whose
     /// node at `probe.parent` has `probe.column` in `values`.
     pub fn resolve_sql(&self, probe: &Probe, values: &[String]) -> Option<String> {

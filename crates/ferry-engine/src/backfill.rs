@@ -1,16 +1,26 @@
-//! Backfill: copy a table's rows under the start-up snapshot into its index.
+//! Backfill: copy a table's rows under a snapshot into its index.
 //!
-//! Rows stream out of `COPY (SELECT …) TO STDOUT` (text format, the same
-//! value rendering as the replication stream), become documents in a reused
-//! buffer, and go to the sink in bulk batches. One batch is written while
-//! the next is read, so PostgreSQL and OpenSearch work at the same time.
+//! Rows are read in primary-key order, in chunks
+//! (`COPY (SELECT … WHERE key > last ORDER BY key LIMIT n) TO STDOUT`, text
+//! format: the same value rendering as the replication stream), become
+//! documents, and go to the
+//! sink in bulk batches. A writer task sends one batch while the next is
+//! read, so PostgreSQL and OpenSearch work at the same time.
+//!
+//! After each chunk's documents are durable, the last key is recorded in the
+//! index's `_meta` (a checkpoint): an interrupted backfill resumes after it
+//! instead of starting over. Rows before the checkpoint stay correct because
+//! the stream has been applying their changes all along.
 
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
 use ferry_core::schema::doc_id;
+use ferry_core::stats::IndexStats;
 use ferry_core::{DocOp, DocWrite, Lsn};
-use ferry_opensearch::Sink;
+use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::SourceError;
 use futures_util::{pin_mut, StreamExt};
 use tokio::sync::mpsc;
@@ -19,7 +29,6 @@ use tokio_postgres::Client;
 use crate::rows::{LineSplitter, RowBuf};
 use crate::setup::IndexRuntime;
 use crate::{EngineError, Shutdown};
-use ferry_core::stats::IndexStats;
 
 /// What a backfill needs besides the table and the sink.
 pub struct Ctx<'a> {
@@ -31,9 +40,19 @@ pub struct Ctx<'a> {
     pub stats: Option<&'a IndexStats>,
     /// All figures (rejections are counted per index).
     pub all_stats: std::sync::Arc<ferry_core::stats::Stats>,
+    /// Record checkpoints for this index plan (`None`: no checkpoints).
+    pub checkpoint: Option<&'a IndexPlan>,
+    /// Resume after this primary key.
+    pub resume_after: Option<Vec<String>>,
 }
 
-/// Copies every row of `ix`'s table into its concrete index, versioned `version`.
+enum Msg {
+    Batch(Vec<DocWrite>),
+    Checkpoint(Vec<String>),
+}
+
+/// Copies every row of `ix`'s table into its concrete index, versioned
+/// `version`; returns the documents written.
 pub async fn run(
     client: &Client,
     sink: &Sink,
@@ -44,23 +63,30 @@ pub async fn run(
 ) -> Result<u64, EngineError> {
     let started = Instant::now();
     let (shutdown, stats) = (ctx.shutdown, ctx.stats);
-    let sql = ix.plan.build_sql(None);
     let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let estimate = estimate_rows(client, &ix.shape.qualified()).await;
     if let Some(st) = stats {
-        st.backfill_total
-            .store(estimate, std::sync::atomic::Ordering::Relaxed);
-        st.backfill_rows
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        st.backfill_total.store(estimate, Relaxed);
+        st.backfill_rows.store(0, Relaxed);
     }
-    tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate, "backfill started");
+    match &ctx.resume_after {
+        Some(after) => {
+            tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate,
+            after = ?after, "backfill resumed after its last checkpoint (rows up to that key are not copied again)")
+        }
+        None => {
+            tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate, "backfill started")
+        }
+    }
 
     // The writer task: at most one batch in flight plus one waiting.
-    let (tx, mut rx) = mpsc::channel::<Vec<DocWrite>>(1);
+    let (tx, mut rx) = mpsc::channel::<Msg>(1);
     let sink2 = sink.clone();
     let names2 = names.to_vec();
     let cfg2 = ctx.cfg.clone();
     let stats2 = ctx.all_stats.clone();
+    let plan2 = ctx.checkpoint.cloned();
+    let concrete = ix.concrete.clone();
     let policies: Vec<(String, ferry_config::PoisonPolicy)> = ctx
         .cfg
         .indexes
@@ -69,84 +95,127 @@ pub async fn run(
         .collect();
     let writer = tokio::spawn(async move {
         let mut written = 0u64;
-        while let Some(batch) = rx.recv().await {
-            let outcome = sink2.write(&batch, &names2).await?;
-            written += batch.len() as u64 - outcome.rejected.len() as u64;
-            if !outcome.rejected.is_empty() {
-                // Backfill documents come from the current rows already.
-                crate::poison::apply(&sink2, &cfg2, &stats2, &policies, outcome.rejected).await?;
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Batch(batch) => {
+                    let outcome = sink2.write(&batch, &names2).await?;
+                    written += batch.len() as u64 - outcome.rejected.len() as u64;
+                    if !outcome.rejected.is_empty() {
+                        // Backfill documents come from the current rows already.
+                        crate::poison::apply(&sink2, &cfg2, &stats2, &policies, outcome.rejected)
+                            .await?;
+                    }
+                }
+                // Every batch before it is durable: record the position.
+                Msg::Checkpoint(after) => {
+                    if let Some(plan) = &plan2 {
+                        sink2.set_checkpoint(plan, &concrete, &after).await?;
+                    }
+                }
             }
         }
         Ok::<u64, EngineError>(written)
     });
 
-    let stream = client
-        .copy_out(sql.as_str())
-        .await
-        .map_err(|e| SourceError::from_pg(&format!("reading {}", ix.shape.qualified()), e))?;
-    pin_mut!(stream);
-    let ncols = ix.shape.columns.len();
-    let mut malformed = 0u64;
     let batch_rows = ctx.cfg.engine.backfill_batch_rows;
+    let chunk_rows = ctx.cfg.engine.backfill_chunk_rows;
     let mut batch = Vec::with_capacity(batch_rows);
     let mut row = RowBuf::default();
-    let mut lines = LineSplitter::default();
     let mut rows = 0u64;
+    let mut malformed = 0u64;
     let mut last_log = Instant::now();
     let mut send_failed = false;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| SourceError::from_pg(&format!("reading {}", ix.shape.qualified()), e))?;
-        let mut full_batches = Vec::new();
-        lines.feed(&chunk, |line| {
-            row.parse(line);
-            let keys: Vec<&[u8]> = key_pos
-                .iter()
-                .map(|p| row.field(*p).unwrap_or(b""))
-                .collect();
-            let id = doc_id(&keys);
-            let mut body = Vec::with_capacity(line.len() + ncols * 16);
-            if !ix.plan.write_root(|i| row.field(i), &mut body) {
-                malformed += 1;
-                return;
-            }
-            batch.push(DocWrite {
-                index: ix.pos,
-                id,
-                version,
-                op: DocOp::Index(body),
+    let mut after = ctx.resume_after.clone();
+    let progress = Progress::new(&ix.alias, estimate);
+    let what = format!("reading {}", ix.shape.qualified());
+    'chunks: loop {
+        let sql = ix.plan.build_chunk_sql(after.as_deref(), chunk_rows);
+        let stream = client
+            .copy_out(sql.as_str())
+            .await
+            .map_err(|e| SourceError::from_pg(&what, e))?;
+        pin_mut!(stream);
+        let mut lines = LineSplitter::default();
+        let mut in_chunk = 0usize;
+        let mut last_line: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
+            let mut full_batches = Vec::new();
+            lines.feed(&chunk, |line| {
+                in_chunk += 1;
+                last_line.clear();
+                last_line.extend_from_slice(line);
+                row.parse(line);
+                let keys: Vec<&[u8]> = key_pos
+                    .iter()
+                    .map(|p| row.field(*p).unwrap_or(b""))
+                    .collect();
+                let id = doc_id(&keys);
+                let mut body = Vec::with_capacity(line.len() + 64);
+                if !ix.plan.write_root(|i| row.field(i), &mut body) {
+                    malformed += 1;
+                    return;
+                }
+                batch.push(DocWrite {
+                    index: ix.pos,
+                    id,
+                    version,
+                    op: DocOp::Index(body),
+                });
+                rows += 1;
+                if batch.len() >= batch_rows {
+                    full_batches.push(std::mem::replace(
+                        &mut batch,
+                        Vec::with_capacity(batch_rows),
+                    ));
+                }
             });
-            rows += 1;
-            if batch.len() >= batch_rows {
-                full_batches.push(std::mem::replace(
-                    &mut batch,
-                    Vec::with_capacity(batch_rows),
-                ));
+            for full in full_batches {
+                if tx.send(Msg::Batch(full)).await.is_err() {
+                    send_failed = true;
+                    break 'chunks;
+                }
             }
-        });
-        for full in full_batches {
-            if tx.send(full).await.is_err() {
+            if let Some(st) = stats {
+                st.backfill_rows.store(rows, Relaxed);
+            }
+            if *shutdown.borrow() {
+                break 'chunks;
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                last_log = Instant::now();
+                let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(index = %ix.alias, rows, rows_estimate = estimate, rate = rate as u64, "backfill progress");
+            }
+            progress.show(rows, started);
+        }
+        if in_chunk < chunk_rows {
+            break;
+        }
+        // The chunk is complete: its last key is the next chunk's start.
+        row.parse(&last_line);
+        let key: Vec<String> = key_pos
+            .iter()
+            .map(|p| String::from_utf8_lossy(row.field(*p).unwrap_or(b"")).into_owned())
+            .collect();
+        if !batch.is_empty() {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+            if tx.send(Msg::Batch(full)).await.is_err() {
                 send_failed = true;
                 break;
             }
         }
-        if let Some(st) = stats {
-            st.backfill_rows
-                .store(rows, std::sync::atomic::Ordering::Relaxed);
-        }
-        if send_failed || *shutdown.borrow() {
+        if ctx.checkpoint.is_some() && tx.send(Msg::Checkpoint(key.clone())).await.is_err() {
+            send_failed = true;
             break;
         }
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = Instant::now();
-            let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(index = %ix.alias, rows, rows_estimate = estimate, rate = rate as u64, "backfill progress");
-        }
+        after = Some(key);
     }
-    if !batch.is_empty() && !send_failed {
-        let _ = tx.send(batch).await;
+    if !batch.is_empty() && !send_failed && !*shutdown.borrow() {
+        let _ = tx.send(Msg::Batch(batch)).await;
     }
     drop(tx);
+    progress.finish();
     let written = match writer.await {
         Ok(r) => r?,
         Err(e) => {
@@ -166,9 +235,70 @@ pub async fn run(
     Ok(written)
 }
 
+/// A one-line progress bar on stderr when it is a terminal (a service's log
+/// gets the periodic `backfill progress` lines instead).
+struct Progress {
+    on: bool,
+    name: String,
+    total: i64,
+}
+
+impl Progress {
+    fn new(name: &str, total: i64) -> Progress {
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            name: name.to_string(),
+            total,
+        }
+    }
+
+    fn show(&self, rows: u64, started: Instant) {
+        if !self.on {
+            return;
+        }
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = rows as f64 / secs;
+        let (bar, eta) = if self.total > 0 {
+            let frac = (rows as f64 / self.total as f64).min(1.0);
+            let filled = (frac * 30.0) as usize;
+            let left = (self.total as f64 - rows as f64).max(0.0) / rate.max(1.0);
+            (
+                format!(
+                    "[{}{}] {:>3.0}%",
+                    "#".repeat(filled),
+                    ".".repeat(30 - filled),
+                    frac * 100.0
+                ),
+                format!("ETA {:.0}s", left),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{} {bar} {rows}/{} rows {:.0} rows/s {eta}   ",
+            self.name,
+            if self.total >= 0 {
+                self.total.to_string()
+            } else {
+                "?".into()
+            },
+            rate
+        );
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.on {
+            let _ = writeln!(std::io::stderr().lock());
+        }
+    }
+}
+
 async fn estimate_rows(client: &Client, qualified: &str) -> i64 {
     let sql = format!(
-        "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = '{}'::regclass",
+        "SELECT (CASE WHEN reltuples < 0 THEN -1 ELSE reltuples END)::int8 FROM pg_class WHERE oid = '{}'::regclass",
         qualified.replace('\'', "''")
     );
     match client.query_one(sql.as_str(), &[]).await {

@@ -21,6 +21,7 @@ mod error;
 pub mod ops;
 mod poison;
 mod rows;
+mod seed;
 mod setup;
 mod worker;
 
@@ -91,7 +92,7 @@ async fn run_once(
     shutdown: &mut Shutdown,
     stats: &Arc<Stats>,
 ) -> Result<(), EngineError> {
-    let prepared = setup::prepare(cfg, shutdown, stats).await?;
+    let prepared = setup::prepare(cfg, stats).await?;
     if *shutdown.borrow() {
         return Ok(());
     }

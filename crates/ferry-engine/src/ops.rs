@@ -59,6 +59,7 @@ async fn open(cfg: &Config) -> Result<Ops, EngineError> {
             shape: plan.table.clone(),
             fast: !ix.is_relational(),
             plan,
+            shadow: None,
         });
     }
     let names = indexes.iter().map(|i| i.concrete.clone()).collect();

@@ -19,7 +19,7 @@ use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, SourceError};
 use tokio_postgres::Client;
 
-use crate::{backfill, docplan, EngineError, Shutdown};
+use crate::{docplan, EngineError};
 
 /// One configured index, resolved against the database and the cluster.
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct IndexRuntime {
     /// Documents come straight from the replicated root row (no relations,
     /// filter, soft delete or renames); otherwise they are built by query.
     pub fast: bool,
+    /// The concrete index the alias serves while this one is rebuilt: it
+    /// receives every write too, until the alias moves.
+    pub shadow: Option<String>,
 }
 
 /// Everything the streaming loop needs, ready.
@@ -51,6 +54,8 @@ pub struct Prepared {
     pub sink: Sink,
     /// The indexes, in config order.
     pub indexes: Vec<IndexRuntime>,
+    /// Indexes to seed while streaming runs.
+    pub seeding: Option<crate::seed::Seeding>,
 }
 
 /// Builds every index's document plan; errors name the config key.
@@ -66,11 +71,15 @@ async fn plans(
     Ok(out)
 }
 
-fn index_plan(alias: &str, plan: &Node) -> IndexPlan {
+fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> IndexPlan {
     IndexPlan {
         alias: alias.to_string(),
         properties: plan.properties(),
-        settings: serde_json::Map::new(),
+        settings: ix
+            .settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -177,11 +186,7 @@ fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
 
 /// Checks the database, the slot and the cluster, creates what is missing,
 /// and backfills indexes that are not seeded.
-pub async fn prepare(
-    cfg: &Config,
-    shutdown: &Shutdown,
-    stats: &Arc<Stats>,
-) -> Result<Prepared, EngineError> {
+pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, EngineError> {
     let params = PgParams::from_url(&cfg.source.url)?;
     let client = params.connect().await?;
     catalog::check_wal_level(&client).await?;
@@ -213,29 +218,30 @@ pub async fn prepare(
     let slot = &cfg.source.slot;
     let existing = catalog::slot_info(&client, slot).await?;
     let mut new_slot = None;
-    let resume_at = match &existing {
+    match &existing {
         Some(info) => {
             catalog::check_slot(info, slot, params.dbname())?;
             tracing::info!(slot, confirmed_flush = %info.confirmed_flush, "resuming replication slot");
-            info.confirmed_flush
         }
         None => {
             let created = catalog::create_slot(&params, slot, &cfg.source.publication).await?;
-            let at = created.consistent_point;
             new_slot = Some(created);
-            at
         }
-    };
+    }
 
     let mut indexes = Vec::with_capacity(plans.len());
-    let mut to_seed = Vec::new();
+    let mut jobs = Vec::new();
     for (pos, (ix, doc_plan)) in cfg.indexes.iter().zip(plans).enumerate() {
-        let plan = index_plan(&ix.name, &doc_plan);
+        let plan = index_plan(&ix.name, &doc_plan, ix);
         let prepared = sink.prepare_index(&plan, new_slot.is_some()).await?;
-        if new_slot.is_some() || prepared.seeded.is_none() {
-            to_seed.push((pos, plan, prepared.previous.clone()));
-        } else {
+        let seeded = new_slot.is_none() && prepared.seeded.is_some();
+        if seeded {
             tracing::info!(index = %ix.name, concrete = %prepared.concrete, seeded_at = ?prepared.seeded, "index is seeded");
+            if let Some(st) = index_stats.get(pos) {
+                st.set_state(IndexState::Streaming);
+            }
+        } else if let Some(st) = index_stats.get(pos) {
+            st.set_state(IndexState::Backfilling);
         }
         indexes.push(IndexRuntime {
             pos,
@@ -244,44 +250,49 @@ pub async fn prepare(
             shape: doc_plan.table.clone(),
             fast: !ix.is_relational() && ix.rename.is_empty(),
             plan: doc_plan,
+            shadow: if seeded {
+                None
+            } else {
+                prepared.previous.clone()
+            },
         });
+        if !seeded {
+            jobs.push(crate::seed::Job {
+                pos,
+                plan,
+                previous: prepared.previous,
+                resume_after: if new_slot.is_some() {
+                    None
+                } else {
+                    prepared.checkpoint
+                },
+            });
+        }
     }
 
-    if !to_seed.is_empty() {
-        let snapshot = new_slot.as_ref().map(|s| s.snapshot.as_str());
-        let snap_client = catalog::open_snapshot(&params, snapshot).await?;
-        // The snapshot is imported: the slot-creating session may go.
-        drop(new_slot.take());
-        let names: Vec<String> = indexes.iter().map(|i| i.concrete.clone()).collect();
-        for (pos, plan, previous) in &to_seed {
-            let ix = &indexes[*pos];
-            if let Some(st) = index_stats.get(*pos) {
-                st.set_state(IndexState::Backfilling);
+    let mut seeding = None;
+    if !jobs.is_empty() {
+        // The snapshot the copy reads: the one exported with a new slot, or
+        // a temporary slot's when the main slot already streams.
+        let (snapshot_slot, version) = match new_slot.take() {
+            Some(s) => {
+                let at = s.consistent_point;
+                (s, at)
             }
-            let ctx = backfill::Ctx {
-                cfg,
-                shutdown,
-                stats: index_stats.get(*pos).map(|s| s.as_ref()),
-                all_stats: stats.clone(),
-            };
-            backfill::run(&snap_client, &sink, ix, &names, resume_at, &ctx).await?;
-            if *shutdown.borrow() {
-                return Ok(Prepared {
-                    params,
-                    client,
-                    types,
-                    sink,
-                    indexes,
-                });
+            None => {
+                let s = catalog::seed_snapshot(&params, slot, &cfg.source.publication).await?;
+                let at = s.consistent_point;
+                (s, at)
             }
-            sink.mark_seeded(plan, &ix.concrete, resume_at).await?;
-            if let Some(prev) = previous {
-                sink.swap_alias(&ix.alias, &ix.concrete, Some(prev)).await?;
-                sink.delete_index(prev).await?;
-                tracing::info!(alias = %ix.alias, from = %prev, to = %ix.concrete, "moved alias to the rebuilt index");
-            }
-        }
-        let _ = snap_client.batch_execute("COMMIT").await;
+        };
+        let snap_client = catalog::open_snapshot(&params, Some(&snapshot_slot.snapshot)).await?;
+        // The snapshot is imported: the session that exported it may go.
+        drop(snapshot_slot);
+        seeding = Some(crate::seed::Seeding {
+            client: snap_client,
+            version,
+            jobs,
+        });
     }
     Ok(Prepared {
         params,
@@ -289,6 +300,7 @@ pub async fn prepare(
         types,
         sink,
         indexes,
+        seeding,
     })
 }
 

@@ -132,6 +132,7 @@ pub async fn stream(
         types,
         sink,
         indexes,
+        seeding,
     } = prepared;
     let mut capture = capture::start(
         &params,
@@ -156,7 +157,13 @@ pub async fn stream(
         client,
         types,
         sink,
-        names: indexes.iter().map(|i| i.concrete.clone()).collect(),
+        // Positions 0..n: each index's concrete index; n..2n: the index the
+        // alias still serves while a rebuild seeds ("" when none).
+        names: indexes
+            .iter()
+            .map(|i| i.concrete.clone())
+            .chain(indexes.iter().map(|i| i.shadow.clone().unwrap_or_default()))
+            .collect(),
         indexes,
         roots,
         projections: HashMap::new(),
@@ -179,6 +186,19 @@ pub async fn stream(
             .collect(),
         last_event: Instant::now(),
     };
+    // Seeding runs beside streaming; it reports each alias it moves.
+    let (swapped_tx, mut swapped_rx) = tokio::sync::mpsc::channel::<(usize, String)>(16);
+    let mut seeding_task = seeding.map(|s| {
+        tokio::spawn(crate::seed::run(
+            s,
+            w.sink.clone(),
+            w.indexes.clone(),
+            cfg.clone(),
+            shutdown.clone(),
+            stats.clone(),
+            swapped_tx,
+        ))
+    });
     tracing::info!("streaming changes");
     stats.streaming.store(true, Relaxed);
     for i in 0..w.indexes.len() {
@@ -197,6 +217,19 @@ pub async fn stream(
             _ = shutdown.changed() => {
                 tracing::info!("stopping: flushing the in-flight batch");
                 break w.finish(cfg.engine.shutdown_timeout()).await;
+            }
+            r = wait_seeding(&mut seeding_task) => {
+                seeding_task = None;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(EngineError::Stream(format!("seeding task failed: {e}"))),
+                }
+                continue;
+            }
+            Some((pos, old)) = swapped_rx.recv() => {
+                if let Err(e) = w.retire_shadow(pos, &old).await { break Err(e); }
+                continue;
             }
             r = wait_inflight(&mut w.inflight) => {
                 w.inflight = None;
@@ -244,6 +277,11 @@ pub async fn stream(
         }
         w.ack_if_nothing_pending();
     };
+    // A seeding still running belongs to this pipeline: stop it (it resumes
+    // from its checkpoint next time).
+    if let Some(t) = seeding_task.take() {
+        t.abort();
+    }
     // Capture reports the last confirmed position to the server, then closes the stream.
     capture.stop();
     if !joined {
@@ -251,6 +289,15 @@ pub async fn stream(
     }
     tracing::info!(confirmed = %capture.ack.confirmed(), "stream closed");
     result
+}
+
+async fn wait_seeding(
+    task: &mut Option<tokio::task::JoinHandle<Result<(), EngineError>>>,
+) -> Result<Result<(), EngineError>, tokio::task::JoinError> {
+    match task {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_inflight(
@@ -550,8 +597,39 @@ impl Worker {
     /// writes reach the sink in stream order), then sends this one in the
     /// background while the next batch fills. Its LSN is confirmed when it
     /// completes (see [`Worker::settled`]).
+    /// The alias moved off `old`: stop writing to it (after the write in
+    /// flight lands) and delete it.
+    async fn retire_shadow(&mut self, pos: usize, old: &str) -> Result<(), EngineError> {
+        self.settle().await?;
+        let n = self.indexes.len();
+        if let Some(ix) = self.indexes.get_mut(pos) {
+            ix.shadow = None;
+        }
+        if let Some(name) = self.names.get_mut(n + pos) {
+            name.clear();
+        }
+        self.sink.delete_index(old).await?;
+        tracing::info!(index = %old, "deleted the index the alias left");
+        Ok(())
+    }
+
     async fn dispatch(&mut self) -> Result<(), EngineError> {
-        let writes = self.prepare_writes().await?;
+        let mut writes = self.prepare_writes().await?;
+        // Keep an index the alias still serves current during a rebuild.
+        let n = self.indexes.len();
+        let shadowed: Vec<DocWrite> = writes
+            .iter()
+            .filter(|w| {
+                self.indexes
+                    .get(w.index)
+                    .is_some_and(|i| i.shadow.is_some())
+            })
+            .map(|w| DocWrite {
+                index: n + w.index,
+                ..w.clone()
+            })
+            .collect();
+        writes.extend(shadowed);
         let ack = self.batch.ack.take();
         self.batch.since = None;
         self.batch.changes = 0;
@@ -629,7 +707,13 @@ impl Worker {
     /// poison policy. Runs before the batch's LSN is confirmed.
     async fn on_rejected(&mut self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
         let mut by_index: HashMap<usize, Vec<Rejected>> = HashMap::new();
+        let n = self.indexes.len();
         for r in rejected {
+            if r.write.index >= n {
+                tracing::warn!(index = %self.names.get(r.write.index).map(String::as_str).unwrap_or(""),
+                    id = %r.write.id, "the index being replaced refused a document; the rebuilt index decides");
+                continue;
+            }
             by_index.entry(r.write.index).or_default().push(r);
         }
         let mut still = Vec::new();
@@ -858,6 +942,8 @@ impl Worker {
                 shutdown: &self.shutdown,
                 stats: None,
                 all_stats: self.stats.clone(),
+                checkpoint: None,
+                resume_after: None,
             };
             crate::backfill::run(
                 &self.client,

@@ -57,6 +57,8 @@ pub struct PreparedIndex {
     pub seeded: Option<Lsn>,
     /// Another concrete index the alias points at now (an older mapping).
     pub previous: Option<String>,
+    /// Primary key of the last row an interrupted backfill made durable.
+    pub checkpoint: Option<Vec<String>>,
 }
 
 impl Sink {
@@ -131,13 +133,20 @@ impl Sink {
             exists = false;
         }
         let mut seeded = None;
+        let mut checkpoint = None;
         if exists {
             let m = self
                 .request_json(Method::Get, &format!("/{concrete}/_mapping"), None)
                 .await?;
-            seeded = m[&concrete]["mappings"]["_meta"]["ferry"]["seeded_lsn"]
+            let meta = &m[&concrete]["mappings"]["_meta"]["ferry"];
+            seeded = meta["seeded_lsn"]
                 .as_str()
                 .and_then(|s| s.parse::<Lsn>().ok());
+            checkpoint = meta["backfill_after"].as_array().map(|a| {
+                a.iter()
+                    .map(|v| v.as_str().unwrap_or_default().to_string())
+                    .collect()
+            });
         } else {
             self.request_json(
                 Method::Put,
@@ -156,6 +165,7 @@ impl Sink {
             concrete,
             seeded,
             previous,
+            checkpoint,
         })
     }
 
@@ -172,6 +182,32 @@ impl Sink {
         self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
             .await
             .map(|_| ())
+    }
+
+    /// Records that a backfill made every row up to primary key `after` durable.
+    pub async fn set_checkpoint(
+        &self,
+        plan: &IndexPlan,
+        concrete: &str,
+        after: &[String],
+    ) -> Result<(), SinkError> {
+        let body = json!({"_meta": {"ferry": {
+            "alias": plan.alias, "hash": plan.hash(), "backfill_after": after
+        }}});
+        self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Updates dynamic index settings (`null` resets one to its default).
+    pub async fn update_settings(&self, concrete: &str, settings: Value) -> Result<(), SinkError> {
+        self.request_json(
+            Method::Put,
+            &format!("/{concrete}/_settings"),
+            Some(json!({ "index": settings })),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Points `alias` at `concrete` atomically, removing it from `previous`.

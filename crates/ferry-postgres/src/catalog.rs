@@ -448,14 +448,37 @@ pub async fn create_slot(
     slot: &str,
     publication: &str,
 ) -> Result<NewSlot, SourceError> {
+    create_slot_with(params, slot, publication, false).await
+}
+
+/// A snapshot for seeding an index while the main slot streams: a
+/// temporary slot (dropped when its session ends) exports a snapshot whose
+/// consistent point splits changes exactly into "in the snapshot" and "after
+/// it", which makes that point the right version for the copied documents.
+pub async fn seed_snapshot(
+    params: &PgParams,
+    slot: &str,
+    publication: &str,
+) -> Result<NewSlot, SourceError> {
+    let name = format!("{slot}_seed_{}", std::process::id());
+    create_slot_with(params, &name, publication, true).await
+}
+
+async fn create_slot_with(
+    params: &PgParams,
+    slot: &str,
+    publication: &str,
+    temporary: bool,
+) -> Result<NewSlot, SourceError> {
     let cfg = params.replication(slot, publication);
     let mut session = pgwire_replication::ReplicationClient::connect_gated(cfg)
         .await
         .map_err(|e| SourceError::from_replication("opening a replication session", e))?;
     let rows = session
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            quote_ident(slot)
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot),
+            if temporary { " TEMPORARY" } else { "" }
         ))
         .await
         .map_err(|e| {

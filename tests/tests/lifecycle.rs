@@ -1,0 +1,199 @@
+//! Backfill and index lifecycle: seeding while live changes flow, resuming
+//! an interrupted backfill, and rebuilding into a new index when the
+//! mapping changes while searches keep being answered.
+
+use std::time::{Duration, Instant};
+
+use ferry_e2e::TestEnv;
+use ferry_opensearch::Method;
+use serde_json::json;
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+fn config(env: &TestEnv, extra_engine: &str, indexes: &str) -> String {
+    format!(
+        "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n[sink]\nurl = \"{}\"\n\n[engine]\nmax_batch_delay_ms = 20\n{extra_engine}\n{indexes}",
+        env.pg.url("app"),
+        env.os.url(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_runs_while_live_changes_flow_and_other_indexes_stream() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, v text, n int);
+         INSERT INTO big SELECT g, 'v' || g, 0 FROM generate_series(1, 30000) g;
+         CREATE TABLE small (id int PRIMARY KEY, v text);",
+    )
+    .await
+    .expect("schema");
+    let indexes = format!(
+        "[[index]]\nname = \"{}\"\ntable = \"big\"\n\n[[index]]\nname = \"{}\"\ntable = \"small\"\n",
+        env.index("big"),
+        env.index("small")
+    );
+    let cfg = env.write_config(&config(&env, "backfill_chunk_rows = 5000", &indexes));
+    let ferry = env.run_ferry(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.log().contains("streaming changes") {
+        assert!(
+            Instant::now() < deadline,
+            "never streamed\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Live changes while the big table is being copied: updates, deletes
+    // (which the copy must not resurrect) and inserts.
+    let mut seen_while_seeding = false;
+    for round in 0..10 {
+        db.batch_execute(&format!(
+            "UPDATE big SET n = n + 1, v = 'live {round}' WHERE id % 97 = {round};
+             DELETE FROM big WHERE id % 101 = {round};
+             INSERT INTO big VALUES ({}, 'new', 0);
+             INSERT INTO small VALUES ({round}, 'small {round}');",
+            100_000 + round
+        ))
+        .await
+        .expect("live changes");
+        // The other index streams meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while env.count("small").await < round as u64 + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "small index did not stream\n{}",
+                env.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if env.count("big").await < 30_000 {
+            seen_while_seeding = true;
+        }
+    }
+    assert!(
+        seen_while_seeding,
+        "the small index streamed while the big one was still seeding"
+    );
+    env.assert_converges("big", "big", CONVERGE).await;
+    env.assert_converges("small", "small", CONVERGE).await;
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_backfill_resumes_from_its_checkpoint() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE r (id int PRIMARY KEY, v text);
+         INSERT INTO r SELECT g, repeat('x', 20) || g FROM generate_series(1, 20000) g;",
+    )
+    .await
+    .expect("schema");
+    let indexes = format!("[[index]]\nname = \"{}\"\ntable = \"r\"\n", env.index("r"));
+    let cfg = env.write_config(&config(
+        &env,
+        "backfill_chunk_rows = 2000\nbackfill_batch_rows = 500",
+        &indexes,
+    ));
+    let ferry = env.run_ferry(&cfg);
+    let deadline = Instant::now() + CONVERGE;
+    while env.count("r").await < 8_000 {
+        assert!(Instant::now() < deadline, "no progress\n{}", env.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ferry.kill();
+    db.batch_execute("UPDATE r SET v = 'changed while down' WHERE id IN (1, 19999)")
+        .await
+        .expect("change");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("r", "r", CONVERGE).await;
+    let log = env.log();
+    assert!(
+        log.contains("backfill resumed after its last checkpoint"),
+        "{log}"
+    );
+    // The second run copied only what came after the checkpoint.
+    let second: u64 = log
+        .lines()
+        .filter(|l| l.contains("backfill finished"))
+        .filter_map(|l| l.split("rows=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .last()
+        .expect("backfill finished line");
+    assert!(
+        second < 14_000,
+        "the resumed backfill copied {second} rows, not all 20,000"
+    );
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapping_change_rebuilds_in_the_background_and_swaps_the_alias() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE m (id int PRIMARY KEY, v text, w int);
+         INSERT INTO m SELECT g, 'v' || g, g FROM generate_series(1, 8000) g;",
+    )
+    .await
+    .expect("schema");
+    let alias = env.index("m");
+    let v1 = format!("[[index]]\nname = \"{alias}\"\ntable = \"m\"\ncolumns = [\"id\", \"v\"]\n");
+    let cfg = env.write_config(&config(&env, "backfill_chunk_rows = 1000", &v1));
+    let ferry = env.run_ferry(&cfg);
+    let expected_v1 = "SELECT id::text, jsonb_build_object('id', id, 'v', v)::text FROM m";
+    env.assert_converges_to("m", expected_v1, CONVERGE).await;
+    let old: Vec<String> = env.sink.alias_targets(&alias).await.expect("alias");
+    assert_eq!(ferry.stop(), Some(0));
+
+    // New mapping: one more column. ferry builds a new index beside the
+    // old one; searches on the alias keep working the whole time.
+    let v2 =
+        format!("[[index]]\nname = \"{alias}\"\ntable = \"m\"\ncolumns = [\"id\", \"v\", \"w\"]\n");
+    let cfg = env.write_config(&config(&env, "backfill_chunk_rows = 1000", &v2));
+    let ferry = env.run_ferry(&cfg);
+    let deadline = Instant::now() + CONVERGE;
+    let mut round = 0;
+    loop {
+        round += 1;
+        db.batch_execute(&format!(
+            "UPDATE m SET v = 'during rebuild {round}' WHERE id = {round}"
+        ))
+        .await
+        .expect("live change");
+        let res = env
+            .sink
+            .json_request(
+                Method::Post,
+                &format!("/{alias}/_search"),
+                Some(json!({"size": 0, "track_total_hits": true})),
+            )
+            .await
+            .expect("searches are answered during the rebuild");
+        assert!(
+            res["hits"]["total"]["value"].as_u64().unwrap_or(0) >= 8_000,
+            "{res}"
+        );
+        let now: Vec<String> = env.sink.alias_targets(&alias).await.expect("alias");
+        if now != old {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alias never moved\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected_v2 = "SELECT id::text, jsonb_build_object('id', id, 'v', v, 'w', w)::text FROM m";
+    env.assert_converges_to("m", expected_v2, CONVERGE).await;
+    let gone = env
+        .sink
+        .json_request(Method::Get, &format!("/{}", old[0]), None)
+        .await;
+    assert!(gone.is_err(), "the old index was deleted");
+    assert_eq!(ferry.stop(), Some(0));
+}
