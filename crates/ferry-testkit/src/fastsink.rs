@@ -9,6 +9,7 @@
 //! * `GET /`, `GET /_cluster/health`
 //! * `PUT /{index}`, `HEAD /{index}`, `GET /{index}`, `DELETE /{index}`
 //! * `GET|PUT /{index}/_mapping` (`properties` merged, `_meta` replaced)
+//! * `PUT /{index}/_settings` (acknowledged, ignored)
 //! * `GET /_alias/{alias}`, `GET /{index}/_alias`, `HEAD /_alias/{alias}`,
 //!   `POST /_aliases` (`add`, `remove`, `remove_index`, applied atomically)
 //! * `POST /_bulk`, `POST /{index}/_bulk` (`index`, `create`, `delete`;
@@ -997,6 +998,7 @@ fn route(shared: &Shared, head: &Head, body: &Bytes, received: Instant) -> Reply
         ("POST" | "GET", [index, "_refresh"]) => refresh(shared, index),
         ("GET", [index, "_mapping"]) => get_mapping(shared, index),
         ("PUT" | "POST", [index, "_mapping"]) => put_mapping(shared, index, body),
+        ("PUT", [index, "_settings"]) => put_settings(shared, index),
         ("POST", [index, "_delete_by_query"]) => delete_by_query(shared, index, body),
         ("GET" | "POST", [index, "_count"]) => count(shared, index, body),
         ("GET" | "HEAD", [index, "_doc", id]) => get_doc(shared, index, id),
@@ -1221,6 +1223,16 @@ fn get_mapping(shared: &Shared, expr: &str) -> Reply {
         }
     }
     Reply::json(200, &Value::Object(out))
+}
+
+/// Dynamic settings are accepted and ignored (the double has no refresh or
+/// tombstone expiry to tune); a missing index is an error as in OpenSearch.
+fn put_settings(shared: &Shared, expr: &str) -> Reply {
+    let state = shared.lock();
+    match state.resolve(expr) {
+        Ok(_) => Reply::json(200, &json!({"acknowledged": true})),
+        Err(missing) => Reply::fail(&Fail::index_not_found(&missing), Some(&missing)),
+    }
 }
 
 fn put_mapping(shared: &Shared, expr: &str, body: &[u8]) -> Reply {
