@@ -26,7 +26,9 @@ pub fn ferry_bin() -> PathBuf {
             .expect("target dir")
             .to_path_buf();
         let bin = profile_dir.join("ferry");
-        if !bin.exists() {
+        // Build it (a no-op when up to date): `cargo test -p ferry-e2e`
+        // alone would otherwise run a stale binary.
+        {
             let release = profile_dir.ends_with("release");
             let mut cmd = Command::new(env!("CARGO"));
             cmd.args(["build", "-p", "ferry", "--bin", "ferry"]);
@@ -340,6 +342,16 @@ impl FerryProcess {
         }
     }
 
+    /// Sends SIGHUP (re-read the configuration).
+    pub fn hangup(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: sending a signal to our own child process id.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGHUP);
+            }
+        }
+    }
+
     /// Kills the process without warning (SIGKILL).
     pub fn kill(mut self) {
         if let Some(mut c) = self.child.take() {
@@ -370,6 +382,8 @@ impl Drop for FerryProcess {
 pub fn ferry_once(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(ferry_bin())
         .args(args)
+        // Parallel tests: never compete for the default admin port.
+        .env("FERRY_ADMIN__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .output()
         .expect("run ferry");

@@ -121,7 +121,7 @@ async fn interrupted_backfill_resumes_from_its_checkpoint() {
         .filter_map(|l| l.split("rows=").nth(1))
         .filter_map(|r| r.split_whitespace().next())
         .filter_map(|n| n.parse().ok())
-        .last()
+        .next_back()
         .expect("backfill finished line");
     assert!(
         second < 14_000,
@@ -195,5 +195,59 @@ async fn mapping_change_rebuilds_in_the_background_and_swaps_the_alias() {
         .json_request(Method::Get, &format!("/{}", old[0]), None)
         .await;
     assert!(gone.is_err(), "the old index was deleted");
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         CREATE TABLE b (id int PRIMARY KEY, v text);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 200) g;
+         INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 300) g;",
+    )
+    .await
+    .expect("schema");
+    let one = format!("[[index]]\nname = \"{}\"\ntable = \"a\"\n", env.index("a"));
+    let two = format!(
+        "{one}\n[[index]]\nname = \"{}\"\ntable = \"b\"\n",
+        env.index("b")
+    );
+    let cfg = env.write_config(&config(&env, "", &one));
+    let mut ferry = env.run_ferry(&cfg);
+    env.assert_converges("a", "a", CONVERGE).await;
+
+    // A broken file is refused; the running pipeline goes on.
+    std::fs::write(&cfg, config(&env, "max_batch_changes = 0", &two)).expect("write");
+    ferry.hangup();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !env.log().contains("configuration reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.batch_execute("INSERT INTO a VALUES (1000, 'still streaming')")
+        .await
+        .expect("insert");
+    env.assert_converges("a", "a", CONVERGE).await;
+    assert!(ferry.is_running());
+
+    // A valid one (a second index) is applied without a restart of the process.
+    std::fs::write(&cfg, config(&env, "", &two)).expect("write");
+    ferry.hangup();
+    env.assert_converges("b", "b", CONVERGE).await;
+    db.batch_execute(
+        "INSERT INTO a VALUES (1001, 'after reload'); INSERT INTO b VALUES (1001, 'after reload')",
+    )
+    .await
+    .expect("insert");
+    env.assert_converges("a", "a", CONVERGE).await;
+    env.assert_converges("b", "b", CONVERGE).await;
+    assert!(ferry.is_running());
     assert_eq!(ferry.stop(), Some(0));
 }

@@ -39,6 +39,37 @@ use tokio::sync::watch;
 /// A signal that asks the engine to stop after the in-flight batch.
 pub type Shutdown = watch::Receiver<bool>;
 
+/// Like [`run`], restarting the pipeline with each new configuration
+/// published on `configs` (SIGHUP): the in-flight batch is flushed and
+/// confirmed, the pipeline stops, and it starts again with the new
+/// configuration, so it is never half-configured.
+pub async fn run_reloadable(
+    mut configs: watch::Receiver<Config>,
+    mut shutdown: Shutdown,
+    stats: Arc<Stats>,
+) -> Result<(), EngineError> {
+    loop {
+        let cfg = configs.borrow_and_update().clone();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut outer = shutdown.clone();
+        let mut cfgs = configs.clone();
+        let forward = tokio::spawn(async move {
+            tokio::select! {
+                _ = outer.changed() => {}
+                _ = cfgs.changed() => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        let result = run(cfg, stop_rx, stats.clone()).await;
+        forward.abort();
+        result?;
+        if *shutdown.borrow_and_update() || !configs.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        tracing::info!("restarting the pipeline with the reloaded configuration");
+    }
+}
+
 /// Runs ferry until `shutdown` turns true or an unrecoverable error occurs.
 pub async fn run(
     cfg: Config,

@@ -31,12 +31,9 @@ struct Ops {
 }
 
 async fn open(cfg: &Config) -> Result<Ops, EngineError> {
-    let params = PgParams::from_url(&cfg.source.url)?;
+    let params = PgParams::from_config(&cfg.source)?;
     let client = params.connect().await?;
-    let sink = Sink::new(
-        &cfg.sink.url,
-        Duration::from_secs(cfg.sink.request_timeout_secs),
-    )?;
+    let sink = Sink::from_config(&cfg.sink)?;
     let mut types = TypeResolver::default();
     let mut indexes = Vec::new();
     for (pos, ix) in cfg.indexes.iter().enumerate() {
@@ -101,10 +98,7 @@ pub async fn dead_letters_list(
     cfg: &Config,
     index: Option<&str>,
 ) -> Result<Vec<DeadLetter>, EngineError> {
-    let sink = Sink::new(
-        &cfg.sink.url,
-        Duration::from_secs(cfg.sink.request_timeout_secs),
-    )?;
+    let sink = Sink::from_config(&cfg.sink)?;
     Ok(sink
         .list_dead_letters(&cfg.sink.dead_letter_index, index, 10_000)
         .await?)
@@ -112,10 +106,7 @@ pub async fn dead_letters_list(
 
 /// Deletes dead letters (of one index, or all); returns how many.
 pub async fn dead_letters_purge(cfg: &Config, index: Option<&str>) -> Result<usize, EngineError> {
-    let sink = Sink::new(
-        &cfg.sink.url,
-        Duration::from_secs(cfg.sink.request_timeout_secs),
-    )?;
+    let sink = Sink::from_config(&cfg.sink)?;
     let letters = sink
         .list_dead_letters(&cfg.sink.dead_letter_index, index, 10_000)
         .await?;

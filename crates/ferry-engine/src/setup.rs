@@ -8,7 +8,6 @@
 //! LSN, which is higher, so a late copy never overwrites a streamed change.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_config::Config;
 use ferry_core::plan::Node;
@@ -178,16 +177,13 @@ async fn ensure_identities(
 }
 
 fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
-    Ok(Sink::new(
-        &cfg.sink.url,
-        Duration::from_secs(cfg.sink.request_timeout_secs),
-    )?)
+    Ok(Sink::from_config(&cfg.sink)?)
 }
 
 /// Checks the database, the slot and the cluster, creates what is missing,
 /// and backfills indexes that are not seeded.
 pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, EngineError> {
-    let params = PgParams::from_url(&cfg.source.url)?;
+    let params = PgParams::from_config(&cfg.source)?;
     let client = params.connect().await?;
     catalog::check_wal_level(&client).await?;
     let mut types = TypeResolver::default();
@@ -307,7 +303,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
 /// `ferry check`: every read-only check, returning the problems found (empty = healthy).
 pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     let mut problems = Vec::new();
-    let params = PgParams::from_url(&cfg.source.url)?;
+    let params = PgParams::from_config(&cfg.source)?;
     let client = params.connect().await?;
     if let Err(e) = catalog::check_wal_level(&client).await {
         problems.push(e.to_string());

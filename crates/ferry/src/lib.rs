@@ -244,7 +244,8 @@ async fn run(path: PathBuf) -> ExitCode {
             ferry_admin::systemd::watchdog_interval(),
         ))
     });
-    let result = ferry_engine::run(cfg, shutdown, stats).await;
+    let configs = reload_on_sighup(path, cfg);
+    let result = ferry_engine::run_reloadable(configs, shutdown, stats).await;
     if let Some(n) = &notifier {
         // Also when the engine ended on its own (an error, not a signal).
         let _ = n.notify("STOPPING=1");
@@ -263,6 +264,37 @@ async fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A watch of the configuration, re-read from `path` on SIGHUP. A new
+/// configuration is published only when it parses and validates as a whole
+/// and changes nothing that needs a process restart (`admin.listen`);
+/// otherwise the running one stays and the log says why.
+fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
+    let (tx, rx) = watch::channel(cfg);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let current = tx.borrow().clone();
+            match Config::load(&path) {
+                Err(e) => tracing::error!("SIGHUP: configuration reload refused, the running configuration stays: {e}"),
+                Ok(new) if new == current => tracing::info!("SIGHUP: configuration unchanged"),
+                Ok(new) if new.admin != current.admin => tracing::error!(
+                    "SIGHUP: configuration reload refused: admin.listen cannot change while running; restart ferry to apply it"
+                ),
+                Ok(new) => {
+                    tracing::info!("SIGHUP: configuration reloaded; the pipeline restarts with it after flushing what is in flight");
+                    let _ = tx.send(new);
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// The systemd notifier when started by systemd with `Type=notify`.
