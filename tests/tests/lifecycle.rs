@@ -251,3 +251,59 @@ async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
     assert!(ferry.is_running());
     assert_eq!(ferry.stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindex_rebuilds_into_a_new_index_and_swaps_the_alias() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE x (id int PRIMARY KEY, v text);
+         INSERT INTO x SELECT g, 'x' || g FROM generate_series(1, 3000) g;",
+    )
+    .await
+    .expect("schema");
+    let alias = env.index("x");
+    let indexes = format!("[[index]]\nname = \"{alias}\"\ntable = \"x\"\n");
+    let cfg = env.write_config(&config(&env, "backfill_chunk_rows = 500", &indexes));
+    let cfg_s = cfg.to_str().expect("utf8").to_string();
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("x", "x", CONVERGE).await;
+    let old = env.sink.alias_targets(&alias).await.expect("alias");
+
+    let (code, out, err) = ferry_e2e::ferry_once(&["reindex", &alias, "--config", &cfg_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rebuild of"), "{out}");
+    ferry.hangup();
+    let deadline = Instant::now() + CONVERGE;
+    let mut round = 0;
+    loop {
+        round += 1;
+        db.batch_execute(&format!(
+            "UPDATE x SET v = 'during reindex {round}' WHERE id = {round}"
+        ))
+        .await
+        .expect("live change");
+        let now = env.sink.alias_targets(&alias).await.expect("alias");
+        assert_eq!(now.len(), 1, "the alias always points at exactly one index");
+        if now != old {
+            assert!(
+                now[0].starts_with(&old[0]),
+                "a new generation of the same mapping: {now:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the alias never moved\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.assert_converges("x", "x", CONVERGE).await;
+    let gone = env
+        .sink
+        .json_request(Method::Get, &format!("/{}", old[0]), None)
+        .await;
+    assert!(gone.is_err(), "the old index was deleted");
+    assert_eq!(ferry.stop(), Some(0));
+}

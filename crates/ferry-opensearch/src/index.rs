@@ -116,8 +116,24 @@ impl Sink {
         plan: &IndexPlan,
         fresh: bool,
     ) -> Result<PreparedIndex, SinkError> {
-        let concrete = concrete_name(plan);
+        let base = concrete_name(plan);
         let targets = self.alias_targets(&plan.alias).await?;
+        let mut concrete = base.clone();
+        // The alias may serve a rebuilt generation of the same mapping
+        // (`<alias>-<hash>-g<n>`, from `ferry reindex`).
+        if let Some(cur) = targets
+            .iter()
+            .find(|t| **t == base || t.starts_with(&format!("{base}-g")))
+        {
+            concrete = cur.clone();
+            let m = self
+                .request_json(Method::Get, &format!("/{cur}/_mapping"), None)
+                .await?;
+            if m[cur.as_str()]["mappings"]["_meta"]["ferry"]["reindex_requested"] == json!(true) {
+                concrete = self.next_generation(&base, cur).await?;
+                tracing::info!(alias = %plan.alias, from = %cur, to = %concrete, "rebuild requested: building a new index");
+            }
+        }
         if targets.is_empty() && self.exists(&format!("/{}", plan.alias)).await? {
             return Err(SinkError::Conflict(format!(
                 "an index named {:?} already exists and is not an alias managed by ferry; \
@@ -167,6 +183,66 @@ impl Sink {
             previous,
             checkpoint,
         })
+    }
+
+    /// The index to rebuild `cur` into: an unfinished earlier attempt if one
+    /// exists (it resumes from its checkpoint), else a new generation name.
+    async fn next_generation(&self, base: &str, cur: &str) -> Result<String, SinkError> {
+        let (status, body) = self
+            .request(
+                Method::Get,
+                &format!("/{base}-g*/_mapping"),
+                None,
+                "application/json",
+            )
+            .await?;
+        if (200..300).contains(&status) {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut names: Vec<String> = v
+                .as_object()
+                .map(|o| o.keys().filter(|k| k.as_str() != cur).cloned().collect())
+                .unwrap_or_default();
+            names.sort();
+            if let Some(last) = names.pop() {
+                return Ok(last);
+            }
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(format!("{base}-g{secs}"))
+    }
+
+    /// Asks the running ferry to rebuild `alias` into a new index: marks the
+    /// index it serves; the rebuild starts when ferry restarts its pipeline
+    /// (SIGHUP or a restart). Returns the index currently served.
+    pub async fn request_reindex(&self, alias: &str) -> Result<String, SinkError> {
+        let cur = self
+            .alias_targets(alias)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                SinkError::Conflict(format!("there is no index {alias:?} to rebuild"))
+            })?;
+        let m = self
+            .request_json(Method::Get, &format!("/{cur}/_mapping"), None)
+            .await?;
+        let mut meta = m[cur.as_str()]["mappings"]["_meta"]["ferry"].clone();
+        if !meta.is_object() {
+            return Err(SinkError::Conflict(format!(
+                "index {cur:?} behind {alias:?} was not created by ferry"
+            )));
+        }
+        meta["reindex_requested"] = json!(true);
+        self.request_json(
+            Method::Put,
+            &format!("/{cur}/_mapping"),
+            Some(json!({"_meta": {"ferry": meta}})),
+        )
+        .await?;
+        Ok(cur)
     }
 
     /// Records in the index's mapping metadata that its backfill completed at `lsn`.

@@ -74,6 +74,14 @@ pub enum Command {
         #[command(subcommand)]
         action: ops::DeadLetterAction,
     },
+    /// Rebuild an index into a new one in the background (the alias moves when it is complete).
+    Reindex {
+        /// The configured index name (alias).
+        name: String,
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+    },
     /// Rebuild documents from PostgreSQL and compare them with the cluster; safe on a live deployment.
     Verify {
         /// The configuration file (TOML).
@@ -124,6 +132,7 @@ pub fn main() -> ExitCode {
                 index,
                 action,
             } => ops::dead_letters(&config, action, index).await,
+            Command::Reindex { name, config } => ops::reindex(&config, &name).await,
             Command::Verify {
                 config,
                 index,
@@ -283,7 +292,11 @@ fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
             let current = tx.borrow().clone();
             match Config::load(&path) {
                 Err(e) => tracing::error!("SIGHUP: configuration reload refused, the running configuration stays: {e}"),
-                Ok(new) if new == current => tracing::info!("SIGHUP: configuration unchanged"),
+                Ok(new) if new == current => {
+                    // Still restart the pipeline: it picks up rebuild requests (`ferry reindex`).
+                    tracing::info!("SIGHUP: configuration unchanged; restarting the pipeline to pick up index rebuild requests");
+                    let _ = tx.send(new);
+                }
                 Ok(new) if new.admin != current.admin => tracing::error!(
                     "SIGHUP: configuration reload refused: admin.listen cannot change while running; restart ferry to apply it"
                 ),

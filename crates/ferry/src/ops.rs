@@ -69,6 +69,39 @@ pub async fn dead_letters(
     }
 }
 
+/// Runs `ferry reindex NAME`: marks the index for a rebuild that the
+/// running ferry performs on its next pipeline start (SIGHUP or restart).
+pub async fn reindex(config: &Path, name: &str) -> ExitCode {
+    let cfg = match crate::load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !cfg.indexes.iter().any(|i| i.name == name) {
+        tracing::error!("no [[index]] named {name:?} in the configuration");
+        return ExitCode::from(2);
+    }
+    let sink = match ferry_opensearch::Sink::from_config(&cfg.sink) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "reindex failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    match sink.request_reindex(name).await {
+        Ok(cur) => {
+            out!(
+                "rebuild of {name} requested: send SIGHUP to ferry (systemctl reload ferry) or restart it; \
+                 searches keep using {cur} until the new index is complete, then the alias moves"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reindex failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `ferry verify`; exits 1 when differences remain.
 pub async fn verify(
     config: &Path,
