@@ -240,7 +240,7 @@ impl Default for EngineConfig {
             max_batch_delay_ms: 20,
             queue_capacity: 20_000,
             backfill_batch_rows: 5_000,
-            backfill_chunk_rows: 100_000,
+            backfill_chunk_rows: 250_000,
             shutdown_timeout_secs: 30,
         }
     }
