@@ -44,6 +44,7 @@ pub struct Harness {
     dir: tempfile::TempDir,
     ferry_bin: PathBuf,
     keep_logs: Option<(PathBuf, String)>,
+    log_filter: String,
 }
 
 impl Harness {
@@ -72,12 +73,24 @@ impl Harness {
             dir: tempfile::tempdir()?,
             ferry_bin: ferry_bin.to_path_buf(),
             keep_logs: keep_logs.map(|d| (d.to_path_buf(), workload.to_owned())),
+            log_filter: "warn".to_owned(),
         })
     }
 
     /// A new connection to [`DB`].
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         Ok(self.pg.client(DB).await?)
+    }
+
+    /// The `RUST_LOG` filter the next [`start_ferry`](Self::start_ferry)
+    /// passes (default `warn`).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
+    }
+
+    /// Everything ferry has logged so far (empty before it started).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default()
     }
 
     /// Runs `ferry run --config …` for one index over `table`; returns when
@@ -93,7 +106,12 @@ impl Harness {
         std::fs::write(&config_path, config)?;
         let log = self.dir.path().join("ferry.log");
         let started = Instant::now();
-        self.ferry = Some(Ferry::spawn(&self.ferry_bin, &config_path, &log)?);
+        self.ferry = Some(Ferry::spawn(
+            &self.ferry_bin,
+            &config_path,
+            &log,
+            &self.log_filter,
+        )?);
         Ok(started)
     }
 
@@ -297,7 +315,7 @@ impl Harness {
 
     /// The last lines of ferry's log, labelled, for error messages.
     pub fn log_excerpt(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(25)..].join("\n");
         if tail.trim().is_empty() {
@@ -335,12 +353,12 @@ pub struct Ferry {
 }
 
 impl Ferry {
-    fn spawn(bin: &Path, config: &Path, log: &Path) -> Result<Ferry> {
+    fn spawn(bin: &Path, config: &Path, log: &Path, filter: &str) -> Result<Ferry> {
         let log_file = File::create(log)?;
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));

@@ -31,7 +31,7 @@ use crate::workloads::{Ctx, Sizes, Workload};
 #[command(
     name = "ferry-bench",
     about = "Benchmarks the real ferry binary against a throwaway PostgreSQL and an in-memory OpenSearch double",
-    after_help = "Workloads: sink-selftest, backfill, backfill-wide, stream-simple, stream-1k, stream-5k, big-transaction (default: all)"
+    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, big-transaction (default: all)"
 )]
 struct Args {
     /// Workloads to run, in order (default: all of them).

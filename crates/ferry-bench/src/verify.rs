@@ -58,6 +58,36 @@ async fn check(h: &Harness, table: &str, timeout: Duration) -> Result<Result<Str
     }
 
     // Sampled documents equal their rows.
+    let sample: Vec<i64> =
+        h.db.query(
+            &format!(
+                "(SELECT id FROM {table} ORDER BY random() LIMIT {SAMPLE}) \
+                 UNION (SELECT max(id) FROM {table}) UNION (SELECT min(id) FROM {table})"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| r.get::<_, Option<i64>>(0))
+        .collect();
+    if let Err(why) = compare_ids(h, table, &sample).await? {
+        return Ok(Err(why));
+    }
+    Ok(Ok(format!(
+        "{rows} rows = {rows} docs, {} sampled equal",
+        sample.len()
+    )))
+}
+
+/// Checks that the documents of rows `ids` equal those rows, column by
+/// column; `Err(reason)` names the first one that does not.
+pub async fn documents_equal_rows(h: &Harness, table: &str, ids: &[i64]) -> Result<(), String> {
+    compare_ids(h, table, ids)
+        .await
+        .map_err(|e| format!("{e:#}"))?
+}
+
+async fn compare_ids(h: &Harness, table: &str, ids: &[i64]) -> Result<Result<(), String>> {
     let columns: Vec<(String, String)> =
         h.db.query(
             "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
@@ -73,19 +103,7 @@ async fn check(h: &Harness, table: &str, timeout: Duration) -> Result<Result<Str
         h.db.prepare(&compare_sql)
             .await
             .with_context(|| format!("preparing {compare_sql}"))?;
-    let sample: Vec<i64> =
-        h.db.query(
-            &format!(
-                "(SELECT id FROM {table} ORDER BY random() LIMIT {SAMPLE}) \
-                 UNION (SELECT max(id) FROM {table}) UNION (SELECT min(id) FROM {table})"
-            ),
-            &[],
-        )
-        .await?
-        .iter()
-        .filter_map(|r| r.get::<_, Option<i64>>(0))
-        .collect();
-    for id in &sample {
+    for id in ids {
         let Some((version, source)) = h.sink.get(INDEX, &id.to_string()) else {
             return Ok(Err(format!("document {id} vanished during the check")));
         };
@@ -117,10 +135,7 @@ async fn check(h: &Harness, table: &str, timeout: Duration) -> Result<Result<Str
             )));
         }
     }
-    Ok(Ok(format!(
-        "{rows} rows = {rows} docs, {} sampled equal",
-        sample.len()
-    )))
+    Ok(Ok(()))
 }
 
 /// `SELECT <field == column>…, <field count> FROM table WHERE id = $1`, with

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_testkit::fastsink::FastSinkStats;
+use ferry_testkit::fastsink::{FastSinkStats, ItemOutcome};
 use futures_util::StreamExt;
 use tokio_postgres::SimpleQueryMessage;
 
@@ -41,6 +41,8 @@ pub enum Workload {
     SinkSelftest,
     /// Initial copy of narrow rows.
     Backfill,
+    /// Initial copy of narrow rows while two writers change the table.
+    BackfillLive,
     /// Initial copy of ~2 KB rows.
     BackfillWide,
     /// Concurrent writers as fast as possible.
@@ -55,9 +57,10 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in the order a default run uses.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::SinkSelftest,
         Workload::Backfill,
+        Workload::BackfillLive,
         Workload::BackfillWide,
         Workload::StreamSimple,
         Workload::Stream1k,
@@ -70,6 +73,7 @@ impl Workload {
         match self {
             Workload::SinkSelftest => "sink-selftest",
             Workload::Backfill => "backfill",
+            Workload::BackfillLive => "backfill-live",
             Workload::BackfillWide => "backfill-wide",
             Workload::StreamSimple => "stream-simple",
             Workload::Stream1k => "stream-1k",
@@ -91,7 +95,7 @@ impl Workload {
     fn planned(self, s: &Sizes) -> (u64, &'static str) {
         match self {
             Workload::SinkSelftest => (s.selftest_docs, "docs"),
-            Workload::Backfill => (s.backfill_rows, "rows"),
+            Workload::Backfill | Workload::BackfillLive => (s.backfill_rows, "rows"),
             Workload::BackfillWide => (s.wide_rows, "rows"),
             Workload::StreamSimple => (s.stream_changes, "changes"),
             Workload::Stream1k => (1_000 * s.rate_seconds, "changes"),
@@ -160,6 +164,7 @@ pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
     let result = match w {
         Workload::SinkSelftest => selftest::run(ctx.sizes.selftest_docs, TARGET_SINK_DOCS_S).await,
         Workload::Backfill => backfill(ctx, false).await,
+        Workload::BackfillLive => backfill_live(ctx).await,
         Workload::BackfillWide => backfill(ctx, true).await,
         Workload::StreamSimple => stream_simple(ctx).await,
         Workload::Stream1k => stream_rate(ctx, w.name(), 1_000).await,
@@ -172,14 +177,31 @@ pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
     })
 }
 
-/// `INSERT` of narrow rows `lo..=hi`, deterministic in the id.
+/// The columns of narrow row `g`, deterministic in the id.
+const NARROW_ROW: &str = "g, (g % 1000)::int, ((g * 7) % 100000)::int, \
+     'label-' || (g % 97), md5(g::text), \
+     timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second'";
+
+/// `INSERT` of narrow rows `lo..=hi`.
 fn insert_narrow(lo: i64, hi: i64) -> String {
     format!(
-        "INSERT INTO items SELECT g, (g % 1000)::int, ((g * 7) % 100000)::int, \
-         'label-' || (g % 97), md5(g::text), \
-         timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second' \
+        "INSERT INTO items SELECT {NARROW_ROW} \
          FROM generate_series({lo}::bigint, {hi}::bigint) g"
     )
+}
+
+/// `INSERT` of the narrow rows `ids`.
+fn insert_narrow_ids(ids: &[i64]) -> String {
+    format!(
+        "INSERT INTO items SELECT {NARROW_ROW} FROM unnest({}) g",
+        bigint_array(ids)
+    )
+}
+
+/// A `bigint[]` literal.
+fn bigint_array(ids: &[i64]) -> String {
+    let items: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!("'{{{}}}'::bigint[]", items.join(","))
 }
 
 /// `INSERT` of wide rows `1..=n`: 1,920 characters of body text each.
@@ -369,6 +391,448 @@ async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
     finish(&mut h, &mut o, table, &start, &end).await;
     if !wide {
         o.target_rate(TARGET_BACKFILL_ROWS_S);
+    }
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+/// Writers changing the table while `backfill-live` copies it.
+const LIVE_WRITERS: i64 = 2;
+/// Rows a live writer's transaction updates, deletes and inserts.
+const LIVE_UPDATES: usize = 50;
+const LIVE_DELETES: usize = 20;
+const LIVE_INSERTS: usize = 30;
+/// At most this many rows updated by the writers are compared with their
+/// documents at the end (on top of the convergence check's random sample).
+const LIVE_UPDATE_SAMPLE: usize = 2_000;
+/// The log line ferry's engine writes when a table's copy is complete.
+const BACKFILL_FINISHED: &str = "backfill finished";
+
+/// A small deterministic generator (splitmix64) for the writers' choices.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-enough in `0..n` (`n` > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The `k`-th id live writer `w` owns: `LIVE_WRITERS * k + w + 1`. Writers
+/// own disjoint ids, so they never wait for (or deadlock on) each other.
+fn live_id(w: i64, k: i64) -> i64 {
+    LIVE_WRITERS * k + w + 1
+}
+
+/// The first `k` whose id (for writer `w`) lies above the `n` preloaded rows.
+fn first_new_k(w: i64, n: i64) -> i64 {
+    (n - w - 1).div_euclid(LIVE_WRITERS) + 1
+}
+
+/// What one live writer did.
+#[derive(Debug, Default)]
+struct LiveLog {
+    /// Commit time and rows changed, per transaction.
+    commits: Vec<(Instant, u64)>,
+    /// Ids an UPDATE changed (a row may appear more than once).
+    updated: Vec<i64>,
+    /// Ids a DELETE removed (ids are never inserted again).
+    deleted: Vec<i64>,
+}
+
+/// Live writer `w`: until `stop`, transactions of [`LIVE_UPDATES`] updates
+/// and [`LIVE_DELETES`] deletes of random ids it owns (preloaded or its
+/// own earlier inserts; an id already deleted changes nothing) and
+/// [`LIVE_INSERTS`] inserts of new ids.
+async fn live_writer(
+    db: tokio_postgres::Client,
+    w: i64,
+    n: i64,
+    stop: Arc<AtomicBool>,
+) -> Result<LiveLog> {
+    let mut rng = SplitMix(0xFE44_0000 + w as u64);
+    let mut next_k = first_new_k(w, n);
+    let mut log = LiveLog::default();
+    while !stop.load(Ordering::Acquire) {
+        let mut pick = |count: usize| -> Vec<i64> {
+            (0..count)
+                .map(|_| live_id(w, rng.below(next_k as u64) as i64))
+                .collect()
+        };
+        let updates = pick(LIVE_UPDATES);
+        let deletes = pick(LIVE_DELETES);
+        let inserts: Vec<i64> = (next_k..next_k + LIVE_INSERTS as i64)
+            .map(|k| live_id(w, k))
+            .collect();
+        next_k += LIVE_INSERTS as i64;
+        let sql = format!(
+            "BEGIN; \
+             UPDATE items SET b = b + 1, note = 'live ' || id, created_at = created_at + interval '1 minute' \
+             WHERE id = ANY({}) RETURNING id; \
+             DELETE FROM items WHERE id = ANY({}) RETURNING id; \
+             {}; COMMIT;",
+            bigint_array(&updates),
+            bigint_array(&deletes),
+            insert_narrow_ids(&inserts)
+        );
+        let messages = db.simple_query(&sql).await?;
+        let committed = Instant::now();
+        // One CommandComplete per statement: BEGIN, UPDATE, DELETE, INSERT, COMMIT.
+        let mut statement = 0;
+        for m in &messages {
+            match m {
+                SimpleQueryMessage::CommandComplete(_) => statement += 1,
+                SimpleQueryMessage::Row(row) => {
+                    let id: i64 = row
+                        .get(0)
+                        .context("a RETURNING row without an id")?
+                        .parse()
+                        .context("a RETURNING id that is not a number")?;
+                    match statement {
+                        1 => log.updated.push(id),
+                        2 => log.deleted.push(id),
+                        _ => bail!("an unexpected row from statement {statement}"),
+                    }
+                }
+                _ => {}
+            }
+        }
+        log.commits.push((committed, rows_touched(&messages)));
+    }
+    Ok(log)
+}
+
+/// Sets the flag when dropped: writers stop on every way out.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Watches every bulk item for the preloaded ids `1..=n`: counts in
+/// `covered` the ids that got an accepted write (document, delete) or a
+/// 409 (the sink already holds something newer), and records in `complete`
+/// when the request that covered the last one arrived.
+fn coverage_collector(
+    arrivals: std::sync::mpsc::Receiver<ferry_testkit::fastsink::BulkArrival>,
+    n: u64,
+    covered: Arc<AtomicU64>,
+    complete: Arc<OnceLock<Instant>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut seen = vec![false; n as usize + 1];
+        let mut count = 0u64;
+        loop {
+            match arrivals.recv_timeout(Duration::from_millis(50)) {
+                Ok(bulk) => {
+                    for item in bulk.items {
+                        if matches!(item.outcome, ItemOutcome::Rejected(_)) {
+                            continue;
+                        }
+                        let Ok(id) = item.id.parse::<u64>() else {
+                            continue;
+                        };
+                        if (1..=n).contains(&id) && !seen[id as usize] {
+                            seen[id as usize] = true;
+                            count += 1;
+                            if count == n {
+                                let _ = complete.set(bulk.received);
+                            }
+                        }
+                    }
+                    covered.store(count, Ordering::Release);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    })
+}
+
+/// The first line of `log` containing `needle`, from the needle on.
+fn log_line(log: &str, needle: &str) -> Option<String> {
+    log.lines()
+        .find_map(|l| l.find(needle).map(|at| l[at..].trim_end().to_owned()))
+}
+
+/// `backfill-live`: ferry copies the preloaded narrow table while two
+/// writers update, delete and insert rows; they stop once every preloaded
+/// id has reached the sink, then the index must converge to the table.
+async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
+    let name = Workload::BackfillLive.name();
+    let n = ctx.sizes.backfill_rows;
+    let mut o = Outcome::new(name, n, "rows");
+    let mut h = Harness::start(&ctx.ferry_bin, name, ctx.keep_logs.as_deref()).await?;
+    // The engine's backfill logs its start, progress and end at info.
+    h.set_log_filter("warn,ferry_engine::backfill=info");
+
+    let loading = Instant::now();
+    h.db.batch_execute(NARROW_DDL).await?;
+    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
+    h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+    o.notes.push(format!(
+        "loading the table took {:.1} s before ferry started",
+        loading.elapsed().as_secs_f64()
+    ));
+    let (copy_time, copy_bytes) = copy_out(
+        &h.db,
+        "COPY (SELECT id, a, b, label, note, created_at FROM items) TO STDOUT",
+    )
+    .await?;
+    o.ceiling = Some(n as f64 / copy_time.as_secs_f64());
+    o.ceiling_method = Some(format!(
+        "COPY (SELECT …) TO STDOUT of the same table into nothing, without the writers: {:.2} s, {:.1} MiB",
+        copy_time.as_secs_f64(),
+        copy_bytes as f64 / (1024.0 * 1024.0)
+    ));
+    let mut clients = Vec::new();
+    for _ in 0..LIVE_WRITERS {
+        clients.push(h.connect().await?);
+    }
+
+    let covered = Arc::new(AtomicU64::new(0));
+    let complete = Arc::new(OnceLock::new());
+    let stop_collector = Arc::new(AtomicBool::new(false));
+    let _stop_collector_on_exit = StopOnDrop(Arc::clone(&stop_collector));
+    let collector = coverage_collector(
+        h.sink.subscribe(),
+        n,
+        Arc::clone(&covered),
+        Arc::clone(&complete),
+        Arc::clone(&stop_collector),
+    );
+
+    let start = Phase {
+        cpu: Some(0.0),
+        stats: h.sink.stats(),
+    };
+    let t0 = h.start_ferry("items")?;
+    // The first document proves the copy's snapshot exists: every change
+    // committed from now on reaches ferry through the stream.
+    h.wait_sink(
+        "the first backfilled document",
+        Duration::from_secs(120),
+        |s, slice| {
+            let until = Instant::now() + slice;
+            loop {
+                if s.doc_count(INDEX) > 0 {
+                    return true;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        },
+    )
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_exit = StopOnDrop(Arc::clone(&stop));
+    let writers_started = Instant::now();
+    let docs_at_start = h.sink.doc_count(INDEX);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, db)| tokio::spawn(live_writer(db, w as i64, n as i64, Arc::clone(&stop))))
+        .collect();
+
+    // Until every preloaded id has arrived (or, failing that, until ferry
+    // has said its copy is done and a grace period has passed).
+    let deadline = Instant::now() + limit(n, 2_000.0);
+    let mut finished: Option<(Instant, String)> = None;
+    let mut log_read = Instant::now();
+    let covered_at = loop {
+        if let Some(at) = complete.get() {
+            break Some(*at);
+        }
+        if finished.is_none() && log_read.elapsed() >= Duration::from_millis(100) {
+            log_read = Instant::now();
+            finished = log_line(&h.log_text(), BACKFILL_FINISHED).map(|l| (Instant::now(), l));
+        }
+        if finished
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() >= Duration::from_secs(30))
+        {
+            break None;
+        }
+        h.check_alive("the backfill to cover every preloaded row")?;
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {:.0} s: {} of {n} preloaded ids reached the sink, which holds {} documents\n{}",
+                limit(n, 2_000.0).as_secs_f64(),
+                covered.load(Ordering::Acquire),
+                h.sink.doc_count(INDEX),
+                h.log_excerpt()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    stop.store(true, Ordering::Release);
+    let mut logs = Vec::new();
+    for t in tasks {
+        logs.push(t.await.context("joining a writer")??);
+    }
+    let writers_stopped = Instant::now();
+
+    // Rows the writers changed reach the sink through the stream ahead of
+    // the copy, so the copy's last batch may still be on its way: wait for
+    // ferry's own end-of-copy line before checking anything.
+    let finish_deadline = Instant::now() + Duration::from_secs(60);
+    while finished.is_none() {
+        finished = log_line(&h.log_text(), BACKFILL_FINISHED).map(|l| (Instant::now(), l));
+        if finished.is_some() || Instant::now() >= finish_deadline {
+            break;
+        }
+        h.check_alive("ferry to log the end of the backfill")?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    h.db.batch_execute(&insert_narrow(0, 0)).await?;
+    h.wait_doc("0", Duration::from_secs(120)).await?;
+    let end = Phase::now(&h);
+    stop_collector.store(true, Ordering::Release);
+    collector
+        .join()
+        .map_err(|_| anyhow::anyhow!("the coverage collector panicked"))?;
+    let covered_ids = covered.load(Ordering::Acquire);
+
+    // The figures.
+    let done = covered_at.or(finished.as_ref().map(|(at, _)| *at));
+    if let Some(done) = done {
+        let secs = (done - t0).as_secs_f64();
+        o.seconds = Some(secs);
+        o.rate = Some(n as f64 / secs);
+    }
+    let cutoff = done.unwrap_or(writers_stopped);
+    let mut txs_during = 0u64;
+    let mut changes_during = 0u64;
+    let mut changes_after = 0u64;
+    for (at, changes) in logs.iter().flat_map(|l| l.commits.iter()) {
+        if *at <= cutoff {
+            txs_during += 1;
+            changes_during += changes;
+        } else {
+            changes_after += changes;
+        }
+    }
+    let window = cutoff
+        .saturating_duration_since(writers_started)
+        .as_secs_f64();
+    o.notes.push(format!(
+        "rate = preloaded rows / time from spawning ferry until the sink had received a write \
+         (document, delete, or a copy refused as older) for every preloaded id{}",
+        if covered_at.is_some() {
+            String::new()
+        } else {
+            format!(
+                " — NOT reached ({covered_ids} of {n} ids); the time of ferry's \"{BACKFILL_FINISHED}\" line is used"
+            )
+        }
+    ));
+    o.notes.push(format!(
+        "{LIVE_WRITERS} writers started {:.2} s after ferry was spawned (first copied document in the sink, {} then) \
+         and committed {} changes in {} transactions during the backfill ({} changes/s over {:.2} s; \
+         each transaction {LIVE_UPDATES} updates and {LIVE_DELETES} deletes of random existing ids, \
+         {LIVE_INSERTS} inserts of new ids), {} more before they stopped",
+        (writers_started - t0).as_secs_f64(),
+        docs_at_start,
+        thousands(changes_during as f64),
+        thousands(txs_during as f64),
+        thousands(changes_during as f64 / window.max(1e-3)),
+        window,
+        thousands(changes_after as f64)
+    ));
+    match &finished {
+        Some((at, line)) => o.notes.push(format!(
+            "ferry logged \"{line}\", seen {:.2} s after spawning",
+            (*at - t0).as_secs_f64()
+        )),
+        None => o.notes.push(format!(
+            "ferry never logged \"{BACKFILL_FINISHED}\" (waited 60 s after the writers stopped)"
+        )),
+    }
+
+    // Targeted checks: deleted rows stay deleted, updated rows carry their
+    // last update, on top of the convergence check below.
+    let deleted: std::collections::HashSet<i64> = logs
+        .iter()
+        .flat_map(|l| l.deleted.iter().copied())
+        .collect();
+    let back: Vec<i64> = {
+        let mut v: Vec<i64> = deleted
+            .iter()
+            .copied()
+            .filter(|id| h.sink.get(INDEX, &id.to_string()).is_some())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let mut updated: Vec<i64> = logs
+        .iter()
+        .flat_map(|l| l.updated.iter().copied())
+        .filter(|id| !deleted.contains(id))
+        .collect();
+    updated.sort_unstable();
+    updated.dedup();
+    let mut rng = SplitMix(0xC0FF_EE00);
+    let mut sample: Vec<i64> = if updated.len() <= LIVE_UPDATE_SAMPLE {
+        updated.clone()
+    } else {
+        (0..LIVE_UPDATE_SAMPLE)
+            .map(|_| updated[rng.below(updated.len() as u64) as usize])
+            .collect()
+    };
+    sample.sort_unstable();
+    sample.dedup();
+    let mut problems = Vec::new();
+    if covered_at.is_none() {
+        problems.push(format!(
+            "{} of {n} preloaded ids never reached the sink in any write",
+            n - covered_ids
+        ));
+    }
+    if !back.is_empty() {
+        problems.push(format!(
+            "{} of {} rows deleted by the writers are documents again (first 5: {:?})",
+            back.len(),
+            deleted.len(),
+            &back[..back.len().min(5)]
+        ));
+    }
+    match verify::documents_equal_rows(&h, "items", &sample).await {
+        Ok(()) => o.notes.push(format!(
+            "all {} rows deleted by the writers are absent from the index; {} of the {} rows they updated \
+             (and did not delete) equal their documents",
+            thousands(deleted.len() as f64),
+            thousands(sample.len() as f64),
+            thousands(updated.len() as f64)
+        )),
+        Err(why) => problems.push(format!("a row updated by the writers: {why}")),
+    }
+
+    finish(&mut h, &mut o, "items", &start, &end).await;
+    if !problems.is_empty() {
+        let convergence = std::mem::take(&mut o.check);
+        o.ok = false;
+        o.check = format!(
+            "FAIL: {}; convergence check: {convergence}",
+            problems.join("; ")
+        );
     }
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
@@ -696,6 +1160,35 @@ mod tests {
                 assert!(seen.insert(id), "id {id} changed twice");
             }
         }
+    }
+
+    #[test]
+    fn live_writers_own_disjoint_ids_and_start_above_the_preload() {
+        let n = 1_001;
+        let mut seen = HashSet::new();
+        for w in 0..LIVE_WRITERS {
+            let k = first_new_k(w, n);
+            assert!(live_id(w, k) > n);
+            assert!(live_id(w, k - 1) <= n);
+            for k in 0..k + 10 {
+                assert!(seen.insert(live_id(w, k)), "id shared by two writers");
+            }
+        }
+        // Every preloaded id belongs to some writer.
+        assert!((1..=n).all(|id| seen.contains(&id)));
+    }
+
+    #[test]
+    fn builds_row_inserts_and_finds_log_lines() {
+        assert_eq!(bigint_array(&[3, -1, 7]), "'{3,-1,7}'::bigint[]");
+        assert!(insert_narrow_ids(&[5]).ends_with("FROM unnest('{5}'::bigint[]) g"));
+        let log = "2024 INFO ferry_engine::backfill: backfill started x=1\n\
+                   2024 INFO ferry_engine::backfill: backfill finished index=bench rows=9\n";
+        assert_eq!(
+            log_line(log, BACKFILL_FINISHED).as_deref(),
+            Some("backfill finished index=bench rows=9")
+        );
+        assert_eq!(log_line(log, "nope"), None);
     }
 
     #[test]

@@ -35,6 +35,11 @@ impl TableShape {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// `schema.name` unquoted, as configs write it.
+    pub fn qualified_plain(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
     /// The OpenSearch `properties` object for the document columns.
     pub fn properties(&self) -> serde_json::Map<String, serde_json::Value> {
         self.columns

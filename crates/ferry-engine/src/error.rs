@@ -15,6 +15,9 @@ pub enum EngineError {
     /// The stream carried something the engine cannot apply; the message says what.
     #[error("{0}")]
     Stream(String),
+    /// The pipeline must start again to apply a change (e.g. a table's shape).
+    #[error("{0}")]
+    Restart(String),
 }
 
 impl EngineError {
@@ -24,6 +27,7 @@ impl EngineError {
             EngineError::Source(e) => e.is_retryable(),
             EngineError::Sink(e) => e.is_retryable(),
             EngineError::Stream(_) => false,
+            EngineError::Restart(_) => true,
         }
     }
 }

@@ -21,7 +21,7 @@ use ferry_core::schema::{doc_id, DocumentWriter};
 use ferry_core::{ColumnShape, DocOp, DocWrite, Lsn};
 use ferry_opensearch::{Rejected, Sink};
 use ferry_postgres::capture::{self, Change, ChangeOp, Event};
-use ferry_postgres::catalog::TypeResolver;
+use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::pgoutput::{Datum, Relation, Tuple};
 use ferry_postgres::SourceError;
 use tokio_postgres::Client;
@@ -436,62 +436,67 @@ impl Worker {
     /// new Relation message: added columns join the documents (and the
     /// mapping is extended), dropped ones leave, changed types are reported.
     async fn follow_table_shape(&mut self, pos: usize, rel: &Relation) -> Result<(), EngineError> {
+        // The catalog says what the table is now; the Relation message may
+        // describe older rows being replayed (columns since dropped).
+        let table = self.indexes[pos].plan.table.qualified_plain();
+        let current = catalog::read_table(
+            &self.client,
+            &mut self.types,
+            &format!("index[{pos}]"),
+            &table,
+            None,
+            true,
+        )
+        .await?;
+        let plan_cols = self.indexes[pos].plan.table.columns.clone();
+        let dropped: Vec<&str> = plan_cols
+            .iter()
+            .filter(|c| current.column(&c.name).is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        let retyped: Vec<&str> = plan_cols
+            .iter()
+            .filter(|c| {
+                current
+                    .column(&c.name)
+                    .is_some_and(|now| now.type_oid != c.type_oid)
+            })
+            .map(|c| c.name.as_str())
+            .collect();
+        if !dropped.is_empty() || !retyped.is_empty() {
+            // Documents written before hold the old shape: rebuild the index
+            // in the background (its mapping hash changed) and move the alias.
+            return Err(EngineError::Restart(format!(
+                "table {table} changed shape (dropped: {dropped:?}, retyped: {retyped:?}); index {} is rebuilt in the background",
+                self.indexes[pos].alias
+            )));
+        }
         let mut added = serde_json::Map::new();
-        let mut columns = Vec::with_capacity(rel.columns.len());
+        let mut columns = plan_cols;
         for rc in &rel.columns {
-            let old = self.indexes[pos]
-                .shape
-                .columns
-                .iter()
-                .find(|c| c.name == rc.name)
-                .cloned();
-            let column = match old {
-                Some(c) if c.type_oid == rc.type_oid => c,
-                Some(c) => {
-                    let kind = self.types.resolve(&self.client, rc.type_oid).await?;
-                    tracing::warn!(
-                        index = %self.indexes[pos].alias,
-                        column = %rc.name,
-                        "column changed type; the index mapping keeps {}; documents that no longer fit are rejected: run a reindex after such a change",
-                        c.kind.mapping()
-                    );
-                    ColumnShape {
-                        name: rc.name.clone(),
-                        type_oid: rc.type_oid,
-                        kind,
-                    }
-                }
-                None => {
-                    let kind = self.types.resolve(&self.client, rc.type_oid).await?;
-                    added.insert(rc.name.clone(), kind.mapping());
-                    ColumnShape {
-                        name: rc.name.clone(),
-                        type_oid: rc.type_oid,
-                        kind,
-                    }
-                }
+            let Some(now) = current.column(&rc.name) else {
+                continue;
             };
-            columns.push(column);
+            if columns.iter().any(|c| c.name == rc.name) {
+                continue;
+            }
+            added.insert(now.name.clone(), now.kind.mapping());
+            columns.push(now.clone());
+        }
+        if added.is_empty() {
+            return Ok(());
         }
         let ix = &mut self.indexes[pos];
-        for gone in ix
-            .shape
-            .columns
-            .iter()
-            .filter(|c| !rel.columns.iter().any(|rc| rc.name == c.name))
-        {
-            tracing::info!(index = %ix.alias, column = %gone.name, "column dropped from the table; it leaves the documents");
-        }
+        ix.plan.fields = columns.iter().map(|c| c.name.clone()).collect();
+        ix.plan.table.columns = columns.clone();
         ix.shape.columns = columns;
-        if !added.is_empty() {
-            let names: Vec<String> = added.keys().cloned().collect();
-            match self.sink.extend_mapping(&self.names[pos], added).await {
-                Ok(()) => {
-                    tracing::info!(index = %self.indexes[pos].alias, columns = ?names, "new columns: extended the index mapping")
-                }
-                Err(e) => {
-                    tracing::error!(index = %self.indexes[pos].alias, columns = ?names, error = %e, "new columns: the index mapping could not be extended")
-                }
+        let names: Vec<String> = added.keys().cloned().collect();
+        match self.sink.extend_mapping(&self.names[pos], added).await {
+            Ok(()) => {
+                tracing::info!(index = %self.indexes[pos].alias, columns = ?names, "new columns: extended the index mapping")
+            }
+            Err(e) => {
+                tracing::error!(index = %self.indexes[pos].alias, columns = ?names, error = %e, "new columns: the index mapping could not be extended")
             }
         }
         Ok(())
