@@ -825,6 +825,10 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
         Err(why) => problems.push(format!("a row updated by the writers: {why}")),
     }
 
+    o.notes.push(
+        "CPU s/100k and bulk/1k are per preloaded row but include streaming the writers' changes"
+            .to_owned(),
+    );
     finish(&mut h, &mut o, "items", &start, &end).await;
     if !problems.is_empty() {
         let convergence = std::mem::take(&mut o.check);

@@ -117,7 +117,7 @@ impl Sink {
         fresh: bool,
     ) -> Result<PreparedIndex, SinkError> {
         let base = concrete_name(plan);
-        let targets = self.alias_targets(&plan.alias).await?;
+        let mut targets = self.alias_targets(&plan.alias).await?;
         let mut concrete = base.clone();
         // The alias may serve a rebuilt generation of the same mapping
         // (`<alias>-<hash>-g<n>`, from `ferry reindex`).
@@ -146,6 +146,8 @@ impl Sink {
             tracing::info!(index = %concrete, "replication slot is new: recreating the index from scratch");
             self.request_json(Method::Delete, &format!("/{concrete}"), None)
                 .await?;
+            // The alias went with the index.
+            targets.retain(|t| *t != concrete);
             exists = false;
         }
         let mut seeded = None;

@@ -300,10 +300,21 @@ fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
                 Ok(new) if new.admin != current.admin => tracing::error!(
                     "SIGHUP: configuration reload refused: admin.listen cannot change while running; restart ferry to apply it"
                 ),
-                Ok(new) => {
-                    tracing::info!("SIGHUP: configuration reloaded; the pipeline restarts with it after flushing what is in flight");
-                    let _ = tx.send(new);
-                }
+                Ok(new) => match ferry_engine::check(&new).await {
+                    // The new configuration must work against the database and
+                    // the cluster as they are, or nothing of it is applied.
+                    Ok(problems) if problems.is_empty() => {
+                        tracing::info!("SIGHUP: configuration reloaded; the pipeline restarts with it after flushing what is in flight");
+                        let _ = tx.send(new);
+                    }
+                    Ok(problems) => tracing::error!(
+                        "SIGHUP: configuration reload refused, the running configuration stays: {}",
+                        problems.join("; ")
+                    ),
+                    Err(e) => tracing::error!(
+                        "SIGHUP: configuration reload refused, the running configuration stays: {e}"
+                    ),
+                },
             }
         }
     });
