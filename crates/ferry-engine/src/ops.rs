@@ -455,3 +455,58 @@ async fn all_ids(sink: &Sink, concrete: &str) -> Result<Vec<String>, EngineError
     }
     Ok(out)
 }
+
+/// `ferry slot info`: the slot's state as (label, value) lines, or `None`
+/// when it does not exist.
+pub async fn slot_info(cfg: &Config) -> Result<Option<Vec<(String, String)>>, EngineError> {
+    let params = PgParams::from_config(&cfg.source)?;
+    let client = params.connect().await?;
+    let row = client
+        .query_opt(
+            "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
+                    coalesce(active_pid::text, '-'), coalesce(restart_lsn::text, '-'), \
+                    coalesce(confirmed_flush_lsn::text, '-'), coalesce(wal_status::text, '-'), \
+                    coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), '-'), \
+                    coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)), '-') \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_pg("reading pg_replication_slots", e))?;
+    Ok(row.map(|r| {
+        let active: bool = r.get(2);
+        vec![
+            ("slot".into(), cfg.source.slot.clone()),
+            ("plugin".into(), r.get(0)),
+            ("database".into(), r.get(1)),
+            ("active".into(), active.to_string()),
+            ("active pid".into(), r.get(3)),
+            ("restart lsn".into(), r.get(4)),
+            ("confirmed flush lsn".into(), r.get(5)),
+            ("wal status".into(), r.get(6)),
+            ("retained wal".into(), r.get(7)),
+            ("unconfirmed wal".into(), r.get(8)),
+        ]
+    }))
+}
+
+/// `ferry slot drop`: drops the slot when no session holds it. The next
+/// `ferry run` creates a new slot and re-seeds every index.
+pub async fn slot_drop(cfg: &Config) -> Result<bool, EngineError> {
+    let params = PgParams::from_config(&cfg.source)?;
+    let client = params.connect().await?;
+    let Some(info) = ferry_postgres::catalog::slot_info(&client, &cfg.source.slot).await? else {
+        return Ok(false);
+    };
+    if info.active {
+        return Err(EngineError::Stream(format!(
+            "slot {:?} is in use (a running ferry holds it): stop ferry first",
+            cfg.source.slot
+        )));
+    }
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.source.slot])
+        .await
+        .map_err(|e| SourceError::from_pg("dropping the replication slot", e))?;
+    Ok(true)
+}

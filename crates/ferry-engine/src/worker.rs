@@ -209,6 +209,8 @@ pub async fn stream(
     let max_delay = cfg.engine.max_batch_delay();
     let heartbeat = cfg.source.heartbeat();
     let mut joined = false;
+    let mut coverage = tokio::time::interval(std::time::Duration::from_secs(30));
+    coverage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result: Result<(), EngineError> = loop {
         let deadline = w.batch.since.map(|t| t + max_delay);
         let beat_at = heartbeat.map(|h| w.last_event + h);
@@ -239,6 +241,10 @@ pub async fn stream(
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
                 if let Err(e) = w.dispatch().await { break Err(e); }
+                continue;
+            }
+            _ = coverage.tick() => {
+                if let Err(e) = w.check_publication().await { break Err(e); }
                 continue;
             }
             _ = sleep_until(beat_at), if beat_at.is_some() && w.batch.is_idle() => {
@@ -785,6 +791,43 @@ impl Worker {
                 Ok(())
             }
         }
+    }
+
+    /// Stops with the fix when the publication no longer covers a table an
+    /// index reads: its changes are no longer streamed, so the index would
+    /// silently drift.
+    async fn check_publication(&mut self) -> Result<(), EngineError> {
+        let mut oids: Vec<i64> = self
+            .indexes
+            .iter()
+            .flat_map(|ix| ix.plan.usages().into_iter().map(|(oid, _)| i64::from(oid)))
+            .collect();
+        oids.sort_unstable();
+        oids.dedup();
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text || '.' || c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid::int8 = ANY($1) AND NOT EXISTS ( \
+                   SELECT 1 FROM pg_publication p WHERE p.pubname = $2 AND (p.puballtables OR EXISTS ( \
+                     SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
+                       AND t.schemaname = n.nspname AND t.tablename = c.relname)))",
+                &[&oids, &self.cfg.source.publication],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("checking publication coverage", e))?;
+        if let Some(row) = rows.first() {
+            let table: String = row.get(0);
+            return Err(SourceError::Operator(format!(
+                "publication {:?} no longer covers table {table}, so its changes are not streamed: \
+                 add it back (ALTER PUBLICATION … ADD TABLE {table}, or restart ferry, which extends the publication) \
+                 and run `ferry reindex` for the indexes that read it, since changes made meanwhile were missed",
+                self.cfg.source.publication
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// Writes a transactional logical message so an idle slot still advances

@@ -74,6 +74,15 @@ pub enum Command {
         #[command(subcommand)]
         action: ops::DeadLetterAction,
     },
+    /// Inspect or drop the replication slot.
+    Slot {
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+        /// info or drop.
+        #[command(subcommand)]
+        action: ops::SlotAction,
+    },
     /// Rebuild an index into a new one in the background (the alias moves when it is complete).
     Reindex {
         /// The configured index name (alias).
@@ -133,6 +142,7 @@ pub fn main() -> ExitCode {
                 action,
             } => ops::dead_letters(&config, action, index).await,
             Command::Reindex { name, config } => ops::reindex(&config, &name).await,
+            Command::Slot { config, action } => ops::slot(&config, action).await,
             Command::Verify {
                 config,
                 index,

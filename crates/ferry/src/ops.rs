@@ -69,6 +69,55 @@ pub async fn dead_letters(
     }
 }
 
+/// What to do with the replication slot.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SlotAction {
+    /// Show the slot: state, positions, retained WAL.
+    Info,
+    /// Drop the slot (ferry must be stopped); the next run re-seeds every index.
+    Drop {
+        /// Confirm: dropping the slot discards its position.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Runs `ferry slot info|drop`.
+pub async fn slot(config: &Path, action: SlotAction) -> ExitCode {
+    let cfg = match crate::load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = match action {
+        SlotAction::Info => ferry_engine::ops::slot_info(&cfg).await.map(|info| match info {
+            Some(lines) => {
+                for (k, v) in lines {
+                    out!("{k:<20} {v}");
+                }
+            }
+            None => out!("slot {:?} does not exist (ferry run creates it)", cfg.source.slot),
+        }),
+        SlotAction::Drop { yes: false } => {
+            out!("dropping the slot discards its position and makes the next `ferry run` re-seed every index; repeat with --yes");
+            return ExitCode::from(2);
+        }
+        SlotAction::Drop { yes: true } => ferry_engine::ops::slot_drop(&cfg).await.map(|dropped| {
+            if dropped {
+                out!("dropped slot {:?}; the next `ferry run` creates a new one and re-seeds every index", cfg.source.slot)
+            } else {
+                out!("slot {:?} does not exist", cfg.source.slot)
+            }
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "slot command failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `ferry reindex NAME`: marks the index for a rebuild that the
 /// running ferry performs on its next pipeline start (SIGHUP or restart).
 pub async fn reindex(config: &Path, name: &str) -> ExitCode {
