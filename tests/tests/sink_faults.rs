@@ -446,3 +446,64 @@ async fn slot_does_not_advance_past_unflushed_changes() {
     rig.assert_running(&mut ferry, "after the outage");
     rig.stop(ferry);
 }
+
+/// A copy that reaches a row more than a minute after the stream deleted it
+/// must not bring it back: the delete's tombstone would have expired under
+/// OpenSearch's default `index.gc_deletes` (60 s), so ferry raises it while
+/// an index seeds. Each bulk request is slowed to make the copy take ~80 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_never_resurrects_a_row_deleted_more_than_a_minute_earlier() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    db.batch_execute(
+        "CREATE TABLE late (id int PRIMARY KEY, v text);
+         INSERT INTO late SELECT g, 'v' || g FROM generate_series(1, 36) g;",
+    )
+    .await
+    .expect("schema");
+    rig.proxy.set(Fault::Delay(Duration::from_millis(2200)));
+    let cfg = rig.config(
+        "late",
+        "late",
+        "",
+        "max_batch_delay_ms = 20\nbackfill_batch_rows = 1\nbackfill_chunk_rows = 1000",
+    );
+    let mut ferry = rig.env.run_ferry(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rig.env.log().contains("streaming changes") {
+        assert!(
+            Instant::now() < deadline,
+            "never streamed\n{}",
+            rig.env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The last row in key order: the copy reaches it last, ~80 s from now;
+    // the stream's delete lands within seconds.
+    db.batch_execute("DELETE FROM late WHERE id = 36")
+        .await
+        .expect("delete");
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !rig.env.log().contains("backfill finished") {
+        assert!(
+            Instant::now() < deadline,
+            "the copy never finished\n{}",
+            rig.env.log_tail()
+        );
+        rig.assert_running(&mut ferry, "while seeding");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(65),
+        "the copy reached the deleted row only {:?} after its delete: the test proves nothing",
+        started.elapsed()
+    );
+    rig.proxy.clear();
+    rig.env
+        .assert_converges("late", "late", Duration::from_secs(60))
+        .await;
+    assert_eq!(ferry.stop(), Some(0));
+}
