@@ -135,7 +135,7 @@ async fn slot_vs(db: &tokio_postgres::Client, op: &str, lsn: &str) -> (String, b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sink_outage_of_503s_ends_in_full_convergence_without_restart() {
+async fn a_minute_of_503s_then_429s_ends_in_full_convergence_without_restart() {
     let Some(rig) = Rig::start().await else {
         return;
     };
@@ -161,8 +161,15 @@ async fn sink_outage_of_503s_ends_in_full_convergence_without_restart() {
         "ferry never sent a bulk request during the outage\n{}",
         rig.env.log_tail()
     );
-    tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
     rig.assert_running(&mut ferry, "during the 503 outage");
+    // A full minute of outage: 30 s of 503s, then 30 s of 429s.
+    rig.proxy.set(Fault::Status {
+        status: 429,
+        times: None,
+    });
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(outage.elapsed())).await;
+    rig.assert_running(&mut ferry, "during the 429 throttling");
     assert!(
         rig.proxy.injected() >= before + 2,
         "ferry retried the failed bulk during the outage ({} answered 503)",
