@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_testkit::{FastSink, PgCluster, PgOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Database every workload uses.
 pub const DB: &str = "bench";
@@ -45,6 +46,8 @@ pub struct Harness {
     ferry_bin: PathBuf,
     keep_logs: Option<(PathBuf, String)>,
     log_filter: String,
+    /// Port of ferry's admin endpoint (`/metrics`), chosen at start-up.
+    admin_port: u16,
 }
 
 impl Harness {
@@ -74,6 +77,8 @@ impl Harness {
             ferry_bin: ferry_bin.to_path_buf(),
             keep_logs: keep_logs.map(|d| (d.to_path_buf(), workload.to_owned())),
             log_filter: "warn".to_owned(),
+            admin_port: ferry_testkit::try_free_port()
+                .context("finding a port for ferry's admin endpoint")?,
         })
     }
 
@@ -96,11 +101,24 @@ impl Harness {
     /// Runs `ferry run --config …` for one index over `table`; returns when
     /// the process has been spawned.
     pub fn start_ferry(&mut self, table: &str) -> Result<Instant> {
+        self.start_ferry_with(table, "")
+    }
+
+    /// Like [`start_ferry`](Self::start_ferry), with `index_extra` (TOML
+    /// keys and sub-tables of the `[[index]]` block, e.g. relations)
+    /// appended to the index.
+    ///
+    /// The admin endpoint listens on a free loopback port, so `/metrics` can
+    /// be read with [`metric`](Self::metric) and a stray process on ferry's
+    /// default port cannot stop it from starting.
+    pub fn start_ferry_with(&mut self, table: &str, index_extra: &str) -> Result<Instant> {
         let config = format!(
             "[source]\nurl = \"{}\"\nslot = \"{SLOT}\"\npublication = \"{PUBLICATION}\"\n\n\
-             [sink]\nurl = \"{}\"\n\n[[index]]\nname = \"{INDEX}\"\ntable = \"{table}\"\n",
+             [sink]\nurl = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+             [[index]]\nname = \"{INDEX}\"\ntable = \"{table}\"\n{index_extra}",
             self.pg.url(DB),
-            self.sink.url()
+            self.sink.url(),
+            self.admin_port
         );
         let config_path = self.dir.path().join("ferry.toml");
         std::fs::write(&config_path, config)?;
@@ -113,6 +131,25 @@ impl Harness {
             &self.log_filter,
         )?);
         Ok(started)
+    }
+
+    /// The sum of every sample of metric `name` on ferry's `/metrics`
+    /// (all label sets together); `None` when ferry's admin endpoint does
+    /// not answer or does not list it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let fetch = async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .await?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).await?;
+            Ok::<_, std::io::Error>(body)
+        };
+        let body = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .ok()?
+            .ok()?;
+        metric_sum(&body, name)
     }
 
     /// The running ferry process.
@@ -423,7 +460,7 @@ impl Drop for Ferry {
 }
 
 /// Clock ticks per second for `/proc/<pid>/stat` times.
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 {
@@ -434,7 +471,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// utime + stime from a `/proc/<pid>/stat` line, in seconds.
-fn cpu_from_stat(stat: &str, ticks: f64) -> Option<f64> {
+pub(crate) fn cpu_from_stat(stat: &str, ticks: f64) -> Option<f64> {
     // The command name may contain spaces; fields after it are plain.
     let after = stat.get(stat.rfind(')')? + 1..)?;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -442,6 +479,29 @@ fn cpu_from_stat(stat: &str, ticks: f64) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / ticks)
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text exposition;
+/// `None` when there is none.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name value` or `name{labels} value`, not a longer name.
+        let value = if let Some(labelled) = rest.strip_prefix('{') {
+            labelled.rsplit_once('}').map(|(_, v)| v)
+        } else if rest.starts_with(' ') {
+            Some(rest)
+        } else {
+            None
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
 }
 
 /// A `kB` line of `/proc/<pid>/status`, in bytes.
@@ -468,6 +528,16 @@ mod tests {
         let status = "Name:\tferry\nVmHWM:\t   2048 kB\nVmRSS:\t 1024 kB\n";
         assert_eq!(vm_field_bytes(status, "VmHWM:"), Some(2048 * 1024));
         assert_eq!(vm_field_bytes(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn sums_metric_samples() {
+        let text = "# HELP ferry_sql_statements_total x\n# TYPE ferry_sql_statements_total counter\n\
+                    ferry_sql_statements_total 12\nferry_sql_statements_total_other 5\n\
+                    ferry_bulk_requests_total{class=\"2xx\"} 3\nferry_bulk_requests_total{class=\"5xx\"} 1\n";
+        assert_eq!(metric_sum(text, "ferry_sql_statements_total"), Some(12.0));
+        assert_eq!(metric_sum(text, "ferry_bulk_requests_total"), Some(4.0));
+        assert_eq!(metric_sum(text, "ferry_nothing"), None);
     }
 
     #[test]

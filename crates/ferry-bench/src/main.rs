@@ -10,6 +10,8 @@
 //! ```
 
 mod harness;
+mod pgcpu;
+mod relational;
 mod report;
 mod selftest;
 mod verify;
@@ -31,7 +33,7 @@ use crate::workloads::{Ctx, Sizes, Workload};
 #[command(
     name = "ferry-bench",
     about = "Benchmarks the real ferry binary against a throwaway PostgreSQL and an in-memory OpenSearch double",
-    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, big-transaction (default: all)"
+    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, big-transaction, backfill-nested, stream-relational (default: all)"
 )]
 struct Args {
     /// Workloads to run, in order (default: all of them).
@@ -150,6 +152,8 @@ async fn run(args: Args) -> Result<bool> {
             "lag_at_5k_p50_ms": 50,
             "lag_at_5k_p99_ms": 150,
             "peak_rss_mib": 128,
+            "backfill_nested_docs_per_s": 25_000,
+            "stream_relational_changes_per_s": 15_000,
         },
         "workloads": outcomes,
     });

@@ -76,6 +76,9 @@ pub struct Outcome {
     pub cpu_s_per_100k: Option<f64>,
     /// Bulk requests ferry sent per 1,000 `unit`s.
     pub bulk_per_1k: Option<f64>,
+    /// SQL statements ferry issued to build or resolve documents per 1,000
+    /// `unit`s (its `ferry_sql_statements_total` counter).
+    pub sql_per_1k: Option<f64>,
     /// WAL ferry's slot retained at the end, bytes.
     pub wal_retained_bytes: Option<i64>,
     /// True when the index converged to the table.
@@ -103,6 +106,7 @@ impl Outcome {
             peak_rss_mib: None,
             cpu_s_per_100k: None,
             bulk_per_1k: None,
+            sql_per_1k: None,
             wal_retained_bytes: None,
             ok: false,
             check: "not run".to_owned(),
@@ -216,6 +220,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
         "peak RSS",
         "CPU s/100k",
         "bulk/1k",
+        "SQL/1k",
         "WAL retained",
         "check",
     ];
@@ -233,6 +238,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
             opt(o.peak_rss_mib, |m| format!("{m:.1} MiB")),
             opt(o.cpu_s_per_100k, |c| format!("{c:.2}")),
             opt(o.bulk_per_1k, |b| format!("{b:.2}")),
+            opt(o.sql_per_1k, |q| format!("{q:.2}")),
             o.wal_retained_bytes
                 .map(bytes)
                 .unwrap_or_else(|| "-".to_owned()),
@@ -282,7 +288,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
         for t in &o.targets {
             let _ = writeln!(
                 out,
-                "  {:<16} {:<28} measured {:>14}  {}",
+                "  {:<17} {:<28} measured {:>14}  {}",
                 o.workload,
                 t.goal,
                 t.measured,
@@ -292,12 +298,12 @@ pub fn table(outcomes: &[Outcome]) -> String {
     }
     let _ = writeln!(out, "\nchecks and notes:");
     for o in outcomes {
-        let _ = writeln!(out, "  {:<16} {}", o.workload, o.check);
+        let _ = writeln!(out, "  {:<17} {}", o.workload, o.check);
         if let Some(m) = &o.ceiling_method {
-            let _ = writeln!(out, "  {:<16} ceiling: {m}", "");
+            let _ = writeln!(out, "  {:<17} ceiling: {m}", "");
         }
         for n in &o.notes {
-            let _ = writeln!(out, "  {:<16} {n}", "");
+            let _ = writeln!(out, "  {:<17} {n}", "");
         }
     }
     out

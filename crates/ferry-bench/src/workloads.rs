@@ -14,7 +14,7 @@ use tokio_postgres::SimpleQueryMessage;
 
 use crate::harness::{Harness, INDEX};
 use crate::report::{bytes, thousands, Lag, Outcome};
-use crate::{selftest, verify};
+use crate::{relational, selftest, verify};
 
 /// Slots `pg_recvlogical` drains for the streaming ceilings: two runs over
 /// the same changes, the faster one counts.
@@ -24,7 +24,7 @@ const TARGET_BACKFILL_ROWS_S: f64 = 300_000.0;
 const TARGET_STREAM_CHANGES_S: f64 = 50_000.0;
 const TARGET_LAG_P50_MS: f64 = 50.0;
 const TARGET_LAG_P99_MS: f64 = 150.0;
-const TARGET_RSS_MIB: f64 = 128.0;
+pub(crate) const TARGET_RSS_MIB: f64 = 128.0;
 const TARGET_SINK_DOCS_S: f64 = 100_000.0;
 
 /// The narrow table: a key and a few int, text and timestamptz columns.
@@ -53,11 +53,16 @@ pub enum Workload {
     Stream5k,
     /// One transaction of many rows.
     BigTransaction,
+    /// Initial copy of relational documents (users with nested orders and
+    /// line items, tags, company, order count).
+    BackfillNested,
+    /// Writers changing child rows of relational documents.
+    StreamRelational,
 }
 
 impl Workload {
     /// Every workload, in the order a default run uses.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 10] = [
         Workload::SinkSelftest,
         Workload::Backfill,
         Workload::BackfillLive,
@@ -66,6 +71,8 @@ impl Workload {
         Workload::Stream1k,
         Workload::Stream5k,
         Workload::BigTransaction,
+        Workload::BackfillNested,
+        Workload::StreamRelational,
     ];
 
     /// The name used on the command line and in reports.
@@ -79,6 +86,8 @@ impl Workload {
             Workload::Stream1k => "stream-1k",
             Workload::Stream5k => "stream-5k",
             Workload::BigTransaction => "big-transaction",
+            Workload::BackfillNested => "backfill-nested",
+            Workload::StreamRelational => "stream-relational",
         }
     }
 
@@ -101,6 +110,8 @@ impl Workload {
             Workload::Stream1k => (1_000 * s.rate_seconds, "changes"),
             Workload::Stream5k => (5_000 * s.rate_seconds, "changes"),
             Workload::BigTransaction => (s.big_tx_rows, "rows"),
+            Workload::BackfillNested => (s.nested_users, "docs"),
+            Workload::StreamRelational => (s.relational_changes, "changes"),
         }
     }
 }
@@ -120,6 +131,12 @@ pub struct Sizes {
     pub big_tx_rows: u64,
     /// Documents of the sink self-test.
     pub selftest_docs: u64,
+    /// Users (documents) of the relational backfill.
+    pub nested_users: u64,
+    /// Users preloaded before the relational stream.
+    pub relational_users: u64,
+    /// Child-row changes of the relational stream.
+    pub relational_changes: u64,
 }
 
 impl Sizes {
@@ -132,6 +149,9 @@ impl Sizes {
             rate_seconds: 15,
             big_tx_rows: 1_000_000,
             selftest_docs: 1_000_000,
+            nested_users: 200_000,
+            relational_users: 20_000,
+            relational_changes: 300_000,
         }
     }
 
@@ -144,6 +164,9 @@ impl Sizes {
             rate_seconds: 3,
             big_tx_rows: 50_000,
             selftest_docs: 100_000,
+            nested_users: 10_000,
+            relational_users: 20_000,
+            relational_changes: 20_000,
         }
     }
 }
@@ -170,6 +193,8 @@ pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
         Workload::Stream1k => stream_rate(ctx, w.name(), 1_000).await,
         Workload::Stream5k => stream_rate(ctx, w.name(), 5_000).await,
         Workload::BigTransaction => big_transaction(ctx).await,
+        Workload::BackfillNested => relational::backfill_nested(ctx).await,
+        Workload::StreamRelational => relational::stream_relational(ctx).await,
     };
     result.unwrap_or_else(|e| {
         let (size, unit) = w.planned(&ctx.sizes);
@@ -214,7 +239,7 @@ fn insert_wide(n: u64) -> String {
 }
 
 /// Sum of the rows every statement of a simple query touched.
-fn rows_touched(messages: &[SimpleQueryMessage]) -> u64 {
+pub(crate) fn rows_touched(messages: &[SimpleQueryMessage]) -> u64 {
     messages
         .iter()
         .map(|m| match m {
@@ -225,31 +250,68 @@ fn rows_touched(messages: &[SimpleQueryMessage]) -> u64 {
 }
 
 /// Generous time limit for moving `units` at no less than `min_rate` per second.
-fn limit(units: u64, min_rate: f64) -> Duration {
+pub(crate) fn limit(units: u64, min_rate: f64) -> Duration {
     Duration::from_secs_f64(60.0 + units as f64 / min_rate)
 }
 
-/// ferry's CPU time and the sink's counters at one instant.
-struct Phase {
-    cpu: Option<f64>,
-    stats: FastSinkStats,
+/// ferry's CPU time, its SQL statement counter and the sink's counters at
+/// one instant.
+pub(crate) struct Phase {
+    pub(crate) cpu: Option<f64>,
+    pub(crate) sql: Option<f64>,
+    pub(crate) stats: FastSinkStats,
 }
 
 impl Phase {
-    fn now(h: &Harness) -> Phase {
+    /// The readings now (ferry running).
+    pub(crate) async fn read(h: &Harness) -> Phase {
+        let cpu = h.ferry().ok().and_then(|f| f.cpu_seconds());
+        let stats = h.sink.stats();
         Phase {
-            cpu: h.ferry().ok().and_then(|f| f.cpu_seconds()),
+            cpu,
+            sql: h.metric(SQL_METRIC).await,
+            stats,
+        }
+    }
+
+    /// The readings of a ferry that has not been started yet. Its SQL
+    /// counter is left out: it covers the streaming worker, not the backfill.
+    pub(crate) fn before_ferry(h: &Harness) -> Phase {
+        Phase {
+            cpu: Some(0.0),
+            sql: None,
             stats: h.sink.stats(),
         }
     }
 }
 
+/// ferry's counter of the SQL statements it issued to build or resolve documents.
+const SQL_METRIC: &str = "ferry_sql_statements_total";
+
+/// What the end-of-run convergence check compares the index with.
+pub(crate) enum Check<'a> {
+    /// Every row of this table, column by column.
+    Rows(&'a str),
+    /// The relational users index: every live user, compared with the
+    /// oracle query for a random sample plus these users.
+    Relational(&'a [i32]),
+}
+
 /// Derived figures, the convergence check, the end-of-run readings, and
 /// stopping ferry.
-async fn finish(h: &mut Harness, o: &mut Outcome, table: &str, start: &Phase, end: &Phase) {
+pub(crate) async fn finish(
+    h: &mut Harness,
+    o: &mut Outcome,
+    check: Check<'_>,
+    start: &Phase,
+    end: &Phase,
+) {
     let units = o.size.max(1) as f64;
     if let (Some(a), Some(b)) = (start.cpu, end.cpu) {
         o.cpu_s_per_100k = Some((b - a) * 100_000.0 / units);
+    }
+    if let (Some(a), Some(b)) = (start.sql, end.sql) {
+        o.sql_per_1k = Some((b - a) * 1000.0 / units);
     }
     let st = end.stats.since(&start.stats);
     o.bulk_per_1k = Some(st.bulk_requests as f64 * 1000.0 / units);
@@ -271,7 +333,11 @@ async fn finish(h: &mut Harness, o: &mut Outcome, table: &str, start: &Phase, en
             st.bulk_errors
         ));
     }
-    match verify::converged(h, table, Duration::from_secs(60)).await {
+    let verdict = match check {
+        Check::Rows(table) => verify::converged(h, table, Duration::from_secs(60)).await,
+        Check::Relational(focus) => relational::converged(h, focus, Duration::from_secs(60)).await,
+    };
+    match verdict {
         Ok(summary) => {
             o.ok = true;
             o.check = format!("converged: {summary}");
@@ -311,7 +377,7 @@ async fn finish(h: &mut Harness, o: &mut Outcome, table: &str, start: &Phase, en
 }
 
 /// Drains `COPY … TO STDOUT` and returns how long it took and the bytes read.
-async fn copy_out(db: &tokio_postgres::Client, sql: &str) -> Result<(Duration, u64)> {
+pub(crate) async fn copy_out(db: &tokio_postgres::Client, sql: &str) -> Result<(Duration, u64)> {
     let started = Instant::now();
     let stream = db.copy_out(sql).await?;
     futures_util::pin_mut!(stream);
@@ -376,19 +442,16 @@ async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
         copy_bytes as f64 / (1024.0 * 1024.0)
     ));
 
-    let start = Phase {
-        cpu: Some(0.0),
-        stats: h.sink.stats(),
-    };
+    let start = Phase::before_ferry(&h);
     let t0 = h.start_ferry(table)?;
     let t1 = h.wait_count(n as usize, limit(n, 5_000.0)).await?;
-    let end = Phase::now(&h);
+    let end = Phase::read(&h).await;
     let secs = (t1 - t0).as_secs_f64();
     o.seconds = Some(secs);
     o.rate = Some(n as f64 / secs);
     o.notes
         .push("measured from spawning ferry (slot creation and index set-up included)".into());
-    finish(&mut h, &mut o, table, &start, &end).await;
+    finish(&mut h, &mut o, Check::Rows(table), &start, &end).await;
     if !wide {
         o.target_rate(TARGET_BACKFILL_ROWS_S);
     }
@@ -409,10 +472,10 @@ const LIVE_UPDATE_SAMPLE: usize = 2_000;
 const BACKFILL_FINISHED: &str = "backfill finished";
 
 /// A small deterministic generator (splitmix64) for the writers' choices.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -421,7 +484,7 @@ impl SplitMix {
     }
 
     /// Uniform-enough in `0..n` (`n` > 0).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }
@@ -617,10 +680,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
         Arc::clone(&stop_collector),
     );
 
-    let start = Phase {
-        cpu: Some(0.0),
-        stats: h.sink.stats(),
-    };
+    let start = Phase::before_ferry(&h);
     let t0 = h.start_ferry("items")?;
     // The first document proves the copy's snapshot exists: every change
     // committed from now on reaches ferry through the stream.
@@ -704,7 +764,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
 
     h.db.batch_execute(&insert_narrow(0, 0)).await?;
     h.wait_doc("0", Duration::from_secs(120)).await?;
-    let end = Phase::now(&h);
+    let end = Phase::read(&h).await;
     stop_collector.store(true, Ordering::Release);
     collector
         .join()
@@ -829,7 +889,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
         "CPU s/100k and bulk/1k are per preloaded row but include streaming the writers' changes"
             .to_owned(),
     );
-    finish(&mut h, &mut o, "items", &start, &end).await;
+    finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
     if !problems.is_empty() {
         let convergence = std::mem::take(&mut o.check);
         o.ok = false;
@@ -922,7 +982,7 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     for _ in 0..WRITERS {
         clients.push(h.connect().await?);
     }
-    let start = Phase::now(&h);
+    let start = Phase::read(&h).await;
     let t0 = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -938,7 +998,7 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     let changes = written + 1;
     h.wait_doc("0", limit(changes, 2_000.0)).await?;
     let arrived = h.sink.last_write(INDEX, "0").unwrap_or_else(Instant::now);
-    let end = Phase::now(&h);
+    let end = Phase::read(&h).await;
 
     let mut o = Outcome::new(name, changes, "changes");
     let secs = (arrived - t0).as_secs_f64();
@@ -951,7 +1011,7 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
         thousands(written as f64 / writers_done.as_secs_f64())
     ));
     stream_ceiling(&h, &mut o, changes).await?;
-    finish(&mut h, &mut o, "items", &start, &end).await;
+    finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
     o.target_rate(TARGET_STREAM_CHANGES_S);
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
@@ -1046,7 +1106,7 @@ async fn stream_rate(ctx: &Ctx, name: &str, rate: u64) -> Result<Outcome> {
         clients.push(h.connect().await?);
     }
     let period = Duration::from_secs_f64(PER_TX as f64 / rate as f64);
-    let start = Phase::now(&h);
+    let start = Phase::read(&h).await;
     let t0 = Instant::now() + Duration::from_millis(20);
     let tasks: Vec<_> = clients
         .into_iter()
@@ -1067,7 +1127,7 @@ async fn stream_rate(ctx: &Ctx, name: &str, rate: u64) -> Result<Outcome> {
     let last_commit = commits.iter().map(|(_, t)| *t).max().unwrap_or(t0);
     h.db.batch_execute(&insert_narrow(0, 0)).await?;
     h.wait_doc("0", Duration::from_secs(120)).await?;
-    let end = Phase::now(&h);
+    let end = Phase::read(&h).await;
     stop.store(true, Ordering::Release);
     let first = collector
         .join()
@@ -1098,7 +1158,7 @@ async fn stream_rate(ctx: &Ctx, name: &str, rate: u64) -> Result<Outcome> {
             "{unseen} changes never arrived as a write of their own"
         ));
     }
-    finish(&mut h, &mut o, "items", &start, &end).await;
+    finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
     if unseen > 0 && o.ok {
         o.ok = false;
         o.check = format!("FAIL: {unseen} changes were never written to the sink");
@@ -1115,13 +1175,13 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
     let n = ctx.sizes.big_tx_rows;
     let mut h = ferry_streaming(ctx, name, 0).await?;
     create_ceiling_slots(&h).await?;
-    let start = Phase::now(&h);
+    let start = Phase::read(&h).await;
     let began = Instant::now();
     // One statement outside BEGIN/COMMIT is one transaction.
     h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
     let committed = Instant::now();
     let done = h.wait_count(n as usize, limit(n, 2_000.0)).await?;
-    let end = Phase::now(&h);
+    let end = Phase::read(&h).await;
     if h.sink.doc_count(INDEX) != n as usize {
         bail!("the sink does not hold {n} documents");
     }
@@ -1143,7 +1203,7 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
              partly did while the INSERT ran, so the ratio may exceed 1",
         );
     }
-    finish(&mut h, &mut o, "items", &start, &end).await;
+    finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
 }
