@@ -33,7 +33,7 @@ use crate::workloads::{Ctx, Sizes, Workload};
 #[command(
     name = "ferry-bench",
     about = "Benchmarks the real ferry binary against a throwaway PostgreSQL and an in-memory OpenSearch double",
-    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, big-transaction, backfill-nested, stream-relational (default: all)"
+    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, stream-20k, big-transaction, backfill-nested, stream-relational (default: all)"
 )]
 struct Args {
     /// Workloads to run, in order (default: all of them).

@@ -51,6 +51,8 @@ pub enum Workload {
     Stream1k,
     /// 5,000 changes/s, measuring lag.
     Stream5k,
+    /// Paced at 20,000 changes/s.
+    Stream20k,
     /// One transaction of many rows.
     BigTransaction,
     /// Initial copy of relational documents (users with nested orders and
@@ -62,7 +64,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in the order a default run uses.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 11] = [
         Workload::SinkSelftest,
         Workload::Backfill,
         Workload::BackfillLive,
@@ -70,6 +72,7 @@ impl Workload {
         Workload::StreamSimple,
         Workload::Stream1k,
         Workload::Stream5k,
+        Workload::Stream20k,
         Workload::BigTransaction,
         Workload::BackfillNested,
         Workload::StreamRelational,
@@ -85,6 +88,7 @@ impl Workload {
             Workload::StreamSimple => "stream-simple",
             Workload::Stream1k => "stream-1k",
             Workload::Stream5k => "stream-5k",
+            Workload::Stream20k => "stream-20k",
             Workload::BigTransaction => "big-transaction",
             Workload::BackfillNested => "backfill-nested",
             Workload::StreamRelational => "stream-relational",
@@ -109,6 +113,7 @@ impl Workload {
             Workload::StreamSimple => (s.stream_changes, "changes"),
             Workload::Stream1k => (1_000 * s.rate_seconds, "changes"),
             Workload::Stream5k => (5_000 * s.rate_seconds, "changes"),
+            Workload::Stream20k => (20_000 * s.rate_seconds, "changes"),
             Workload::BigTransaction => (s.big_tx_rows, "rows"),
             Workload::BackfillNested => (s.nested_users, "docs"),
             Workload::StreamRelational => (s.relational_changes, "changes"),
@@ -192,6 +197,7 @@ pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
         Workload::StreamSimple => stream_simple(ctx).await,
         Workload::Stream1k => stream_rate(ctx, w.name(), 1_000).await,
         Workload::Stream5k => stream_rate(ctx, w.name(), 5_000).await,
+        Workload::Stream20k => stream_rate(ctx, w.name(), 20_000).await,
         Workload::BigTransaction => big_transaction(ctx).await,
         Workload::BackfillNested => relational::backfill_nested(ctx).await,
         Workload::StreamRelational => relational::stream_relational(ctx).await,
