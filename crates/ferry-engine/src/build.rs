@@ -6,11 +6,9 @@ use std::collections::HashSet;
 use ferry_core::plan::Probe;
 use ferry_core::schema::doc_id;
 use ferry_core::{DocOp, DocWrite, Lsn};
-use ferry_postgres::SourceError;
-use futures_util::{pin_mut, StreamExt};
 use tokio_postgres::Client;
 
-use crate::rows::{LineSplitter, RowBuf};
+use crate::rows::copy_rows;
 use crate::setup::IndexRuntime;
 use crate::EngineError;
 
@@ -27,11 +25,6 @@ pub async fn build_docs(
     let plan = &ix.plan;
     let sql = plan.build_sql(Some(keys));
     let what = format!("building documents of index {}", ix.alias);
-    let stream = client
-        .copy_out(sql.as_str())
-        .await
-        .map_err(|e| SourceError::from_pg(&what, e))?;
-    pin_mut!(stream);
     let mut wanted: HashSet<String> = keys
         .iter()
         .map(|k| {
@@ -40,32 +33,27 @@ pub async fn build_docs(
         })
         .collect();
     let key_pos: Vec<usize> = plan.key_positions().collect();
-    let mut row = RowBuf::default();
-    let mut lines = LineSplitter::default();
     let mut malformed = 0usize;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
-        lines.feed(&chunk, |line| {
-            row.parse(line);
-            let parts: Vec<&[u8]> = key_pos
-                .iter()
-                .map(|p| row.field(*p).unwrap_or(b""))
-                .collect();
-            let id = doc_id(&parts);
-            let mut body = Vec::with_capacity(line.len() + 64);
-            if !plan.write_root(|i| row.field(i), &mut body) {
-                malformed += 1;
-                return;
-            }
-            wanted.remove(&id);
-            writes.push(DocWrite {
-                index,
-                id,
-                version,
-                op: DocOp::Index(body),
-            });
+    copy_rows(client, &sql, &what, |row| {
+        let parts: Vec<&[u8]> = key_pos
+            .iter()
+            .map(|p| row.field(*p).unwrap_or(b""))
+            .collect();
+        let id = doc_id(&parts);
+        let mut body = Vec::with_capacity(256);
+        if !plan.write_root(|i| row.field(i), &mut body) {
+            malformed += 1;
+            return;
+        }
+        wanted.remove(&id);
+        writes.push(DocWrite {
+            index,
+            id,
+            version,
+            op: DocOp::Index(body),
         });
-    }
+    })
+    .await?;
     if malformed > 0 {
         return Err(EngineError::Stream(format!(
             "{what}: {malformed} rows came back in an unexpected shape"
@@ -106,23 +94,13 @@ pub async fn resolve(
         let Some(sql) = plan.resolve_sql(probe, chunk) else {
             continue;
         };
-        let stream = client
-            .copy_out(sql.as_str())
-            .await
-            .map_err(|e| SourceError::from_pg(&what, e))?;
-        pin_mut!(stream);
-        let mut row = RowBuf::default();
-        let mut lines = LineSplitter::default();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
-            lines.feed(&chunk, |line| {
-                row.parse(line);
-                let key = (0..n)
-                    .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
-                    .collect();
-                out.push(key);
-            });
-        }
+        copy_rows(client, &sql, &what, |row| {
+            let key = (0..n)
+                .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
+                .collect();
+            out.push(key);
+        })
+        .await?;
     }
     Ok(out)
 }

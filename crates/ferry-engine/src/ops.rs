@@ -14,11 +14,10 @@ use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::{DeadLetter, Method, Sink};
 use ferry_postgres::catalog::TypeResolver;
 use ferry_postgres::{PgParams, SourceError};
-use futures_util::{pin_mut, StreamExt};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use crate::rows::{LineSplitter, RowBuf};
+use crate::rows::copy_rows;
 use crate::setup::IndexRuntime;
 use crate::{build, docplan, EngineError};
 
@@ -298,34 +297,24 @@ async fn all_docs(
 ) -> Result<Vec<DocWrite>, EngineError> {
     let sql = ix.plan.build_sql(None);
     let what = format!("building documents of index {}", ix.alias);
-    let stream = client
-        .copy_out(sql.as_str())
-        .await
-        .map_err(|e| SourceError::from_pg(&what, e))?;
-    pin_mut!(stream);
     let key_pos: Vec<usize> = ix.plan.key_positions().collect();
-    let mut row = RowBuf::default();
-    let mut lines = LineSplitter::default();
     let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
-        lines.feed(&chunk, |line| {
-            row.parse(line);
-            let parts: Vec<&[u8]> = key_pos
-                .iter()
-                .map(|p| row.field(*p).unwrap_or(b""))
-                .collect();
-            let mut body = Vec::new();
-            if ix.plan.write_root(|i| row.field(i), &mut body) {
-                out.push(DocWrite {
-                    index: ix.pos,
-                    id: doc_id(&parts),
-                    version,
-                    op: DocOp::Index(body),
-                });
-            }
-        });
-    }
+    copy_rows(client, &sql, &what, |row| {
+        let parts: Vec<&[u8]> = key_pos
+            .iter()
+            .map(|p| row.field(*p).unwrap_or(b""))
+            .collect();
+        let mut body = Vec::new();
+        if ix.plan.write_root(|i| row.field(i), &mut body) {
+            out.push(DocWrite {
+                index: ix.pos,
+                id: doc_id(&parts),
+                version,
+                op: DocOp::Index(body),
+            });
+        }
+    })
+    .await?;
     Ok(out)
 }
 
@@ -346,26 +335,16 @@ async fn sample_keys(
         "COPY (SELECT {keys} FROM {} ORDER BY random() LIMIT {n}) TO STDOUT",
         ix.plan.table.qualified()
     );
-    let stream = client
-        .copy_out(sql.as_str())
-        .await
-        .map_err(|e| SourceError::from_pg("sampling rows", e))?;
-    pin_mut!(stream);
     let width = ix.plan.table.key.len();
-    let mut row = RowBuf::default();
-    let mut lines = LineSplitter::default();
     let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| SourceError::from_pg("sampling rows", e))?;
-        lines.feed(&chunk, |line| {
-            row.parse(line);
-            out.push(
-                (0..width)
-                    .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
-                    .collect(),
-            );
-        });
-    }
+    copy_rows(client, &sql, "sampling rows", |row| {
+        out.push(
+            (0..width)
+                .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
+                .collect(),
+        );
+    })
+    .await?;
     Ok(out)
 }
 

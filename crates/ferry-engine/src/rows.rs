@@ -67,6 +67,32 @@ impl LineSplitter {
     }
 }
 
+/// Runs `sql` (a `COPY … TO STDOUT`) and calls `each` with every row, parsed.
+/// `what` names the operation in errors.
+pub async fn copy_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    what: &str,
+    mut each: impl FnMut(&RowBuf),
+) -> Result<(), ferry_postgres::SourceError> {
+    use futures_util::{pin_mut, StreamExt};
+    let stream = client
+        .copy_out(sql)
+        .await
+        .map_err(|e| ferry_postgres::SourceError::from_pg(what, e))?;
+    pin_mut!(stream);
+    let mut row = RowBuf::default();
+    let mut lines = LineSplitter::default();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ferry_postgres::SourceError::from_pg(what, e))?;
+        lines.feed(&chunk, |line| {
+            row.parse(line);
+            each(&row);
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
