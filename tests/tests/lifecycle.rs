@@ -123,9 +123,11 @@ async fn interrupted_backfill_resumes_from_its_checkpoint() {
         .filter_map(|n| n.parse().ok())
         .next_back()
         .expect("backfill finished line");
+    // At least 8,000 documents were durable when ferry was killed; the last
+    // checkpoint before that is at least two 2,000-row chunks in.
     assert!(
-        second < 14_000,
-        "the resumed backfill copied {second} rows, not all 20,000"
+        second <= 16_000,
+        "the resumed backfill copied {second} rows: it did not skip the chunks already done"
     );
     assert_eq!(ferry.stop(), Some(0));
 }
