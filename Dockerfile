@@ -69,12 +69,9 @@ USER 10001:10001
 # stop_grace_period (Docker's default is 10 s).
 STOPSIGNAL SIGTERM
 
-# No HEALTHCHECK yet: ferry has no health endpoint. `ferry check` is not a
-# substitute, since it would open database and cluster connections at every
-# interval. The check arrives with the admin HTTP endpoint ([admin] listen,
-# GET /healthz). The image has no curl, so the probe will either be a ferry
-# subcommand or need curl installed. Placeholder, to be filled in then:
-# HEALTHCHECK --interval=15s --timeout=3s --start-period=30s CMD ["ferry", "<probe /healthz>"]
+# Liveness through the admin endpoint ([admin] listen, default 127.0.0.1:9187,
+# reachable inside the container): `ferry health` GETs /healthz, no curl needed.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s CMD ["ferry", "health"]
 
 ENTRYPOINT ["ferry"]
 CMD ["run", "--config", "/etc/ferry/ferry.toml"]

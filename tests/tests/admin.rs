@@ -291,6 +291,20 @@ async fn admin_endpoint_reports_health_metrics_and_status() {
     let printed: Value = serde_json::from_str(&out).expect("ferry status --json prints JSON");
     assert_eq!(printed["slot"], slot);
     assert_eq!(printed["indexes"][0]["name"], index.as_str());
+    // `ferry health` (the container healthcheck) probes /healthz.
+    let (code, _, err) = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || ferry_once(&["health", "--url", &url]))
+            .await
+            .expect("join")
+    };
+    assert_eq!(code, 0, "ferry health failed: {err}");
+    let (code, _, _) = tokio::task::spawn_blocking(|| {
+        ferry_once(&["health", "--url", "http://127.0.0.1:9"])
+    })
+    .await
+    .expect("join");
+    assert_ne!(code, 0, "ferry health fails when nothing answers");
     // With --config the address comes from the file (an inherited
     // FERRY_ADMIN__LISTEN would override it, so it is removed).
     let out = tokio::process::Command::new(ferry_bin())

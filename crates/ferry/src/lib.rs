@@ -74,6 +74,12 @@ pub enum Command {
         #[command(subcommand)]
         action: ops::DeadLetterAction,
     },
+    /// Probe a running ferry's `/healthz` (exit 0 when alive); the container healthcheck.
+    Health {
+        /// Base URL of the admin endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:9187")]
+        url: String,
+    },
     /// Inspect or drop the replication slot.
     Slot {
         /// The configuration file (TOML).
@@ -143,6 +149,20 @@ pub fn main() -> ExitCode {
             } => ops::dead_letters(&config, action, index).await,
             Command::Reindex { name, config } => ops::reindex(&config, &name).await,
             Command::Slot { config, action } => ops::slot(&config, action).await,
+            Command::Health { url } => {
+                let target = format!("{}/healthz", url.trim_end_matches('/'));
+                match ferry_admin::fetch(&target).await {
+                    Ok(r) if r.status == 200 => ExitCode::SUCCESS,
+                    Ok(r) => {
+                        tracing::error!(status = r.status, "{target} is not healthy");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "{target} did not answer");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
             Command::Verify {
                 config,
                 index,
