@@ -299,11 +299,10 @@ async fn admin_endpoint_reports_health_metrics_and_status() {
             .expect("join")
     };
     assert_eq!(code, 0, "ferry health failed: {err}");
-    let (code, _, _) = tokio::task::spawn_blocking(|| {
-        ferry_once(&["health", "--url", "http://127.0.0.1:9"])
-    })
-    .await
-    .expect("join");
+    let (code, _, _) =
+        tokio::task::spawn_blocking(|| ferry_once(&["health", "--url", "http://127.0.0.1:9"]))
+            .await
+            .expect("join");
     assert_ne!(code, 0, "ferry health fails when nothing answers");
     // With --config the address comes from the file (an inherited
     // FERRY_ADMIN__LISTEN would override it, so it is removed).
