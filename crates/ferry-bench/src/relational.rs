@@ -33,62 +33,11 @@ const TARGET_CHILD_CHANGES_S: f64 = 15_000.0;
 /// highest id, plus any the workload names).
 const SAMPLE: usize = 300;
 
-/// The index block after `name` and `table = "users"`: the `INDEX` of
-/// `tests/tests/relations.rs`.
-const INDEX_CONFIG: &str = r#"columns = ["id", "email", "name", "company_id"]
-soft_delete = "deleted_at"
-rename = { name = "full_name" }
-mapping = { email = { type = "keyword" } }
+// The index block after `name` and `table = "users"`.
+use ferry_testkit::relational::INDEX as INDEX_CONFIG;
 
-  [[index.has_many]]
-  field = "orders"
-  table = "orders"
-  foreign_key = "user_id"
-  columns = ["id", "total", "status"]
-  order_by = "id"
-  where = "status <> 'cancelled'"
-
-    [[index.has_many.has_many]]
-    field = "items"
-    table = "line_items"
-    foreign_key = "order_id"
-    columns = ["id", "sku", "qty"]
-
-  [[index.has_many]]
-  field = "tags"
-  table = "tags"
-  foreign_key = "user_id"
-  through = { table = "user_tags", other_key = "tag_id" }
-  columns = ["id", "label"]
-  mapping_type = "object"
-
-  [[index.belongs_to]]
-  field = "company"
-  table = "companies"
-  foreign_key = "company_id"
-  columns = ["id", "name"]
-
-  [[index.count]]
-  field = "order_count"
-  table = "orders"
-  foreign_key = "user_id"
-"#;
-
-/// Every live user's expected document (id text, JSON text), built without
-/// ferry: the `EXPECTED` query of `tests/tests/relations.rs`. Callers may
-/// append `AND …` conditions on `u`.
-const EXPECTED: &str = "\
-SELECT u.id::text, jsonb_build_object(
-  'id', u.id, 'email', u.email, 'full_name', u.name, 'company_id', u.company_id,
-  'orders', coalesce((SELECT jsonb_agg(jsonb_build_object('id', o.id, 'total', o.total, 'status', o.status,
-        'items', coalesce((SELECT jsonb_agg(jsonb_build_object('id', li.id, 'sku', li.sku, 'qty', li.qty) ORDER BY li.id)
-                           FROM line_items li WHERE li.order_id = o.id), '[]'::jsonb)) ORDER BY o.id)
-     FROM orders o WHERE o.user_id = u.id AND o.status <> 'cancelled'), '[]'::jsonb),
-  'tags', coalesce((SELECT jsonb_agg(jsonb_build_object('id', t.id, 'label', t.label) ORDER BY t.id)
-     FROM tags t JOIN user_tags ut ON ut.tag_id = t.id WHERE ut.user_id = u.id), '[]'::jsonb),
-  'company', (SELECT jsonb_build_object('id', c.id, 'name', c.name) FROM companies c WHERE c.id = u.company_id),
-  'order_count', (SELECT count(*) FROM orders o WHERE o.user_id = u.id)
-)::text FROM users u WHERE u.deleted_at IS NULL";
+// Every live user's expected document (id text, JSON text).
+use ferry_testkit::relational::EXPECTED;
 
 /// [`EXPECTED`] with the text-based `json` functions instead of `jsonb`:
 /// the same documents, the kind of functions ferry's own queries use. Timed

@@ -416,15 +416,17 @@ pub enum MappingType {
 }
 
 impl IndexConfig {
-    /// True when documents need more than the root row's own columns
-    /// (relations, a filter or a soft-delete column), so they are built by
-    /// querying PostgreSQL rather than from the replicated row alone.
+    /// True when documents need more than the root row's own columns as
+    /// they are (relations, a filter, a soft-delete column or renames), so
+    /// they are built by querying PostgreSQL rather than from the replicated
+    /// row alone.
     pub fn is_relational(&self) -> bool {
         !self.has_many.is_empty()
             || !self.belongs_to.is_empty()
             || !self.count.is_empty()
             || self.filter.is_some()
             || self.soft_delete.is_some()
+            || !self.rename.is_empty()
     }
 
     /// The root table split into (schema, table); schema defaults to `public`.

@@ -39,14 +39,6 @@ impl TableShape {
     pub fn qualified_plain(&self) -> String {
         format!("{}.{}", self.schema, self.name)
     }
-
-    /// The OpenSearch `properties` object for the document columns.
-    pub fn properties(&self) -> serde_json::Map<String, serde_json::Value> {
-        self.columns
-            .iter()
-            .map(|c| (c.name.clone(), c.kind.mapping()))
-            .collect()
-    }
 }
 
 /// Quotes an SQL identifier (doubling embedded quotes).

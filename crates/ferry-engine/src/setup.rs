@@ -244,7 +244,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
             alias: ix.name.clone(),
             concrete: prepared.concrete,
             shape: doc_plan.table.clone(),
-            fast: !ix.is_relational() && ix.rename.is_empty(),
+            fast: !ix.is_relational(),
             plan: doc_plan,
             shadow: if seeded {
                 None

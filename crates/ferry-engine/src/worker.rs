@@ -61,10 +61,10 @@ struct Batch {
 impl Batch {
     fn push(&mut self, w: DocWrite) {
         self.bytes += w.weight();
-        match self.slots.get(&(w.index, w.id.clone())) {
-            Some(&at) => self.items[at] = w,
-            None => {
-                self.slots.insert((w.index, w.id.clone()), self.items.len());
+        match self.slots.entry((w.index, w.id.clone())) {
+            std::collections::hash_map::Entry::Occupied(at) => self.items[*at.get()] = w,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(self.items.len());
                 self.items.push(w);
             }
         }
@@ -664,12 +664,19 @@ impl Worker {
             if ack.is_some() {
                 stats.last_durable_commit_us.fetch_max(commit_ts, Relaxed);
             }
+            // Count per index first: one stats look-up per index, not per write.
+            let mut counts: HashMap<usize, (u64, u64)> = HashMap::new();
             for w in &writes {
-                if let Some(st) = stats.index(w.index) {
-                    match w.op {
-                        DocOp::Index(_) => st.docs_written.fetch_add(1, Relaxed),
-                        DocOp::Delete => st.docs_deleted.fetch_add(1, Relaxed),
-                    };
+                let c = counts.entry(w.index).or_default();
+                match w.op {
+                    DocOp::Index(_) => c.0 += 1,
+                    DocOp::Delete => c.1 += 1,
+                }
+            }
+            for (index, (written, deleted)) in counts {
+                if let Some(st) = stats.index(index) {
+                    st.docs_written.fetch_add(written, Relaxed);
+                    st.docs_deleted.fetch_add(deleted, Relaxed);
                 }
             }
             tracing::debug!(

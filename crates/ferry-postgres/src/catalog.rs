@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use ferry_config::IndexConfig;
 use ferry_core::schema::{quote_ident, quote_literal};
 use ferry_core::{ColumnShape, Lsn, TableShape, TypeKind};
 use tokio_postgres::Client;
@@ -102,26 +101,6 @@ impl TypeResolver {
         self.known.insert(oid, kind.clone());
         Ok(kind)
     }
-}
-
-/// Reads the shape of an index's root table: OID, document columns with
-/// kinds, primary key. Errors name the config key and the fix.
-pub async fn table_shape(
-    client: &Client,
-    types: &mut TypeResolver,
-    index_pos: usize,
-    index: &IndexConfig,
-) -> Result<TableShape, SourceError> {
-    let info = read_table(
-        client,
-        types,
-        &format!("index[{index_pos}]"),
-        &index.table,
-        index.columns.as_deref(),
-        true,
-    )
-    .await?;
-    Ok(info.shape)
 }
 
 /// A table as the catalog describes it.
@@ -525,29 +504,4 @@ pub async fn open_snapshot(
         .await
         .map_err(|e| SourceError::from_pg("opening the backfill snapshot", e))?;
     Ok(client)
-}
-
-/// `COPY (SELECT …) TO STDOUT` text for a table's backfill: the document
-/// columns followed by any key column not among them.
-pub fn backfill_copy_sql(shape: &TableShape) -> (String, Vec<usize>) {
-    let mut names: Vec<&str> = shape.columns.iter().map(|c| c.name.as_str()).collect();
-    let mut key_pos = Vec::with_capacity(shape.key.len());
-    for k in &shape.key {
-        match names.iter().position(|n| n == k) {
-            Some(p) => key_pos.push(p),
-            None => {
-                names.push(k.as_str());
-                key_pos.push(names.len() - 1);
-            }
-        }
-    }
-    let cols = names
-        .iter()
-        .map(|n| quote_ident(n))
-        .collect::<Vec<_>>()
-        .join(", ");
-    (
-        format!("COPY (SELECT {cols} FROM {}) TO STDOUT", shape.qualified()),
-        key_pos,
-    )
 }

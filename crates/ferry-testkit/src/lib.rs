@@ -12,6 +12,7 @@ pub mod fastsink;
 pub mod faultproxy;
 mod osmem;
 mod pg;
+pub mod relational;
 mod sink;
 mod util;
 
