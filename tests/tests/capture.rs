@@ -74,6 +74,44 @@ async fn truncate_empties_the_index_and_keeps_it() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
+/// Changes applied under a replication origin (as a logical replication
+/// subscriber or a multi-primary tool applies them) arrive with an Origin
+/// message before their rows; every supported PostgreSQL version must index
+/// them like any other change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_under_a_replication_origin_are_indexed() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+    )
+    .await
+    .expect("schema");
+    let cfg = env.config("t", "t", "");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("t", "t", CONVERGE).await;
+    db.batch_execute(
+        "SELECT pg_replication_origin_create('upstream_a');
+         SELECT pg_replication_origin_session_setup('upstream_a');
+         BEGIN;
+         SELECT pg_replication_origin_xact_setup('0/1000', now());
+         INSERT INTO t VALUES (101, 'from upstream');
+         UPDATE t SET v = 'changed upstream' WHERE id = 1;
+         DELETE FROM t WHERE id = 2;
+         COMMIT;
+         SELECT pg_replication_origin_session_reset();",
+    )
+    .await
+    .expect("changes under an origin");
+    env.assert_converges("t", "t", CONVERGE).await;
+    let docs = env.documents("t").await;
+    assert_eq!(docs["101"]["v"], "from upstream");
+    assert_eq!(docs["1"]["v"], "changed upstream");
+    assert!(!docs.contains_key("2"));
+    assert_eq!(ferry.stop(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_columns_join_documents_and_the_mapping() {
     let env = TestEnv::start().await;

@@ -69,6 +69,14 @@ pub enum TestkitError {
     /// `osmem-server` started but did not announce itself properly.
     #[error("osmem-server did not start: {0}")]
     OsmemStartup(String),
+
+    /// The search engine the environment asks for is not available.
+    #[error("test search engine not available: {0}")]
+    EngineMissing(String),
+
+    /// A real search engine node did not start.
+    #[error("test search engine did not start: {0}")]
+    EngineStartup(String),
 }
 
 impl TestkitError {

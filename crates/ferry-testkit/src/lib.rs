@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+mod engine;
 mod error;
 pub mod fastsink;
 pub mod faultproxy;
@@ -16,6 +17,7 @@ pub mod relational;
 mod sink;
 mod util;
 
+pub use engine::{EngineChoice, NodeOptions, OpenSearchNode, DEFAULT_OPENSEARCH_VERSION};
 pub use error::{Result, TestkitError};
 pub use fastsink::FastSink;
 pub use faultproxy::{Fault, FaultProxy};

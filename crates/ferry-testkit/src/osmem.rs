@@ -1,13 +1,12 @@
 //! `osmem-server`: an in-memory, OpenSearch-compatible server for tests.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::error::{Result, TestkitError};
-use crate::util::{find_on_path, is_executable};
+use crate::util::{announced_url, find_on_path, first_stdout_line, is_executable};
 
 /// How long to wait for the server's startup line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -44,40 +43,8 @@ impl Osmem {
             .spawn()
             .map_err(|e| TestkitError::io(format!("spawning {}", bin.display()), e))?;
 
-        let stdout = match child.stdout.take() {
-            Some(s) => s,
-            None => {
-                kill_and_reap(&mut child);
-                return Err(TestkitError::OsmemStartup("stdout was not captured".into()));
-            }
-        };
-
-        // Read the announcement on a helper thread so we can time out, then
-        // keep draining stdout so the server never blocks on a full pipe.
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("osmem-stdout".into())
-            .spawn(move || {
-                let mut reader = BufReader::new(stdout);
-                let mut line = String::new();
-                let first = reader.read_line(&mut line).map(|_| line);
-                let _ = tx.send(first);
-                let _ = std::io::copy(&mut reader, &mut std::io::sink());
-            })
-            .map_err(|e| TestkitError::io("spawning the osmem-server reader thread", e))?;
-
-        let outcome = match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Ok(line)) if !line.trim().is_empty() => parse_announcement(&line),
-            Ok(Ok(_)) => Err("exited without printing its startup line".to_owned()),
-            Ok(Err(e)) => Err(format!("reading its stdout failed: {e}")),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
-                "no startup line within {} s",
-                STARTUP_TIMEOUT.as_secs()
-            )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                Err("stdout reader stopped unexpectedly".to_owned())
-            }
-        };
+        let outcome = first_stdout_line(&mut child, "osmem", STARTUP_TIMEOUT)
+            .and_then(|line| announced_url(&line));
 
         match outcome {
             Ok(url) => {
@@ -118,17 +85,6 @@ impl Drop for Osmem {
 fn kill_and_reap(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Extracts the `url` field from the server's JSON startup line.
-fn parse_announcement(line: &str) -> std::result::Result<String, String> {
-    let value: serde_json::Value = serde_json::from_str(line.trim())
-        .map_err(|e| format!("startup line is not JSON ({e}): {}", line.trim()))?;
-    value
-        .get("url")
-        .and_then(serde_json::Value::as_str)
-        .map(|u| u.trim_end_matches('/').to_owned())
-        .ok_or_else(|| format!("startup line has no \"url\": {}", line.trim()))
 }
 
 /// Finds the executable: `$OSMEM_SERVER_BIN`, then `PATH`, then the copy
@@ -178,11 +134,8 @@ mod tests {
     #[test]
     fn parses_startup_line() {
         let line = r#"{"url":"http://127.0.0.1:40123","pid":2027,"version":"3.8.0"}"#;
-        assert_eq!(
-            parse_announcement(line).as_deref(),
-            Ok("http://127.0.0.1:40123")
-        );
-        assert!(parse_announcement("not json").is_err());
-        assert!(parse_announcement(r#"{"pid":1}"#).is_err());
+        assert_eq!(announced_url(line).as_deref(), Ok("http://127.0.0.1:40123"));
+        assert!(announced_url("not json").is_err());
+        assert!(announced_url(r#"{"pid":1}"#).is_err());
     }
 }

@@ -3,41 +3,43 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use crate::engine::{EngineChoice, OpenSearchNode};
 use crate::error::Result;
 use crate::osmem::Osmem;
 
-/// Environment variable naming a real OpenSearch cluster to test against.
-const REAL_CLUSTER_ENV: &str = "FERRY_TEST_OPENSEARCH_URL";
-
-/// An OpenSearch endpoint for one test: a real cluster when
-/// `FERRY_TEST_OPENSEARCH_URL` is set, otherwise a private `osmem-server`.
+/// An OpenSearch endpoint for one test, chosen by [`EngineChoice::from_env`]:
+/// a private `osmem-server` (the default), a real OpenSearch node shared by
+/// the test binary (`FERRY_TEST_ENGINE=opensearch`), or a cluster at
+/// `FERRY_TEST_OPENSEARCH_URL`.
 ///
-/// Each instance carries a unique index-name prefix so tests sharing a real
+/// Each instance carries a unique index-name prefix so tests sharing a
 /// cluster do not step on each other's indices.
 #[derive(Debug)]
 pub struct TestSink {
     url: String,
     prefix: String,
+    engine: String,
     _osmem: Option<Osmem>,
 }
 
 impl TestSink {
-    /// Connects to the configured real cluster or starts an `osmem-server`.
+    /// Starts (or joins) the endpoint the environment chooses.
     pub fn start() -> Result<TestSink> {
-        let external = std::env::var(REAL_CLUSTER_ENV)
-            .ok()
-            .map(|u| u.trim().trim_end_matches('/').to_owned())
-            .filter(|u| !u.is_empty());
-        let (url, osmem) = match external {
-            Some(url) => (url, None),
-            None => {
+        let (url, engine, osmem) = match EngineChoice::from_env()? {
+            EngineChoice::External(url) => (url, "external".to_owned(), None),
+            EngineChoice::OpenSearch(version) => {
+                let node = OpenSearchNode::shared(&version)?;
+                (node.url().to_owned(), format!("opensearch-{version}"), None)
+            }
+            EngineChoice::Osmem => {
                 let osmem = Osmem::start()?;
-                (osmem.url().to_owned(), Some(osmem))
+                (osmem.url().to_owned(), "osmem".to_owned(), Some(osmem))
             }
         };
         Ok(TestSink {
             url,
             prefix: next_prefix(),
+            engine,
             _osmem: osmem,
         })
     }
@@ -57,9 +59,20 @@ impl TestSink {
         format!("{}{}", self.prefix, name)
     }
 
-    /// True when pointing at a real cluster from `FERRY_TEST_OPENSEARCH_URL`.
+    /// True when the endpoint is shared with other tests (a real node or
+    /// an external cluster), not a private `osmem-server`.
     pub fn is_external(&self) -> bool {
         self._osmem.is_none()
+    }
+
+    /// True when the endpoint is a real engine (not `osmem-server`).
+    pub fn is_real(&self) -> bool {
+        self.engine != "osmem"
+    }
+
+    /// `osmem`, `opensearch-<version>` or `external`.
+    pub fn engine(&self) -> &str {
+        &self.engine
     }
 }
 

@@ -1,8 +1,11 @@
 //! Small helpers shared by the fixtures.
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Child, Output};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::error::{Result, TestkitError};
 
@@ -85,6 +88,53 @@ pub(crate) fn shell_quote(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
+}
+
+/// Waits up to `timeout` for the first stdout line of `child` (a server
+/// announcing itself), then keeps draining its stdout on a helper thread so
+/// it never blocks on a full pipe. `Err` says why there was no line.
+pub(crate) fn first_stdout_line(
+    child: &mut Child,
+    what: &str,
+    timeout: Duration,
+) -> std::result::Result<String, String> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| "stdout was not captured".to_owned())?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("{what}-stdout"))
+        .spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let first = reader.read_line(&mut line).map(|_| line);
+            let _ = tx.send(first);
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        })
+        .map_err(|e| format!("spawning its stdout reader failed: {e}"))?;
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) if !line.trim().is_empty() => Ok(line),
+        Ok(Ok(_)) => Err("exited without printing its startup line".to_owned()),
+        Ok(Err(e)) => Err(format!("reading its stdout failed: {e}")),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            Err(format!("no startup line within {} s", timeout.as_secs()))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err("stdout reader stopped unexpectedly".to_owned())
+        }
+    }
+}
+
+/// The `url` field of a server's JSON startup line, without a trailing slash.
+pub(crate) fn announced_url(line: &str) -> std::result::Result<String, String> {
+    let value: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|e| format!("startup line is not JSON ({e}): {}", line.trim()))?;
+    value
+        .get("url")
+        .and_then(serde_json::Value::as_str)
+        .map(|u| u.trim_end_matches('/').to_owned())
+        .ok_or_else(|| format!("startup line has no \"url\": {}", line.trim()))
 }
 
 #[cfg(test)]
