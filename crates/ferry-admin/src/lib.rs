@@ -1,20 +1,23 @@
 //! ferry's admin endpoint: a small read-only HTTP server over the engine's
 //! [`Stats`], and systemd readiness/watchdog notifications.
 //!
-//! Routes (GET or HEAD; every response closes the connection):
+//! Routes (GET or HEAD, served by axum on hyper; every response closes the
+//! connection):
 //!
 //! * `/healthz`: `200 ok` while the process answers at all;
 //! * `/readyz`: `200` once ferry streams changes and the search cluster
 //!   answers, `503` with the reason otherwise;
-//! * `/metrics`: Prometheus text exposition format 0.0.4;
+//! * `/metrics`: Prometheus text exposition format 0.0.4 (`prometheus-client`);
 //! * `/status`: a JSON summary (slot, positions, lag, per-index progress).
 //!
 //! Nothing served here contains row values, document ids or credentials:
 //! only counters, index names, the slot name and error messages the engine
 //! records without row data.
 
-mod http;
+mod client;
 mod metrics;
+mod routes;
+mod server;
 mod status;
 pub mod systemd;
 
@@ -24,8 +27,9 @@ use std::sync::Arc;
 
 use ferry_core::stats::Stats;
 
-pub use http::{fetch, AdminServer, Response};
-pub use metrics::render_metrics;
+pub use client::{fetch, Response};
+pub use metrics::Metrics;
+pub use server::AdminServer;
 pub use status::{admin_url, status_json, status_table};
 
 /// Facts about the process that the counters do not carry, shown in `/status`.
@@ -60,7 +64,7 @@ pub enum AdminError {
         /// What is wrong with it.
         reason: String,
     },
-    /// [`fetch`] could not connect, timed out or got no HTTP response.
+    /// [`fetch`] could not connect, timed out or got no complete HTTP response.
     #[error("request to {url} failed: {reason}")]
     Request {
         /// The URL requested.

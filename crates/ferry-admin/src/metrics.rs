@@ -1,12 +1,31 @@
-//! `/metrics`: the [`Stats`] in Prometheus text exposition format 0.0.4.
+//! `/metrics`: the [`Stats`] in Prometheus text exposition format 0.0.4,
+//! encoded by `prometheus-client`.
 //!
-//! Names follow `ferry_<noun>_<unit>[_total]`. Labels are index names,
-//! operations and states only; their cardinality is bounded by the config.
+//! The engine counts in `ferry-core`'s atomics, which know nothing about
+//! Prometheus; a [`Collector`] reads them at every scrape. Names follow
+//! `ferry_<noun>_<unit>[_total]` (the library appends `_total` to counters).
+//! Labels are index names, operations and states only; their cardinality is
+//! bounded by the config.
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use ferry_core::stats::{IndexState, Stats, FLUSH_BUCKETS_MS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+    MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of the exposition served at `/metrics`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Every index state, for the `ferry_index_state` enumeration.
 const STATES: [IndexState; 4] = [
@@ -16,285 +35,303 @@ const STATES: [IndexState; 4] = [
     IndexState::Stopped,
 ];
 
-/// Renders every metric as Prometheus text (format 0.0.4), as of now.
-pub fn render_metrics(stats: &Stats) -> String {
-    render_at(stats, crate::now_pg_micros())
+/// A Prometheus registry over one process's [`Stats`].
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
 }
 
-/// Renders every metric as of `now_us` (µs since 2000-01-01).
-pub(crate) fn render_at(stats: &Stats, now_us: i64) -> String {
-    let mut w = Writer::default();
-    let indexes = stats.indexes.lock().map(|g| g.clone()).unwrap_or_default();
-
-    w.family(
-        "ferry_changes_total",
-        "counter",
-        "Row changes received from PostgreSQL, by operation.",
-    );
-    for (op, v) in ["insert", "update", "delete"].iter().zip(&stats.changes) {
-        w.sample("ferry_changes_total", &[("op", op)], v.load(Relaxed));
+impl Metrics {
+    /// The registry that reads `stats` at every scrape.
+    pub fn new(stats: Arc<Stats>) -> Metrics {
+        Metrics::with_clock(stats, crate::now_pg_micros)
     }
-    w.single(
-        "ferry_transactions_total",
-        "counter",
-        "Transactions received from PostgreSQL.",
-        stats.transactions.load(Relaxed),
-    );
 
-    w.family(
-        "ferry_documents_total",
-        "counter",
-        "Document writes acknowledged by the search cluster, by index and result.",
-    );
-    for ix in &indexes {
-        for (result, v) in [
-            ("written", &ix.docs_written),
-            ("deleted", &ix.docs_deleted),
-            ("superseded", &ix.docs_superseded),
-            ("rejected", &ix.docs_rejected),
-        ] {
-            w.sample(
-                "ferry_documents_total",
-                &[("index", &ix.name), ("result", result)],
-                v.load(Relaxed),
-            );
+    /// As [`Metrics::new`], with `now` giving µs since 2000-01-01 (for the lag).
+    pub(crate) fn with_clock(stats: Arc<Stats>, now: fn() -> i64) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(StatsCollector { stats, now }));
+        Metrics { registry }
+    }
+
+    /// Every metric as Prometheus text (format 0.0.4), as of now.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            // Writing to a String fails only if an encoder refused a value.
+            tracing::warn!(error = %e, "cannot encode the metrics");
         }
+        out
     }
-    w.family(
-        "ferry_dead_letters_total",
-        "counter",
-        "Rejected documents stored as dead letters, by index.",
-    );
-    for ix in &indexes {
-        w.sample(
-            "ferry_dead_letters_total",
-            &[("index", &ix.name)],
-            ix.dead_letters.load(Relaxed),
-        );
-    }
+}
 
-    w.family(
-        "ferry_bulk_requests_total",
-        "counter",
-        "Bulk requests sent to the search cluster, by response class (transport errors count as 5xx).",
-    );
-    for (class, v) in ["2xx", "4xx", "5xx"].iter().zip(&stats.bulk_requests) {
-        w.sample(
-            "ferry_bulk_requests_total",
-            &[("class", class)],
-            v.load(Relaxed),
-        );
-    }
-    w.single(
-        "ferry_retries_total",
-        "counter",
-        "Bulk attempts retried (whole requests or single items).",
-        stats.retries.load(Relaxed),
-    );
-    w.single(
-        "ferry_sql_statements_total",
-        "counter",
-        "SQL statements the worker issued to build or resolve documents.",
-        stats.sql_statements.load(Relaxed),
-    );
-    w.single(
-        "ferry_reconnects_total",
-        "counter",
-        "Pipeline restarts after a retryable failure.",
-        stats.reconnects.load(Relaxed),
-    );
-    w.single(
-        "ferry_queue_depth",
-        "gauge",
-        "Changes waiting between capture and the worker.",
-        stats.queue_depth.load(Relaxed),
-    );
+/// Reads [`Stats`] into metric families when scraped.
+#[derive(Debug)]
+struct StatsCollector {
+    stats: Arc<Stats>,
+    now: fn() -> i64,
+}
 
-    w.single(
-        "ferry_confirmed_lsn",
-        "gauge",
-        "WAL position confirmed to PostgreSQL (everything before it is durable in the index).",
-        stats.confirmed_lsn.load(Relaxed),
-    );
-    w.single(
-        "ferry_received_lsn",
-        "gauge",
-        "Highest commit WAL position received from PostgreSQL.",
-        stats.received_lsn.load(Relaxed),
-    );
-    let lag = crate::lag(stats, now_us);
-    w.single(
-        "ferry_replication_lag_bytes",
-        "gauge",
-        "Received minus confirmed WAL position, in bytes.",
-        lag.bytes,
-    );
-    w.single(
-        "ferry_replication_lag_seconds",
-        "gauge",
-        "Seconds since the commit of the last transaction made durable, while changes are pending; 0 when caught up.",
-        lag.seconds,
-    );
+impl Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = &*self.stats;
+        let indexes = s.indexes.lock().map(|g| g.clone()).unwrap_or_default();
 
-    // Cumulative buckets; the count is their total so that the +Inf bucket
-    // and _count agree even while a flush is being recorded.
-    w.family(
-        "ferry_flush_duration_seconds",
-        "histogram",
-        "Time to write one batch to the search cluster.",
-    );
-    let mut cumulative = 0u64;
-    for (i, bucket) in stats.flush_buckets.iter().enumerate() {
-        cumulative += bucket.load(Relaxed);
-        let le = match FLUSH_BUCKETS_MS.get(i) {
-            Some(ms) => (*ms as f64 / 1000.0).to_string(),
-            None => "+Inf".to_string(),
-        };
-        w.sample(
-            "ferry_flush_duration_seconds_bucket",
-            &[("le", &le)],
-            cumulative,
-        );
-    }
-    w.sample(
-        "ferry_flush_duration_seconds_sum",
-        &[],
-        stats.flush_micros.load(Relaxed) as f64 / 1e6,
-    );
-    w.sample("ferry_flush_duration_seconds_count", &[], cumulative);
+        let ops = ["insert", "update", "delete"].iter().zip(&s.changes);
+        family(
+            &mut enc,
+            "ferry_changes",
+            "Row changes received from PostgreSQL, by operation.",
+            MetricType::Counter,
+            ops.map(|(op, v)| ([("op", *op)], counter(v.load(Relaxed)))),
+        )?;
+        single(
+            &mut enc,
+            "ferry_transactions",
+            "Transactions received from PostgreSQL.",
+            counter(s.transactions.load(Relaxed)),
+        )?;
 
-    w.family(
-        "ferry_flush_batch_documents",
-        "summary",
-        "Document writes per flushed batch.",
-    );
-    w.sample(
-        "ferry_flush_batch_documents_sum",
-        &[],
-        stats.flush_docs.load(Relaxed),
-    );
-    w.sample(
-        "ferry_flush_batch_documents_count",
-        &[],
-        stats.flushes.load(Relaxed),
-    );
+        let documents = indexes.iter().flat_map(|ix| {
+            [
+                ("written", &ix.docs_written),
+                ("deleted", &ix.docs_deleted),
+                ("superseded", &ix.docs_superseded),
+                ("rejected", &ix.docs_rejected),
+            ]
+            .map(|(result, v)| {
+                let labels = [("index", ix.name.as_str()), ("result", result)];
+                (labels, counter(v.load(Relaxed)))
+            })
+        });
+        family(
+            &mut enc,
+            "ferry_documents",
+            "Document writes acknowledged by the search cluster, by index and result.",
+            MetricType::Counter,
+            documents,
+        )?;
+        family(
+            &mut enc,
+            "ferry_dead_letters",
+            "Rejected documents stored as dead letters, by index.",
+            MetricType::Counter,
+            indexes.iter().map(|ix| {
+                let v = ix.dead_letters.load(Relaxed);
+                ([("index", ix.name.as_str())], counter(v))
+            }),
+        )?;
 
-    w.family(
-        "ferry_backfill_rows",
-        "gauge",
-        "Rows copied by the backfill of each index.",
-    );
-    for ix in &indexes {
-        w.sample(
+        let classes = ["2xx", "4xx", "5xx"].iter().zip(&s.bulk_requests);
+        family(
+            &mut enc,
+            "ferry_bulk_requests",
+            "Bulk requests sent to the search cluster, by response class (transport errors count as 5xx).",
+            MetricType::Counter,
+            classes.map(|(class, v)| ([("class", *class)], counter(v.load(Relaxed)))),
+        )?;
+        single(
+            &mut enc,
+            "ferry_retries",
+            "Bulk attempts retried (whole requests or single items).",
+            counter(s.retries.load(Relaxed)),
+        )?;
+        single(
+            &mut enc,
+            "ferry_sql_statements",
+            "SQL statements the worker issued to build or resolve documents.",
+            counter(s.sql_statements.load(Relaxed)),
+        )?;
+        single(
+            &mut enc,
+            "ferry_reconnects",
+            "Pipeline restarts after a retryable failure.",
+            counter(s.reconnects.load(Relaxed)),
+        )?;
+        single(
+            &mut enc,
+            "ferry_queue_depth",
+            "Changes waiting between capture and the worker.",
+            gauge(s.queue_depth.load(Relaxed)),
+        )?;
+
+        single(
+            &mut enc,
+            "ferry_confirmed_lsn",
+            "WAL position confirmed to PostgreSQL (everything before it is durable in the index).",
+            gauge(s.confirmed_lsn.load(Relaxed)),
+        )?;
+        single(
+            &mut enc,
+            "ferry_received_lsn",
+            "Highest commit WAL position received from PostgreSQL.",
+            gauge(s.received_lsn.load(Relaxed)),
+        )?;
+        let lag = crate::lag(s, (self.now)());
+        single(
+            &mut enc,
+            "ferry_replication_lag_bytes",
+            "Received minus confirmed WAL position, in bytes.",
+            gauge(lag.bytes),
+        )?;
+        single(
+            &mut enc,
+            "ferry_replication_lag_seconds",
+            "Seconds since the commit of the last transaction made durable, while changes are pending; 0 when caught up.",
+            gauge(lag.seconds),
+        )?;
+
+        single(
+            &mut enc,
+            "ferry_flush_duration_seconds",
+            "Time to write one batch to the search cluster.",
+            flush_durations(s),
+        )?;
+        // No summary type in the library: a histogram without finite buckets
+        // carries the same `_sum` and `_count`.
+        single(
+            &mut enc,
+            "ferry_flush_batch_documents",
+            "Document writes per flushed batch.",
+            Histogram {
+                sum: s.flush_docs.load(Relaxed) as f64,
+                count: s.flushes.load(Relaxed),
+                buckets: Vec::new(),
+            },
+        )?;
+
+        family(
+            &mut enc,
             "ferry_backfill_rows",
-            &[("index", &ix.name)],
-            ix.backfill_rows.load(Relaxed),
-        );
-    }
-    w.family(
-        "ferry_backfill_rows_estimate",
-        "gauge",
-        "PostgreSQL's row estimate for each backfill (absent while unknown).",
-    );
-    for ix in &indexes {
-        let total = ix.backfill_total.load(Relaxed);
-        if total >= 0 {
-            w.sample(
-                "ferry_backfill_rows_estimate",
-                &[("index", &ix.name)],
-                total,
-            );
-        }
-    }
-    w.family(
-        "ferry_index_state",
-        "gauge",
-        "Pipeline state of each index: 1 for the current state, 0 for the others.",
-    );
-    for ix in &indexes {
-        let current = ix.state();
-        for st in STATES {
-            w.sample(
-                "ferry_index_state",
-                &[("index", &ix.name), ("state", st.as_str())],
-                u8::from(st == current),
-            );
-        }
-    }
-    w.single(
-        "ferry_streaming",
-        "gauge",
-        "1 once ferry follows the replication stream.",
-        u8::from(stats.streaming.load(Relaxed)),
-    );
-    w.single(
-        "ferry_sink_up",
-        "gauge",
-        "1 while the search cluster answers.",
-        u8::from(stats.sink_ok.load(Relaxed)),
-    );
-    w.out
-}
-
-/// Accumulates exposition text.
-#[derive(Default)]
-struct Writer {
-    out: String,
-}
-
-impl Writer {
-    /// `# HELP` and `# TYPE` lines of a family.
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    /// One sample line.
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{}\"", escape_label(v));
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {value}");
-    }
-
-    /// A family with one unlabelled sample.
-    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-        self.family(name, kind, help);
-        self.sample(name, &[], value);
+            "Rows copied by the backfill of each index.",
+            MetricType::Gauge,
+            indexes.iter().map(|ix| {
+                let v = ix.backfill_rows.load(Relaxed);
+                ([("index", ix.name.as_str())], gauge(v))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "ferry_backfill_rows_estimate",
+            "PostgreSQL's row estimate for each backfill (absent while unknown).",
+            MetricType::Gauge,
+            indexes.iter().filter_map(|ix| {
+                let total = ix.backfill_total.load(Relaxed);
+                (total >= 0).then(|| ([("index", ix.name.as_str())], gauge(total)))
+            }),
+        )?;
+        let states = indexes.iter().flat_map(|ix| {
+            let current = ix.state();
+            STATES.map(|st| {
+                let labels = [("index", ix.name.as_str()), ("state", st.as_str())];
+                (labels, gauge(u32::from(st == current)))
+            })
+        });
+        family(
+            &mut enc,
+            "ferry_index_state",
+            "Pipeline state of each index: 1 for the current state, 0 for the others.",
+            MetricType::Gauge,
+            states,
+        )?;
+        single(
+            &mut enc,
+            "ferry_streaming",
+            "1 once ferry follows the replication stream.",
+            gauge(u32::from(s.streaming.load(Relaxed))),
+        )?;
+        single(
+            &mut enc,
+            "ferry_sink_up",
+            "1 while the search cluster answers.",
+            gauge(u32::from(s.sink_ok.load(Relaxed))),
+        )
     }
 }
 
-/// Escapes a label value: backslash, double quote and line feed.
-fn escape_label(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
 }
 
-/// Escapes help text: backslash and line feed.
-fn escape_help(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
+fn gauge<N: EncodeGaugeValue>(v: N) -> ConstGauge<N> {
+    ConstGauge::new(v)
+}
+
+/// A family of one unlabelled sample.
+fn single<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> fmt::Result {
+    metric.encode(enc.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// A family of labelled samples; its `# HELP` and `# TYPE` lines are written
+/// even when it has no sample yet.
+fn family<L, M>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result
+where
+    L: EncodeLabelSet,
+    M: EncodeMetric,
+{
+    let mut encoder = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in samples {
+        metric.encode(encoder.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// The flush-time histogram from the per-bucket counts in [`Stats`].
+fn flush_durations(s: &Stats) -> Histogram {
+    let counts: Vec<u64> = s.flush_buckets.iter().map(|b| b.load(Relaxed)).collect();
+    let bounds = FLUSH_BUCKETS_MS
+        .iter()
+        .map(|ms| *ms as f64 / 1000.0)
+        .chain([f64::INFINITY]);
+    Histogram {
+        sum: s.flush_micros.load(Relaxed) as f64 / 1e6,
+        // The total of the buckets, so that `+Inf` and `_count` agree even
+        // while a flush is being recorded.
+        count: counts.iter().sum(),
+        buckets: bounds.zip(counts).collect(),
+    }
+}
+
+/// A histogram whose buckets were counted elsewhere: `(upper bound, count
+/// in that bucket alone)`; the encoder makes them cumulative and adds
+/// `+Inf` when the last bound is finite.
+#[derive(Debug, Default)]
+struct Histogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        let no_exemplars: Option<&HashMap<usize, Exemplar<NoLabelSet, f64>>> = None;
+        encoder.encode_histogram(self.sum, self.count, &self.buckets, no_exemplars)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::{sample, NOW};
+
+    fn render_at_now(stats: Stats) -> String {
+        Metrics::with_clock(Arc::new(stats), || NOW).render()
+    }
 
     /// The value of the sample line starting with `series` (name plus labels).
     fn value(text: &str, series: &str) -> Option<f64> {
@@ -305,7 +342,7 @@ mod tests {
 
     #[test]
     fn counters_and_gauges_are_rendered() {
-        let t = render_at(&sample(), NOW);
+        let t = render_at_now(sample());
         assert_eq!(value(&t, "ferry_changes_total{op=\"insert\"}"), Some(10.0));
         assert_eq!(value(&t, "ferry_changes_total{op=\"update\"}"), Some(4.0));
         assert_eq!(value(&t, "ferry_changes_total{op=\"delete\"}"), Some(1.0));
@@ -381,8 +418,22 @@ mod tests {
     }
 
     #[test]
+    fn help_and_type_lines_name_the_exported_series() {
+        let t = render_at_now(sample());
+        for line in [
+            "# HELP ferry_changes_total Row changes received from PostgreSQL, by operation.",
+            "# TYPE ferry_changes_total counter",
+            "# TYPE ferry_queue_depth gauge",
+            "# TYPE ferry_flush_duration_seconds histogram",
+            "# HELP ferry_streaming 1 once ferry follows the replication stream.",
+        ] {
+            assert!(t.lines().any(|l| l == line), "no {line:?} in\n{t}");
+        }
+    }
+
+    #[test]
     fn flush_histogram_is_cumulative() {
-        let t = render_at(&sample(), NOW);
+        let t = render_at_now(sample());
         let b = |le: &str| {
             value(
                 &t,
@@ -392,6 +443,7 @@ mod tests {
         assert_eq!(b("0.005"), Some(1.0));
         assert_eq!(b("0.025"), Some(1.0));
         assert_eq!(b("0.05"), Some(2.0));
+        assert_eq!(b("1"), Some(2.0));
         assert_eq!(b("2.5"), Some(2.0));
         assert_eq!(b("+Inf"), Some(3.0));
         assert_eq!(value(&t, "ferry_flush_duration_seconds_count"), Some(3.0));
@@ -407,15 +459,12 @@ mod tests {
 
     #[test]
     fn exposition_is_well_formed() {
-        let t = render_at(&sample(), NOW);
+        let t = render_at_now(sample());
         let mut typed = std::collections::HashSet::new();
         for line in t.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').expect("type line");
-                assert!(
-                    ["counter", "gauge", "histogram", "summary"].contains(&kind),
-                    "{line}"
-                );
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
                 assert!(
                     typed.insert(name.to_string()),
                     "family {name} declared twice"
@@ -444,7 +493,7 @@ mod tests {
 
     #[test]
     fn empty_stats_render_without_samples_per_index() {
-        let t = render_at(&Stats::default(), NOW);
+        let t = render_at_now(Stats::default());
         assert!(t.contains("# TYPE ferry_documents_total counter"));
         assert!(!t.contains("ferry_documents_total{"));
         assert_eq!(value(&t, "ferry_replication_lag_seconds"), Some(0.0));
@@ -453,7 +502,12 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped() {
-        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        assert_eq!(escape_help("x\\y\nz"), "x\\\\y\\nz");
+        let s = Stats::default();
+        s.register(&["we\"ird\\na\nme".to_string()]);
+        let t = render_at_now(s);
+        assert!(
+            t.contains("ferry_dead_letters_total{index=\"we\\\"ird\\\\na\\nme\"} 0\n"),
+            "{t}"
+        );
     }
 }
