@@ -1,5 +1,4 @@
-//! systemd service notifications (the `sd_notify` datagram protocol),
-//! spoken directly over a Unix datagram socket instead of linking libsystemd.
+//! systemd service notifications through the `sd-notify` crate.
 //!
 //! With `Type=notify` systemd waits for `READY=1` before it considers the
 //! unit started; with `WatchdogSec=` it expects `WATCHDOG=1` at least once
@@ -12,105 +11,52 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::stats::Stats;
+pub use sd_notify::NotifyState;
 use tokio::sync::watch;
 
-/// Sends notifications to the socket systemd named in `NOTIFY_SOCKET`.
+/// Proof that systemd asked for notifications: `NOTIFY_SOCKET` names a
+/// socket `sd-notify` can reach.
 #[derive(Debug)]
-pub struct Notifier {
-    #[cfg(unix)]
-    socket: std::os::unix::net::UnixDatagram,
-    #[cfg(unix)]
-    target: std::os::unix::net::SocketAddr,
-}
+pub struct Notifier(());
 
 impl Notifier {
     /// The notifier for `NOTIFY_SOCKET`, `Ok(None)` when the variable is
-    /// unset or empty (not started by systemd with `Type=notify`).
+    /// unset or empty (not started by systemd with `Type=notify`), an error
+    /// when it is not an absolute path (`sd-notify` does not reach Linux
+    /// abstract `@name` sockets).
     pub fn from_env() -> std::io::Result<Option<Notifier>> {
         match std::env::var_os("NOTIFY_SOCKET") {
-            Some(name) if !name.is_empty() => Notifier::new(&name).map(Some),
+            Some(name) if !name.is_empty() => check_name(&name).map(|()| Some(Notifier(()))),
             _ => Ok(None),
         }
     }
 
-    /// A notifier for a socket name in `NOTIFY_SOCKET` syntax: an absolute
-    /// path, or `@name` for a Linux abstract socket.
-    #[cfg(unix)]
-    pub fn new(name: &std::ffi::OsStr) -> std::io::Result<Notifier> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::net::{SocketAddr, UnixDatagram};
-
-        let bytes = name.as_bytes();
-        let target = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-            abstract_addr(abstract_name)?
-        } else if bytes.starts_with(b"/") {
-            SocketAddr::from_pathname(std::path::Path::new(name))?
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("NOTIFY_SOCKET {name:?} is neither an absolute path nor @abstract"),
-            ));
-        };
-        let socket = UnixDatagram::unbound()?;
-        // A full receive queue must not stall the runtime thread.
-        socket.set_nonblocking(true)?;
-        Ok(Notifier { socket, target })
+    /// Sends the states in one datagram.
+    pub fn notify(&self, states: &[NotifyState<'_>]) -> std::io::Result<()> {
+        sd_notify::notify(states)
     }
+}
 
-    /// Without Unix sockets there is nothing to notify.
-    #[cfg(not(unix))]
-    pub fn new(name: &std::ffi::OsStr) -> std::io::Result<Notifier> {
+fn check_name(name: &std::ffi::OsStr) -> std::io::Result<()> {
+    if std::path::Path::new(name).is_absolute() {
+        Ok(())
+    } else {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
-            format!("NOTIFY_SOCKET {name:?}: Unix sockets are not available"),
+            format!("NOTIFY_SOCKET {name:?} is not an absolute path (abstract @ sockets are not supported)"),
         ))
     }
-
-    /// Sends one datagram of newline-separated `KEY=value` assignments.
-    pub fn notify(&self, state: &str) -> std::io::Result<()> {
-        #[cfg(unix)]
-        {
-            self.socket.send_to_addr(state.as_bytes(), &self.target)?;
-        }
-        #[cfg(not(unix))]
-        let _ = state;
-        Ok(())
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn abstract_addr(name: &[u8]) -> std::io::Result<std::os::unix::net::SocketAddr> {
-    use std::os::linux::net::SocketAddrExt;
-    // The address is the name after a leading NUL byte; std adds the NUL.
-    std::os::unix::net::SocketAddr::from_abstract_name(name)
-}
-
-#[cfg(all(unix, not(target_os = "linux")))]
-fn abstract_addr(_name: &[u8]) -> std::io::Result<std::os::unix::net::SocketAddr> {
-    Err(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        "abstract Unix socket names exist on Linux only",
-    ))
 }
 
 /// How often to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, when systemd
 /// asked this process (`WATCHDOG_PID` unset or ours) for watchdog pings.
 pub fn watchdog_interval() -> Option<Duration> {
-    watchdog_interval_from(
-        std::env::var("WATCHDOG_USEC").ok().as_deref(),
-        std::env::var("WATCHDOG_PID").ok().as_deref(),
-        std::process::id(),
-    )
+    ping_interval(sd_notify::watchdog_enabled())
 }
 
-fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
-    if let Some(pid) = pid {
-        if pid.trim().parse::<u32>().ok() != Some(me) {
-            return None;
-        }
-    }
-    let usec: u64 = usec?.trim().parse().ok()?;
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+/// Half the watchdog timeout, so that one late ping is not fatal.
+fn ping_interval(timeout: Option<Duration>) -> Option<Duration> {
+    timeout.filter(|t| !t.is_zero()).map(|t| t / 2)
 }
 
 /// How often readiness and the shutdown flag are looked at.
@@ -128,12 +74,14 @@ pub async fn supervise(
     mut shutdown: watch::Receiver<bool>,
     watchdog: Option<Duration>,
 ) {
-    let send = |state: &str| {
-        if let Err(e) = notifier.notify(state) {
-            tracing::warn!(error = %e, state, "cannot notify systemd");
+    let send = |states: &[NotifyState<'_>]| {
+        if let Err(e) = notifier.notify(states) {
+            tracing::warn!(error = %e, "cannot notify systemd");
         }
     };
-    send("STATUS=starting: preparing indexes and backfilling");
+    send(&[NotifyState::Status(
+        "starting: preparing indexes and backfilling",
+    )]);
     let mut ready = false;
     let mut stopping = false;
     let mut shutdown_open = true;
@@ -141,16 +89,19 @@ pub async fn supervise(
     loop {
         if !stopping && *shutdown.borrow() {
             stopping = true;
-            send("STOPPING=1\nSTATUS=stopping: flushing the batch in flight");
+            send(&[
+                NotifyState::Stopping,
+                NotifyState::Status("stopping: flushing the batch in flight"),
+            ]);
         }
         if !ready && !stopping && stats.streaming.load(Relaxed) {
             ready = true;
-            send("READY=1\nSTATUS=streaming changes");
+            send(&[NotifyState::Ready, NotifyState::Status("streaming changes")]);
             tracing::debug!("told systemd the service is ready");
         }
         if let Some(every) = watchdog {
             if last_ping.is_none_or(|t| t.elapsed() >= every) {
-                send("WATCHDOG=1");
+                send(&[NotifyState::Watchdog]);
                 last_ping = Some(tokio::time::Instant::now());
             }
         }
@@ -171,6 +122,25 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
 
+    /// The tests share the process environment: one fake systemd socket,
+    /// named in `NOTIFY_SOCKET`, used by one test at a time.
+    fn fake_systemd() -> (
+        std::sync::MutexGuard<'static, ()>,
+        tempfile::TempDir,
+        UnixDatagram,
+    ) {
+        static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = ENV.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let server = UnixDatagram::bind(&path).expect("bind");
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        (guard, dir, server)
+    }
+
     fn recv(sock: &UnixDatagram) -> String {
         let mut buf = [0u8; 512];
         let n = sock.recv(&mut buf).expect("datagram");
@@ -178,61 +148,37 @@ mod tests {
     }
 
     #[test]
-    fn sends_to_a_path_socket() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("notify.sock");
-        let server = UnixDatagram::bind(&path).expect("bind");
-        let n = Notifier::new(path.as_os_str()).expect("notifier");
-        n.notify("READY=1").expect("send");
-        assert_eq!(recv(&server), "READY=1");
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn sends_to_an_abstract_socket() {
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("ferry-admin-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .expect("abstract addr");
-        let server = UnixDatagram::bind_addr(&addr).expect("bind");
-        let n = Notifier::new(std::ffi::OsStr::new(&format!("@{name}"))).expect("notifier");
-        n.notify("WATCHDOG=1").expect("send");
-        assert_eq!(recv(&server), "WATCHDOG=1");
+    fn sends_to_the_notify_socket() {
+        let (_env, _dir, server) = fake_systemd();
+        let n = Notifier::from_env().expect("usable").expect("set");
+        n.notify(&[NotifyState::Ready]).expect("send");
+        assert_eq!(recv(&server), "READY=1\n");
     }
 
     #[test]
-    fn relative_names_are_refused() {
-        assert!(Notifier::new(std::ffi::OsStr::new("notify.sock")).is_err());
+    fn relative_and_abstract_names_are_refused() {
+        assert!(check_name(std::ffi::OsStr::new("notify.sock")).is_err());
+        assert!(check_name(std::ffi::OsStr::new("@ferry")).is_err());
+        assert!(check_name(std::ffi::OsStr::new("/run/systemd/notify")).is_ok());
     }
 
     #[test]
-    fn watchdog_interval_is_half_the_timeout_for_our_pid() {
+    fn watchdog_pings_at_half_the_timeout() {
         assert_eq!(
-            watchdog_interval_from(Some("30000000"), None, 7),
+            ping_interval(Some(Duration::from_secs(30))),
             Some(Duration::from_secs(15))
         );
-        assert_eq!(
-            watchdog_interval_from(Some("30000000"), Some("7"), 7),
-            Some(Duration::from_secs(15))
-        );
-        assert_eq!(watchdog_interval_from(Some("30000000"), Some("8"), 7), None);
-        assert_eq!(watchdog_interval_from(Some("0"), None, 7), None);
-        assert_eq!(watchdog_interval_from(Some("x"), None, 7), None);
-        assert_eq!(watchdog_interval_from(None, None, 7), None);
+        assert_eq!(ping_interval(Some(Duration::ZERO)), None);
+        assert_eq!(ping_interval(None), None);
     }
 
     // Multi-threaded: the test thread blocks on the socket while the task runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn supervise_reports_ready_watchdog_and_stopping() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("notify.sock");
-        let server = UnixDatagram::bind(&path).expect("bind");
-        server
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+        let (_env, _dir, server) = fake_systemd();
         let stats = Arc::new(Stats::default());
         let (tx, rx) = watch::channel(false);
-        let n = Arc::new(Notifier::new(path.as_os_str()).expect("notifier"));
+        let n = Arc::new(Notifier::from_env().expect("usable").expect("set"));
         let task = tokio::spawn(supervise(
             n,
             stats.clone(),
@@ -252,7 +198,7 @@ mod tests {
         next("WATCHDOG=1");
         next("WATCHDOG=1");
         stats.streaming.store(true, Relaxed);
-        next("READY=1");
+        next("READY=1\nSTATUS=streaming");
         tx.send(true).expect("shutdown");
         next("STOPPING=1");
         // The watchdog keeps going while ferry drains.

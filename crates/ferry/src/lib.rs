@@ -287,7 +287,7 @@ async fn run(path: PathBuf) -> ExitCode {
     let result = ferry_engine::run_reloadable(configs, shutdown, stats).await;
     if let Some(n) = &notifier {
         // Also when the engine ended on its own (an error, not a signal).
-        let _ = n.notify("STOPPING=1");
+        let _ = n.notify(&[ferry_admin::systemd::NotifyState::Stopping]);
     }
     if let Some(t) = notify_task {
         t.abort();
