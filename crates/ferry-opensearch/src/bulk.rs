@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ferry_core::value::write_json_str;
 use ferry_core::{DocOp, DocWrite};
 use serde::Deserialize;
@@ -88,7 +89,23 @@ enum Attempt {
     TooLarge,
 }
 
-const MAX_BACKOFF_START: Duration = Duration::from_millis(100);
+/// The first retry step; each further failure doubles it up to the sink's cap.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Retry delays for one run of failures, forever: step `n` doubles from
+/// [`FIRST_BACKOFF`] up to `max`, and each delay is drawn at random from
+/// `[step / 2, step)` so sinks retrying together spread out.
+fn retry_delays(max: Duration) -> ExponentialBackoff {
+    // backon adds a random 0–100 % to each step, so halving both ends gives
+    // delays in [step / 2, step) that never pass `max`.
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF / 2)
+        .with_max_delay(max.max(FIRST_BACKOFF) / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 
 pub(crate) async fn write_all(
     sink: &Sink,
@@ -101,16 +118,17 @@ pub(crate) async fn write_all(
     }
     // A stack of pending chunks; a 413 splits a chunk into halves.
     let mut pending: Vec<Vec<&DocWrite>> = vec![writes.iter().collect()];
-    let mut backoff = MAX_BACKOFF_START;
+    let mut delays = retry_delays(sink.max_backoff);
     while let Some(chunk) = pending.pop() {
         let mut body = Vec::with_capacity(chunk.iter().map(|w| w.weight()).sum::<usize>());
         encode_bulk(&chunk, index_names, &mut body);
         let body = bytes::Bytes::from(body);
         outcome.requests += 1;
         match attempt(sink, &chunk, body, &mut outcome).await? {
-            Attempt::Done => backoff = MAX_BACKOFF_START,
+            Attempt::Done => delays = retry_delays(sink.max_backoff),
             Attempt::RetryItems(positions) => {
                 outcome.retried += positions.len() as u64;
+                let backoff = next_delay(&mut delays, sink.max_backoff);
                 tracing::warn!(
                     items = positions.len(),
                     backoff_ms = backoff.as_millis() as u64,
@@ -122,12 +140,13 @@ pub(crate) async fn write_all(
                         .filter_map(|i| chunk.get(i).copied())
                         .collect(),
                 );
-                sleep_backoff(&mut backoff, sink.max_backoff).await;
+                tokio::time::sleep(backoff).await;
             }
             Attempt::RetryAll(err) => {
+                let backoff = next_delay(&mut delays, sink.max_backoff);
                 tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "bulk request failed; retrying");
                 pending.push(chunk);
-                sleep_backoff(&mut backoff, sink.max_backoff).await;
+                tokio::time::sleep(backoff).await;
             }
             Attempt::TooLarge => {
                 if chunk.len() == 1 {
@@ -153,15 +172,9 @@ pub(crate) async fn write_all(
     Ok(outcome)
 }
 
-async fn sleep_backoff(backoff: &mut Duration, max: Duration) {
-    // Jitter in [50%, 100%] of the step, from the clock's sub-second noise.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let factor = 0.5 + f64::from(nanos % 1000) / 2000.0;
-    tokio::time::sleep(backoff.mul_f64(factor)).await;
-    *backoff = (*backoff * 2).min(max.max(MAX_BACKOFF_START));
+/// The next delay; `retry_delays` never runs out, `max` is only a fallback.
+fn next_delay(delays: &mut ExponentialBackoff, max: Duration) -> Duration {
+    delays.next().unwrap_or(max)
 }
 
 async fn attempt(
@@ -261,6 +274,34 @@ async fn attempt(
 mod tests {
     use super::*;
     use ferry_core::Lsn;
+
+    #[test]
+    fn retry_delays_double_with_jitter_and_stay_under_the_cap() {
+        let max = Duration::from_secs(2);
+        let mut delays = retry_delays(max);
+        let mut step = FIRST_BACKOFF;
+        for _ in 0..40 {
+            let d = delays.next().expect("retries forever");
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+            step = (step * 2).min(max);
+        }
+    }
+
+    #[test]
+    fn retry_delays_are_jittered() {
+        let firsts: std::collections::HashSet<Duration> = (0..20)
+            .map(|_| {
+                retry_delays(Duration::from_secs(30))
+                    .next()
+                    .expect("a delay")
+            })
+            .collect();
+        assert!(firsts.len() > 1, "twenty fresh runs all waited {firsts:?}");
+    }
 
     #[test]
     fn encodes_index_and_delete_actions() {

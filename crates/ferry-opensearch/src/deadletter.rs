@@ -7,6 +7,7 @@
 
 use ferry_core::Lsn;
 use opensearch::http::Method;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
 use crate::{Sink, SinkError};
@@ -158,7 +159,10 @@ impl Sink {
         letters: &[DeadLetter],
     ) -> Result<(), SinkError> {
         for l in letters {
-            let path = format!("/{name}/_doc/{}?refresh=wait_for", urlencode(&l.entry_id()));
+            let path = format!(
+                "/{name}/_doc/{}?refresh=wait_for",
+                utf8_percent_encode(&l.entry_id(), PATH_SEGMENT)
+            );
             let (status, body) = self
                 .request(Method::Delete, &path, None, "application/json")
                 .await?;
@@ -174,15 +178,20 @@ impl Sink {
     }
 }
 
-/// Percent-encodes a path segment.
-fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+/// Everything but RFC 3986's unreserved characters is escaped in a path segment.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_are_escaped_as_one_path_segment() {
+        let escaped = utf8_percent_encode("users:1,a/b c?~é", PATH_SEGMENT).to_string();
+        assert_eq!(escaped, "users%3A1%2Ca%2Fb%20c%3F~%C3%A9");
     }
-    out
 }

@@ -27,6 +27,7 @@ use ferry_core::DocWrite;
 use opensearch::cert::CertificateValidation;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::OpenSearch;
+use percent_encoding::percent_decode_str;
 
 /// Errors from the sink, each saying whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -446,32 +447,14 @@ fn split_user_info(raw: &str) -> Result<(url::Url, Option<(String, String)>), Si
     if url.username().is_empty() && url.password().is_none() {
         return Ok((url, None));
     }
-    let user = percent_decode(url.username());
-    let password = url.password().map(percent_decode).unwrap_or_default();
+    // The URL parser keeps user info percent-encoded.
+    let decode = |text: &str| percent_decode_str(text).decode_utf8_lossy().into_owned();
+    let user = decode(url.username());
+    let password = url.password().map(decode).unwrap_or_default();
     // Setting an empty user and no password on an http(s) URL cannot fail.
     let _ = url.set_username("");
     let _ = url.set_password(None);
     Ok((url, Some((user, password))))
-}
-
-/// Decodes the `%XX` escapes the URL parser keeps in user info.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Blanks out the user info of every URL in `text` (HTTP client errors quote

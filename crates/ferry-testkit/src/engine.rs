@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, TestkitError};
-use crate::util::{announced_url, first_stdout_line};
+use ferry_throwaway::process::{announced_url, first_stdout_line, is_executable};
 
 /// The OpenSearch version tests run on unless `FERRY_TEST_ENGINE` names one.
 pub const DEFAULT_OPENSEARCH_VERSION: &str = "2.19.6";
@@ -174,7 +174,7 @@ impl OpenSearchNode {
         let home = std::env::temp_dir().join(format!(
             "{HOME_PREFIX}{}-{}",
             std::process::id(),
-            crate::util::try_free_port()?
+            ferry_throwaway::try_free_port()?
         ));
         std::fs::create_dir_all(&home)
             .map_err(|e| TestkitError::io(format!("creating {}", home.display()), e))?;
@@ -301,7 +301,7 @@ impl Launcher {
             Ok(p) if !p.trim().is_empty() => PathBuf::from(p.trim()),
             _ => PathBuf::from("java"),
         };
-        if java.is_absolute() && !crate::util::is_executable(&java) {
+        if java.is_absolute() && !is_executable(&java) {
             return Err(TestkitError::EngineMissing(format!(
                 "OpenSearch {version} needs the Java at {}, which is not there; {fix}",
                 java.display()

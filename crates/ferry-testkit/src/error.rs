@@ -1,7 +1,5 @@
 //! Error type shared by every fixture in the crate.
 
-use std::path::PathBuf;
-
 /// Result alias used throughout the test kit.
 pub type Result<T, E = TestkitError> = std::result::Result<T, E>;
 
@@ -18,57 +16,9 @@ pub enum TestkitError {
         source: std::io::Error,
     },
 
-    /// No usable PostgreSQL installation was found.
-    #[error(
-        "PostgreSQL binaries not found ({0}); install the postgresql package \
-         or point PG_BIN at a directory containing initdb and pg_ctl"
-    )]
-    PgBinNotFound(String),
-
-    /// Running as root but there is no `postgres` OS user to drop privileges to.
-    #[error(
-        "running as root, but PostgreSQL refuses to run as root and there is no \
-         `postgres` OS user to run it as; install the postgresql package (which \
-         creates that user) or create it, e.g. `useradd --system postgres`"
-    )]
-    NoPostgresUser,
-
-    /// An external helper program exited unsuccessfully.
-    #[error("`{command}` failed ({status})\n{output}")]
-    Command {
-        /// The command line that was run.
-        command: String,
-        /// Its exit status, rendered for humans.
-        status: String,
-        /// Its captured stdout and stderr.
-        output: String,
-    },
-
-    /// `pg_ctl start`/`restart` failed; carries the end of the server log.
-    #[error("{message}\n--- last lines of {} ---\n{log_tail}", log_path.display())]
-    PgStart {
-        /// What failed, including pg_ctl's own output.
-        message: String,
-        /// The server log file.
-        log_path: PathBuf,
-        /// The final lines of that log.
-        log_tail: String,
-    },
-
-    /// A PostgreSQL client operation failed.
-    #[error("postgres client error: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-
-    /// The `osmem-server` executable could not be located.
-    #[error(
-        "osmem-server not found ({0}); run `pip install osmem-server` or set \
-         OSMEM_SERVER_BIN to the executable"
-    )]
-    OsmemNotFound(String),
-
-    /// `osmem-server` started but did not announce itself properly.
-    #[error("osmem-server did not start: {0}")]
-    OsmemStartup(String),
+    /// A throwaway PostgreSQL cluster or osmem-server did not start or stop.
+    #[error(transparent)]
+    Launch(#[from] ferry_throwaway::LaunchError),
 
     /// The search engine the environment asks for is not available.
     #[error("test search engine not available: {0}")]

@@ -1,6 +1,8 @@
 //! Test fixtures for ferry: throwaway PostgreSQL clusters and OpenSearch
 //! endpoints (an in-memory `osmem-server`, or a real cluster chosen through
-//! the environment).
+//! the environment). The PostgreSQL and osmem-server launchers live in
+//! `ferry-throwaway` (so `ferry demo` can use them without this crate) and
+//! are re-exported here unchanged.
 //!
 //! Everything here cleans up after itself on `Drop`, including when a test
 //! panics, so fixtures can be created freely inside tests.
@@ -11,8 +13,6 @@ mod engine;
 mod error;
 pub mod fastsink;
 pub mod faultproxy;
-mod osmem;
-mod pg;
 pub mod relational;
 mod sink;
 mod util;
@@ -21,7 +21,6 @@ pub use engine::{EngineChoice, NodeOptions, OpenSearchNode, DEFAULT_OPENSEARCH_V
 pub use error::{Result, TestkitError};
 pub use fastsink::FastSink;
 pub use faultproxy::{Fault, FaultProxy};
-pub use osmem::Osmem;
-pub use pg::{PgCluster, PgOptions};
+pub use ferry_throwaway::{try_free_port, LaunchError, Osmem, PgCluster, PgOptions};
 pub use sink::TestSink;
-pub use util::{free_port, try_free_port};
+pub use util::free_port;

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use crate::engine::{EngineChoice, OpenSearchNode};
 use crate::error::Result;
-use crate::osmem::Osmem;
+use ferry_throwaway::Osmem;
 
 /// An OpenSearch endpoint for one test, chosen by [`EngineChoice::from_env`]:
 /// a private `osmem-server` (the default), a real OpenSearch node shared by

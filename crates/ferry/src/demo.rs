@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry_config::Config;
 use ferry_opensearch::{Method, Sink};
-use ferry_testkit::{Osmem, PgCluster};
+use ferry_throwaway::{Osmem, PgCluster};
 use serde_json::{json, Value};
 
 const SCHEMA: &str = "

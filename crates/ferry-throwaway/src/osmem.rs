@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::error::{Result, TestkitError};
-use crate::util::{announced_url, find_on_path, first_stdout_line, is_executable};
+use crate::error::{LaunchError, Result};
+use crate::process::{announced_url, find_on_path, first_stdout_line, is_executable};
 
 /// How long to wait for the server's startup line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -29,10 +29,10 @@ impl Osmem {
         let bin = find_osmem()?;
         // Anonymous file collecting the server's stderr, quoted on failure.
         let mut stderr_log = tempfile::tempfile()
-            .map_err(|e| TestkitError::io("creating a temp file for osmem-server stderr", e))?;
+            .map_err(|e| LaunchError::io("creating a temp file for osmem-server stderr", e))?;
         let stderr_for_child = stderr_log
             .try_clone()
-            .map_err(|e| TestkitError::io("duplicating the osmem-server stderr file", e))?;
+            .map_err(|e| LaunchError::io("duplicating the osmem-server stderr file", e))?;
 
         let mut child = Command::new(&bin)
             .args(["-addr", "127.0.0.1:0", "-no-stdin-watch", "-parent-pid"])
@@ -41,14 +41,14 @@ impl Osmem {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr_for_child))
             .spawn()
-            .map_err(|e| TestkitError::io(format!("spawning {}", bin.display()), e))?;
+            .map_err(|e| LaunchError::io(format!("spawning {}", bin.display()), e))?;
 
         let outcome = first_stdout_line(&mut child, "osmem", STARTUP_TIMEOUT)
             .and_then(|line| announced_url(&line));
 
         match outcome {
             Ok(url) => {
-                tracing::debug!(%url, pid = child.id(), "ferry-testkit: osmem-server started");
+                tracing::debug!(%url, pid = child.id(), "ferry-throwaway: osmem-server started");
                 Ok(Osmem { child, url })
             }
             Err(why) => {
@@ -56,7 +56,7 @@ impl Osmem {
                 let mut stderr_text = String::new();
                 let _ = stderr_log.seek(SeekFrom::Start(0));
                 let _ = stderr_log.read_to_string(&mut stderr_text);
-                Err(TestkitError::OsmemStartup(format!(
+                Err(LaunchError::OsmemStartup(format!(
                     "{} {why}; stderr:\n{}",
                     bin.display(),
                     stderr_text.trim_end()
@@ -95,7 +95,7 @@ fn find_osmem() -> Result<PathBuf> {
         return if is_executable(&bin) {
             Ok(bin)
         } else {
-            Err(TestkitError::OsmemNotFound(format!(
+            Err(LaunchError::OsmemNotFound(format!(
                 "OSMEM_SERVER_BIN={} is not an executable file",
                 bin.display()
             )))
@@ -107,7 +107,7 @@ fn find_osmem() -> Result<PathBuf> {
     if let Some(bin) = ask_python() {
         return Ok(bin);
     }
-    Err(TestkitError::OsmemNotFound(
+    Err(LaunchError::OsmemNotFound(
         "not in OSMEM_SERVER_BIN, not on PATH, and python3 cannot import osmem_server".into(),
     ))
 }

@@ -8,8 +8,8 @@ use std::process::{Command, Output, Stdio};
 
 use tempfile::TempDir;
 
-use crate::error::{Result, TestkitError};
-use crate::util::{
+use crate::error::{LaunchError, Result};
+use crate::process::{
     file_tail, find_on_path, is_executable, render_output, shell_quote, try_free_port,
 };
 
@@ -28,7 +28,7 @@ const PG_OS_USER: &str = "postgres";
 pub struct PgOptions {
     /// Value for `wal_level` (default `"logical"`).
     pub wal_level: String,
-    /// Extra lines appended verbatim to `postgresql.conf` after the kit's own
+    /// Extra lines appended verbatim to `postgresql.conf` after this crate's own
     /// settings (so they override them).
     pub extra_conf: Vec<String>,
 }
@@ -98,7 +98,7 @@ impl PgCluster {
         let socket_dir = root.path().join("sock");
         let log_path = root.path().join("postgres.log");
         std::fs::create_dir(&socket_dir)
-            .map_err(|e| TestkitError::io(format!("creating {}", socket_dir.display()), e))?;
+            .map_err(|e| LaunchError::io(format!("creating {}", socket_dir.display()), e))?;
         if let Some(ra) = &run_as {
             give_to(&socket_dir, ra)?;
         }
@@ -117,7 +117,7 @@ impl PgCluster {
         tracing::debug!(
             port = cluster.port,
             data_dir = %cluster.data_dir.display(),
-            "ferry-testkit: PostgreSQL cluster started"
+            "ferry-throwaway: PostgreSQL cluster started"
         );
         Ok(cluster)
     }
@@ -169,7 +169,7 @@ impl PgCluster {
             tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "ferry-testkit: postgres connection ended with error");
+                tracing::debug!(error = %e, "ferry-throwaway: postgres connection ended with error");
             }
         });
         Ok(client)
@@ -217,7 +217,7 @@ impl PgCluster {
         }
     }
 
-    /// Runs `initdb` and writes the kit's server configuration.
+    /// Runs `initdb` and writes our server configuration.
     fn init(&mut self, opts: &PgOptions) -> Result<()> {
         let initdb = self.bin_dir.join("initdb");
         let args: Vec<OsString> = vec![
@@ -237,7 +237,7 @@ impl PgCluster {
             return Err(command_error(&initdb, &args, &out));
         }
 
-        let mut conf = String::from("\n# --- added by ferry-testkit ---\n");
+        let mut conf = String::from("\n# --- added by ferry-throwaway ---\n");
         let settings: [(&str, String); 11] = [
             ("listen_addresses", conf_str("127.0.0.1")),
             (
@@ -265,7 +265,7 @@ impl PgCluster {
         self.append_conf(&conf)?;
 
         let hba = "\
-# written by ferry-testkit: trust everything local
+# written by ferry-throwaway: trust everything local
 # TYPE  DATABASE     USER  ADDRESS        METHOD
 local   all          all                  trust
 host    all          all   127.0.0.1/32   trust
@@ -275,7 +275,7 @@ host    replication  all   127.0.0.1/32   trust
         let hba_path = self.data_dir.join("pg_hba.conf");
         // Truncating an existing file keeps its owner (the postgres user).
         std::fs::write(&hba_path, hba)
-            .map_err(|e| TestkitError::io(format!("writing {}", hba_path.display()), e))?;
+            .map_err(|e| LaunchError::io(format!("writing {}", hba_path.display()), e))?;
         Ok(())
     }
 
@@ -299,7 +299,7 @@ host    replication  all   127.0.0.1/32   trust
             let port_taken =
                 log.contains("could not bind") || log.contains("Address already in use");
             if port_taken && attempt < START_ATTEMPTS && !self.is_running() {
-                tracing::debug!(port = self.port, "ferry-testkit: port taken, retrying");
+                tracing::debug!(port = self.port, "ferry-throwaway: port taken, retrying");
                 continue;
             }
             return Err(self.start_error("pg_ctl start failed", &out));
@@ -307,8 +307,8 @@ host    replication  all   127.0.0.1/32   trust
     }
 
     /// Builds a start failure error carrying pg_ctl's output and the log tail.
-    fn start_error(&self, what: &str, out: &Output) -> TestkitError {
-        TestkitError::PgStart {
+    fn start_error(&self, what: &str, out: &Output) -> LaunchError {
+        LaunchError::PgStart {
             message: format!("{what} ({}): {}", out.status, render_output(out)),
             log_path: self.log_path.clone(),
             log_tail: file_tail(&self.log_path, LOG_TAIL_LINES),
@@ -387,9 +387,9 @@ host    replication  all   127.0.0.1/32   trust
         ] {
             cmd.env_remove(var);
         }
-        tracing::trace!(?cmd, "ferry-testkit: running");
+        tracing::trace!(?cmd, "ferry-throwaway: running");
         cmd.output()
-            .map_err(|e| TestkitError::io(format!("running {}", program.display()), e))
+            .map_err(|e| LaunchError::io(format!("running {}", program.display()), e))
     }
 
     fn append_conf(&self, text: &str) -> Result<()> {
@@ -397,9 +397,9 @@ host    replication  all   127.0.0.1/32   trust
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
-            .map_err(|e| TestkitError::io(format!("opening {}", path.display()), e))?;
+            .map_err(|e| LaunchError::io(format!("opening {}", path.display()), e))?;
         file.write_all(text.as_bytes())
-            .map_err(|e| TestkitError::io(format!("writing {}", path.display()), e))
+            .map_err(|e| LaunchError::io(format!("writing {}", path.display()), e))
     }
 }
 
@@ -407,7 +407,7 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         if self.is_running() {
             if let Err(e) = self.stop_immediate() {
-                tracing::warn!(error = %e, "ferry-testkit: failed to stop PostgreSQL on drop");
+                tracing::warn!(error = %e, "ferry-throwaway: failed to stop PostgreSQL on drop");
             }
         }
         // `root` (the TempDir) is removed after this when the fields drop.
@@ -421,7 +421,7 @@ fn find_bin_dir() -> Result<PathBuf> {
         return if has_pg_tools(&dir) {
             Ok(dir)
         } else {
-            Err(TestkitError::PgBinNotFound(format!(
+            Err(LaunchError::PgBinNotFound(format!(
                 "PG_BIN={} does not contain executable initdb and pg_ctl",
                 dir.display()
             )))
@@ -443,7 +443,7 @@ fn find_bin_dir() -> Result<PathBuf> {
         }
     }
 
-    Err(TestkitError::PgBinNotFound(
+    Err(LaunchError::PgBinNotFound(
         "PG_BIN unset, no /usr/lib/postgresql/*/bin/initdb, no initdb on PATH".to_owned(),
     ))
 }
@@ -482,7 +482,7 @@ fn running_as_root() -> bool {
 
 /// Finds the `postgres` account and a tool to switch to it.
 fn resolve_run_as() -> Result<RunAs> {
-    let (uid, gid) = lookup_user(PG_OS_USER).ok_or(TestkitError::NoPostgresUser)?;
+    let (uid, gid) = lookup_user(PG_OS_USER).ok_or(LaunchError::NoPostgresUser)?;
     let find = |name: &str| {
         ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()
@@ -495,7 +495,7 @@ fn resolve_run_as() -> Result<RunAs> {
     } else if let Some(p) = find("su") {
         Launcher::Su(p)
     } else {
-        return Err(TestkitError::io(
+        return Err(LaunchError::io(
             "running as root: need `runuser` (util-linux) or `su` to start PostgreSQL as the postgres user",
             std::io::Error::from(std::io::ErrorKind::NotFound),
         ));
@@ -551,7 +551,7 @@ fn make_root_dir(run_as: Option<&RunAs>) -> Result<TempDir> {
     let dir = tempfile::Builder::new()
         .prefix("ferry-pg-")
         .tempdir_in(&base)
-        .map_err(|e| TestkitError::io(format!("creating a temp dir in {}", base.display()), e))?;
+        .map_err(|e| LaunchError::io(format!("creating a temp dir in {}", base.display()), e))?;
     if let Some(ra) = run_as {
         give_to(dir.path(), ra)?;
     }
@@ -562,18 +562,18 @@ fn make_root_dir(run_as: Option<&RunAs>) -> Result<TempDir> {
 fn give_to(path: &Path, ra: &RunAs) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(path, Some(ra.uid), Some(ra.gid))
-        .map_err(|e| TestkitError::io(format!("chown {} to {}", path.display(), ra.user), e))?;
+        .map_err(|e| LaunchError::io(format!("chown {} to {}", path.display(), ra.user), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| TestkitError::io(format!("chmod 0755 {}", path.display()), e))
+        .map_err(|e| LaunchError::io(format!("chmod 0755 {}", path.display()), e))
 }
 
-fn command_error(program: &Path, args: &[OsString], out: &Output) -> TestkitError {
+fn command_error(program: &Path, args: &[OsString], out: &Output) -> LaunchError {
     let command = std::iter::once(program.as_os_str())
         .chain(args.iter().map(OsString::as_os_str))
         .map(|w| shell_quote(&w.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ");
-    TestkitError::Command {
+    LaunchError::Command {
         command,
         status: out.status.to_string(),
         output: render_output(out),
