@@ -29,6 +29,15 @@ pub enum SourceError {
         /// Server message.
         message: String,
     },
+    /// The publication stopped covering a table an index reads, so its
+    /// changes are no longer streamed.
+    #[error(
+        "publication {:?} no longer covers table {}, so its changes are not streamed: \
+         add it back (ALTER PUBLICATION … ADD TABLE {}, or restart ferry, which extends the publication) \
+         and run `ferry reindex` for the indexes that read it, since changes made meanwhile were missed",
+        .0.publication, .0.table, .0.table
+    )]
+    PublicationLost(crate::Uncovered),
     /// The replication stream carried bytes ferry could not decode.
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] crate::pgoutput::DecodeError),

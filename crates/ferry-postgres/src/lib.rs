@@ -8,10 +8,14 @@
 
 pub mod capture;
 pub mod catalog;
+mod copy;
 mod error;
 pub mod pgoutput;
+mod session;
 
+pub use copy::{CopyReader, CopyRow};
 pub use error::SourceError;
+pub use session::{Session, Uncovered};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -201,8 +205,15 @@ impl PgParams {
         self.tls.mode
     }
 
+    /// Opens a query session with the pinned session settings.
+    pub async fn session(&self) -> Result<Session, SourceError> {
+        Ok(Session {
+            client: self.connect().await?,
+        })
+    }
+
     /// Opens an ordinary connection with the pinned session settings.
-    pub async fn connect(&self) -> Result<Client, SourceError> {
+    pub(crate) async fn connect(&self) -> Result<Client, SourceError> {
         let what = || format!("connecting to {}", self.display());
         let client = match &self.tls.connector {
             None => {
