@@ -1,6 +1,9 @@
 //! The PostgreSQL source: connections with pinned session settings, catalog
 //! checks (wal_level, tables, keys, publication, slot), the consistent
-//! backfill snapshot, and the logical replication stream (pgoutput).
+//! backfill snapshot, the logical replication stream (pgoutput, decoded into
+//! `ferry-core::change` events), and the query [`Session`] through which the
+//! engine reads documents, related roots and backfill chunks. This is the
+//! only crate that runs SQL.
 //!
 //! Values are read as text everywhere (pgoutput text mode and `COPY` text
 //! format) on sessions pinned to the same settings, so a value renders the
