@@ -21,13 +21,10 @@ use ferry_core::schema::doc_id;
 use ferry_core::stats::IndexStats;
 use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::{IndexPlan, Sink};
-use ferry_postgres::SourceError;
-use futures_util::{pin_mut, StreamExt};
+use ferry_postgres::Session;
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
 
-use crate::rows::{LineSplitter, RowBuf};
-use crate::setup::IndexRuntime;
+use crate::index::IndexRuntime;
 use crate::{EngineError, Shutdown};
 
 /// What a backfill needs besides the table and the sink.
@@ -54,7 +51,7 @@ enum Msg {
 /// Copies every row of `ix`'s table into its concrete index, versioned
 /// `version`; returns the documents written.
 pub async fn run(
-    client: &Client,
+    client: &Session,
     sink: &Sink,
     ix: &IndexRuntime,
     names: &[String],
@@ -64,7 +61,7 @@ pub async fn run(
     let started = Instant::now();
     let (shutdown, stats) = (ctx.shutdown, ctx.stats);
     let key_pos: Vec<usize> = ix.plan.key_positions().collect();
-    let estimate = estimate_rows(client, &ix.shape.qualified()).await;
+    let estimate = client.estimate_rows(&ix.shape).await;
     if let Some(st) = stats {
         st.backfill_total.store(estimate, Relaxed);
         st.backfill_rows.store(0, Relaxed);
@@ -120,56 +117,63 @@ pub async fn run(
     let batch_rows = ctx.cfg.engine.backfill_batch_rows;
     let chunk_rows = ctx.cfg.engine.backfill_chunk_rows;
     let mut batch = Vec::with_capacity(batch_rows);
-    let mut row = RowBuf::default();
     let mut rows = 0u64;
     let mut malformed = 0u64;
     let mut last_log = Instant::now();
     let mut send_failed = false;
     let mut after = ctx.resume_after.clone();
     let progress = Progress::new(&ix.alias, estimate);
-    let what = format!("reading {}", ix.shape.qualified());
     'chunks: loop {
-        let sql = ix.plan.build_chunk_sql(after.as_deref(), chunk_rows);
-        let stream = client
-            .copy_out(sql.as_str())
-            .await
-            .map_err(|e| SourceError::from_pg(&what, e))?;
-        pin_mut!(stream);
-        let mut lines = LineSplitter::default();
+        let mut rows_in = client
+            .copy_chunk(&ix.plan, after.as_deref(), chunk_rows)
+            .await?;
         let mut in_chunk = 0usize;
-        let mut last_line: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| SourceError::from_pg(&what, e))?;
+        // The key of the chunk's last row, once the chunk is full.
+        let mut last_key: Option<Vec<String>> = None;
+        loop {
             let mut full_batches = Vec::new();
-            lines.feed(&chunk, |line| {
-                in_chunk += 1;
-                last_line.clear();
-                last_line.extend_from_slice(line);
-                row.parse(line);
-                let keys: Vec<&[u8]> = key_pos
-                    .iter()
-                    .map(|p| row.field(*p).unwrap_or(b""))
-                    .collect();
-                let id = doc_id(&keys);
-                let mut body = Vec::with_capacity(line.len() + 64);
-                if !ix.plan.write_root(|i| row.field(i), &mut body) {
-                    malformed += 1;
-                    return;
-                }
-                batch.push(DocWrite {
-                    index: ix.pos,
-                    id,
-                    version,
-                    op: DocOp::Index(body),
-                });
-                rows += 1;
-                if batch.len() >= batch_rows {
-                    full_batches.push(std::mem::replace(
-                        &mut batch,
-                        Vec::with_capacity(batch_rows),
-                    ));
-                }
-            });
+            let more = rows_in
+                .read(|row| {
+                    in_chunk += 1;
+                    if in_chunk == chunk_rows {
+                        last_key = Some(
+                            key_pos
+                                .iter()
+                                .map(|p| {
+                                    String::from_utf8_lossy(row.field(*p).unwrap_or(b""))
+                                        .into_owned()
+                                })
+                                .collect(),
+                        );
+                    }
+                    let keys: Vec<&[u8]> = key_pos
+                        .iter()
+                        .map(|p| row.field(*p).unwrap_or(b""))
+                        .collect();
+                    let id = doc_id(&keys);
+                    let mut body = Vec::with_capacity(256);
+                    if !ix.plan.write_root(|i| row.field(i), &mut body) {
+                        malformed += 1;
+                        return;
+                    }
+                    batch.push(DocWrite {
+                        index: ix.pos,
+                        id,
+                        version,
+                        op: DocOp::Index(body),
+                    });
+                    rows += 1;
+                    if batch.len() >= batch_rows {
+                        full_batches.push(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(batch_rows),
+                        ));
+                    }
+                })
+                .await?;
+            if !more {
+                break;
+            }
             for full in full_batches {
                 if tx.send(Msg::Batch(full)).await.is_err() {
                     send_failed = true;
@@ -189,15 +193,11 @@ pub async fn run(
             }
             progress.show(rows, started);
         }
-        if in_chunk < chunk_rows {
+        // A short chunk is the last one.
+        let Some(key) = last_key else {
             break;
-        }
+        };
         // The chunk is complete: its last key is the next chunk's start.
-        row.parse(&last_line);
-        let key: Vec<String> = key_pos
-            .iter()
-            .map(|p| String::from_utf8_lossy(row.field(*p).unwrap_or(b"")).into_owned())
-            .collect();
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
             if tx.send(Msg::Batch(full)).await.is_err() {
@@ -293,16 +293,5 @@ impl Progress {
         if self.on {
             let _ = writeln!(std::io::stderr().lock());
         }
-    }
-}
-
-async fn estimate_rows(client: &Client, qualified: &str) -> i64 {
-    let sql = format!(
-        "SELECT (CASE WHEN reltuples < 0 THEN -1 ELSE reltuples END)::int8 FROM pg_class WHERE oid = '{}'::regclass",
-        qualified.replace('\'', "''")
-    );
-    match client.query_one(sql.as_str(), &[]).await {
-        Ok(row) => row.get(0),
-        Err(_) => -1,
     }
 }

@@ -6,16 +6,15 @@ use std::collections::HashSet;
 use ferry_core::plan::Probe;
 use ferry_core::schema::doc_id;
 use ferry_core::{DocOp, DocWrite, Lsn};
-use tokio_postgres::Client;
+use ferry_postgres::Session;
 
-use crate::rows::copy_rows;
-use crate::setup::IndexRuntime;
+use crate::index::IndexRuntime;
 use crate::EngineError;
 
 /// Builds the documents of these roots with one query; roots gone (or
 /// filtered out) become deletes.
 pub async fn build_docs(
-    client: &Client,
+    client: &Session,
     ix: &IndexRuntime,
     keys: &[Vec<String>],
     version: Lsn,
@@ -23,8 +22,6 @@ pub async fn build_docs(
 ) -> Result<(), EngineError> {
     let index = ix.pos;
     let plan = &ix.plan;
-    let sql = plan.build_sql(Some(keys));
-    let what = format!("building documents of index {}", ix.alias);
     let mut wanted: HashSet<String> = keys
         .iter()
         .map(|k| {
@@ -34,7 +31,8 @@ pub async fn build_docs(
         .collect();
     let key_pos: Vec<usize> = plan.key_positions().collect();
     let mut malformed = 0usize;
-    copy_rows(client, &sql, &what, |row| {
+    let rows = client.build_documents(plan, Some(keys), &ix.alias).await?;
+    rows.read_all(|row| {
         let parts: Vec<&[u8]> = key_pos
             .iter()
             .map(|p| row.field(*p).unwrap_or(b""))
@@ -56,7 +54,8 @@ pub async fn build_docs(
     .await?;
     if malformed > 0 {
         return Err(EngineError::Stream(format!(
-            "{what}: {malformed} rows came back in an unexpected shape"
+            "building documents of index {}: {malformed} rows came back in an unexpected shape",
+            ix.alias
         )));
     }
     for id in wanted {
@@ -72,7 +71,7 @@ pub async fn build_docs(
 
 /// Root keys whose documents a probe's values affect.
 pub async fn resolve(
-    client: &Client,
+    client: &Session,
     ix: &IndexRuntime,
     probe: &Probe,
     values: HashSet<String>,
@@ -88,19 +87,8 @@ pub async fn resolve(
     }
     let values: Vec<String> = values.into_iter().collect();
     let mut out = Vec::new();
-    let what = format!("finding documents of index {} to rebuild", ix.alias);
-    let n = plan.table.key.len();
     for chunk in values.chunks(1000) {
-        let Some(sql) = plan.resolve_sql(probe, chunk) else {
-            continue;
-        };
-        copy_rows(client, &sql, &what, |row| {
-            let key = (0..n)
-                .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
-                .collect();
-            out.push(key);
-        })
-        .await?;
+        out.extend(client.resolve_roots(plan, probe, chunk, &ix.alias).await?);
     }
     Ok(out)
 }

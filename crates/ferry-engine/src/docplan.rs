@@ -6,9 +6,8 @@ use ferry_core::plan::{CountNode, Link, Node};
 use ferry_core::schema::quote_ident;
 use ferry_core::{TableShape, TypeKind};
 use ferry_postgres::catalog::{self, TableInfo, TypeResolver};
-use ferry_postgres::SourceError;
+use ferry_postgres::{Session, SourceError};
 use serde_json::Map;
-use tokio_postgres::Client;
 
 fn qualified(table: &str) -> String {
     match table.split_once('.') {
@@ -68,7 +67,7 @@ fn to_map(
 
 /// Builds the plan of index `pos`.
 pub async fn build(
-    client: &Client,
+    client: &Session,
     types: &mut TypeResolver,
     pos: usize,
     ix: &IndexConfig,
@@ -96,7 +95,7 @@ pub async fn build(
 }
 
 async fn counts(
-    client: &Client,
+    client: &Session,
     types: &mut TypeResolver,
     at: &str,
     parent: &TableInfo,
@@ -131,7 +130,7 @@ async fn counts(
 }
 
 fn children<'a>(
-    client: &'a Client,
+    client: &'a Session,
     types: &'a mut TypeResolver,
     at: &'a str,
     parent: &'a TableInfo,

@@ -1,4 +1,5 @@
-//! Engine errors: a source or sink error, classified for the restart loop.
+//! Engine errors, and the one place that decides what the restart loop
+//! does about each: [`EngineError::disposition`].
 
 use ferry_opensearch::SinkError;
 use ferry_postgres::SourceError;
@@ -20,14 +21,130 @@ pub enum EngineError {
     Restart(String),
 }
 
+/// What the restart loop does about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Rebuild the pipeline after a backoff; it may succeed on its own.
+    Retry,
+    /// Another consumer holds the slot: wait as a standby and poll it.
+    Standby,
+    /// Stop: an operator must act, and the message says how.
+    Operator,
+    /// Stop: nothing ferry or an operator's setting change can do here
+    /// (a server error, an undecodable stream, an unexpected answer).
+    Fatal,
+}
+
 impl EngineError {
-    /// True when rebuilding the pipeline later may succeed on its own.
-    pub fn is_retryable(&self) -> bool {
+    /// Decides, from the error's variant alone, what happens next.
+    pub fn disposition(&self) -> Disposition {
         match self {
-            EngineError::Source(e) => e.is_retryable(),
-            EngineError::Sink(e) => e.is_retryable(),
-            EngineError::Stream(_) => false,
-            EngineError::Restart(_) => true,
+            EngineError::Source(e) => match e {
+                SourceError::Unavailable { .. } => Disposition::Retry,
+                SourceError::SlotBusy(_) => Disposition::Standby,
+                SourceError::Operator(_)
+                | SourceError::SlotDropped { .. }
+                | SourceError::SlotInvalidated { .. }
+                | SourceError::AuthFailed { .. }
+                | SourceError::ReplicationDenied { .. }
+                | SourceError::PublicationLost(_) => Disposition::Operator,
+                SourceError::Server { .. } | SourceError::Decode(_) => Disposition::Fatal,
+            },
+            EngineError::Sink(e) => match e {
+                SinkError::Unreachable { .. } => Disposition::Retry,
+                SinkError::Status { status, .. } if ferry_opensearch::is_transient(*status) => {
+                    Disposition::Retry
+                }
+                SinkError::Poison { .. } | SinkError::Conflict(_) => Disposition::Operator,
+                SinkError::Status { .. } | SinkError::Protocol { .. } => Disposition::Fatal,
+            },
+            EngineError::Stream(_) => Disposition::Fatal,
+            EngineError::Restart(_) => Disposition::Retry,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink_status(status: u16) -> EngineError {
+        EngineError::Sink(SinkError::Status {
+            status,
+            what: "POST /_bulk".into(),
+            body: String::new(),
+        })
+    }
+
+    #[test]
+    fn every_error_kind_has_one_disposition() {
+        let src = |e: SourceError| EngineError::Source(e).disposition();
+        let detail = || ("streaming".to_string(), "x".to_string());
+        assert_eq!(
+            src(SourceError::Unavailable {
+                what: "w".into(),
+                reason: "r".into()
+            }),
+            Disposition::Retry
+        );
+        assert_eq!(src(SourceError::SlotBusy("x".into())), Disposition::Standby);
+        let (what, detail_text) = detail();
+        assert_eq!(
+            src(SourceError::SlotDropped {
+                what,
+                detail: detail_text
+            }),
+            Disposition::Operator
+        );
+        let (what, detail_text) = detail();
+        assert_eq!(
+            src(SourceError::SlotInvalidated {
+                what,
+                detail: detail_text
+            }),
+            Disposition::Operator
+        );
+        let (what, detail_text) = detail();
+        assert_eq!(
+            src(SourceError::AuthFailed {
+                what,
+                detail: detail_text
+            }),
+            Disposition::Operator
+        );
+        assert_eq!(
+            src(SourceError::PublicationLost(ferry_postgres::Uncovered {
+                publication: "p".into(),
+                table: "public.t".into()
+            })),
+            Disposition::Operator
+        );
+        assert_eq!(
+            src(SourceError::Server {
+                what: "w".into(),
+                code: "XX000".into(),
+                message: "m".into()
+            }),
+            Disposition::Fatal
+        );
+        assert_eq!(sink_status(503).disposition(), Disposition::Retry);
+        assert_eq!(sink_status(429).disposition(), Disposition::Retry);
+        assert_eq!(sink_status(400).disposition(), Disposition::Fatal);
+        assert_eq!(
+            EngineError::Sink(SinkError::Unreachable {
+                url: "u".into(),
+                reason: "r".into()
+            })
+            .disposition(),
+            Disposition::Retry
+        );
+        assert_eq!(
+            EngineError::Restart("r".into()).disposition(),
+            Disposition::Retry
+        );
+        assert_eq!(
+            EngineError::Stream("s".into()).disposition(),
+            Disposition::Fatal
+        );
     }
 }

@@ -18,14 +18,14 @@ mod backfill;
 mod build;
 mod docplan;
 mod error;
+mod index;
 pub mod ops;
 mod poison;
-mod rows;
 mod seed;
 mod setup;
 mod worker;
 
-pub use error::EngineError;
+pub use error::{Disposition, EngineError};
 pub use setup::{check, Prepared};
 
 use std::sync::Arc;
@@ -85,12 +85,15 @@ pub async fn run(
             // It ran for a while: this failure is news, not a repeat.
             backoff = Duration::from_millis(250);
         }
-        match result {
+        let e = match result {
             Ok(()) => return Ok(()),
-            Err(EngineError::Source(ferry_postgres::SourceError::SlotBusy(why))) => {
+            Err(e) => e,
+        };
+        match e.disposition() {
+            Disposition::Standby => {
                 // PostgreSQL lets one consumer hold a slot: that is our lock.
                 // Poll it briskly so a standby takes over within seconds.
-                tracing::info!(reason = %why, "standby: the slot is held by another consumer; retrying in 2 s");
+                tracing::info!(reason = %e, "standby: the slot is held by another consumer; retrying in 2 s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -99,7 +102,7 @@ pub async fn run(
                     return Ok(());
                 }
             }
-            Err(e) if e.is_retryable() => {
+            Disposition::Retry => {
                 stats
                     .reconnects
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -113,7 +116,7 @@ pub async fn run(
                 }
                 backoff = (backoff * 2).min(max_backoff);
             }
-            Err(e) => return Err(e),
+            Disposition::Operator | Disposition::Fatal => return Err(e),
         }
     }
 }

@@ -12,18 +12,16 @@ use ferry_config::Config;
 use ferry_core::schema::{doc_id, split_doc_id};
 use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::{DeadLetter, Method, Sink};
-use ferry_postgres::catalog::TypeResolver;
-use ferry_postgres::{PgParams, SourceError};
+use ferry_postgres::catalog::{self, TypeResolver};
+use ferry_postgres::{PgParams, Session};
 use serde_json::{json, Value};
-use tokio_postgres::Client;
 
-use crate::rows::copy_rows;
-use crate::setup::IndexRuntime;
+use crate::index::IndexRuntime;
 use crate::{build, docplan, EngineError};
 
 /// Connections and resolved indexes for an operator command.
 struct Ops {
-    client: Client,
+    client: Session,
     sink: Sink,
     indexes: Vec<IndexRuntime>,
     names: Vec<String>,
@@ -31,7 +29,7 @@ struct Ops {
 
 async fn open(cfg: &Config) -> Result<Ops, EngineError> {
     let params = PgParams::from_config(&cfg.source)?;
-    let client = params.connect().await?;
+    let client = params.session().await?;
     let sink = Sink::from_config(&cfg.sink)?;
     let mut types = TypeResolver::default();
     let mut indexes = Vec::new();
@@ -67,14 +65,8 @@ async fn open(cfg: &Config) -> Result<Ops, EngineError> {
     })
 }
 
-async fn current_lsn(client: &Client) -> Result<Lsn, EngineError> {
-    let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(|e| SourceError::from_pg("reading the WAL position", e))?;
-    let text: String = row.get(0);
-    text.parse()
-        .map_err(|e| EngineError::Stream(format!("unexpected WAL position: {e}")))
+async fn current_lsn(client: &Session) -> Result<Lsn, EngineError> {
+    Ok(client.current_wal_lsn().await?)
 }
 
 fn selected<'a>(ops: &'a Ops, index: Option<&str>) -> Result<Vec<&'a IndexRuntime>, EngineError> {
@@ -210,7 +202,7 @@ pub async fn verify(
         let version = current_lsn(&ops.client).await?;
         let expected = match sample {
             Some(n) => {
-                let keys = sample_keys(&ops.client, ix, n).await?;
+                let keys = ops.client.sample_keys(&ix.plan.table, n).await?;
                 let mut writes = Vec::new();
                 for chunk in keys.chunks(1000) {
                     build::build_docs(&ops.client, ix, chunk, version, &mut writes).await?;
@@ -291,15 +283,14 @@ pub async fn verify(
 
 /// Every document of an index as the rows say, versioned `version`.
 async fn all_docs(
-    client: &Client,
+    client: &Session,
     ix: &IndexRuntime,
     version: Lsn,
 ) -> Result<Vec<DocWrite>, EngineError> {
-    let sql = ix.plan.build_sql(None);
-    let what = format!("building documents of index {}", ix.alias);
     let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let mut out = Vec::new();
-    copy_rows(client, &sql, &what, |row| {
+    let rows = client.build_documents(&ix.plan, None, &ix.alias).await?;
+    rows.read_all(|row| {
         let parts: Vec<&[u8]> = key_pos
             .iter()
             .map(|p| row.field(*p).unwrap_or(b""))
@@ -313,36 +304,6 @@ async fn all_docs(
                 op: DocOp::Index(body),
             });
         }
-    })
-    .await?;
-    Ok(out)
-}
-
-async fn sample_keys(
-    client: &Client,
-    ix: &IndexRuntime,
-    n: usize,
-) -> Result<Vec<Vec<String>>, EngineError> {
-    let keys = ix
-        .plan
-        .table
-        .key
-        .iter()
-        .map(|k| format!("{}::text", ferry_core::schema::quote_ident(k)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "COPY (SELECT {keys} FROM {} ORDER BY random() LIMIT {n}) TO STDOUT",
-        ix.plan.table.qualified()
-    );
-    let width = ix.plan.table.key.len();
-    let mut out = Vec::new();
-    copy_rows(client, &sql, "sampling rows", |row| {
-        out.push(
-            (0..width)
-                .map(|i| String::from_utf8_lossy(row.field(i).unwrap_or(b"")).into_owned())
-                .collect(),
-        );
     })
     .await?;
     Ok(out)
@@ -439,42 +400,16 @@ async fn all_ids(sink: &Sink, concrete: &str) -> Result<Vec<String>, EngineError
 /// when it does not exist.
 pub async fn slot_info(cfg: &Config) -> Result<Option<Vec<(String, String)>>, EngineError> {
     let params = PgParams::from_config(&cfg.source)?;
-    let client = params.connect().await?;
-    let row = client
-        .query_opt(
-            "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
-                    coalesce(active_pid::text, '-'), coalesce(restart_lsn::text, '-'), \
-                    coalesce(confirmed_flush_lsn::text, '-'), coalesce(wal_status::text, '-'), \
-                    coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), '-'), \
-                    coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)), '-') \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.source.slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_pg("reading pg_replication_slots", e))?;
-    Ok(row.map(|r| {
-        let active: bool = r.get(2);
-        vec![
-            ("slot".into(), cfg.source.slot.clone()),
-            ("plugin".into(), r.get(0)),
-            ("database".into(), r.get(1)),
-            ("active".into(), active.to_string()),
-            ("active pid".into(), r.get(3)),
-            ("restart lsn".into(), r.get(4)),
-            ("confirmed flush lsn".into(), r.get(5)),
-            ("wal status".into(), r.get(6)),
-            ("retained wal".into(), r.get(7)),
-            ("unconfirmed wal".into(), r.get(8)),
-        ]
-    }))
+    let client = params.session().await?;
+    Ok(client.slot_report(&cfg.source.slot).await?)
 }
 
 /// `ferry slot drop`: drops the slot when no session holds it. The next
 /// `ferry run` creates a new slot and re-seeds every index.
 pub async fn slot_drop(cfg: &Config) -> Result<bool, EngineError> {
     let params = PgParams::from_config(&cfg.source)?;
-    let client = params.connect().await?;
-    let Some(info) = ferry_postgres::catalog::slot_info(&client, &cfg.source.slot).await? else {
+    let client = params.session().await?;
+    let Some(info) = catalog::slot_info(&client, &cfg.source.slot).await? else {
         return Ok(false);
     };
     if info.active {
@@ -483,9 +418,6 @@ pub async fn slot_drop(cfg: &Config) -> Result<bool, EngineError> {
             cfg.source.slot
         )));
     }
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.source.slot])
-        .await
-        .map_err(|e| SourceError::from_pg("dropping the replication slot", e))?;
+    client.drop_slot(&cfg.source.slot).await?;
     Ok(true)
 }

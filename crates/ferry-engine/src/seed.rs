@@ -18,18 +18,18 @@ use ferry_config::Config;
 use ferry_core::stats::{IndexState, Stats};
 use ferry_core::Lsn;
 use ferry_opensearch::{IndexPlan, Sink};
+use ferry_postgres::Session;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
 
-use crate::setup::IndexRuntime;
+use crate::index::{IndexId, IndexRuntime};
 use crate::{backfill, EngineError, Shutdown};
 
 /// One index to seed.
 #[derive(Debug, Clone)]
 pub struct Job {
-    /// Position in the config.
-    pub pos: usize,
+    /// The index.
+    pub index: IndexId,
     /// Its mapping and settings.
     pub plan: IndexPlan,
     /// The concrete index the alias serves now, replaced when seeding ends.
@@ -40,8 +40,8 @@ pub struct Job {
 
 /// The indexes to seed and the snapshot to read.
 pub struct Seeding {
-    /// A connection inside the snapshot transaction.
-    pub client: Client,
+    /// A session inside the snapshot transaction.
+    pub client: Session,
     /// The snapshot's consistent point: the copy's version.
     pub version: Lsn,
     /// What to seed.
@@ -61,13 +61,13 @@ pub async fn run(
 ) -> Result<(), EngineError> {
     let names: Vec<String> = indexes.iter().map(|i| i.concrete.clone()).collect();
     for job in &seeding.jobs {
-        let ix = &indexes[job.pos];
+        let ix = &indexes[job.index.0];
         sink.update_settings(
             &ix.concrete,
             json!({"gc_deletes": "12h", "refresh_interval": "-1"}),
         )
         .await?;
-        let index_stats = stats.index(job.pos);
+        let index_stats = stats.index(job.index.0);
         let ctx = backfill::Ctx {
             cfg: &cfg,
             shutdown: &shutdown,
@@ -91,12 +91,12 @@ pub async fn run(
         if let Some(prev) = &job.previous {
             sink.swap_alias(&ix.alias, &ix.concrete, Some(prev)).await?;
             tracing::info!(alias = %ix.alias, from = %prev, to = %ix.concrete, "moved the alias to the rebuilt index");
-            let _ = swapped.send((job.pos, prev.clone())).await;
+            let _ = swapped.send((job.index.0, prev.clone())).await;
         }
         if let Some(st) = &index_stats {
             st.set_state(IndexState::Streaming);
         }
     }
-    let _ = seeding.client.batch_execute("COMMIT").await;
+    seeding.client.end_snapshot().await;
     Ok(())
 }

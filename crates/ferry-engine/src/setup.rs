@@ -12,41 +12,20 @@ use std::sync::Arc;
 use ferry_config::Config;
 use ferry_core::plan::Node;
 use ferry_core::stats::{IndexState, Stats};
-use ferry_core::TableShape;
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
-use ferry_postgres::{PgParams, SourceError};
-use tokio_postgres::Client;
+use ferry_postgres::{PgParams, Session, SourceError};
 
+use crate::index::{IndexId, IndexRuntime};
+use crate::seed::{Job, Seeding};
 use crate::{docplan, EngineError};
-
-/// One configured index, resolved against the database and the cluster.
-#[derive(Debug, Clone)]
-pub struct IndexRuntime {
-    /// Position in the config.
-    pub pos: usize,
-    /// The alias users query.
-    pub alias: String,
-    /// The concrete index written to.
-    pub concrete: String,
-    /// The root table's shape.
-    pub shape: TableShape,
-    /// How documents are built (root, relations, filters).
-    pub plan: Node,
-    /// Documents come straight from the replicated root row (no relations,
-    /// filter, soft delete or renames); otherwise they are built by query.
-    pub fast: bool,
-    /// The concrete index the alias serves while this one is rebuilt: it
-    /// receives every write too, until the alias moves.
-    pub shadow: Option<String>,
-}
 
 /// Everything the streaming loop needs, ready.
 pub struct Prepared {
     /// Source connection parameters.
     pub params: PgParams,
-    /// An ordinary connection (catalog look-ups, re-reads).
-    pub client: Client,
+    /// A query session (catalog look-ups, re-reads).
+    pub client: Session,
     /// Type kinds learned so far.
     pub types: TypeResolver,
     /// The sink.
@@ -54,12 +33,12 @@ pub struct Prepared {
     /// The indexes, in config order.
     pub indexes: Vec<IndexRuntime>,
     /// Indexes to seed while streaming runs.
-    pub seeding: Option<crate::seed::Seeding>,
+    pub seeding: Option<Seeding>,
 }
 
 /// Builds every index's document plan; errors name the config key.
 async fn plans(
-    client: &Client,
+    client: &Session,
     types: &mut TypeResolver,
     cfg: &Config,
 ) -> Result<Vec<Node>, SourceError> {
@@ -82,98 +61,20 @@ fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> Index
     }
 }
 
-/// (schema, table) of every table any plan reads, for the publication.
-async fn plan_tables(
-    client: &Client,
-    plans: &[Node],
-) -> Result<Vec<(String, String)>, SourceError> {
-    let mut oids: Vec<i64> = plans
+/// OIDs of every table any plan reads.
+fn plan_oids(plans: &[Node]) -> Vec<u32> {
+    let mut oids: Vec<u32> = plans
         .iter()
-        .flat_map(|p| p.usages().into_iter().map(|(oid, _)| i64::from(oid)))
+        .flat_map(|p| p.usages().into_iter().map(|(oid, _)| oid))
         .collect();
     oids.sort_unstable();
     oids.dedup();
-    let rows = client
-        .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid::int8 = ANY($1) ORDER BY 1, 2",
-            &[&oids],
-        )
-        .await
-        .map_err(|e| SourceError::from_pg("reading table names", e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    oids
 }
 
-/// Tables whose row-level security would hide rows from ferry's queries,
-/// with what to grant.
-async fn rls_problems(client: &Client, plans: &[Node]) -> Result<Vec<String>, SourceError> {
-    let mut oids: Vec<i64> = plans
-        .iter()
-        .flat_map(|p| p.usages().into_iter().map(|(oid, _)| i64::from(oid)))
-        .collect();
-    oids.sort_unstable();
-    oids.dedup();
-    let rows = client
-        .query(
-            "SELECT n.nspname::text || '.' || c.relname::text, current_user::text \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_roles r \
-             WHERE r.rolname = current_user AND c.oid::int8 = ANY($1) AND c.relrowsecurity \
-               AND NOT (r.rolbypassrls OR r.rolsuper) \
-               AND (c.relowner <> r.oid OR c.relforcerowsecurity) ORDER BY 1",
-            &[&oids],
-        )
-        .await
-        .map_err(|e| SourceError::from_pg("checking row-level security", e))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let table: String = r.get(0);
-            let role: String = r.get(1);
-            format!(
-                "table {table} has row-level security enabled: ferry's queries as role {role} may silently miss rows; \
-                 run ALTER ROLE {role} BYPASSRLS, or add a policy letting {role} read every row"
-            )
-        })
-        .collect())
-}
-
-/// Sets (or asks for) REPLICA IDENTITY FULL where resolving related changes
-/// needs old values beyond the primary key.
-async fn ensure_identities(
-    client: &Client,
-    plans: &[Node],
-    manage: bool,
-) -> Result<(), SourceError> {
-    let mut done = std::collections::HashSet::new();
-    for plan in plans {
-        for (oid, column) in plan.needs_full_identity() {
-            if !done.insert(oid) {
-                continue;
-            }
-            let row = client
-                .query_one(
-                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
-                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid::int8 = $1",
-                    &[&i64::from(oid)],
-                )
-                .await
-                .map_err(|e| SourceError::from_pg("reading replica identities", e))?;
-            let ident: String = row.get(2);
-            if ident == "f" {
-                continue;
-            }
-            let shape = TableShape {
-                schema: row.get(0),
-                name: row.get(1),
-                oid,
-                columns: Vec::new(),
-                key: Vec::new(),
-            };
-            let why = format!("old values of {column:?} find the documents a changed row leaves");
-            catalog::ensure_full_identity(client, &shape, &why, manage).await?;
-        }
-    }
-    Ok(())
+/// Tables (OID, column) whose old values resolving related changes needs.
+fn full_identity_needs(plans: &[Node]) -> Vec<(u32, String)> {
+    plans.iter().flat_map(|p| p.needs_full_identity()).collect()
 }
 
 fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
@@ -184,7 +85,7 @@ fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
 /// and backfills indexes that are not seeded.
 pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, EngineError> {
     let params = PgParams::from_config(&cfg.source)?;
-    let client = params.connect().await?;
+    let client = params.session().await?;
     catalog::check_wal_level(&client).await?;
     let mut types = TypeResolver::default();
     let plans = plans(&client, &mut types, cfg).await?;
@@ -197,12 +98,18 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
 
-    let tables = plan_tables(&client, &plans).await?;
-    for problem in rls_problems(&client, &plans).await? {
+    let oids = plan_oids(&plans);
+    let tables = client.table_names(&oids).await?;
+    for problem in client.row_security_problems(&oids).await? {
         // A policy may well grant every row: warn rather than refuse.
         tracing::warn!("{problem}");
     }
-    ensure_identities(&client, &plans, cfg.source.manage_replica_identity).await?;
+    client
+        .ensure_full_identities(
+            &full_identity_needs(&plans),
+            cfg.source.manage_replica_identity,
+        )
+        .await?;
     catalog::ensure_publication(
         &client,
         &cfg.source.publication,
@@ -253,8 +160,8 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
             },
         });
         if !seeded {
-            jobs.push(crate::seed::Job {
-                pos,
+            jobs.push(Job {
+                index: IndexId(pos),
                 plan,
                 previous: prepared.previous,
                 resume_after: if new_slot.is_some() {
@@ -284,7 +191,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         let snap_client = catalog::open_snapshot(&params, Some(&snapshot_slot.snapshot)).await?;
         // The snapshot is imported: the session that exported it may go.
         drop(snapshot_slot);
-        seeding = Some(crate::seed::Seeding {
+        seeding = Some(Seeding {
             client: snap_client,
             version,
             jobs,
@@ -304,7 +211,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
 pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     let mut problems = Vec::new();
     let params = PgParams::from_config(&cfg.source)?;
-    let client = params.connect().await?;
+    let client = params.session().await?;
     if let Err(e) = catalog::check_wal_level(&client).await {
         problems.push(e.to_string());
     }
@@ -316,9 +223,13 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
             Err(e) => problems.push(e.to_string()),
         }
     }
-    let tables = plan_tables(&client, &plans_ok).await?;
-    problems.extend(rls_problems(&client, &plans_ok).await?);
-    if let Err(e) = ensure_identities(&client, &plans_ok, false).await {
+    let oids = plan_oids(&plans_ok);
+    let tables = client.table_names(&oids).await?;
+    problems.extend(client.row_security_problems(&oids).await?);
+    if let Err(e) = client
+        .ensure_full_identities(&full_identity_needs(&plans_ok), false)
+        .await
+    {
         if cfg.source.manage_replica_identity {
             tracing::info!(
                 "{e} (ferry run will do this itself: source.manage_replica_identity is true)"

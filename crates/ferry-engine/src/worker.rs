@@ -15,18 +15,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_config::Config;
+use ferry_core::change::{Change, ChangeOp, Datum, Event, Relation, Tuple};
 use ferry_core::plan::{Probe, Role, Usage};
 use ferry_core::schema::split_doc_id;
 use ferry_core::schema::{doc_id, DocumentWriter};
 use ferry_core::{ColumnShape, DocOp, DocWrite, Lsn};
 use ferry_opensearch::{Rejected, Sink};
-use ferry_postgres::capture::{self, Change, ChangeOp, Event};
+use ferry_postgres::capture;
 use ferry_postgres::catalog::{self, TypeResolver};
-use ferry_postgres::pgoutput::{Datum, Relation, Tuple};
-use ferry_postgres::SourceError;
-use tokio_postgres::Client;
+use ferry_postgres::{Session, SourceError};
 
-use crate::setup::{IndexRuntime, Prepared};
+use crate::index::{IndexId, IndexRuntime, Target};
+use crate::setup::Prepared;
 use crate::{EngineError, Shutdown};
 use ferry_core::stats::{IndexState, Stats};
 use std::sync::atomic::Ordering::Relaxed;
@@ -85,7 +85,7 @@ impl Batch {
 }
 
 struct Worker {
-    client: Client,
+    client: Session,
     types: TypeResolver,
     sink: Sink,
     indexes: Vec<IndexRuntime>,
@@ -157,13 +157,7 @@ pub async fn stream(
         client,
         types,
         sink,
-        // Positions 0..n: each index's concrete index; n..2n: the index the
-        // alias still serves while a rebuild seeds ("" when none).
-        names: indexes
-            .iter()
-            .map(|i| i.concrete.clone())
-            .chain(indexes.iter().map(|i| i.shadow.clone().unwrap_or_default()))
-            .collect(),
+        names: Target::names(&indexes),
         indexes,
         roots,
         projections: HashMap::new(),
@@ -616,7 +610,7 @@ impl Worker {
         if let Some(ix) = self.indexes.get_mut(pos) {
             ix.shadow = None;
         }
-        if let Some(name) = self.names.get_mut(n + pos) {
+        if let Some(name) = self.names.get_mut(Target::Shadow.slot(IndexId(pos), n)) {
             name.clear();
         }
         self.sink.delete_index(old).await?;
@@ -636,7 +630,7 @@ impl Worker {
                     .is_some_and(|i| i.shadow.is_some())
             })
             .map(|w| DocWrite {
-                index: n + w.index,
+                index: Target::Shadow.slot(IndexId(w.index), n),
                 ..w.clone()
             })
             .collect();
@@ -727,7 +721,7 @@ impl Worker {
         let mut by_index: HashMap<usize, Vec<Rejected>> = HashMap::new();
         let n = self.indexes.len();
         for r in rejected {
-            if r.write.index >= n {
+            if Target::of(r.write.index, n).1 == Target::Shadow {
                 tracing::warn!(index = %self.names.get(r.write.index).map(String::as_str).unwrap_or(""),
                     id = %r.write.id, "the index being replaced refused a document; the rebuilt index decides");
                 continue;
@@ -804,36 +798,14 @@ impl Worker {
     /// index reads: its changes are no longer streamed, so the index would
     /// silently drift.
     async fn check_publication(&mut self) -> Result<(), EngineError> {
-        let mut oids: Vec<i64> = self
+        let oids: Vec<u32> = self
             .indexes
             .iter()
-            .flat_map(|ix| ix.plan.usages().into_iter().map(|(oid, _)| i64::from(oid)))
+            .flat_map(|ix| ix.plan.usages().into_iter().map(|(oid, _)| oid))
             .collect();
-        oids.sort_unstable();
-        oids.dedup();
-        let rows = self
-            .client
-            .query(
-                "SELECT n.nspname::text || '.' || c.relname::text FROM pg_class c \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.oid::int8 = ANY($1) AND NOT EXISTS ( \
-                   SELECT 1 FROM pg_publication p WHERE p.pubname = $2 AND (p.puballtables OR EXISTS ( \
-                     SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
-                       AND t.schemaname = n.nspname AND t.tablename = c.relname)))",
-                &[&oids, &self.cfg.source.publication],
-            )
-            .await
-            .map_err(|e| SourceError::from_pg("checking publication coverage", e))?;
-        if let Some(row) = rows.first() {
-            let table: String = row.get(0);
-            return Err(SourceError::Operator(format!(
-                "publication {:?} no longer covers table {table}, so its changes are not streamed: \
-                 add it back (ALTER PUBLICATION … ADD TABLE {table}, or restart ferry, which extends the publication) \
-                 and run `ferry reindex` for the indexes that read it, since changes made meanwhile were missed",
-                self.cfg.source.publication
-            ))
-            .into());
-        }
+        self.client
+            .check_coverage(&self.cfg.source.publication, &oids)
+            .await?;
         Ok(())
     }
 
@@ -841,14 +813,7 @@ impl Worker {
     /// (its Begin/Commit arrive and are confirmed like any transaction).
     async fn heartbeat(&mut self) {
         self.last_event = Instant::now();
-        if let Err(e) = self
-            .client
-            .execute(
-                "SELECT pg_logical_emit_message(true, 'ferry_heartbeat', '')",
-                &[],
-            )
-            .await
-        {
+        if let Err(e) = self.client.emit_heartbeat().await {
             tracing::warn!(error = %e, "heartbeat failed (needs EXECUTE on pg_logical_emit_message); set source.heartbeat_secs = 0 to turn it off");
         }
     }

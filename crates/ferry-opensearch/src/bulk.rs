@@ -77,6 +77,38 @@ struct Item {
     error: Option<serde_json::Value>,
 }
 
+/// What one bulk item's answer means for its write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// Durable: written, or deleted (a delete of an absent document is done too).
+    Written,
+    /// The cluster already holds this version or a newer one (409 under
+    /// `external_gte`): nothing to do, counted as success.
+    Superseded,
+    /// Transient (throttled, timed out, server-side failure): send it again.
+    Retry,
+    /// Refused for good: the caller's poison policy decides.
+    Rejected,
+}
+
+/// Classifies one bulk item from its operation, status and error type.
+///
+/// Today the status decides alone; the operation and the error type are
+/// part of the signature so a rule that needs them (e.g. a 404 for an
+/// index write vs. a delete) is added here and in the table test, nowhere
+/// else. A transient status is never `Rejected`: an overload must not
+/// become data loss.
+pub fn item_outcome(op: &DocOp, status: u16, error_type: Option<&str>) -> ItemOutcome {
+    let _ = (op, error_type);
+    match status {
+        // 404: a delete of a document (or an index) that is already gone.
+        200..=299 | 404 => ItemOutcome::Written,
+        409 => ItemOutcome::Superseded,
+        s if is_transient(s) => ItemOutcome::Retry,
+        _ => ItemOutcome::Rejected,
+    }
+}
+
 /// How one bulk attempt ended, for the writes it carried.
 enum Attempt {
     /// Everything durable (or superseded).
@@ -204,7 +236,7 @@ async fn attempt(
             what: "POST /_bulk".into(),
             body: snippet(&bytes),
         };
-        return if err.is_retryable() {
+        return if is_transient(status) {
             Ok(Attempt::RetryAll(err))
         } else {
             Err(err)
@@ -237,13 +269,13 @@ async fn attempt(
         let Some(item) = item.values().next() else {
             continue;
         };
-        match item.status {
-            200..=299 | 404 => outcome.written += 1,
-            // External version: a newer (or equal) write is already there.
-            409 => outcome.superseded += 1,
-            s if is_transient(s) => retry.push(pos),
-            s => {
-                let w = chunk[pos];
+        let w = chunk[pos];
+        let error_type = item.error.as_ref().and_then(|e| e["type"].as_str());
+        match item_outcome(&w.op, item.status, error_type) {
+            ItemOutcome::Written => outcome.written += 1,
+            ItemOutcome::Superseded => outcome.superseded += 1,
+            ItemOutcome::Retry => retry.push(pos),
+            ItemOutcome::Rejected => {
                 let reason = item
                     .error
                     .as_ref()
@@ -257,7 +289,7 @@ async fn attempt(
                     .unwrap_or_else(|| "no reason given".into());
                 outcome.rejected.push(Rejected {
                     write: w.clone(),
-                    status: s,
+                    status: item.status,
                     reason,
                 });
             }
@@ -288,6 +320,38 @@ mod tests {
                 step / 2
             );
             step = (step * 2).min(max);
+        }
+    }
+
+    #[test]
+    fn item_outcome_table() {
+        use ItemOutcome::*;
+        let index = DocOp::Index(b"{}".to_vec());
+        let delete = DocOp::Delete;
+        #[rustfmt::skip]
+        let table: &[(&DocOp, u16, Option<&str>, ItemOutcome)] = &[
+            (&index,  200, None,                                      Written),
+            (&index,  201, None,                                      Written),
+            (&delete, 200, None,                                      Written),
+            (&delete, 404, None,                                      Written),
+            (&index,  404, Some("index_not_found_exception"),         Written),
+            (&index,  409, Some("version_conflict_engine_exception"), Superseded),
+            (&delete, 409, Some("version_conflict_engine_exception"), Superseded),
+            (&index,  429, Some("es_rejected_execution_exception"),   Retry),
+            (&index,  408, None,                                      Retry),
+            (&index,  500, Some("exception"),                         Retry),
+            (&delete, 503, Some("unavailable_shards_exception"),      Retry),
+            (&index,  400, Some("mapper_parsing_exception"),          Rejected),
+            (&index,  400, Some("document_parsing_exception"),        Rejected),
+            (&index,  413, None,                                      Rejected),
+            (&delete, 400, Some("illegal_argument_exception"),        Rejected),
+        ];
+        for (op, status, error_type, want) in table {
+            assert_eq!(
+                item_outcome(op, *status, *error_type),
+                *want,
+                "{op:?} {status} {error_type:?}"
+            );
         }
     }
 

@@ -16,7 +16,7 @@ mod bulk;
 mod deadletter;
 mod index;
 
-pub use bulk::{encode_bulk, BulkOutcome, Rejected};
+pub use bulk::{encode_bulk, item_outcome, BulkOutcome, ItemOutcome, Rejected};
 pub use deadletter::DeadLetter;
 pub use index::{concrete_name, IndexPlan, PreparedIndex};
 pub use opensearch::http::Method;
@@ -73,17 +73,6 @@ pub enum SinkError {
         /// What was wrong.
         reason: String,
     },
-}
-
-impl SinkError {
-    /// True when the same request may succeed later without anyone's help.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            SinkError::Unreachable { .. } => true,
-            SinkError::Status { status, .. } => is_transient(*status),
-            SinkError::Poison { .. } | SinkError::Conflict(_) | SinkError::Protocol { .. } => false,
-        }
-    }
 }
 
 /// Statuses that mean "try again later": throttling and server-side failures.

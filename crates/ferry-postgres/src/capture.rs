@@ -25,67 +25,10 @@ use ferry_core::Lsn;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 
-use crate::pgoutput::{self, Message, OldTuple, Relation, Tuple};
+pub use ferry_core::change::{Change, ChangeOp, Event};
+
+use crate::pgoutput::{self, Message};
 use crate::{PgParams, SourceError};
-
-/// A row change of one relation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    /// Relation OID.
-    pub rel: u32,
-    /// Insert, update or delete.
-    pub op: ChangeOp,
-    /// The old row image (key columns or the full row), when sent.
-    pub old: Option<OldTuple>,
-    /// The new row image (insert and update).
-    pub new: Option<Tuple>,
-}
-
-/// The kind of row change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeOp {
-    /// A new row.
-    Insert,
-    /// A changed row.
-    Update,
-    /// A removed row.
-    Delete,
-}
-
-/// What capture puts on the queue, in stream order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A transaction starts; its changes carry `final_lsn` as their version.
-    Begin {
-        /// LSN of the transaction's commit record.
-        final_lsn: Lsn,
-        /// Commit time, microseconds since 2000-01-01.
-        commit_ts: i64,
-    },
-    /// A relation's current shape (sent before its first change and after DDL).
-    Relation(Arc<Relation>),
-    /// A row change.
-    Change(Change),
-    /// Tables were truncated.
-    Truncate {
-        /// Relation OIDs.
-        rels: Vec<u32>,
-    },
-    /// The transaction ends; `end_lsn` is what may be confirmed once durable.
-    Commit {
-        /// LSN of the commit record.
-        commit_lsn: Lsn,
-        /// LSN just past the commit record.
-        end_lsn: Lsn,
-        /// Commit time, microseconds since 2000-01-01.
-        commit_ts: i64,
-    },
-    /// The server's WAL end while idle.
-    Keepalive {
-        /// Server WAL end.
-        wal_end: Lsn,
-    },
-}
 
 /// Where the worker reports the LSN up to which everything is durable.
 #[derive(Debug, Clone)]

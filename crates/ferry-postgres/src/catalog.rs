@@ -2,14 +2,13 @@
 
 use std::collections::HashMap;
 
+use crate::{PgParams, Session, SourceError};
 use ferry_core::schema::{quote_ident, quote_literal};
 use ferry_core::{ColumnShape, Lsn, TableShape, TypeKind};
-use tokio_postgres::Client;
-
-use crate::{PgParams, SourceError};
 
 /// Fails unless `wal_level` is `logical`, with the fix in the message.
-pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
+pub async fn check_wal_level(db: &Session) -> Result<(), SourceError> {
+    let client = &db.client;
     let row = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -42,7 +41,8 @@ impl TypeResolver {
     }
 
     /// Resolves `oid` with catalog look-ups as needed.
-    pub async fn resolve(&mut self, client: &Client, oid: u32) -> Result<TypeKind, SourceError> {
+    pub async fn resolve(&mut self, db: &Session, oid: u32) -> Result<TypeKind, SourceError> {
+        let client = &db.client;
         if let Some(k) = TypeKind::from_builtin_oid(oid) {
             return Ok(k);
         }
@@ -139,13 +139,14 @@ impl TableInfo {
 /// kind, the `columns` selection (all when `None`), the primary key
 /// (required when `need_pk`). `at` is the config key prefix for errors.
 pub async fn read_table(
-    client: &Client,
+    db: &Session,
     types: &mut TypeResolver,
     at: &str,
     table: &str,
     columns: Option<&[String]>,
     need_pk: bool,
 ) -> Result<TableInfo, SourceError> {
+    let client = &db.client;
     let (schema, table) = match table.split_once('.') {
         Some((s, t)) => (s, t),
         None => ("public", table),
@@ -184,7 +185,7 @@ pub async fn read_table(
     for c in &cols {
         let name: String = c.get(0);
         let type_oid: i64 = c.get(1);
-        let kind = types.resolve(client, type_oid as u32).await?;
+        let kind = types.resolve(db, type_oid as u32).await?;
         all.push(ColumnShape {
             name,
             type_oid: type_oid as u32,
@@ -243,11 +244,12 @@ pub async fn read_table(
 /// Makes sure `table` logs whole old rows (REPLICA IDENTITY FULL), which
 /// resolving related changes needs; with `manage` false, an error carries the SQL.
 pub async fn ensure_full_identity(
-    client: &Client,
+    db: &Session,
     shape: &TableShape,
     why: &str,
     manage: bool,
 ) -> Result<(), SourceError> {
+    let client = &db.client;
     let sql = format!("ALTER TABLE {} REPLICA IDENTITY FULL", shape.qualified());
     if !manage {
         return Err(SourceError::Operator(format!(
@@ -274,11 +276,12 @@ fn qualified(schema: &str, table: &str) -> String {
 /// With `manage` false nothing is changed and a missing piece is an error
 /// carrying the SQL to run.
 pub async fn ensure_publication(
-    client: &Client,
+    db: &Session,
     publication: &str,
     tables: &[(String, String)],
     manage: bool,
 ) -> Result<(), SourceError> {
+    let client = &db.client;
     let row = client
         .query_opt(
             "SELECT puballtables FROM pg_publication WHERE pubname = $1",
@@ -364,7 +367,8 @@ pub struct SlotInfo {
 }
 
 /// Reads the slot, if it exists.
-pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+pub async fn slot_info(db: &Session, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+    let client = &db.client;
     let row = client
         .query_opt(
             "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
@@ -493,7 +497,7 @@ async fn create_slot_with(
 pub async fn open_snapshot(
     params: &PgParams,
     snapshot: Option<&str>,
-) -> Result<Client, SourceError> {
+) -> Result<Session, SourceError> {
     let client = params.connect().await?;
     let mut sql = String::from("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;");
     if let Some(s) = snapshot {
@@ -503,5 +507,5 @@ pub async fn open_snapshot(
         .batch_execute(&sql)
         .await
         .map_err(|e| SourceError::from_pg("opening the backfill snapshot", e))?;
-    Ok(client)
+    Ok(Session { client })
 }

@@ -19,6 +19,38 @@ pub enum SourceError {
     /// Something only an operator can fix; the message says how.
     #[error("{0}")]
     Operator(String),
+    /// The replication slot ferry streams from no longer exists.
+    #[error("{what}: {detail}; the slot was dropped: restart ferry to recreate it and re-seed the indexes")]
+    SlotDropped {
+        /// What ferry was doing.
+        what: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The slot lost WAL it needed and can no longer stream.
+    #[error("{what}: {detail}; the slot was invalidated (max_slot_wal_keep_size?): drop it (ferry recreates it and re-seeds the indexes)")]
+    SlotInvalidated {
+        /// What ferry was doing.
+        what: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The server refused the replication session's credentials.
+    #[error("{what}: {detail}")]
+    AuthFailed {
+        /// What ferry was doing.
+        what: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The role may not open replication sessions.
+    #[error("{what}: {detail}; grant it with ALTER ROLE <user> REPLICATION")]
+    ReplicationDenied {
+        /// What ferry was doing.
+        what: String,
+        /// The server's message.
+        detail: String,
+    },
     /// A server error that retrying will not fix.
     #[error("PostgreSQL error while {what}: {message} (SQLSTATE {code})")]
     Server {
@@ -29,20 +61,21 @@ pub enum SourceError {
         /// Server message.
         message: String,
     },
+    /// The publication stopped covering a table an index reads, so its
+    /// changes are no longer streamed.
+    #[error(
+        "publication {:?} no longer covers table {}, so its changes are not streamed: \
+         add it back (ALTER PUBLICATION … ADD TABLE {}, or restart ferry, which extends the publication) \
+         and run `ferry reindex` for the indexes that read it, since changes made meanwhile were missed",
+        .0.publication, .0.table, .0.table
+    )]
+    PublicationLost(crate::Uncovered),
     /// The replication stream carried bytes ferry could not decode.
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] crate::pgoutput::DecodeError),
 }
 
 impl SourceError {
-    /// True when retrying later may succeed without anyone's help.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            SourceError::Unavailable { .. } | SourceError::SlotBusy(_)
-        )
-    }
-
     /// Classifies a tokio-postgres error by SQLSTATE.
     pub fn from_pg(what: &str, e: tokio_postgres::Error) -> SourceError {
         let Some(db) = e.as_db_error() else {
@@ -54,41 +87,45 @@ impl SourceError {
         classify(what, db.code().code(), db.message())
     }
 
-    /// Classifies a replication-session error.
+    /// Classifies a replication-session error into a typed variant.
+    ///
+    /// The replication library hands server errors over as text (message
+    /// plus `(SQLSTATE …)`), so this is the one place that reads it.
     pub fn from_replication(what: &str, e: pgwire_replication::PgWireError) -> SourceError {
-        let text = e.to_string();
-        // The library reports server errors as text that starts with the SQLSTATE
-        // in some versions; look for the well-known ones.
-        if text.contains("55006") || text.contains("is active for PID") {
-            return SourceError::SlotBusy(text);
+        let detail = e.to_string();
+        let has = |needle: &str| detail.contains(needle);
+        let (what, detail_owned) = (what.to_string(), detail.clone());
+        if has("55006") || has("is active for PID") {
+            return SourceError::SlotBusy(detail_owned);
         }
-        if text.contains("does not exist") && text.contains("replication slot") {
-            return SourceError::Operator(format!(
-                "{what}: {text}; the slot was dropped: restart ferry to recreate it and re-seed the indexes"
-            ));
+        if has("does not exist") && has("replication slot") {
+            return SourceError::SlotDropped {
+                what,
+                detail: detail_owned,
+            };
         }
-        if text.contains("can no longer get changes") || text.contains("has been invalidated") {
-            return SourceError::Operator(format!(
-                "{what}: {text}; the slot was invalidated (max_slot_wal_keep_size?): drop it (ferry recreates it and re-seeds the indexes)"
-            ));
+        if has("can no longer get changes") || has("has been invalidated") {
+            return SourceError::SlotInvalidated {
+                what,
+                detail: detail_owned,
+            };
         }
-        if text.contains("28P01")
-            || text.contains("28000")
-            || text.contains("password authentication")
+        if has("28P01") || has("28000") || has("password authentication") {
+            return SourceError::AuthFailed {
+                what,
+                detail: detail_owned,
+            };
+        }
+        if has("42501") || has("must be superuser or replication role") || has("permission denied")
         {
-            return SourceError::Operator(format!("{what}: {text}"));
-        }
-        if text.contains("42501")
-            || text.contains("must be superuser or replication role")
-            || text.contains("permission denied")
-        {
-            return SourceError::Operator(format!(
-                "{what}: {text}; grant it with ALTER ROLE <user> REPLICATION"
-            ));
+            return SourceError::ReplicationDenied {
+                what,
+                detail: detail_owned,
+            };
         }
         SourceError::Unavailable {
-            what: what.to_string(),
-            reason: text,
+            what,
+            reason: detail_owned,
         }
     }
 }
@@ -137,4 +174,47 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_replication::PgWireError;
+
+    fn server(text: &str) -> SourceError {
+        SourceError::from_replication("streaming", PgWireError::Server(text.to_string()))
+    }
+
+    #[test]
+    fn replication_errors_become_typed_variants() {
+        assert!(matches!(
+            server("replication slot \"s\" is active for PID 7 (SQLSTATE 55006)"),
+            SourceError::SlotBusy(_)
+        ));
+        assert!(matches!(
+            server("replication slot \"s\" does not exist (SQLSTATE 42704)"),
+            SourceError::SlotDropped { .. }
+        ));
+        assert!(matches!(
+            server("can no longer get changes from replication slot \"s\" (SQLSTATE 55000)"),
+            SourceError::SlotInvalidated { .. }
+        ));
+        assert!(matches!(
+            server("password authentication failed for user \"u\" (SQLSTATE 28P01)"),
+            SourceError::AuthFailed { .. }
+        ));
+        assert!(matches!(
+            server("permission denied to start WAL sender (SQLSTATE 42501)"),
+            SourceError::ReplicationDenied { .. }
+        ));
+        assert!(matches!(
+            server("terminating connection due to administrator command (SQLSTATE 57P01)"),
+            SourceError::Unavailable { .. }
+        ));
+        let dropped = server("replication slot \"s\" does not exist").to_string();
+        assert!(
+            dropped.contains("restart ferry to recreate it"),
+            "{dropped}"
+        );
+    }
 }

@@ -1,6 +1,9 @@
 //! The PostgreSQL source: connections with pinned session settings, catalog
 //! checks (wal_level, tables, keys, publication, slot), the consistent
-//! backfill snapshot, and the logical replication stream (pgoutput).
+//! backfill snapshot, the logical replication stream (pgoutput, decoded into
+//! `ferry-core::change` events), and the query [`Session`] through which the
+//! engine reads documents, related roots and backfill chunks. This is the
+//! only crate that runs SQL.
 //!
 //! Values are read as text everywhere (pgoutput text mode and `COPY` text
 //! format) on sessions pinned to the same settings, so a value renders the
@@ -8,10 +11,14 @@
 
 pub mod capture;
 pub mod catalog;
+mod copy;
 mod error;
 pub mod pgoutput;
+mod session;
 
+pub use copy::{CopyReader, CopyRow};
 pub use error::SourceError;
+pub use session::{Session, Uncovered};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -201,8 +208,15 @@ impl PgParams {
         self.tls.mode
     }
 
+    /// Opens a query session with the pinned session settings.
+    pub async fn session(&self) -> Result<Session, SourceError> {
+        Ok(Session {
+            client: self.connect().await?,
+        })
+    }
+
     /// Opens an ordinary connection with the pinned session settings.
-    pub async fn connect(&self) -> Result<Client, SourceError> {
+    pub(crate) async fn connect(&self) -> Result<Client, SourceError> {
         let what = || format!("connecting to {}", self.display());
         let client = match &self.tls.connector {
             None => {

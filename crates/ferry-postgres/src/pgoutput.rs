@@ -159,69 +159,9 @@ pub enum Message {
     },
 }
 
-/// A table description carried by a Relation message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Relation {
-    /// OID of the relation; row change messages refer to it by this id.
-    pub oid: u32,
-    /// Schema of the relation; empty for `pg_catalog`.
-    pub namespace: String,
-    /// Name of the relation.
-    pub name: String,
-    /// Replica identity setting, as in `pg_class.relreplident`:
-    /// `b'd'` default, `b'n'` nothing, `b'f'` full, `b'i'` index.
-    pub replica_identity: u8,
-    /// Published columns in the order used by tuple data.
-    pub columns: Vec<RelationColumn>,
-}
-
-/// One column of a [`Relation`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct RelationColumn {
-    /// Whether the column is part of the replica identity key (flag bit 1).
-    pub key: bool,
-    /// Column name.
-    pub name: String,
-    /// OID of the column's data type.
-    pub type_oid: u32,
-    /// Type modifier (`pg_attribute.atttypmod`), -1 when none.
-    pub type_modifier: i32,
-}
-
-/// A row image: one datum per column, in relation column order.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Tuple(pub Vec<Datum>);
-
-/// The value of one column in a [`Tuple`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Datum {
-    /// SQL NULL (`'n'`).
-    Null,
-    /// 'u': unchanged TOASTed value, not sent
-    Unchanged,
-    /// Value in text output format (`'t'`); a zero-copy slice of the input.
-    Text(Bytes),
-    /// Value in binary send format (`'b'`); a zero-copy slice of the input.
-    Binary(Bytes),
-}
-
-/// Which kind of old row image an [`OldTuple`] holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OldKind {
-    /// 'K': only replica identity key columns are set (others Null)
-    Key,
-    /// 'O': the whole old row (REPLICA IDENTITY FULL)
-    Full,
-}
-
-/// The old row image of an Update or Delete.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OldTuple {
-    /// Whether the image holds only the key or the full row.
-    pub kind: OldKind,
-    /// The old values.
-    pub tuple: Tuple,
-}
+// The row images and relation descriptions are ferry's change vocabulary,
+// defined in `ferry-core` so the engine never reads this decoder's types.
+pub use ferry_core::change::{Datum, OldKind, OldTuple, Relation, RelationColumn, Tuple};
 
 /// Why a pgoutput payload could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

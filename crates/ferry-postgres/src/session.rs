@@ -1,0 +1,333 @@
+//! The source's query session: everything the engine asks PostgreSQL over
+//! an ordinary connection once start-up has resolved the catalog.
+//!
+//! The engine never writes or runs SQL itself. It names what it wants —
+//! the documents of these roots, the roots a related change affects, the
+//! next backfill chunk, whether the publication still covers the tables it
+//! reads — and [`Session`] runs the statement (generated from the document
+//! plan by `ferry-core`) and hands back parsed rows or typed answers.
+//!
+//! Cost: every statement here reads only the rows its arguments name (keys,
+//! values, OIDs, one chunk), so its cost grows with those rows, never with
+//! the whole table, except the explicit full reads (`build_documents` with
+//! no keys, used by `verify`) and `sample_keys`, which the operator asks for.
+
+use ferry_core::plan::{Node, Probe};
+use ferry_core::schema::quote_ident;
+use ferry_core::{Lsn, TableShape};
+use tokio_postgres::Client;
+
+use crate::copy::CopyReader;
+use crate::{catalog, SourceError};
+
+/// An ordinary connection to the source database, with the pinned session
+/// settings (see [`crate::SESSION_OPTIONS`]).
+pub struct Session {
+    pub(crate) client: Client,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+/// A table a publication no longer covers, though an index reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uncovered {
+    /// The publication.
+    pub publication: String,
+    /// `schema.table`.
+    pub table: String,
+}
+
+fn oids_param(oids: &[u32]) -> Vec<i64> {
+    let mut v: Vec<i64> = oids.iter().map(|o| i64::from(*o)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+impl Session {
+    /// `(schema, table)` of each of these tables, sorted, for the publication.
+    pub async fn table_names(&self, oids: &[u32]) -> Result<Vec<(String, String)>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid::int8 = ANY($1) ORDER BY 1, 2",
+                &[&oids_param(oids)],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("reading table names", e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Tables among these whose row-level security would hide rows from
+    /// ferry's queries, each as a message saying what to grant.
+    pub async fn row_security_problems(&self, oids: &[u32]) -> Result<Vec<String>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text || '.' || c.relname::text, current_user::text \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_roles r \
+                 WHERE r.rolname = current_user AND c.oid::int8 = ANY($1) AND c.relrowsecurity \
+                   AND NOT (r.rolbypassrls OR r.rolsuper) \
+                   AND (c.relowner <> r.oid OR c.relforcerowsecurity) ORDER BY 1",
+                &[&oids_param(oids)],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("checking row-level security", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let table: String = r.get(0);
+                let role: String = r.get(1);
+                format!(
+                    "table {table} has row-level security enabled: ferry's queries as role {role} may silently miss rows; \
+                     run ALTER ROLE {role} BYPASSRLS, or add a policy letting {role} read every row"
+                )
+            })
+            .collect())
+    }
+
+    /// Sets (with `manage`, else asks for) REPLICA IDENTITY FULL on each
+    /// table in `needs` (OID, the column whose old values are needed).
+    pub async fn ensure_full_identities(
+        &self,
+        needs: &[(u32, String)],
+        manage: bool,
+    ) -> Result<(), SourceError> {
+        let mut done = std::collections::HashSet::new();
+        for (oid, column) in needs {
+            if !done.insert(*oid) {
+                continue;
+            }
+            let row = self
+                .client
+                .query_one(
+                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid::int8 = $1",
+                    &[&i64::from(*oid)],
+                )
+                .await
+                .map_err(|e| SourceError::from_pg("reading replica identities", e))?;
+            let ident: String = row.get(2);
+            if ident == "f" {
+                continue;
+            }
+            let shape = TableShape {
+                schema: row.get(0),
+                name: row.get(1),
+                oid: *oid,
+                columns: Vec::new(),
+                key: Vec::new(),
+            };
+            let why = format!("old values of {column:?} find the documents a changed row leaves");
+            catalog::ensure_full_identity(self, &shape, &why, manage).await?;
+        }
+        Ok(())
+    }
+
+    /// Fails with [`SourceError::PublicationLost`] when `publication` no
+    /// longer covers one of these tables: its changes are no longer
+    /// streamed, so an index reading it would silently drift.
+    pub async fn check_coverage(&self, publication: &str, oids: &[u32]) -> Result<(), SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text || '.' || c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid::int8 = ANY($1) AND NOT EXISTS ( \
+                   SELECT 1 FROM pg_publication p WHERE p.pubname = $2 AND (p.puballtables OR EXISTS ( \
+                     SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
+                       AND t.schemaname = n.nspname AND t.tablename = c.relname)))",
+                &[&oids_param(oids), &publication],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("checking publication coverage", e))?;
+        match rows.first() {
+            Some(row) => Err(SourceError::PublicationLost(Uncovered {
+                publication: publication.to_string(),
+                table: row.get(0),
+            })),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a transactional logical message so an idle slot still
+    /// advances (its Begin/Commit arrive and are confirmed like any
+    /// transaction).
+    pub async fn emit_heartbeat(&self) -> Result<(), SourceError> {
+        self.client
+            .execute(
+                "SELECT pg_logical_emit_message(true, 'ferry_heartbeat', '')",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("writing a heartbeat", e))?;
+        Ok(())
+    }
+
+    /// The server's current WAL write position.
+    pub async fn current_wal_lsn(&self) -> Result<Lsn, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| SourceError::from_pg("reading the WAL position", e))?;
+        let text: String = row.get(0);
+        text.parse().map_err(|e| SourceError::Server {
+            what: "reading the WAL position".into(),
+            code: "XX000".into(),
+            message: format!("unexpected WAL position: {e}"),
+        })
+    }
+
+    /// `ferry slot info`: the slot's state as (label, value) lines, or
+    /// `None` when it does not exist.
+    pub async fn slot_report(
+        &self,
+        slot: &str,
+    ) -> Result<Option<Vec<(String, String)>>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
+                        coalesce(active_pid::text, '-'), coalesce(restart_lsn::text, '-'), \
+                        coalesce(confirmed_flush_lsn::text, '-'), coalesce(wal_status::text, '-'), \
+                        coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), '-'), \
+                        coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)), '-') \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("reading pg_replication_slots", e))?;
+        Ok(row.map(|r| {
+            let active: bool = r.get(2);
+            vec![
+                ("slot".into(), slot.to_string()),
+                ("plugin".into(), r.get(0)),
+                ("database".into(), r.get(1)),
+                ("active".into(), active.to_string()),
+                ("active pid".into(), r.get(3)),
+                ("restart lsn".into(), r.get(4)),
+                ("confirmed flush lsn".into(), r.get(5)),
+                ("wal status".into(), r.get(6)),
+                ("retained wal".into(), r.get(7)),
+                ("unconfirmed wal".into(), r.get(8)),
+            ]
+        }))
+    }
+
+    /// Drops the replication slot `slot` (it must not be in use).
+    pub async fn drop_slot(&self, slot: &str) -> Result<(), SourceError> {
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(|e| SourceError::from_pg("dropping the replication slot", e))?;
+        Ok(())
+    }
+
+    /// The planner's row estimate for `table` (-1 when unknown).
+    pub async fn estimate_rows(&self, table: &TableShape) -> i64 {
+        let sql = format!(
+            "SELECT (CASE WHEN reltuples < 0 THEN -1 ELSE reltuples END)::int8 FROM pg_class WHERE oid = '{}'::regclass",
+            table.qualified().replace('\'', "''")
+        );
+        match self.client.query_one(sql.as_str(), &[]).await {
+            Ok(row) => row.get(0),
+            Err(_) => -1,
+        }
+    }
+
+    /// The primary keys of `n` random rows of `table`.
+    pub async fn sample_keys(
+        &self,
+        table: &TableShape,
+        n: usize,
+    ) -> Result<Vec<Vec<String>>, SourceError> {
+        let keys = table
+            .key
+            .iter()
+            .map(|k| format!("{}::text", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "COPY (SELECT {keys} FROM {} ORDER BY random() LIMIT {n}) TO STDOUT",
+            table.qualified()
+        );
+        let width = table.key.len();
+        let mut out = Vec::new();
+        CopyReader::start(&self.client, &sql, "sampling rows")
+            .await?
+            .read_all(|row| out.push(row.texts(width)))
+            .await?;
+        Ok(out)
+    }
+
+    /// The rows `plan` builds documents from, for these root keys (every
+    /// root when `None`); `index` names the index in errors.
+    pub async fn build_documents(
+        &self,
+        plan: &Node,
+        keys: Option<&[Vec<String>]>,
+        index: &str,
+    ) -> Result<CopyReader, SourceError> {
+        let sql = plan.build_sql(keys);
+        CopyReader::start(
+            &self.client,
+            &sql,
+            &format!("building documents of index {index}"),
+        )
+        .await
+    }
+
+    /// The next backfill chunk of `plan`'s documents: at most `limit` roots
+    /// in key order, after key `after` (from the start when `None`).
+    pub async fn copy_chunk(
+        &self,
+        plan: &Node,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<CopyReader, SourceError> {
+        let sql = plan.build_chunk_sql(after, limit);
+        CopyReader::start(
+            &self.client,
+            &sql,
+            &format!("reading {}", plan.table.qualified()),
+        )
+        .await
+    }
+
+    /// The root keys of `plan` whose documents read the parent rows that
+    /// `probe` selects with `values` (one statement); `index` names the
+    /// index in errors.
+    pub async fn resolve_roots(
+        &self,
+        plan: &Node,
+        probe: &Probe,
+        values: &[String],
+        index: &str,
+    ) -> Result<Vec<Vec<String>>, SourceError> {
+        let Some(sql) = plan.resolve_sql(probe, values) else {
+            return Ok(Vec::new());
+        };
+        let width = plan.table.key.len();
+        let mut out = Vec::new();
+        CopyReader::start(
+            &self.client,
+            &sql,
+            &format!("finding documents of index {index} to rebuild"),
+        )
+        .await?
+        .read_all(|row| out.push(row.texts(width)))
+        .await?;
+        Ok(out)
+    }
+
+    /// Ends the snapshot transaction a seeding session reads under.
+    pub async fn end_snapshot(&self) {
+        let _ = self.client.batch_execute("COMMIT").await;
+    }
+}
