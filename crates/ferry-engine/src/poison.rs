@@ -18,6 +18,22 @@ pub async fn apply(
     indexes: &[(String, PoisonPolicy)],
     rejected: Vec<Rejected>,
 ) -> Result<(), EngineError> {
+    let letters = triage(stats, indexes, rejected)?;
+    if !letters.is_empty() {
+        sink.store_dead_letters(&cfg.sink.dead_letter_index, &letters)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The policy without the storing: `stop` fails with the first document,
+/// `skip` logs and counts, `dead_letter` returns the letters the caller
+/// must store durably before it confirms anything.
+pub fn triage(
+    stats: &Stats,
+    indexes: &[(String, PoisonPolicy)],
+    rejected: Vec<Rejected>,
+) -> Result<Vec<DeadLetter>, EngineError> {
     let mut letters = Vec::new();
     for r in rejected {
         let Some((alias, policy)) = indexes.get(r.write.index) else {
@@ -60,9 +76,5 @@ pub async fn apply(
             }
         }
     }
-    if !letters.is_empty() {
-        sink.store_dead_letters(&cfg.sink.dead_letter_index, &letters)
-            .await?;
-    }
-    Ok(())
+    Ok(letters)
 }

@@ -1,0 +1,165 @@
+//! Flushing: the bulk write in flight, its bookkeeping, and the poison path
+//! for documents the cluster refuses for good. Retries of transient
+//! failures happen inside the sink; an `Err` here means nothing is durable.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_config::{Config, PoisonPolicy};
+use ferry_core::schema::split_doc_id;
+use ferry_core::stats::Stats;
+use ferry_core::{DocOp, DocWrite, Lsn};
+use ferry_opensearch::{BulkOutcome, Rejected, SinkError};
+use tokio::task::JoinHandle;
+
+use super::batch::FlushTicket;
+use super::seams::{DocSink, RowSource};
+use crate::index::IndexRuntime;
+use crate::EngineError;
+
+/// A bulk write in flight.
+pub type Inflight = JoinHandle<Result<Flushed, SinkError>>;
+
+/// A flush that succeeded: the ticket to redeem and the writes refused for good.
+pub struct Flushed {
+    /// Redeemed once the rejected writes followed their policy.
+    pub ticket: FlushTicket,
+    /// Writes the cluster refused for good; every other write is durable.
+    pub rejected: Vec<Rejected>,
+}
+
+/// Sends `writes` in the background. `commit_ts` is the commit time of the
+/// newest transaction in the batch, recorded as durable if the batch
+/// completes a commit.
+pub fn spawn<S: DocSink>(
+    sink: S,
+    writes: Vec<DocWrite>,
+    ticket: FlushTicket,
+    stats: Arc<Stats>,
+    commit_ts: i64,
+) -> Inflight {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = sink.write(&writes).await?;
+        record(&stats, &writes, &outcome, started);
+        if ticket.completes_commit() {
+            stats.last_durable_commit_us.fetch_max(commit_ts, Relaxed);
+        }
+        Ok(Flushed {
+            ticket,
+            rejected: outcome.rejected,
+        })
+    })
+}
+
+fn record(stats: &Stats, writes: &[DocWrite], outcome: &BulkOutcome, started: Instant) {
+    stats.record_flush(writes.len() as u64, started.elapsed().as_micros() as u64);
+    stats.retries.fetch_add(outcome.retried, Relaxed);
+    stats.bulk_requests[0].fetch_add(outcome.requests, Relaxed);
+    // Count per index first: one stats look-up per index, not per write.
+    let mut counts: HashMap<usize, (u64, u64)> = HashMap::new();
+    for w in writes {
+        let c = counts.entry(w.index).or_default();
+        match w.op {
+            DocOp::Index(_) => c.0 += 1,
+            DocOp::Delete => c.1 += 1,
+        }
+    }
+    for (index, (written, deleted)) in counts {
+        if let Some(st) = stats.index(index) {
+            st.docs_written.fetch_add(written, Relaxed);
+            st.docs_deleted.fetch_add(deleted, Relaxed);
+        }
+    }
+    tracing::debug!(
+        writes = writes.len(),
+        requests = outcome.requests,
+        superseded = outcome.superseded,
+        ms = started.elapsed().as_millis() as u64,
+        "batch flushed"
+    );
+}
+
+/// What the poison path needs to know of each index, by position.
+pub struct PoisonRules {
+    /// (alias, policy) per index.
+    policies: Vec<(String, PoisonPolicy)>,
+    /// Primary-key column count per index (to split document ids).
+    key_lens: Vec<usize>,
+}
+
+impl PoisonRules {
+    /// Each index's `on_poison` policy from the config.
+    pub fn new(indexes: &[IndexRuntime], cfg: &Config) -> PoisonRules {
+        PoisonRules {
+            policies: indexes
+                .iter()
+                .map(|ix| {
+                    let policy = cfg
+                        .indexes
+                        .get(ix.pos)
+                        .map(|c| c.on_poison)
+                        .unwrap_or_default();
+                    (ix.alias.clone(), policy)
+                })
+                .collect(),
+            key_lens: indexes.iter().map(|ix| ix.plan.table.key.len()).collect(),
+        }
+    }
+}
+
+/// Documents the cluster refused for good. Each is first rebuilt from its
+/// current row (the row may have been fixed since the change that failed)
+/// and written again; what is still refused follows the index's poison
+/// policy. Must finish before the batch's ticket is redeemed.
+pub async fn handle_rejected<S: DocSink, R: RowSource>(
+    sink: &S,
+    rows: &mut R,
+    rules: &PoisonRules,
+    stats: &Stats,
+    rejected: Vec<Rejected>,
+    fallback_version: Lsn,
+) -> Result<(), EngineError> {
+    let mut by_index: HashMap<usize, Vec<Rejected>> = HashMap::new();
+    for r in rejected {
+        by_index.entry(r.write.index).or_default().push(r);
+    }
+    let mut still = Vec::new();
+    for (index, list) in by_index {
+        let Some(&key_len) = rules.key_lens.get(index) else {
+            continue;
+        };
+        let keys: Vec<Vec<String>> = list
+            .iter()
+            .map(|r| split_doc_id(&r.write.id, key_len))
+            .collect();
+        let version = list
+            .iter()
+            .map(|r| r.write.version)
+            .max()
+            .unwrap_or(fallback_version);
+        let mut writes = Vec::new();
+        rows.build(index, &keys, version, &mut writes).await?;
+        let outcome = sink.write(&writes).await?;
+        // Report a document still refused with the reason it was first refused for.
+        let first: HashMap<&str, &Rejected> =
+            list.iter().map(|r| (r.write.id.as_str(), r)).collect();
+        for r in outcome.rejected {
+            still.push(match first.get(r.write.id.as_str()) {
+                Some(f) => Rejected {
+                    write: r.write,
+                    status: f.status,
+                    reason: f.reason.clone(),
+                },
+                None => r,
+            });
+        }
+    }
+    let letters = crate::poison::triage(stats, &rules.policies, still)?;
+    if !letters.is_empty() {
+        sink.store_dead_letters(&letters).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The worker's rules against in-memory fakes of its seams: acks, batches
+//! split inside a transaction, TOAST refill, poison documents, failed flushes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use ferry_config::Config;
+use ferry_core::change::ChangeOp;
+use ferry_core::plan::{Link, Probe};
+use ferry_core::schema::doc_id;
+use ferry_core::stats::Stats;
+use ferry_core::{DocOp, DocWrite, Lsn, TypeKind};
+use ferry_opensearch::{BulkOutcome, DeadLetter, Rejected, SinkError};
+use tokio::sync::Semaphore;
+
+use super::flat::Projection;
+use super::pipeline::Pipeline;
+use super::route::tests::{change, index, node, relation, shape};
+use super::seams::{DocSink, RowSource};
+use crate::EngineError;
+
+/// What happened, in order: flushes, dead letters, confirmations.
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// Refuses (400) every document whose body contains `bad`; can fail whole
+/// flushes or hold them until the test releases a permit.
+#[derive(Clone)]
+struct FakeSink {
+    log: Log,
+    flushed: Arc<Mutex<Vec<Vec<DocWrite>>>>,
+    fail: Arc<Mutex<bool>>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl DocSink for FakeSink {
+    async fn write(&self, writes: &[DocWrite]) -> Result<BulkOutcome, SinkError> {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
+        if *self.fail.lock().unwrap() {
+            return Err(SinkError::Unreachable {
+                url: "fake".into(),
+                reason: "down".into(),
+            });
+        }
+        let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+        self.log.lock().unwrap().push(format!("flush {ids:?}"));
+        self.flushed.lock().unwrap().push(writes.to_vec());
+        let rejected = writes
+            .iter()
+            .filter(|w| matches!(&w.op, DocOp::Index(b) if b.windows(3).any(|x| x == b"bad")))
+            .map(|w| Rejected {
+                write: w.clone(),
+                status: 400,
+                reason: "mapper_parsing_exception: bad".into(),
+            })
+            .collect();
+        Ok(BulkOutcome {
+            rejected,
+            ..Default::default()
+        })
+    }
+
+    async fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
+        for l in letters {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("dead letter {}", l.id));
+        }
+        Ok(())
+    }
+}
+
+/// Current rows by (index, document id) → document body; probes resolve
+/// to their values as single-column keys.
+#[derive(Clone, Default)]
+struct FakeRows {
+    rows: Arc<Mutex<HashMap<(usize, String), String>>>,
+    built: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+impl RowSource for FakeRows {
+    async fn resolve(
+        &mut self,
+        _index: usize,
+        _probe: &Probe,
+        values: HashSet<String>,
+    ) -> Result<Vec<Vec<String>>, EngineError> {
+        Ok(values.into_iter().map(|v| vec![v]).collect())
+    }
+
+    async fn build(
+        &mut self,
+        index: usize,
+        keys: &[Vec<String>],
+        version: Lsn,
+        out: &mut Vec<DocWrite>,
+    ) -> Result<(), EngineError> {
+        let rows = self.rows.lock().unwrap();
+        for key in keys {
+            let parts: Vec<&[u8]> = key.iter().map(|p| p.as_bytes()).collect();
+            let id = doc_id(&parts);
+            self.built.lock().unwrap().push(key.clone());
+            let op = match rows.get(&(index, id.clone())) {
+                Some(body) => DocOp::Index(body.clone().into_bytes()),
+                None => DocOp::Delete,
+            };
+            out.push(DocWrite {
+                index,
+                id,
+                version,
+                op,
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Harness {
+    pipeline: Pipeline<FakeSink, FakeRows>,
+    log: Log,
+    sink: FakeSink,
+    rows: FakeRows,
+}
+
+impl Harness {
+    /// One flat index over `events(id, body)` (OID 20), with `on_poison`
+    /// and `max_batch_changes` as given; `held` makes flushes wait for permits.
+    fn new(on_poison: &str, max_changes: usize, held: bool) -> Harness {
+        let cfg = Config::from_toml(&format!(
+            "[source]\nurl = \"postgres://ferry@127.0.0.1:5432/app\"\nslot = \"s\"\npublication = \"p\"\n\
+             [sink]\nurl = \"http://127.0.0.1:9200\"\n\
+             [engine]\nmax_batch_changes = {max_changes}\n\
+             [[index]]\nname = \"events\"\ntable = \"events\"\non_poison = \"{on_poison}\"\n"
+        ))
+        .expect("test config");
+        let events = shape("events", 20, &["id", "body"]);
+        let flat = index(0, node("", events.clone(), Link::Root), true);
+        let log: Log = Arc::default();
+        let sink = FakeSink {
+            log: log.clone(),
+            flushed: Arc::default(),
+            fail: Arc::default(),
+            gate: held.then(|| Arc::new(Semaphore::new(0))),
+        };
+        let rows = FakeRows::default();
+        let confirmed = log.clone();
+        let mut pipeline = Pipeline::new(
+            sink.clone(),
+            rows.clone(),
+            std::slice::from_ref(&flat),
+            &cfg,
+            Arc::new(Stats::default()),
+            Box::new(move |lsn| confirmed.lock().unwrap().push(format!("confirm {}", lsn.0))),
+        );
+        let rel = relation(&events);
+        let projection = Projection::new(0, &events, &rel, |_| TypeKind::Text).unwrap();
+        pipeline.set_relation(rel, vec![projection]);
+        Harness {
+            pipeline,
+            log,
+            sink,
+            rows,
+        }
+    }
+
+    async fn insert(&mut self, id: &str, body: &str) {
+        let c = change(20, ChangeOp::Insert, None, Some(&[id, body]));
+        self.pipeline.change(c).unwrap();
+        self.pipeline.step().await.unwrap();
+    }
+
+    async fn commit(&mut self, end: u64) {
+        self.pipeline.commit(Lsn(end), 0);
+        self.pipeline.step().await.unwrap();
+    }
+
+    /// Waits for the flush in flight and handles its outcome.
+    async fn land(&mut self) -> Result<(), EngineError> {
+        let r = self.pipeline.flush_done().await;
+        self.pipeline.flush_finished(r).await
+    }
+
+    fn release(&self) {
+        self.sink.gate.as_ref().expect("held sink").add_permits(1);
+    }
+
+    fn confirmed(&self) -> Vec<u64> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("confirm ")?.parse().ok())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_batch_confirms_only_after_its_flush() {
+    let mut h = Harness::new("skip", 1000, true);
+    h.pipeline.begin(Lsn(90));
+    h.insert("1", "a").await;
+    h.commit(100).await;
+    h.pipeline.dispatch().await.unwrap();
+    tokio::task::yield_now().await;
+    assert!(
+        h.confirmed().is_empty(),
+        "confirmed before the flush landed"
+    );
+    h.release();
+    h.land().await.unwrap();
+    assert_eq!(
+        *h.log.lock().unwrap(),
+        ["flush [\"1\"]", "confirm 100"],
+        "the confirmation follows the flush"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_split_across_batches_is_confirmed_by_the_batch_holding_its_commit() {
+    let mut h = Harness::new("skip", 2, false);
+    h.pipeline.begin(Lsn(290));
+    h.insert("1", "a").await;
+    h.insert("2", "b").await; // full: the first half goes without its commit
+    h.land().await.unwrap();
+    assert!(h.confirmed().is_empty());
+    h.insert("3", "c").await;
+    h.commit(300).await;
+    assert!(
+        h.confirmed().is_empty(),
+        "the commit's batch is not flushed yet"
+    );
+    h.pipeline.dispatch().await.unwrap();
+    h.land().await.unwrap();
+    assert_eq!(h.confirmed(), [300]);
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(flushed.len(), 2);
+    assert!(flushed.iter().flatten().all(|w| w.version == Lsn(290)));
+}
+
+#[tokio::test]
+async fn keepalives_confirm_only_when_nothing_is_pending() {
+    let mut h = Harness::new("skip", 1000, true);
+    h.pipeline.keepalive(Lsn(10));
+    assert_eq!(h.confirmed(), [10], "an idle worker confirms keepalives");
+    h.pipeline.begin(Lsn(20));
+    h.pipeline.keepalive(Lsn(21));
+    h.insert("1", "a").await;
+    h.pipeline.keepalive(Lsn(22));
+    h.commit(30).await;
+    h.pipeline.keepalive(Lsn(31));
+    h.pipeline.dispatch().await.unwrap();
+    h.pipeline.keepalive(Lsn(32));
+    assert_eq!(
+        h.confirmed(),
+        [10],
+        "nothing confirmed while a write is pending"
+    );
+    h.release();
+    h.land().await.unwrap();
+    h.pipeline.keepalive(Lsn(40));
+    assert_eq!(h.confirmed(), [10, 30, 40]);
+}
+
+#[tokio::test]
+async fn a_commit_without_writes_is_confirmed_at_once() {
+    let mut h = Harness::new("skip", 1000, false);
+    h.pipeline.begin(Lsn(50));
+    h.commit(60).await;
+    assert_eq!(h.confirmed(), [60]);
+    assert!(h.sink.flushed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_flush_confirms_nothing() {
+    let mut h = Harness::new("skip", 1000, false);
+    *h.sink.fail.lock().unwrap() = true;
+    h.pipeline.begin(Lsn(70));
+    h.insert("1", "a").await;
+    h.commit(80).await;
+    h.pipeline.dispatch().await.unwrap();
+    assert!(h.land().await.is_err());
+    h.pipeline.keepalive(Lsn(90));
+    assert!(h.confirmed().is_empty());
+}
+
+#[tokio::test]
+async fn unchanged_toast_values_are_refilled_from_the_row() {
+    let mut h = Harness::new("skip", 1000, false);
+    let id = doc_id(&[b"7"]);
+    h.rows
+        .rows
+        .lock()
+        .unwrap()
+        .insert((0, id.clone()), "{\"id\":\"7\",\"body\":\"long\"}".into());
+    h.pipeline.begin(Lsn(110));
+    let update = change(20, ChangeOp::Update, None, Some(&["7", "\\u"]));
+    h.pipeline.change(update).unwrap();
+    h.commit(120).await;
+    h.pipeline.dispatch().await.unwrap();
+    h.land().await.unwrap();
+    assert_eq!(*h.rows.built.lock().unwrap(), [vec!["7".to_string()]]);
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(
+        flushed[0],
+        [DocWrite {
+            index: 0,
+            id,
+            version: Lsn(110),
+            op: DocOp::Index(b"{\"id\":\"7\",\"body\":\"long\"}".to_vec()),
+        }]
+    );
+    assert_eq!(h.confirmed(), [120]);
+}
+
+/// Inserts a document the sink refuses; the row still holds `row_body`.
+async fn poison(on_poison: &str, row_body: &str) -> (Harness, Result<(), EngineError>) {
+    let mut h = Harness::new(on_poison, 1000, false);
+    h.rows
+        .rows
+        .lock()
+        .unwrap()
+        .insert((0, doc_id(&[b"9"])), row_body.into());
+    h.pipeline.begin(Lsn(200));
+    h.insert("9", "bad").await;
+    h.commit(210).await;
+    h.pipeline.dispatch().await.unwrap();
+    let r = h.land().await;
+    (h, r)
+}
+
+#[tokio::test]
+async fn a_poison_document_is_stored_as_a_dead_letter_before_its_batch_is_confirmed() {
+    let (h, r) = poison("dead_letter", "{\"body\":\"still bad\"}").await;
+    r.unwrap();
+    let log = h.log.lock().unwrap().clone();
+    assert_eq!(log[2..], ["dead letter 9", "confirm 210"]);
+}
+
+#[tokio::test]
+async fn a_poison_document_is_skipped_under_skip_and_the_batch_confirmed() {
+    let (h, r) = poison("skip", "{\"body\":\"still bad\"}").await;
+    r.unwrap();
+    assert!(!h.log.lock().unwrap().iter().any(|l| l.starts_with("dead")));
+    assert_eq!(h.confirmed(), [210]);
+}
+
+#[tokio::test]
+async fn a_poison_document_stops_the_worker_under_stop_and_confirms_nothing() {
+    let (h, r) = poison("stop", "{\"body\":\"still bad\"}").await;
+    assert!(matches!(
+        r,
+        Err(EngineError::Sink(SinkError::Poison { status: 400, .. }))
+    ));
+    assert!(h.confirmed().is_empty());
+}
+
+#[tokio::test]
+async fn a_poison_document_whose_row_was_fixed_heals_on_its_rebuild() {
+    let (h, r) = poison("stop", "{\"body\":\"fixed\"}").await;
+    r.unwrap();
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(flushed.len(), 2, "the first write, then the rebuilt one");
+    assert_eq!(flushed[1][0].version, Lsn(200));
+    assert_eq!(h.confirmed(), [210]);
+}
