@@ -1,13 +1,19 @@
-//! One workload's world: a throwaway PostgreSQL, a [`FastSink`], and the
-//! real `ferry` binary running as a child process the way users run it.
+//! One workload's world: a throwaway PostgreSQL, a sink (a [`FastSink`] or
+//! the real OpenSearch node, see [`Sink`]), and the real `ferry` binary
+//! running as a child process the way users run it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_testkit::{FastSink, PgCluster, PgOptions};
+
+use crate::opensearch::Node;
+use crate::sink::Sink;
+use crate::workloads::Ctx;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Database every workload uses.
@@ -36,8 +42,8 @@ const PG_CONF: &[&str] = &[
 pub struct Harness {
     // Field order is drop order: ferry goes before the services it talks to.
     ferry: Option<Ferry>,
-    /// The OpenSearch double ferry writes to.
-    pub sink: FastSink,
+    /// Where ferry writes.
+    pub sink: Sink,
     /// The throwaway cluster.
     pub pg: PgCluster,
     /// A connection to [`DB`].
@@ -51,12 +57,9 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Starts PostgreSQL (with database [`DB`]) and a FastSink.
-    pub async fn start(
-        ferry_bin: &Path,
-        workload: &str,
-        keep_logs: Option<&Path>,
-    ) -> Result<Harness> {
+    /// Starts PostgreSQL (with database [`DB`]) and a FastSink, or empties
+    /// the node when the run uses one.
+    pub async fn start(ctx: &Ctx, workload: &str) -> Result<Harness> {
         let opts = PgOptions {
             extra_conf: PG_CONF.iter().map(|s| (*s).to_owned()).collect(),
             ..PgOptions::default()
@@ -67,15 +70,26 @@ impl Harness {
             .context("starting PostgreSQL")?;
         pg.create_database(DB).await?;
         let db = pg.client(DB).await?;
-        let sink = FastSink::start().context("starting FastSink")?;
+        let sink = match &ctx.node {
+            Some(node) => {
+                node.delete_all_indexes()
+                    .await
+                    .context("emptying the OpenSearch node")?;
+                Sink::Node(node.clone())
+            }
+            None => Sink::Fast(FastSink::start().context("starting FastSink")?),
+        };
         Ok(Harness {
             ferry: None,
             sink,
             pg,
             db,
             dir: tempfile::tempdir()?,
-            ferry_bin: ferry_bin.to_path_buf(),
-            keep_logs: keep_logs.map(|d| (d.to_path_buf(), workload.to_owned())),
+            ferry_bin: ctx.ferry_bin.clone(),
+            keep_logs: ctx
+                .keep_logs
+                .as_ref()
+                .map(|d| (d.clone(), workload.to_owned())),
             log_filter: "warn".to_owned(),
             admin_port: ferry_testkit::try_free_port()
                 .context("finding a port for ferry's admin endpoint")?,
@@ -110,12 +124,18 @@ impl Harness {
     ///
     /// The admin endpoint listens on a free loopback port, so `/metrics` can
     /// be read with [`metric`](Self::metric) and a stray process on ferry's
-    /// default port cannot stop it from starting.
+    /// default port cannot stop it from starting. On the single-node
+    /// OpenSearch the index gets `number_of_replicas = 0` (green, not
+    /// yellow); every other setting is ferry's default.
     pub fn start_ferry_with(&mut self, table: &str, index_extra: &str) -> Result<Instant> {
+        let settings = match self.sink {
+            Sink::Node(_) => "settings = { number_of_replicas = 0 }\n",
+            Sink::Fast(_) => "",
+        };
         let config = format!(
             "[source]\nurl = \"{}\"\nslot = \"{SLOT}\"\npublication = \"{PUBLICATION}\"\n\n\
              [sink]\nurl = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
-             [[index]]\nname = \"{INDEX}\"\ntable = \"{table}\"\n{index_extra}",
+             [[index]]\nname = \"{INDEX}\"\ntable = \"{table}\"\n{settings}{index_extra}",
             self.pg.url(DB),
             self.sink.url(),
             self.admin_port
@@ -137,6 +157,25 @@ impl Harness {
     /// (all label sets together); `None` when ferry's admin endpoint does
     /// not answer or does not list it.
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = self.metrics_text().await?;
+        metric_sum(&body, name, "")
+    }
+
+    /// ferry's counters of its writes to the sink, from `/metrics`.
+    pub async fn counters(&self) -> Option<FerryCounters> {
+        let body = self.metrics_text().await?;
+        let get = |name: &str, label: &str| metric_sum(&body, name, label).unwrap_or(0.0);
+        Some(FerryCounters {
+            bulk_requests: get("ferry_bulk_requests_total", ""),
+            bulk_failed: get("ferry_bulk_requests_total", "class=\"4xx\"")
+                + get("ferry_bulk_requests_total", "class=\"5xx\""),
+            retries: get("ferry_retries_total", ""),
+            superseded: get("ferry_documents_total", "result=\"superseded\""),
+            rejected: get("ferry_documents_total", "result=\"rejected\""),
+        })
+    }
+
+    async fn metrics_text(&self) -> Option<String> {
         let fetch = async {
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
@@ -145,11 +184,10 @@ impl Harness {
             s.read_to_string(&mut body).await?;
             Ok::<_, std::io::Error>(body)
         };
-        let body = tokio::time::timeout(Duration::from_secs(5), fetch)
+        tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .ok()?
-            .ok()?;
-        metric_sum(&body, name)
+            .ok()
     }
 
     /// The running ferry process.
@@ -157,8 +195,9 @@ impl Harness {
         self.ferry.as_ref().context("ferry was not started")
     }
 
-    /// Blocks (off the async workers) until `done` holds for the sink, checking
-    /// in between that ferry is still alive. Returns when it was observed.
+    /// Blocks (off the async workers) until `done` holds for the FastSink,
+    /// checking in between that ferry is still alive. Returns when it was
+    /// observed.
     pub async fn wait_sink(
         &mut self,
         what: &str,
@@ -170,7 +209,7 @@ impl Harness {
             let slice = deadline
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(250));
-            let sink = &self.sink;
+            let sink = self.sink.fast()?;
             if tokio::task::block_in_place(|| done(sink, slice)) {
                 return Ok(Instant::now());
             }
@@ -179,25 +218,77 @@ impl Harness {
                 bail!(
                     "timed out after {:.0} s waiting for {what} (the sink holds {} documents)\n{}",
                     timeout.as_secs_f64(),
-                    self.sink.doc_count(INDEX),
+                    self.sink.fast()?.doc_count(INDEX),
                     self.log_excerpt()
                 );
             }
         }
     }
 
-    /// Waits until the index holds exactly `count` documents.
+    /// Polls the node until `done` says yes, checking in between that
+    /// ferry is still alive; returns when it was observed.
+    async fn wait_node<F, Fut>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        every: Duration,
+        done: F,
+    ) -> Result<Instant>
+    where
+        F: Fn(Arc<Node>) -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let node = self
+            .sink
+            .node()
+            .cloned()
+            .context("the sink is not a node")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(node.clone()).await? {
+                return Ok(Instant::now());
+            }
+            self.check_alive(what)?;
+            if Instant::now() >= deadline {
+                let docs = node.count(INDEX).await.unwrap_or(0);
+                bail!(
+                    "timed out after {:.0} s waiting for {what} (the node shows {docs} documents)\n{}",
+                    timeout.as_secs_f64(),
+                    self.log_excerpt()
+                );
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Waits until the index holds exactly `count` documents (on the node:
+    /// searchable ones, polled every 100 ms without forcing a refresh).
     pub async fn wait_count(&mut self, count: usize, timeout: Duration) -> Result<Instant> {
-        self.wait_sink(&format!("{count} documents"), timeout, |s, t| {
-            s.wait_for_count(INDEX, count, t)
+        let what = format!("{count} documents");
+        if let Sink::Fast(_) = self.sink {
+            return self
+                .wait_sink(&what, timeout, |s, t| s.wait_for_count(INDEX, count, t))
+                .await;
+        }
+        self.wait_node(&what, timeout, Duration::from_millis(100), |n| async move {
+            Ok(n.count(INDEX).await? == count)
         })
         .await
     }
 
-    /// Waits until document `id` exists.
+    /// Waits until document `id` exists (on the node: real-time gets every
+    /// 10 ms).
     pub async fn wait_doc(&mut self, id: &str, timeout: Duration) -> Result<Instant> {
-        self.wait_sink(&format!("document {id}"), timeout, |s, t| {
-            s.wait_for_doc(INDEX, id, t)
+        let what = format!("document {id}");
+        if let Sink::Fast(_) = self.sink {
+            return self
+                .wait_sink(&what, timeout, |s, t| s.wait_for_doc(INDEX, id, t))
+                .await;
+        }
+        let id = id.to_owned();
+        self.wait_node(&what, timeout, Duration::from_millis(10), |n| {
+            let id = id.clone();
+            async move { n.exists(INDEX, &id).await }
         })
         .await
     }
@@ -219,13 +310,28 @@ impl Harness {
 
     /// Proves the streaming path works: a probe row appears, then disappears.
     pub async fn probe_stream(&mut self, table: &str, insert_probe: &str) -> Result<()> {
-        let before = self.sink.doc_count(INDEX);
+        let before = self.sink.settled_count(INDEX).await?;
         self.db.batch_execute(insert_probe).await?;
         self.wait_doc("-1", Duration::from_secs(120)).await?;
         self.db
             .batch_execute(&format!("DELETE FROM {table} WHERE id = -1"))
             .await?;
-        self.wait_count(before, Duration::from_secs(60)).await?;
+        match self.sink {
+            Sink::Fast(_) => {
+                self.wait_count(before, Duration::from_secs(60)).await?;
+            }
+            // The node's count may never have shown the probe: wait for
+            // the delete itself.
+            Sink::Node(_) => {
+                self.wait_node(
+                    "document -1 to go",
+                    Duration::from_secs(60),
+                    Duration::from_millis(10),
+                    |n| async move { Ok(!n.exists(INDEX, "-1").await?) },
+                )
+                .await?;
+            }
+        }
         Ok(())
     }
 
@@ -481,9 +587,38 @@ pub(crate) fn cpu_from_stat(stat: &str, ticks: f64) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
-/// The sum of the samples of metric `name` in a Prometheus text exposition;
+/// ferry's own counters of its writes (from `/metrics`), summed over indexes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FerryCounters {
+    /// Bulk requests sent.
+    pub bulk_requests: f64,
+    /// Bulk requests answered 4xx/5xx or lost in transport.
+    pub bulk_failed: f64,
+    /// Bulk attempts retried (whole requests or items).
+    pub retries: f64,
+    /// Writes refused as older than the stored version (409).
+    pub superseded: f64,
+    /// Writes refused for good.
+    pub rejected: f64,
+}
+
+impl FerryCounters {
+    /// `self - before`.
+    pub fn since(&self, before: &FerryCounters) -> FerryCounters {
+        FerryCounters {
+            bulk_requests: self.bulk_requests - before.bulk_requests,
+            bulk_failed: self.bulk_failed - before.bulk_failed,
+            retries: self.retries - before.retries,
+            superseded: self.superseded - before.superseded,
+            rejected: self.rejected - before.rejected,
+        }
+    }
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text exposition
+/// whose labels contain `label` (e.g. `class="5xx"`; empty: every sample);
 /// `None` when there is none.
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
+fn metric_sum(text: &str, name: &str, label: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
@@ -491,8 +626,11 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
         };
         // `name value` or `name{labels} value`, not a longer name.
         let value = if let Some(labelled) = rest.strip_prefix('{') {
-            labelled.rsplit_once('}').map(|(_, v)| v)
-        } else if rest.starts_with(' ') {
+            labelled
+                .rsplit_once('}')
+                .filter(|(labels, _)| labels.contains(label))
+                .map(|(_, v)| v)
+        } else if rest.starts_with(' ') && label.is_empty() {
             Some(rest)
         } else {
             None
@@ -535,9 +673,16 @@ mod tests {
         let text = "# HELP ferry_sql_statements_total x\n# TYPE ferry_sql_statements_total counter\n\
                     ferry_sql_statements_total 12\nferry_sql_statements_total_other 5\n\
                     ferry_bulk_requests_total{class=\"2xx\"} 3\nferry_bulk_requests_total{class=\"5xx\"} 1\n";
-        assert_eq!(metric_sum(text, "ferry_sql_statements_total"), Some(12.0));
-        assert_eq!(metric_sum(text, "ferry_bulk_requests_total"), Some(4.0));
-        assert_eq!(metric_sum(text, "ferry_nothing"), None);
+        assert_eq!(
+            metric_sum(text, "ferry_sql_statements_total", ""),
+            Some(12.0)
+        );
+        assert_eq!(metric_sum(text, "ferry_bulk_requests_total", ""), Some(4.0));
+        assert_eq!(
+            metric_sum(text, "ferry_bulk_requests_total", "class=\"5xx\""),
+            Some(1.0)
+        );
+        assert_eq!(metric_sum(text, "ferry_nothing", ""), None);
     }
 
     #[test]

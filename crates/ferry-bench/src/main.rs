@@ -1,46 +1,67 @@
 //! `ferry-bench`: end-to-end figures for the real `ferry` binary.
 //!
-//! Every workload starts a throwaway PostgreSQL, an in-process OpenSearch
-//! double ([`ferry_testkit::FastSink`]) and `ferry run --config …` as a
-//! child process, drives load, measures throughput, lag, CPU, memory and
-//! retained WAL, and finally checks that the index converged to the table.
+//! Every workload starts a throwaway PostgreSQL, a sink and `ferry run
+//! --config …` as a child process, drives load, measures throughput, lag,
+//! CPU, memory and retained WAL, and finally checks that the index
+//! converged to the table. The sink is an in-process OpenSearch double
+//! ([`ferry_testkit::FastSink`], `--sink fast`, the default) or a real
+//! OpenSearch node started through the test kit (`--sink opensearch`),
+//! where each workload's ceiling is the node's own ingest of the same
+//! writes.
 //!
 //! ```text
-//! cargo run --release -p ferry-bench -- [--quick] [--json PATH] [WORKLOAD…]
+//! cargo run --release -p ferry-bench -- [--quick] [--sink fast|opensearch] [--json PATH] [WORKLOAD…]
 //! ```
 
+mod ceiling;
 mod harness;
+mod http;
+mod loader;
+mod opensearch;
 mod pgcpu;
 mod relational;
 mod report;
 mod selftest;
+mod sink;
 mod verify;
 mod workloads;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
 
-use crate::report::Outcome;
+use crate::opensearch::Node;
+use crate::report::{LoadAverage, Outcome};
+use crate::sink::SinkChoice;
 use crate::workloads::{Ctx, Sizes, Workload};
 
 /// Benchmarks the real ferry binary end to end.
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-bench",
-    about = "Benchmarks the real ferry binary against a throwaway PostgreSQL and an in-memory OpenSearch double",
-    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, stream-20k, big-transaction, backfill-nested, stream-relational (default: all)"
+    about = "Benchmarks the real ferry binary against a throwaway PostgreSQL and an in-memory OpenSearch double or a real OpenSearch node",
+    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, stream-20k, big-transaction, backfill-nested, stream-relational (default: all)\n\
+                  With --sink opensearch: backfill, stream-simple, backfill-nested (the default there); the others need FastSink."
 )]
 struct Args {
-    /// Workloads to run, in order (default: all of them).
+    /// Workloads to run, in order (default: all that the sink supports).
     workloads: Vec<String>,
     /// Small sizes: proves everything works in a couple of minutes.
     #[arg(long)]
     quick: bool,
+    /// Where ferry writes: `fast` (FastSink, an in-process bulk-API double)
+    /// or `opensearch` (a real node started by the bench; needs
+    /// `tests/engines/build-opensearch VERSION` once).
+    #[arg(long, value_enum, default_value = "fast")]
+    sink: SinkChoice,
+    /// The OpenSearch version `--sink opensearch` starts.
+    #[arg(long, value_name = "VERSION", default_value = ferry_testkit::DEFAULT_OPENSEARCH_VERSION)]
+    opensearch_version: String,
     /// Where to write the results as JSON (default: <target>/ferry-bench.json).
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -80,8 +101,12 @@ fn main() -> ExitCode {
 
 /// Runs the selected workloads; `Ok(false)` when one of them failed.
 async fn run(args: Args) -> Result<bool> {
+    let on_node = args.sink == SinkChoice::Opensearch;
     let selected: Vec<Workload> = if args.workloads.is_empty() {
-        Workload::ALL.to_vec()
+        Workload::ALL
+            .into_iter()
+            .filter(|w| !on_node || w.runs_on_node())
+            .collect()
     } else {
         args.workloads
             .iter()
@@ -93,6 +118,26 @@ async fn run(args: Args) -> Result<bool> {
             })
             .collect::<Result<_>>()?
     };
+    if on_node {
+        let refused: Vec<&str> = selected
+            .iter()
+            .filter(|w| !w.runs_on_node())
+            .map(|w| w.name())
+            .collect();
+        if !refused.is_empty() {
+            let supported: Vec<&str> = Workload::ALL
+                .iter()
+                .filter(|w| w.runs_on_node())
+                .map(|w| w.name())
+                .collect();
+            bail!(
+                "--sink opensearch runs {} only; run {} with --sink fast (they need FastSink's arrival \
+                 time of every write, or measure FastSink itself)",
+                supported.join(", "),
+                refused.join(", ")
+            );
+        }
+    }
     let target_dir = target_dir()?;
     let ferry_bin = if selected.iter().any(|w| w.needs_ferry()) {
         locate_ferry(&args, &target_dir)?
@@ -110,10 +155,23 @@ async fn run(args: Args) -> Result<bool> {
     } else {
         Sizes::full()
     };
+    let load_at_start = LoadAverage::now();
+    let node = if on_node {
+        Some(Arc::new(
+            start_node(&args.opensearch_version, args.quick).await?,
+        ))
+    } else {
+        None
+    };
+    let sink_name = node
+        .as_ref()
+        .map(|n| n.name())
+        .unwrap_or_else(|| "fast".to_owned());
     let ctx = Ctx {
         ferry_bin: ferry_bin.clone(),
         sizes,
         keep_logs: args.keep_logs.clone(),
+        node: node.clone(),
     };
 
     let started = Instant::now();
@@ -131,7 +189,7 @@ async fn run(args: Args) -> Result<bool> {
         outcomes.push(outcome);
     }
 
-    println!("{}", report::table(&outcomes));
+    println!("sink: {sink_name}\n{}", report::table(&outcomes));
     let json_path = args
         .json
         .clone()
@@ -142,6 +200,9 @@ async fn run(args: Args) -> Result<bool> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         "quick": args.quick,
+        "sink": sink_name,
+        "node": node.as_ref().map(|n| n.describe()),
+        "load_average": {"start": load_at_start, "end": LoadAverage::now()},
         "ferry_binary": ferry_bin.display().to_string(),
         "ferry_binary_modified_unix_s": modified_unix_s(&ferry_bin),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -164,6 +225,22 @@ async fn run(args: Args) -> Result<bool> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("results written to {}", json_path.display());
     Ok(outcomes.iter().all(|o| o.ok))
+}
+
+/// Starts the OpenSearch node for `--sink opensearch` and warms it up.
+async fn start_node(version: &str, quick: bool) -> Result<Node> {
+    eprintln!("ferry-bench: starting OpenSearch {version} (2 GiB heap, full JIT, G1) …");
+    let t = Instant::now();
+    let node = Node::start(version).await?;
+    eprintln!(
+        "ferry-bench: OpenSearch {version} answers at {} after {:.1} s",
+        node.url(),
+        t.elapsed().as_secs_f64()
+    );
+    let docs = if quick { 50_000 } else { 250_000 };
+    let note = node.warm_up(docs).await.context("warming the node up")?;
+    eprintln!("ferry-bench: {note}");
+    Ok(node)
 }
 
 /// The cargo target directory this program was built into.

@@ -40,6 +40,40 @@ impl Lag {
     }
 }
 
+/// The machine's load average (`/proc/loadavg`): the bench shares the
+/// machine, so every figure carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LoadAverage {
+    /// Over 1 minute.
+    pub one: f64,
+    /// Over 5 minutes.
+    pub five: f64,
+    /// Over 15 minutes.
+    pub fifteen: f64,
+}
+
+impl LoadAverage {
+    /// The load average now; `None` where `/proc/loadavg` is unreadable.
+    pub fn now() -> Option<LoadAverage> {
+        Self::parse(&std::fs::read_to_string("/proc/loadavg").ok()?)
+    }
+
+    fn parse(text: &str) -> Option<LoadAverage> {
+        let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
+        Some(LoadAverage {
+            one: f.next()??,
+            five: f.next()??,
+            fifteen: f.next()??,
+        })
+    }
+}
+
+impl std::fmt::Display for LoadAverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2}, {:.2}, {:.2}", self.one, self.five, self.fifteen)
+    }
+}
+
 /// One goal and whether this run met it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -64,7 +98,8 @@ pub struct Outcome {
     pub seconds: Option<f64>,
     /// `unit`s per second end to end.
     pub rate: Option<f64>,
-    /// The same volume through the fastest path PostgreSQL offers, per second.
+    /// The same volume through the fastest path the source (FastSink runs)
+    /// or the OpenSearch node (`--sink opensearch`) offers, per second.
     pub ceiling: Option<f64>,
     /// How the ceiling was measured.
     pub ceiling_method: Option<String>,
@@ -89,6 +124,8 @@ pub struct Outcome {
     pub targets: Vec<Target>,
     /// Extra observations.
     pub notes: Vec<String>,
+    /// The machine's load average when the workload started and ended.
+    pub load_average: Option<(LoadAverage, LoadAverage)>,
 }
 
 impl Outcome {
@@ -112,6 +149,7 @@ impl Outcome {
             check: "not run".to_owned(),
             targets: Vec::new(),
             notes: Vec::new(),
+            load_average: None,
         }
     }
 
@@ -120,6 +158,27 @@ impl Outcome {
         let mut o = Outcome::new(workload, size, unit);
         o.check = format!("FAIL: {why}");
         o
+    }
+
+    /// Moves the ceiling measured so far into the notes as `what`, with
+    /// the rate's ratio to it: another ceiling takes its place.
+    pub fn demote_ceiling(&mut self, what: &str) {
+        if let Some(c) = self.ceiling.take() {
+            let ratio = self.ratio_to(c);
+            let method = self.ceiling_method.take().unwrap_or_default();
+            self.notes.push(format!(
+                "{what}: {} {}/s{} ({method})",
+                thousands(c),
+                self.unit,
+                ratio
+                    .map(|r| format!(", ferry at {r:.2} of it"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+
+    fn ratio_to(&self, ceiling: f64) -> Option<f64> {
+        self.rate.filter(|_| ceiling > 0.0).map(|r| r / ceiling)
     }
 
     /// `rate / ceiling`.
@@ -302,6 +361,13 @@ pub fn table(outcomes: &[Outcome]) -> String {
         if let Some(m) = &o.ceiling_method {
             let _ = writeln!(out, "  {:<17} ceiling: {m}", "");
         }
+        if let Some((start, end)) = &o.load_average {
+            let _ = writeln!(
+                out,
+                "  {:<17} load average (1, 5, 15 min): {start} at the start, {end} at the end",
+                ""
+            );
+        }
         for n in &o.notes {
             let _ = writeln!(out, "  {:<17} {n}", "");
         }
@@ -323,6 +389,23 @@ mod tests {
         assert!(Lag::from_ms(Vec::new()).is_none());
         let one = Lag::from_ms(vec![7.0]).expect("one");
         assert_eq!(one.p50, 7.0);
+    }
+
+    #[test]
+    fn reads_load_averages_and_demotes_ceilings() {
+        let l = LoadAverage::parse("3.10 4.05 4.07 2/345 6789\n").expect("load");
+        assert_eq!((l.one, l.five, l.fifteen), (3.1, 4.05, 4.07));
+        assert!(LoadAverage::parse("garbage").is_none());
+        let mut o = Outcome::new("backfill", 10, "rows");
+        o.rate = Some(50.0);
+        o.ceiling = Some(100.0);
+        o.ceiling_method = Some("COPY".into());
+        o.demote_ceiling("PostgreSQL ceiling");
+        assert_eq!(o.ceiling, None);
+        assert_eq!(
+            o.notes,
+            vec!["PostgreSQL ceiling: 100 rows/s, ferry at 0.50 of it (COPY)".to_owned()]
+        );
     }
 
     #[test]

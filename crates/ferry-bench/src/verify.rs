@@ -29,7 +29,7 @@ async fn check(h: &Harness, table: &str, timeout: Duration) -> Result<Result<Str
             h.db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
                 .await?
                 .get(0);
-        let docs = h.sink.doc_count(INDEX);
+        let docs = h.sink.settled_count(INDEX).await?;
         if usize::try_from(rows).ok() == Some(docs) {
             break rows;
         }
@@ -48,7 +48,7 @@ async fn check(h: &Harness, table: &str, timeout: Duration) -> Result<Result<Str
             .iter()
             .map(|r| r.get(0))
             .collect();
-    let sink_ids: HashSet<String> = h.sink.ids(INDEX).into_iter().collect();
+    let sink_ids: HashSet<String> = h.sink.ids(INDEX).await?.into_iter().collect();
     let missing: Vec<&String> = pg_ids.difference(&sink_ids).take(5).collect();
     let extra: Vec<&String> = sink_ids.difference(&pg_ids).take(5).collect();
     if !missing.is_empty() || !extra.is_empty() {
@@ -104,7 +104,7 @@ async fn compare_ids(h: &Harness, table: &str, ids: &[i64]) -> Result<Result<(),
             .await
             .with_context(|| format!("preparing {compare_sql}"))?;
     for id in ids {
-        let Some((version, source)) = h.sink.get(INDEX, &id.to_string()) else {
+        let Some((version, source)) = h.sink.get(INDEX, &id.to_string()).await? else {
             return Ok(Err(format!("document {id} vanished during the check")));
         };
         if version == 0 {

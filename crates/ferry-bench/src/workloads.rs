@@ -1,7 +1,9 @@
-//! The workloads. Each one gets a fresh PostgreSQL, FastSink and ferry
-//! process, measures one phase, then checks that the index converged.
+//! The workloads. Each one gets a fresh PostgreSQL, sink (a FastSink, or
+//! the emptied OpenSearch node) and ferry process, measures one phase, then
+//! checks that the index converged.
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,9 +14,10 @@ use ferry_testkit::fastsink::{FastSinkStats, ItemOutcome};
 use futures_util::StreamExt;
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::harness::{Harness, INDEX};
-use crate::report::{bytes, thousands, Lag, Outcome};
-use crate::{relational, selftest, verify};
+use crate::harness::{FerryCounters, Harness, INDEX};
+use crate::opensearch::Node;
+use crate::report::{bytes, thousands, Lag, LoadAverage, Outcome};
+use crate::{ceiling, relational, selftest, verify};
 
 /// Slots `pg_recvlogical` drains for the streaming ceilings: two runs over
 /// the same changes, the faster one counts.
@@ -105,6 +108,16 @@ impl Workload {
         self != Workload::SinkSelftest
     }
 
+    /// Whether the workload runs with `--sink opensearch`. The others need
+    /// what only FastSink records (the arrival time of every write, for
+    /// lag and coverage) or measure FastSink itself.
+    pub fn runs_on_node(self) -> bool {
+        matches!(
+            self,
+            Workload::Backfill | Workload::StreamSimple | Workload::BackfillNested
+        )
+    }
+
     fn planned(self, s: &Sizes) -> (u64, &'static str) {
         match self {
             Workload::SinkSelftest => (s.selftest_docs, "docs"),
@@ -185,10 +198,20 @@ pub struct Ctx {
     pub sizes: Sizes,
     /// Where to copy each ferry log and config, if anywhere.
     pub keep_logs: Option<PathBuf>,
+    /// The OpenSearch node ferry writes to (`--sink opensearch`); `None`:
+    /// a FastSink per workload.
+    pub node: Option<Arc<Node>>,
 }
 
 /// Runs one workload; failures become a FAIL outcome.
 pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
+    let load_start = LoadAverage::now();
+    let mut outcome = run_workload(w, ctx).await;
+    outcome.load_average = load_start.zip(LoadAverage::now());
+    outcome
+}
+
+async fn run_workload(w: Workload, ctx: &Ctx) -> Outcome {
     let result = match w {
         Workload::SinkSelftest => selftest::run(ctx.sizes.selftest_docs, TARGET_SINK_DOCS_S).await,
         Workload::Backfill => backfill(ctx, false).await,
@@ -209,7 +232,7 @@ pub async fn run(w: Workload, ctx: &Ctx) -> Outcome {
 }
 
 /// The columns of narrow row `g`, deterministic in the id.
-const NARROW_ROW: &str = "g, (g % 1000)::int, ((g * 7) % 100000)::int, \
+pub(crate) const NARROW_ROW: &str = "g, (g % 1000)::int, ((g * 7) % 100000)::int, \
      'label-' || (g % 97), md5(g::text), \
      timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second'";
 
@@ -260,12 +283,17 @@ pub(crate) fn limit(units: u64, min_rate: f64) -> Duration {
     Duration::from_secs_f64(60.0 + units as f64 / min_rate)
 }
 
-/// ferry's CPU time, its SQL statement counter and the sink's counters at
-/// one instant.
+/// ferry's CPU time, its SQL statement counter, its write counters and
+/// the sink's counters at one instant.
 pub(crate) struct Phase {
     pub(crate) cpu: Option<f64>,
     pub(crate) sql: Option<f64>,
-    pub(crate) stats: FastSinkStats,
+    /// ferry's `/metrics` counters of its bulk writes.
+    pub(crate) ferry: Option<FerryCounters>,
+    /// FastSink's counters (`None` on the node).
+    pub(crate) stats: Option<FastSinkStats>,
+    /// The node's write rejections (429) so far (`None` on FastSink).
+    pub(crate) rejections: Option<u64>,
 }
 
 impl Phase {
@@ -276,19 +304,27 @@ impl Phase {
         Phase {
             cpu,
             sql: h.metric(SQL_METRIC).await,
+            ferry: h.counters().await,
             stats,
+            rejections: node_rejections(h).await,
         }
     }
 
     /// The readings of a ferry that has not been started yet. Its SQL
     /// counter is left out: it covers the streaming worker, not the backfill.
-    pub(crate) fn before_ferry(h: &Harness) -> Phase {
+    pub(crate) async fn before_ferry(h: &Harness) -> Phase {
         Phase {
             cpu: Some(0.0),
             sql: None,
+            ferry: Some(FerryCounters::default()),
             stats: h.sink.stats(),
+            rejections: node_rejections(h).await,
         }
     }
+}
+
+async fn node_rejections(h: &Harness) -> Option<u64> {
+    h.sink.node()?.write_rejections().await.ok()
 }
 
 /// ferry's counter of the SQL statements it issued to build or resolve documents.
@@ -319,25 +355,62 @@ pub(crate) async fn finish(
     if let (Some(a), Some(b)) = (start.sql, end.sql) {
         o.sql_per_1k = Some((b - a) * 1000.0 / units);
     }
-    let st = end.stats.since(&start.stats);
-    o.bulk_per_1k = Some(st.bulk_requests as f64 * 1000.0 / units);
-    o.notes.push(format!(
-        "ferry sent {} bulk requests, {} items, {:.1} MiB",
-        st.bulk_requests,
-        st.bulk_items,
-        st.bytes_received as f64 / (1024.0 * 1024.0)
-    ));
-    if st.bulk_conflicts > 0 {
+    if let (Some(a), Some(b)) = (&start.stats, &end.stats) {
+        let st = b.since(a);
+        o.bulk_per_1k = Some(st.bulk_requests as f64 * 1000.0 / units);
         o.notes.push(format!(
-            "{} bulk items were refused as older than the stored version (409)",
-            st.bulk_conflicts
+            "ferry sent {} bulk requests, {} items, {:.1} MiB",
+            st.bulk_requests,
+            st.bulk_items,
+            st.bytes_received as f64 / (1024.0 * 1024.0)
+        ));
+        if st.bulk_conflicts > 0 {
+            o.notes.push(format!(
+                "{} bulk items were refused as older than the stored version (409)",
+                st.bulk_conflicts
+            ));
+        }
+        if st.bulk_errors > 0 {
+            o.notes.push(format!(
+                "{} bulk items were rejected by the sink",
+                st.bulk_errors
+            ));
+        }
+    } else if let (Some(a), Some(b)) = (&start.ferry, &end.ferry) {
+        let c = b.since(a);
+        // The backfill's requests are not counted there: one per
+        // engine.backfill_batch_rows (5,000) rows.
+        if c.bulk_requests > 0.0 {
+            o.bulk_per_1k = Some(c.bulk_requests * 1000.0 / units);
+        }
+        o.notes.push(format!(
+            "ferry's /metrics (its streaming worker's writes): {} bulk requests ({} failed), {} retries, \
+             {} writes superseded (409), {} rejected",
+            c.bulk_requests, c.bulk_failed, c.retries, c.superseded, c.rejected
         ));
     }
-    if st.bulk_errors > 0 {
-        o.notes.push(format!(
-            "{} bulk items were rejected by the sink",
-            st.bulk_errors
-        ));
+    if let Some(node) = h.sink.node() {
+        if let (Some(a), Some(b)) = (start.rejections, end.rejections) {
+            if b > a {
+                o.notes.push(format!(
+                    "the node's write thread pool rejected {} bulk shard requests (429) during the run",
+                    b - a
+                ));
+            }
+        }
+        match node.index_stats(INDEX).await {
+            Ok(f) => {
+                let health = node
+                    .health(INDEX)
+                    .await
+                    .unwrap_or_else(|e| format!("{e:#}"));
+                o.notes.push(format!(
+                    "ferry's index on the node ({health}): {}",
+                    f.describe()
+                ));
+            }
+            Err(e) => o.notes.push(format!("ferry's index stats: {e:#}")),
+        }
     }
     let verdict = match check {
         Check::Rows(table) => verify::converged(h, table, Duration::from_secs(60)).await,
@@ -417,7 +490,7 @@ async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
         )
     };
     let mut o = Outcome::new(name, n, "rows");
-    let mut h = Harness::start(&ctx.ferry_bin, name, ctx.keep_logs.as_deref()).await?;
+    let mut h = Harness::start(ctx, name).await?;
 
     let loading = Instant::now();
     h.db.batch_execute(ddl).await?;
@@ -448,7 +521,7 @@ async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
         copy_bytes as f64 / (1024.0 * 1024.0)
     ));
 
-    let start = Phase::before_ferry(&h);
+    let start = Phase::before_ferry(&h).await;
     let t0 = h.start_ferry(table)?;
     let t1 = h.wait_count(n as usize, limit(n, 5_000.0)).await?;
     let end = Phase::read(&h).await;
@@ -457,7 +530,17 @@ async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
     o.rate = Some(n as f64 / secs);
     o.notes
         .push("measured from spawning ferry (slot creation and index set-up included)".into());
+    if h.sink.node().is_some() {
+        o.notes.push(
+            "on the node, completion = the index's _count (polled every 100 ms, no forced refresh) shows every row: \
+             ferry pauses refreshes while it seeds and refreshes once at the end"
+                .to_owned(),
+        );
+    }
     finish(&mut h, &mut o, Check::Rows(table), &start, &end).await;
+    if h.sink.node().is_some() {
+        ceiling::backfill(&h, &mut o).await;
+    }
     if !wide {
         o.target_rate(TARGET_BACKFILL_ROWS_S);
     }
@@ -646,7 +729,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
     let name = Workload::BackfillLive.name();
     let n = ctx.sizes.backfill_rows;
     let mut o = Outcome::new(name, n, "rows");
-    let mut h = Harness::start(&ctx.ferry_bin, name, ctx.keep_logs.as_deref()).await?;
+    let mut h = Harness::start(ctx, name).await?;
     // The engine's backfill logs its start, progress and end at info.
     h.set_log_filter("warn,ferry_engine::backfill=info");
 
@@ -679,14 +762,14 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
     let stop_collector = Arc::new(AtomicBool::new(false));
     let _stop_collector_on_exit = StopOnDrop(Arc::clone(&stop_collector));
     let collector = coverage_collector(
-        h.sink.subscribe(),
+        h.sink.fast()?.subscribe(),
         n,
         Arc::clone(&covered),
         Arc::clone(&complete),
         Arc::clone(&stop_collector),
     );
 
-    let start = Phase::before_ferry(&h);
+    let start = Phase::before_ferry(&h).await;
     let t0 = h.start_ferry("items")?;
     // The first document proves the copy's snapshot exists: every change
     // committed from now on reaches ferry through the stream.
@@ -710,7 +793,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_exit = StopOnDrop(Arc::clone(&stop));
     let writers_started = Instant::now();
-    let docs_at_start = h.sink.doc_count(INDEX);
+    let docs_at_start = h.sink.fast()?.doc_count(INDEX);
     let tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
@@ -742,7 +825,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
                 "timed out after {:.0} s: {} of {n} preloaded ids reached the sink, which holds {} documents\n{}",
                 limit(n, 2_000.0).as_secs_f64(),
                 covered.load(Ordering::Acquire),
-                h.sink.doc_count(INDEX),
+                h.sink.fast()?.doc_count(INDEX),
                 h.log_excerpt()
             );
         }
@@ -840,10 +923,11 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
         .flat_map(|l| l.deleted.iter().copied())
         .collect();
     let back: Vec<i64> = {
+        let fast = h.sink.fast()?;
         let mut v: Vec<i64> = deleted
             .iter()
             .copied()
-            .filter(|id| h.sink.get(INDEX, &id.to_string()).is_some())
+            .filter(|id| fast.get(INDEX, &id.to_string()).is_some())
             .collect();
         v.sort_unstable();
         v
@@ -910,7 +994,7 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
 
 /// Starts ferry on the empty narrow table and waits until a change streams through.
 async fn ferry_streaming(ctx: &Ctx, name: &str, preload: u64) -> Result<Harness> {
-    let mut h = Harness::start(&ctx.ferry_bin, name, ctx.keep_logs.as_deref()).await?;
+    let mut h = Harness::start(ctx, name).await?;
     h.db.batch_execute(NARROW_DDL).await?;
     if preload > 0 {
         h.db.batch_execute(&insert_narrow(1, preload as i64))
@@ -951,22 +1035,57 @@ async fn stream_ceiling(h: &Harness, o: &mut Outcome, changes: u64) -> Result<()
     Ok(())
 }
 
-/// Writer `w` of the unpaced stream: `txs` transactions of 60 inserts plus
-/// 30 updates and 10 deletes of the previous transaction's rows.
+/// Writers of the unpaced stream (`stream-simple`).
+pub(crate) const UNPACED_WRITERS: i64 = 4;
+/// Changes per transaction of the unpaced stream.
+const UNPACED_PER_TX: u64 = 100;
+
+/// The rows transaction `k` of unpaced writer `w` changes: it inserts 60
+/// new rows, then updates 30 and deletes 10 of those its previous
+/// transaction inserted (none in its first transaction).
+pub(crate) struct UnpacedTx {
+    /// Ids inserted.
+    pub(crate) inserted: RangeInclusive<i64>,
+    /// Ids updated (`b + 1`, note, `created_at + 1 hour`).
+    pub(crate) updated: RangeInclusive<i64>,
+    /// Ids deleted.
+    pub(crate) deleted: RangeInclusive<i64>,
+}
+
+/// Transaction `k` of unpaced writer `w`.
+pub(crate) fn unpaced_tx(w: i64, k: i64) -> UnpacedTx {
+    let lo = w * 1_000_000_000 + 60 * k + 1;
+    let p = lo - 60;
+    #[allow(clippy::reversed_empty_ranges)]
+    let (updated, deleted) = if k > 0 {
+        (p..=p + 29, p + 30..=p + 39)
+    } else {
+        (1..=0, 1..=0)
+    };
+    UnpacedTx {
+        inserted: lo..=lo + 59,
+        updated,
+        deleted,
+    }
+}
+
+/// Writer `w` of the unpaced stream: `txs` transactions (see [`unpaced_tx`]).
 async fn unpaced_writer(db: tokio_postgres::Client, w: i64, txs: i64) -> Result<u64> {
-    let base = w * 1_000_000_000;
     let mut changes = 0;
     for k in 0..txs {
-        let lo = base + 60 * k + 1;
-        let mut sql = format!("BEGIN; {}; ", insert_narrow(lo, lo + 59));
-        if k > 0 {
-            let p = lo - 60;
+        let tx = unpaced_tx(w, k);
+        let mut sql = format!(
+            "BEGIN; {}; ",
+            insert_narrow(*tx.inserted.start(), *tx.inserted.end())
+        );
+        if !tx.updated.is_empty() {
             sql.push_str(&format!(
                 "UPDATE items SET b = b + 1, note = 'u' || id, created_at = created_at + interval '1 hour' \
-                 WHERE id BETWEEN {p} AND {}; DELETE FROM items WHERE id BETWEEN {} AND {}; ",
-                p + 29,
-                p + 30,
-                p + 39
+                 WHERE id BETWEEN {} AND {}; DELETE FROM items WHERE id BETWEEN {} AND {}; ",
+                tx.updated.start(),
+                tx.updated.end(),
+                tx.deleted.start(),
+                tx.deleted.end()
             ));
         }
         sql.push_str("COMMIT;");
@@ -976,8 +1095,8 @@ async fn unpaced_writer(db: tokio_postgres::Client, w: i64, txs: i64) -> Result<
 }
 
 async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
-    const WRITERS: i64 = 4;
-    const PER_TX: u64 = 100;
+    const WRITERS: i64 = UNPACED_WRITERS;
+    const PER_TX: u64 = UNPACED_PER_TX;
     let name = Workload::StreamSimple.name();
     let planned = ctx.sizes.stream_changes;
     let mut h = ferry_streaming(ctx, name, 0).await?;
@@ -1002,8 +1121,8 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     let writers_done = t0.elapsed();
     h.db.batch_execute(&insert_narrow(0, 0)).await?;
     let changes = written + 1;
-    h.wait_doc("0", limit(changes, 2_000.0)).await?;
-    let arrived = h.sink.last_write(INDEX, "0").unwrap_or_else(Instant::now);
+    let seen = h.wait_doc("0", limit(changes, 2_000.0)).await?;
+    let arrived = h.sink.last_write(INDEX, "0").unwrap_or(seen);
     let end = Phase::read(&h).await;
 
     let mut o = Outcome::new(name, changes, "changes");
@@ -1016,8 +1135,16 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
         writers_done.as_secs_f64(),
         thousands(written as f64 / writers_done.as_secs_f64())
     ));
+    if h.sink.node().is_some() {
+        o.notes.push(
+            "on the node, arrival = first real-time GET (polled every 10 ms) that finds the sentinel".to_owned(),
+        );
+    }
     stream_ceiling(&h, &mut o, changes).await?;
     finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
+    if h.sink.node().is_some() {
+        ceiling::stream_simple(&h, &mut o, txs).await;
+    }
     o.target_rate(TARGET_STREAM_CHANGES_S);
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
@@ -1084,7 +1211,7 @@ async fn stream_rate(ctx: &Ctx, name: &str, rate: u64) -> Result<Outcome> {
     let mut h = ferry_streaming(ctx, name, preload as u64).await?;
 
     // First arrival of every id from now on.
-    let arrivals = h.sink.subscribe();
+    let arrivals = h.sink.fast()?.subscribe();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_collector = Arc::clone(&stop);
     let collector = std::thread::spawn(move || {
@@ -1188,7 +1315,7 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
     let committed = Instant::now();
     let done = h.wait_count(n as usize, limit(n, 2_000.0)).await?;
     let end = Phase::read(&h).await;
-    if h.sink.doc_count(INDEX) != n as usize {
+    if h.sink.fast()?.doc_count(INDEX) != n as usize {
         bail!("the sink does not hold {n} documents");
     }
 
