@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use ferry_e2e::{compare, rows_as_json, TestEnv};
 use ferry_opensearch::Method;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A tiny xorshift64* generator: every random choice of a run follows from its seed.
 struct XorShift(u64);
@@ -484,39 +483,19 @@ async fn concrete_index(env: &TestEnv, alias: &str) -> String {
     names[0].clone()
 }
 
-/// `POST /_bulk` with an NDJSON body over plain HTTP/1.0 (the sink client
-/// only sends single JSON bodies); returns (status, parsed body).
+/// `POST /_bulk` with an NDJSON body (the sink client only sends single
+/// JSON bodies); returns (status, parsed body).
 async fn raw_bulk(base_url: &str, ndjson: &str) -> (u16, Value) {
-    let host = base_url
-        .strip_prefix("http://")
-        .expect("plain http URL")
-        .trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(host)
-        .await
-        .expect("connect to the search endpoint");
-    let request = format!(
-        "POST /_bulk HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/x-ndjson\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{ndjson}",
-        ndjson.len()
-    );
-    stream
-        .write_all(request.as_bytes())
+    let response = reqwest::Client::new()
+        .post(format!("{}/_bulk", base_url.trim_end_matches('/')))
+        .header("content-type", "application/x-ndjson")
+        .body(ndjson.to_owned())
+        .timeout(Duration::from_secs(30))
+        .send()
         .await
         .expect("send bulk");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
-        .await
-        .expect("bulk answer in time")
-        .expect("read bulk answer");
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("malformed HTTP answer: {text}"));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head}"));
+    let status = response.status().as_u16();
+    let body = response.text().await.expect("read bulk answer");
     let body = serde_json::from_str(body.trim())
         .unwrap_or_else(|e| panic!("bulk answer is not JSON ({e}): {body}"));
     (status, body)

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use ferry_e2e::{FerryProcess, TestEnv};
 use ferry_opensearch::Method;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One column of table `typed`: its SQL type, the OpenSearch field type
 /// its mapping must have, and the values it takes (SQL literal, expected
@@ -609,47 +608,20 @@ async fn wait_for_count(
     }
 }
 
-/// A document's `_source` exactly as stored (`GET /<index>/_source/<id>`),
-/// over plain HTTP; `None` when the endpoint is not `http://`.
+/// A document's `_source` exactly as stored (`GET /<index>/_source/<id>`);
+/// `None` when the endpoint is not `http://`.
 async fn raw_source(base_url: &str, index: &str, id: usize) -> Option<String> {
-    let host = base_url.strip_prefix("http://")?.trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(host)
-        .await
-        .expect("connect to the search endpoint");
-    let request =
-        format!("GET /{index}/_source/{id} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .await
-        .expect("read response");
-    let response = String::from_utf8(response).expect("UTF-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.1 200"),
-        "GET /{index}/_source/{id}: {head}\n{body}"
-    );
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Some(body.to_owned());
+    let base = base_url.trim_end_matches('/');
+    if !base.starts_with("http://") {
+        return None;
     }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if size == 0 {
-            break;
-        }
-        out.push_str(tail.get(..size).expect("chunk"));
-        rest = tail.get(size + 2..).unwrap_or_default();
-    }
-    Some(out)
+    let response = reqwest::get(format!("{base}/{index}/_source/{id}"))
+        .await
+        .expect("GET a document's _source");
+    let status = response.status();
+    let body = response.text().await.expect("read response");
+    assert_eq!(status.as_u16(), 200, "GET /{index}/_source/{id}: {body}");
+    Some(body)
 }
 
 /// The field mappings of the concrete index behind `alias`.

@@ -4,7 +4,7 @@
 //! read back by the convergence checks and the ceilings.
 
 use anyhow::{bail, Context, Result};
-use ferry_testkit::{NodeOptions, OpenSearchNode};
+use ferry_testkit::{NodeOptions, Product, SearchNode};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue, Value};
 
@@ -20,7 +20,7 @@ const PAGE: usize = 5_000;
 pub struct Node {
     http: Client,
     options: NodeOptions,
-    node: OpenSearchNode,
+    node: SearchNode,
 }
 
 impl std::fmt::Debug for Node {
@@ -37,10 +37,11 @@ impl Node {
     pub async fn start(version: &str) -> Result<Node> {
         let options = NodeOptions::benchmark();
         let (v, o) = (version.to_owned(), options.clone());
-        let node = tokio::task::spawn_blocking(move || OpenSearchNode::start_with(&v, &o))
-            .await
-            .context("joining the OpenSearch start-up task")?
-            .with_context(|| format!("starting OpenSearch {version} for --sink opensearch"))?;
+        let node =
+            tokio::task::spawn_blocking(move || SearchNode::start(Product::OpenSearch, &v, &o))
+                .await
+                .context("joining the OpenSearch start-up task")?
+                .with_context(|| format!("starting OpenSearch {version} for --sink opensearch"))?;
         Ok(Node {
             http: Client::new(node.url()),
             options,

@@ -1,9 +1,12 @@
-//! A real OpenSearch node for tests, started from the launcher kept in
-//! `tests/engines/opensearch` (server and modules from Maven Central; built
-//! by `tests/engines/build-opensearch VERSION`, which `scripts/setup` runs).
+//! A real search engine node for tests: OpenSearch, started from the launcher
+//! kept in `tests/engines/opensearch` (server and modules from Maven Central;
+//! built by `tests/engines/build-opensearch VERSION`, which `scripts/setup`
+//! runs), or Elasticsearch, started by the `start-node` script that
+//! `tests/engines/build-elasticsearch VERSION` writes.
 //!
 //! One node is shared by every test of a test binary: it starts on first use
-//! and ends when the binary exits (the launcher stops when its stdin closes).
+//! and ends when the binary exits (both launchers stop the node when their
+//! stdin closes).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -16,6 +19,28 @@ use ferry_throwaway::process::{announced_url, first_stdout_line, is_executable};
 
 /// The OpenSearch version tests run on unless `FERRY_TEST_ENGINE` names one.
 pub const DEFAULT_OPENSEARCH_VERSION: &str = "2.19.6";
+
+/// The Elasticsearch version `FERRY_TEST_ENGINE=elasticsearch` runs on.
+pub const DEFAULT_ELASTICSEARCH_VERSION: &str = "8.19.21";
+
+/// The search engine products the test kit can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    /// OpenSearch, from `tests/engines/opensearch`.
+    OpenSearch,
+    /// Elasticsearch, from `tests/engines/elasticsearch`.
+    Elasticsearch,
+}
+
+impl Product {
+    /// Lowercase name, as in `FERRY_TEST_ENGINE` values.
+    pub fn name(self) -> &'static str {
+        match self {
+            Product::OpenSearch => "opensearch",
+            Product::Elasticsearch => "elasticsearch",
+        }
+    }
+}
 
 /// How long a node may take to print its address (JIT warm-up on 2 cores).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(240);
@@ -76,7 +101,22 @@ impl NodeOptions {
         };
         args.push(format!("-Xms{}m", self.heap_mb));
         args.push(format!("-Xmx{}m", self.heap_mb));
+        // A node out of memory ends (and its test fails with the reason)
+        // rather than answering errors or hanging.
+        args.push("-XX:+ExitOnOutOfMemoryError".to_owned());
         args
+    }
+}
+
+impl NodeOptions {
+    /// `ES_JAVA_OPTS` for an Elasticsearch node (`start-node` appends them to
+    /// its own quick-start flags, so later flags win).
+    fn elasticsearch_java_opts(&self) -> String {
+        let mut opts = format!("-Xms{0}m -Xmx{0}m", self.heap_mb);
+        if !self.fast_start {
+            opts.push_str(" -XX:TieredStopAtLevel=4");
+        }
+        opts
     }
 }
 
@@ -88,13 +128,14 @@ impl Default for NodeOptions {
 
 /// Which search engine the tests of this process write to, from the
 /// environment: `FERRY_TEST_OPENSEARCH_URL` (a cluster someone else runs),
-/// else `FERRY_TEST_ENGINE` = `osmem` (the default) or `opensearch[-VERSION]`.
+/// else `FERRY_TEST_ENGINE` = `osmem` (the default), `opensearch[-VERSION]`
+/// or `elasticsearch[-VERSION]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineChoice {
     /// A private `osmem-server` per test.
     Osmem,
-    /// A real OpenSearch node of this version, shared by the test binary.
-    OpenSearch(String),
+    /// A real node of this product and version, shared by the test binary.
+    Node(Product, String),
     /// A cluster at this URL, run outside the test kit.
     External(String),
 }
@@ -113,27 +154,37 @@ impl EngineChoice {
 
     /// Parses a `FERRY_TEST_ENGINE` value.
     pub fn parse(value: &str) -> Result<EngineChoice> {
+        let node = |product, version: &str| EngineChoice::Node(product, version.to_owned());
         match value {
-            "" | "osmem" => Ok(EngineChoice::Osmem),
-            "opensearch" => Ok(EngineChoice::OpenSearch(
-                DEFAULT_OPENSEARCH_VERSION.to_owned(),
-            )),
-            other => match other.strip_prefix("opensearch-") {
-                Some(v) if !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.') => {
-                    Ok(EngineChoice::OpenSearch(v.to_owned()))
-                }
-                _ => Err(TestkitError::EngineMissing(format!(
-                    "FERRY_TEST_ENGINE={other:?} is not one of `osmem`, `opensearch`, \
-                     `opensearch-<version>` (e.g. opensearch-{DEFAULT_OPENSEARCH_VERSION})"
-                ))),
-            },
+            "" | "osmem" => return Ok(EngineChoice::Osmem),
+            "opensearch" => return Ok(node(Product::OpenSearch, DEFAULT_OPENSEARCH_VERSION)),
+            "elasticsearch" => {
+                return Ok(node(Product::Elasticsearch, DEFAULT_ELASTICSEARCH_VERSION))
+            }
+            _ => {}
         }
+        for product in [Product::OpenSearch, Product::Elasticsearch] {
+            let version = value
+                .strip_prefix(product.name())
+                .and_then(|rest| rest.strip_prefix('-'));
+            if let Some(v) = version {
+                if !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                    return Ok(node(product, v));
+                }
+            }
+        }
+        Err(TestkitError::EngineMissing(format!(
+            "FERRY_TEST_ENGINE={value:?} is not one of `osmem`, `opensearch[-<version>]`, \
+             `elasticsearch[-<version>]` (e.g. opensearch-{DEFAULT_OPENSEARCH_VERSION}, \
+             elasticsearch-{DEFAULT_ELASTICSEARCH_VERSION})"
+        )))
     }
 }
 
-/// A running OpenSearch node started by the test kit.
+/// A running OpenSearch or Elasticsearch node started by the test kit.
 #[derive(Debug)]
-pub struct OpenSearchNode {
+pub struct SearchNode {
+    product: Product,
     url: String,
     version: String,
     home: PathBuf,
@@ -143,33 +194,47 @@ pub struct OpenSearchNode {
     child: Mutex<Child>,
 }
 
-impl OpenSearchNode {
-    /// The node of `version` shared by this process, started on first use.
-    /// A start that failed is reported again to every later caller.
-    pub fn shared(version: &str) -> Result<&'static OpenSearchNode> {
-        static NODE: OnceLock<std::result::Result<OpenSearchNode, String>> = OnceLock::new();
-        let node = NODE.get_or_init(|| Self::start(version).map_err(|e| e.to_string()));
+impl SearchNode {
+    /// The node of `product` and `version` shared by this process, started
+    /// on first use. A start that failed is reported again to every later
+    /// caller.
+    pub fn shared(product: Product, version: &str) -> Result<&'static SearchNode> {
+        static NODE: OnceLock<std::result::Result<SearchNode, String>> = OnceLock::new();
+        let node = NODE.get_or_init(|| {
+            Self::start(product, version, &NodeOptions::tests()).map_err(|e| e.to_string())
+        });
         match node {
-            Ok(n) if n.version == version => Ok(n),
+            Ok(n) if n.product == product && n.version == version => Ok(n),
             Ok(n) => Err(TestkitError::EngineMissing(format!(
-                "this process already runs OpenSearch {}; {version} was asked for",
-                n.version
+                "this process already runs {} {}; {} {version} was asked for",
+                n.product.name(),
+                n.version,
+                product.name()
             ))),
             Err(e) => Err(TestkitError::EngineStartup(e.clone())),
         }
     }
 
-    /// Starts a node of `version` with its data in a fresh directory, set
-    /// up for tests ([`NodeOptions::tests`]).
-    pub fn start(version: &str) -> Result<OpenSearchNode> {
-        Self::start_with(version, &NodeOptions::tests())
-    }
-
-    /// Starts a node of `version` with its data in a fresh directory and
-    /// its JVM set up as `options` say. The node stops when the returned
-    /// value is dropped (or this process exits).
-    pub fn start_with(version: &str, options: &NodeOptions) -> Result<OpenSearchNode> {
-        let launcher = Launcher::find(version)?;
+    /// Starts a node of `product` and `version` with its data in a fresh
+    /// directory and its JVM set up as `options` say. The node stops when
+    /// the returned value is dropped (or this process exits).
+    pub fn start(product: Product, version: &str, options: &NodeOptions) -> Result<SearchNode> {
+        let mut command = match product {
+            Product::OpenSearch => {
+                let launcher = Launcher::find(version)?;
+                let mut c = Command::new(&launcher.java);
+                c.args(options.jvm_args(&launcher.jvm_args))
+                    .arg("-cp")
+                    .arg(&launcher.classpath)
+                    .arg("dev.ferry.engines.FerryNode");
+                c
+            }
+            Product::Elasticsearch => {
+                let mut c = Command::new(elasticsearch_launcher(version)?);
+                c.env("ES_JAVA_OPTS", options.elasticsearch_java_opts());
+                c
+            }
+        };
         remove_stale_homes();
         let home = std::env::temp_dir().join(format!(
             "{HOME_PREFIX}{}-{}",
@@ -184,29 +249,29 @@ impl OpenSearchNode {
             .try_clone()
             .map_err(|e| TestkitError::io("duplicating the node's stderr file", e))?;
         let started = Instant::now();
-        let mut child = Command::new(&launcher.java)
-            .args(options.jvm_args(&launcher.jvm_args))
-            .arg("-cp")
-            .arg(&launcher.classpath)
-            .arg("dev.ferry.engines.FerryNode")
+        let program = command.get_program().to_owned();
+        let mut child = command
             .arg("--home")
             .arg(&home)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr_for_child))
             .spawn()
-            .map_err(|e| TestkitError::io(format!("spawning {}", launcher.java.display()), e))?;
+            .map_err(|e| {
+                TestkitError::io(format!("spawning {}", Path::new(&program).display()), e)
+            })?;
         let Some(stdin) = child.stdin.take() else {
             let _ = child.kill();
             let _ = child.wait();
             return Err(TestkitError::EngineStartup("stdin was not captured".into()));
         };
-        let outcome = first_stdout_line(&mut child, "opensearch", STARTUP_TIMEOUT)
+        let outcome = first_stdout_line(&mut child, product.name(), STARTUP_TIMEOUT)
             .and_then(|line| announced_url(&line));
         match outcome {
             Ok(url) => {
-                tracing::info!(%url, version, secs = started.elapsed().as_secs_f32(), "ferry-testkit: OpenSearch node started");
-                Ok(OpenSearchNode {
+                tracing::info!(%url, product = product.name(), version, secs = started.elapsed().as_secs_f32(), "ferry-testkit: search node started");
+                Ok(SearchNode {
+                    product,
                     url,
                     version: version.to_owned(),
                     home,
@@ -224,7 +289,8 @@ impl OpenSearchNode {
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 Err(TestkitError::EngineStartup(format!(
-                    "OpenSearch {version}: {why}; stderr:\n{}",
+                    "{} {version}: {why}; stderr:\n{}",
+                    product.name(),
                     tail.join("\n")
                 )))
             }
@@ -236,13 +302,18 @@ impl OpenSearchNode {
         &self.url
     }
 
-    /// The OpenSearch version the node runs.
+    /// The version the node runs.
     pub fn version(&self) -> &str {
         &self.version
     }
+
+    /// The product the node runs.
+    pub fn product(&self) -> Product {
+        self.product
+    }
 }
 
-impl Drop for OpenSearchNode {
+impl Drop for SearchNode {
     /// Closes the launcher's stdin (it shuts the node down), waits up to
     /// ten seconds, kills the JVM if it is still there, reaps it and
     /// deletes the data directory.
@@ -323,8 +394,28 @@ impl Launcher {
     }
 }
 
-/// Data directories are `<tmp>/ferry-opensearch-<pid of the test>-<n>`.
-const HOME_PREFIX: &str = "ferry-opensearch-";
+/// The `start-node` script `tests/engines/build-elasticsearch VERSION` wrote
+/// (its contract, the same as FerryNode's, is in
+/// `tests/engines/elasticsearch/start-node.sh`).
+fn elasticsearch_launcher(version: &str) -> Result<PathBuf> {
+    let path = engines_dir()
+        .join("elasticsearch/target")
+        .join(version)
+        .join("start-node");
+    if is_executable(&path) {
+        Ok(path)
+    } else {
+        Err(TestkitError::EngineMissing(format!(
+            "Elasticsearch {version} node not built ({} is missing); run \
+             `tests/engines/build-elasticsearch {version}` (scripts/setup --tests does it; needs \
+             Java 17+ for 8.x, 21+ for 9.x, and Maven with Maven Central reachable)",
+            path.display()
+        )))
+    }
+}
+
+/// Data directories are `<tmp>/ferry-node-<pid of the test>-<n>`.
+const HOME_PREFIX: &str = "ferry-node-";
 
 /// Deletes the data directories of nodes whose test process has exited (a
 /// node outlives no test binary, but its directory does: statics never drop).
@@ -367,14 +458,24 @@ mod tests {
         assert_eq!(EngineChoice::parse("osmem").unwrap(), EngineChoice::Osmem);
         assert_eq!(
             EngineChoice::parse("opensearch").unwrap(),
-            EngineChoice::OpenSearch(DEFAULT_OPENSEARCH_VERSION.into())
+            EngineChoice::Node(Product::OpenSearch, DEFAULT_OPENSEARCH_VERSION.into())
         );
         assert_eq!(
             EngineChoice::parse("opensearch-3.3.2").unwrap(),
-            EngineChoice::OpenSearch("3.3.2".into())
+            EngineChoice::Node(Product::OpenSearch, "3.3.2".into())
+        );
+        assert_eq!(
+            EngineChoice::parse("elasticsearch").unwrap(),
+            EngineChoice::Node(Product::Elasticsearch, DEFAULT_ELASTICSEARCH_VERSION.into())
+        );
+        assert_eq!(
+            EngineChoice::parse("elasticsearch-9.5.3").unwrap(),
+            EngineChoice::Node(Product::Elasticsearch, "9.5.3".into())
         );
         assert!(EngineChoice::parse("opensearh").is_err());
         assert!(EngineChoice::parse("opensearch-").is_err());
+        assert!(EngineChoice::parse("opensearch3").is_err());
+        assert!(EngineChoice::parse("elasticsearch-9.x").is_err());
     }
 
     #[test]
@@ -385,6 +486,10 @@ mod tests {
         assert!(err
             .to_string()
             .contains("tests/engines/build-opensearch 0.0.0-not-built"));
+        let err = elasticsearch_launcher("0.0.0-not-built").expect_err("no launcher");
+        assert!(err
+            .to_string()
+            .contains("tests/engines/build-elasticsearch 0.0.0-not-built"));
     }
 
     #[test]
@@ -399,14 +504,21 @@ mod tests {
         .to_vec();
         let tests = NodeOptions::tests().jvm_args(&launcher);
         assert_eq!(&tests[..4], &launcher[..]);
-        assert_eq!(&tests[4..], ["-Xms512m", "-Xmx512m"]);
+        assert_eq!(
+            &tests[4..],
+            ["-Xms512m", "-Xmx512m", "-XX:+ExitOnOutOfMemoryError"]
+        );
         let bench = NodeOptions::benchmark().jvm_args(&launcher);
         assert!(bench.contains(&"-XX:SharedArchiveFile=/x/cds.jsa".to_owned()));
         assert!(bench.contains(&"-XX:+UseG1GC".to_owned()));
         assert!(!bench
             .iter()
             .any(|a| a.starts_with("-XX:TieredStopAtLevel") || a == "-XX:+UseSerialGC"));
-        assert!(bench.ends_with(&["-Xms2048m".to_owned(), "-Xmx2048m".to_owned()]));
+        assert!(bench.ends_with(&[
+            "-Xms2048m".to_owned(),
+            "-Xmx2048m".to_owned(),
+            "-XX:+ExitOnOutOfMemoryError".to_owned()
+        ]));
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub mod relational;
 mod sink;
 mod util;
 
-pub use engine::{EngineChoice, NodeOptions, OpenSearchNode, DEFAULT_OPENSEARCH_VERSION};
+pub use engine::{
+    EngineChoice, NodeOptions, Product, SearchNode, DEFAULT_ELASTICSEARCH_VERSION,
+    DEFAULT_OPENSEARCH_VERSION,
+};
 pub use error::{Result, TestkitError};
 pub use fastsink::FastSink;
 pub use faultproxy::{Fault, FaultProxy};

@@ -3,13 +3,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use crate::engine::{EngineChoice, OpenSearchNode};
+use crate::engine::{EngineChoice, SearchNode};
 use crate::error::Result;
 use ferry_throwaway::Osmem;
 
-/// An OpenSearch endpoint for one test, chosen by [`EngineChoice::from_env`]:
-/// a private `osmem-server` (the default), a real OpenSearch node shared by
-/// the test binary (`FERRY_TEST_ENGINE=opensearch`), or a cluster at
+/// A search endpoint for one test, chosen by [`EngineChoice::from_env`]:
+/// a private `osmem-server` (the default), a real OpenSearch or
+/// Elasticsearch node shared by the test binary
+/// (`FERRY_TEST_ENGINE=opensearch` / `elasticsearch`), or a cluster at
 /// `FERRY_TEST_OPENSEARCH_URL`.
 ///
 /// Each instance carries a unique index-name prefix so tests sharing a
@@ -27,9 +28,10 @@ impl TestSink {
     pub fn start() -> Result<TestSink> {
         let (url, engine, osmem) = match EngineChoice::from_env()? {
             EngineChoice::External(url) => (url, "external".to_owned(), None),
-            EngineChoice::OpenSearch(version) => {
-                let node = OpenSearchNode::shared(&version)?;
-                (node.url().to_owned(), format!("opensearch-{version}"), None)
+            EngineChoice::Node(product, version) => {
+                let node = SearchNode::shared(product, &version)?;
+                let engine = format!("{}-{version}", product.name());
+                (node.url().to_owned(), engine, None)
             }
             EngineChoice::Osmem => {
                 let osmem = Osmem::start()?;
@@ -70,7 +72,7 @@ impl TestSink {
         self.engine != "osmem"
     }
 
-    /// `osmem`, `opensearch-<version>` or `external`.
+    /// `osmem`, `opensearch-<version>`, `elasticsearch-<version>` or `external`.
     pub fn engine(&self) -> &str {
         &self.engine
     }

@@ -17,8 +17,11 @@
  *     one line goes to stdout:  {"url":"http://127.0.0.1:PORT","version":"X.Y.Z"}
  *     Nothing else is ever written to stdout; logs (WARN and up) go to stderr.
  *   - The node shuts down and the JVM exits 0 when stdin reaches EOF (the parent
- *     died or closed the pipe); on SIGTERM it shuts down too (status 143, as any
- *     JVM). --ignore-stdin turns the first off for manual runs with no stdin.
+ *     died or closed the pipe), also while it is still starting; a node that
+ *     takes longer than 15 s to close is halted. On SIGTERM it shuts down too
+ *     (status 143, as any JVM). --ignore-stdin turns the first off for manual
+ *     runs with no stdin; --exit-when-ready exits once ready (the build's
+ *     class data sharing training start).
  *   - Bad arguments exit 2; a node that fails to start exits 1 with the error
  *     on stderr.
  */
@@ -46,17 +49,20 @@ import org.opensearch.plugins.Plugin;
 
 public final class FerryNode {
 
-    /** Module plugin classes; names differ across versions, missing ones are skipped. */
-    private static final String[] MODULES = {
-        "org.opensearch.transport.Netty4Plugin",
-        "org.opensearch.transport.Netty4ModulePlugin",
-        "org.opensearch.index.reindex.ReindexPlugin",
-        "org.opensearch.index.reindex.ReindexModulePlugin",
-        "org.opensearch.analysis.common.CommonAnalysisPlugin",
-        "org.opensearch.analysis.common.CommonAnalysisModulePlugin",
-        "org.opensearch.painless.PainlessPlugin",
-        "org.opensearch.painless.PainlessModulePlugin",
+    /**
+     * Module plugin classes ferry's tests need, each under the names it has had
+     * across versions; one name of every module must be on the classpath.
+     */
+    private static final String[][] MODULES = {
+        {"transport-netty4", "org.opensearch.transport.Netty4Plugin", "org.opensearch.transport.Netty4ModulePlugin"},
+        {"reindex", "org.opensearch.index.reindex.ReindexPlugin", "org.opensearch.index.reindex.ReindexModulePlugin"},
+        {"analysis-common", "org.opensearch.analysis.common.CommonAnalysisPlugin",
+            "org.opensearch.analysis.common.CommonAnalysisModulePlugin"},
+        {"lang-painless", "org.opensearch.painless.PainlessPlugin", "org.opensearch.painless.PainlessModulePlugin"},
     };
+
+    /** How long the node may take to close after stdin's end before the JVM halts. */
+    private static final long CLOSE_DEADLINE_SECONDS = 15;
 
     public static void main(String[] args) {
         try {
@@ -74,18 +80,21 @@ public final class FerryNode {
 
         Path home = null;
         boolean watchStdin = true;
+        boolean exitWhenReady = false;
         for (int i = 0; i < args.length; i++) {
             if (args[i].equals("--home") && i + 1 < args.length) {
                 home = Path.of(args[++i]).toAbsolutePath();
             } else if (args[i].equals("--ignore-stdin")) {
                 watchStdin = false;
+            } else if (args[i].equals("--exit-when-ready")) {
+                exitWhenReady = true;
             } else {
-                System.err.println("usage: FerryNode --home DIR [--ignore-stdin]");
+                System.err.println("usage: FerryNode --home DIR [--ignore-stdin] [--exit-when-ready]");
                 System.exit(2);
             }
         }
         if (home == null) {
-            System.err.println("usage: FerryNode --home DIR [--ignore-stdin]");
+            System.err.println("usage: FerryNode --home DIR [--ignore-stdin] [--exit-when-ready]");
             System.exit(2);
         }
 
@@ -103,12 +112,28 @@ public final class FerryNode {
             .build();
 
         List<Class<? extends Plugin>> plugins = new ArrayList<>();
-        for (String name : MODULES) {
-            try {
-                plugins.add(Class.forName(name).asSubclass(Plugin.class));
-            } catch (ClassNotFoundException e) {
-                // the other name of this module is used in this version
+        for (String[] module : MODULES) {
+            Class<? extends Plugin> found = null;
+            for (int i = 1; i < module.length && found == null; i++) {
+                try {
+                    found = Class.forName(module[i]).asSubclass(Plugin.class);
+                } catch (ClassNotFoundException e) {
+                    // the other name of this module is used in this version
+                }
             }
+            if (found == null) {
+                throw new IllegalStateException("module " + module[0] + " is not on the classpath (none of "
+                    + String.join(", ", List.of(module).subList(1, module.length)) + "); rebuild with build-opensearch");
+            }
+            plugins.add(found);
+        }
+
+        // Watch stdin from the start, so a parent that dies while the node is
+        // still starting takes the node with it.
+        if (watchStdin) {
+            Thread watcher = new Thread(FerryNode::exitAtEndOfStdin, "ferry-node-stdin");
+            watcher.setDaemon(true);
+            watcher.start();
         }
 
         Environment env = InternalSettingsPreparer.prepareEnvironment(settings, Map.of(), null, () -> "ferry-node");
@@ -123,14 +148,35 @@ public final class FerryNode {
         out.println("{\"url\":\"" + url + "\",\"version\":\"" + Version.CURRENT + "\"}");
         out.flush();
 
-        if (watchStdin) {
-            byte[] buf = new byte[256];
+        if (exitWhenReady) {
+            System.exit(0);
+        }
+        Thread.currentThread().join(); // until stdin ends or SIGTERM
+    }
+
+    /** Reads stdin to its end, then exits (the shutdown hook closes the node). */
+    private static void exitAtEndOfStdin() {
+        byte[] buf = new byte[256];
+        try {
             while (System.in.read(buf) != -1) {
                 // ignore input; only its end matters
             }
-            System.exit(0); // the shutdown hook closes the node
+        } catch (java.io.IOException e) {
+            // a broken stdin is an end too
         }
-        Thread.currentThread().join(); // until SIGTERM
+        // A node that hangs while closing must not outlive its parent.
+        Thread halt = new Thread(() -> {
+            try {
+                Thread.sleep(TimeUnit.SECONDS.toMillis(CLOSE_DEADLINE_SECONDS));
+            } catch (InterruptedException e) {
+                return;
+            }
+            System.err.println("ferry-node: not closed after " + CLOSE_DEADLINE_SECONDS + " s; halting");
+            Runtime.getRuntime().halt(1);
+        }, "ferry-node-halt");
+        halt.setDaemon(true);
+        halt.start();
+        System.exit(0);
     }
 
     private static void waitForYellow(String url) throws Exception {
