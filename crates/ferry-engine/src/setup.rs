@@ -100,9 +100,10 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
 
     let oids = plan_oids(&plans);
     let tables = client.table_names(&oids).await?;
-    for problem in client.row_security_problems(&oids).await? {
-        // A policy may well grant every row: warn rather than refuse.
-        tracing::warn!("{problem}");
+    // A copy under a narrowing policy would silently hold a subset of what
+    // the stream delivers: refuse.
+    if let Some(hides) = client.row_security_hides(&oids).await?.into_iter().next() {
+        return Err(SourceError::RowSecurity(hides).into());
     }
     client
         .ensure_full_identities(
@@ -225,7 +226,13 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     }
     let oids = plan_oids(&plans_ok);
     let tables = client.table_names(&oids).await?;
-    problems.extend(client.row_security_problems(&oids).await?);
+    problems.extend(
+        client
+            .row_security_hides(&oids)
+            .await?
+            .into_iter()
+            .map(|h| SourceError::RowSecurity(h).to_string()),
+    );
     if let Err(e) = client
         .ensure_full_identities(&full_identity_needs(&plans_ok), false)
         .await

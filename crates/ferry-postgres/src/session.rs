@@ -32,6 +32,21 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// A table whose row-level security would hide rows from ferry's role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSecurityHides {
+    /// `schema.table`, for the message.
+    pub table: String,
+    /// The table quoted for SQL.
+    pub table_sql: String,
+    /// ferry's role.
+    pub role: String,
+    /// The role quoted for SQL.
+    pub role_sql: String,
+    /// FORCE ROW LEVEL SECURITY is set (the owner is subject too).
+    pub forced: bool,
+}
+
 /// A table a publication no longer covers, though an index reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uncovered {
@@ -63,17 +78,32 @@ impl Session {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Tables among these whose row-level security would hide rows from
-    /// ferry's queries, each as a message saying what to grant.
-    pub async fn row_security_problems(&self, oids: &[u32]) -> Result<Vec<String>, SourceError> {
+    /// Tables among these whose row-level security applies to ferry's role
+    /// (enabled, and the role is neither owner, superuser nor BYPASSRLS; or
+    /// FORCE ROW LEVEL SECURITY) and whose policies do not plainly grant the
+    /// role every row (a permissive `USING (true)` for SELECT or ALL, and no
+    /// restrictive policy that narrows it). Such a table's copy would be a
+    /// subset of what the stream delivers.
+    pub async fn row_security_hides(
+        &self,
+        oids: &[u32],
+    ) -> Result<Vec<RowSecurityHides>, SourceError> {
         let rows = self
             .client
             .query(
-                "SELECT n.nspname::text || '.' || c.relname::text, current_user::text \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_roles r \
-                 WHERE r.rolname = current_user AND c.oid::int8 = ANY($1) AND c.relrowsecurity \
-                   AND NOT (r.rolbypassrls OR r.rolsuper) \
-                   AND (c.relowner <> r.oid OR c.relforcerowsecurity) ORDER BY 1",
+                "WITH me AS (SELECT oid, rolname, rolbypassrls OR rolsuper AS bypass FROM pg_roles WHERE rolname = current_user) \
+                 SELECT n.nspname::text, c.relname::text, me.rolname::text, c.relforcerowsecurity \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, me \
+                 WHERE c.oid::int8 = ANY($1) AND c.relrowsecurity AND NOT me.bypass \
+                   AND (c.relforcerowsecurity OR NOT pg_has_role(me.oid, c.relowner, 'USAGE')) \
+                   AND NOT ( \
+                     EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polpermissive \
+                             AND p.polcmd IN ('r', '*') AND pg_get_expr(p.polqual, p.polrelid) = 'true' \
+                             AND EXISTS (SELECT 1 FROM unnest(p.polroles) g WHERE g = 0 OR pg_has_role(me.oid, g, 'MEMBER'))) \
+                     AND NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND NOT p.polpermissive \
+                             AND p.polcmd IN ('r', '*') AND coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') <> 'true' \
+                             AND EXISTS (SELECT 1 FROM unnest(p.polroles) g WHERE g = 0 OR pg_has_role(me.oid, g, 'MEMBER')))) \
+                 ORDER BY 1, 2",
                 &[&oids_param(oids)],
             )
             .await
@@ -81,12 +111,15 @@ impl Session {
         Ok(rows
             .iter()
             .map(|r| {
-                let table: String = r.get(0);
-                let role: String = r.get(1);
-                format!(
-                    "table {table} has row-level security enabled: ferry's queries as role {role} may silently miss rows; \
-                     run ALTER ROLE {role} BYPASSRLS, or add a policy letting {role} read every row"
-                )
+                let (schema, table, role): (String, String, String) =
+                    (r.get(0), r.get(1), r.get(2));
+                RowSecurityHides {
+                    table: format!("{schema}.{table}"),
+                    table_sql: format!("{}.{}", quote_ident(&schema), quote_ident(&table)),
+                    role_sql: quote_ident(&role),
+                    role,
+                    forced: r.get(3),
+                }
             })
             .collect())
     }
