@@ -58,7 +58,66 @@ fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> Index
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        selection: selection(ix),
     }
+}
+
+/// The config keys that choose which rows (and related rows) documents are
+/// built from, with their values: `where`, `soft_delete`, `order_by`,
+/// `limit` at every level and each count's `where`. Keyed by the relations'
+/// field paths, so reordering relations changes nothing.
+fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    fn put(out: &mut serde_json::Map<String, Value>, key: String, v: Option<Value>) {
+        if let Some(v) = v {
+            out.insert(key, v);
+        }
+    }
+    fn counts(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        list: &[ferry_config::CountConfig],
+    ) {
+        for c in list {
+            let key = format!("{at}{}.where", c.field);
+            put(out, key, c.filter.clone().map(Value::from));
+        }
+    }
+    fn relations(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        list: &[ferry_config::RelationConfig],
+    ) {
+        for r in list {
+            let at = format!("{at}{}.", r.field);
+            put(out, format!("{at}where"), r.filter.clone().map(Value::from));
+            put(
+                out,
+                format!("{at}soft_delete"),
+                r.soft_delete.clone().map(Value::from),
+            );
+            put(
+                out,
+                format!("{at}order_by"),
+                r.order_by.clone().map(Value::from),
+            );
+            put(out, format!("{at}limit"), r.limit.map(Value::from));
+            relations(out, &at, &r.has_many);
+            relations(out, &at, &r.belongs_to);
+            counts(out, &at, &r.count);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    put(&mut out, "where".into(), ix.filter.clone().map(Value::from));
+    put(
+        &mut out,
+        "soft_delete".into(),
+        ix.soft_delete.clone().map(Value::from),
+    );
+    relations(&mut out, "", &ix.has_many);
+    relations(&mut out, "", &ix.belongs_to);
+    counts(&mut out, "", &ix.count);
+    out
 }
 
 /// OIDs of every table any plan reads.

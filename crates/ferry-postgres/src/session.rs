@@ -124,6 +124,37 @@ impl Session {
             .collect())
     }
 
+    /// Prepares (never runs) `SELECT 1 FROM table WHERE (filter) ORDER BY
+    /// order_by` so a bad expression fails at start-up and in `check`, with
+    /// the config key (`key.where`, `key.order_by`) and the server's reason.
+    pub async fn check_clauses(
+        &self,
+        key: &str,
+        table: &TableShape,
+        filter: Option<&str>,
+        order_by: Option<&str>,
+    ) -> Result<(), SourceError> {
+        let clauses = [
+            ("where", filter.map(|f| format!(" WHERE ({f})"))),
+            ("order_by", order_by.map(|o| format!(" ORDER BY {o}"))),
+        ];
+        for (name, clause) in clauses {
+            let Some(clause) = clause else { continue };
+            let sql = format!("SELECT 1 FROM {}{clause}", table.qualified());
+            if let Err(e) = self.client.prepare(&sql).await {
+                let Some(db) = e.as_db_error() else {
+                    return Err(SourceError::from_pg("checking filters", e));
+                };
+                return Err(SourceError::Operator(format!(
+                    "{key}.{name}: {} (on table {}); fix {key}.{name}",
+                    db.message(),
+                    table.qualified_plain()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets (with `manage`, else asks for) REPLICA IDENTITY FULL on each
     /// table in `needs` (OID, the column whose old values are needed).
     pub async fn ensure_full_identities(
