@@ -34,6 +34,10 @@ pub struct Prepared {
     pub indexes: Vec<IndexRuntime>,
     /// Indexes to seed while streaming runs.
     pub seeding: Option<Seeding>,
+    /// Leaf partitions of the partitioned tables the indexes read, as
+    /// (table OID, leaf OID), read before any snapshot: the worker rebuilds
+    /// when they change.
+    pub partitions: Vec<(u32, u32)>,
 }
 
 /// Builds every index's document plan; errors name the config key.
@@ -178,6 +182,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     )
     .await?;
 
+    let partitions = client.partition_leaves(&oids).await?;
     let slot = &cfg.source.slot;
     let existing = catalog::slot_info(&client, slot).await?;
     let mut new_slot = None;
@@ -264,6 +269,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         sink,
         indexes,
         seeding,
+        partitions,
     })
 }
 

@@ -156,7 +156,10 @@ impl Session {
     }
 
     /// Sets (with `manage`, else asks for) REPLICA IDENTITY FULL on each
-    /// table in `needs` (OID, the column whose old values are needed).
+    /// table in `needs` (OID, the column whose old values are needed). A
+    /// partitioned table's old rows are logged by its leaf partitions, so
+    /// each leaf gets it too (PostgreSQL does not pass it down, not even to
+    /// partitions created or attached later).
     pub async fn ensure_full_identities(
         &self,
         needs: &[(u32, String)],
@@ -167,30 +170,85 @@ impl Session {
             if !done.insert(*oid) {
                 continue;
             }
-            let row = self
+            let rows = self
                 .client
-                .query_one(
-                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
-                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid::int8 = $1",
+                .query(
+                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text, c.oid::int8 FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.oid = $1::int8::oid OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid)) \
+                     ORDER BY c.oid <> $1::int8::oid, 1, 2",
                     &[&i64::from(*oid)],
                 )
                 .await
                 .map_err(|e| SourceError::from_pg("reading replica identities", e))?;
-            let ident: String = row.get(2);
-            if ident == "f" {
-                continue;
+            for row in rows {
+                let ident: String = row.get(2);
+                if ident == "f" {
+                    continue;
+                }
+                let table_oid: i64 = row.get(3);
+                let shape = TableShape {
+                    schema: row.get(0),
+                    name: row.get(1),
+                    oid: table_oid as u32,
+                    columns: Vec::new(),
+                    key: Vec::new(),
+                };
+                let why =
+                    format!("old values of {column:?} find the documents a changed row leaves");
+                catalog::ensure_full_identity(self, &shape, &why, manage).await?;
             }
-            let shape = TableShape {
-                schema: row.get(0),
-                name: row.get(1),
-                oid: *oid,
-                columns: Vec::new(),
-                key: Vec::new(),
-            };
-            let why = format!("old values of {column:?} find the documents a changed row leaves");
-            catalog::ensure_full_identity(self, &shape, &why, manage).await?;
         }
         Ok(())
+    }
+
+    /// The leaf partitions of every partitioned table among these, as
+    /// (partitioned table OID, leaf OID), sorted: what the worker compares
+    /// to notice partitions attached or detached while it runs.
+    pub async fn partition_leaves(&self, oids: &[u32]) -> Result<Vec<(u32, u32)>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.oid::int8, t.relid::oid::int8 FROM pg_class c, pg_partition_tree(c.oid) t \
+                 WHERE c.oid::int8 = ANY($1) AND c.relkind = 'p' AND t.isleaf ORDER BY 1, 2",
+                &[&oids_param(oids)],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("reading partitions", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let (root, leaf): (i64, i64) = (r.get(0), r.get(1));
+                (root as u32, leaf as u32)
+            })
+            .collect())
+    }
+
+    /// Whether table `oid` holds at least one row (reads at most one);
+    /// `None` when the table no longer exists.
+    pub async fn has_rows(&self, oid: u32) -> Result<Option<bool>, SourceError> {
+        let name = self
+            .client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
+                &[&i64::from(oid)],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("looking up a partition", e))?;
+        let Some(name) = name else { return Ok(None) };
+        let (schema, table): (String, String) = (name.get(0), name.get(1));
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {}.{})",
+            quote_ident(&schema),
+            quote_ident(&table)
+        );
+        let row = self
+            .client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| SourceError::from_pg("reading a partition", e))?;
+        Ok(Some(row.get(0)))
     }
 
     /// Fails with [`SourceError::PublicationLost`] when `publication` no
