@@ -132,6 +132,21 @@ async fn interrupted_backfill_resumes_from_its_checkpoint() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
+/// The number of documents a search on `alias` finds; panics when the
+/// search is not answered.
+async fn hits_during_rebuild(env: &TestEnv, alias: &str) -> u64 {
+    let res = env
+        .sink
+        .json_request(
+            Method::Post,
+            &format!("/{alias}/_search"),
+            Some(json!({"size": 0, "track_total_hits": true})),
+        )
+        .await
+        .expect("searches are answered during the rebuild");
+    res["hits"]["total"]["value"].as_u64().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mapping_change_rebuilds_in_the_background_and_swaps_the_alias() {
     let env = TestEnv::start().await;
@@ -166,19 +181,8 @@ async fn mapping_change_rebuilds_in_the_background_and_swaps_the_alias() {
         ))
         .await
         .expect("live change");
-        let res = env
-            .sink
-            .json_request(
-                Method::Post,
-                &format!("/{alias}/_search"),
-                Some(json!({"size": 0, "track_total_hits": true})),
-            )
-            .await
-            .expect("searches are answered during the rebuild");
-        assert!(
-            res["hits"]["total"]["value"].as_u64().unwrap_or(0) >= 8_000,
-            "{res}"
-        );
+        let hits = hits_during_rebuild(&env, &alias).await;
+        assert!(hits >= 8_000, "{hits} hits");
         let now: Vec<String> = env.sink.alias_targets(&alias).await.expect("alias");
         if now != old {
             break;
@@ -349,19 +353,8 @@ async fn where_change_rebuilds_and_drops_documents_that_no_longer_match() {
     ferry.hangup();
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let res = env
-            .sink
-            .json_request(
-                Method::Post,
-                &format!("/{alias}/_search"),
-                Some(json!({"size": 0, "track_total_hits": true})),
-            )
-            .await
-            .expect("searches are answered during the rebuild");
-        assert!(
-            res["hits"]["total"]["value"].as_u64().unwrap_or(0) >= 500,
-            "{res}"
-        );
+        let hits = hits_during_rebuild(&env, &alias).await;
+        assert!(hits >= 500, "{hits} hits");
         let now = env.sink.alias_targets(&alias).await.expect("alias");
         assert_eq!(now.len(), 1, "the alias always points at exactly one index");
         if now != old {
