@@ -339,3 +339,40 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     }
     Ok(problems)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(toml: &str) -> ferry_config::IndexConfig {
+        let cfg = Config::from_toml(&format!(
+            "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\npublication = \"p\"\n[sink]\nurl = \"http://h:9200\"\n{toml}"
+        ))
+        .expect("config");
+        cfg.indexes[0].clone()
+    }
+
+    #[test]
+    fn row_selection_names_every_filter_by_its_relation_path() {
+        let ix = index(
+            "[[index]]\nname = \"users\"\ntable = \"users\"\nwhere = \"active\"\n\
+             [[index.has_many]]\nfield = \"orders\"\ntable = \"orders\"\nforeign_key = \"user_id\"\norder_by = \"id desc\"\nlimit = 5\n\
+             [[index.has_many.count]]\nfield = \"n\"\ntable = \"items\"\nforeign_key = \"order_id\"\nwhere = \"qty > 0\"\n",
+        );
+        let got = serde_json::Value::Object(selection(&ix));
+        assert_eq!(
+            got,
+            serde_json::json!({
+                "where": "active",
+                "orders.order_by": "id desc",
+                "orders.limit": 5,
+                "orders.n.where": "qty > 0",
+            })
+        );
+        let plain = index("[[index]]\nname = \"users\"\ntable = \"users\"\n");
+        assert!(
+            selection(&plain).is_empty(),
+            "no selection keeps the old hash"
+        );
+    }
+}
