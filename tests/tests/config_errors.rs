@@ -120,3 +120,39 @@ async fn wal_level_not_logical_is_explained() {
     assert_ne!(code, 0);
     assert!(out.contains("wal_level = logical"), "{out}");
 }
+
+/// `where` and `order_by` are checked against the database by `check` (and
+/// at start-up), and the error names the config key and the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_where_and_order_by_fail_check_naming_the_key() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, active bool);
+         CREATE TABLE orders (id int PRIMARY KEY, user_id int, total int);",
+    )
+    .await
+    .expect("schema");
+    let cfg = env.config("users", "users", "where = \"no_such_column > 0\"\n");
+    let (code, out, err) = ferry_once(&["check", "--config", cfg.to_str().expect("utf8")]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(r#"index[0].where: column "no_such_column" does not exist"#),
+        "{out}{err}"
+    );
+    let cfg = env.config(
+        "users",
+        "users",
+        "where = \"active\"\n\n[[index.has_many]]\nfield = \"orders\"\ntable = \"orders\"\nforeign_key = \"user_id\"\norder_by = \"placed_at desc\"\n",
+    );
+    let (code, out, err) = ferry_once(&["check", "--config", cfg.to_str().expect("utf8")]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(r#"index[0].has_many[0].order_by: column "placed_at" does not exist"#),
+        "{out}{err}"
+    );
+    // run refuses the same way before it creates anything.
+    let (code, _o, err) = ferry_once(&["run", "--config", cfg.to_str().expect("utf8")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("index[0].has_many[0].order_by"), "{err}");
+}

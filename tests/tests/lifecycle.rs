@@ -132,6 +132,21 @@ async fn interrupted_backfill_resumes_from_its_checkpoint() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
+/// The number of documents a search on `alias` finds; panics when the
+/// search is not answered.
+async fn hits_during_rebuild(env: &TestEnv, alias: &str) -> u64 {
+    let res = env
+        .sink
+        .json_request(
+            Method::Post,
+            &format!("/{alias}/_search"),
+            Some(json!({"size": 0, "track_total_hits": true})),
+        )
+        .await
+        .expect("searches are answered during the rebuild");
+    res["hits"]["total"]["value"].as_u64().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mapping_change_rebuilds_in_the_background_and_swaps_the_alias() {
     let env = TestEnv::start().await;
@@ -166,19 +181,8 @@ async fn mapping_change_rebuilds_in_the_background_and_swaps_the_alias() {
         ))
         .await
         .expect("live change");
-        let res = env
-            .sink
-            .json_request(
-                Method::Post,
-                &format!("/{alias}/_search"),
-                Some(json!({"size": 0, "track_total_hits": true})),
-            )
-            .await
-            .expect("searches are answered during the rebuild");
-        assert!(
-            res["hits"]["total"]["value"].as_u64().unwrap_or(0) >= 8_000,
-            "{res}"
-        );
+        let hits = hits_during_rebuild(&env, &alias).await;
+        assert!(hits >= 8_000, "{hits} hits");
         let now: Vec<String> = env.sink.alias_targets(&alias).await.expect("alias");
         if now != old {
             break;
@@ -307,5 +311,78 @@ async fn reindex_rebuilds_into_a_new_index_and_swaps_the_alias() {
         .json_request(Method::Get, &format!("/{}", old[0]), None)
         .await;
     assert!(gone.is_err(), "the old index was deleted");
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+/// Changing a row filter (`where`) rebuilds the index in the background like
+/// a mapping change: documents that no longer match disappear when the alias
+/// moves, and searches are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_change_rebuilds_and_drops_documents_that_no_longer_match() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE f (id int PRIMARY KEY, v text, active bool NOT NULL);
+         INSERT INTO f SELECT g, 'v' || g, g % 2 = 0 FROM generate_series(1, 3000) g;",
+    )
+    .await
+    .expect("schema");
+    let alias = env.index("f");
+    let index = |filter: &str| {
+        format!("[[index]]\nname = \"{alias}\"\ntable = \"f\"\nwhere = \"{filter}\"\n")
+    };
+    let cfg = env.write_config(&config(&env, "backfill_chunk_rows = 500", &index("active")));
+    let mut ferry = env.run_ferry(&cfg);
+    let expected =
+        |filter: &str| format!("SELECT id::text, to_jsonb(f)::text FROM f WHERE {filter}");
+    env.assert_converges_to("f", &expected("active"), CONVERGE)
+        .await;
+    let old = env.sink.alias_targets(&alias).await.expect("alias");
+
+    // Narrow the filter and reload: the alias moves to a new index that
+    // holds only the rows matching the new filter.
+    std::fs::write(
+        &cfg,
+        config(
+            &env,
+            "backfill_chunk_rows = 500",
+            &index("active AND id <= 1000"),
+        ),
+    )
+    .expect("write");
+    ferry.hangup();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let hits = hits_during_rebuild(&env, &alias).await;
+        assert!(hits >= 500, "{hits} hits");
+        let now = env.sink.alias_targets(&alias).await.expect("alias");
+        assert_eq!(now.len(), 1, "the alias always points at exactly one index");
+        if now != old {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the alias never moved\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.assert_converges_to("f", &expected("active AND id <= 1000"), CONVERGE)
+        .await;
+    assert_eq!(env.count("f").await, 500);
+    db.batch_execute("UPDATE f SET active = true WHERE id IN (1, 2001)")
+        .await
+        .expect("live change");
+    env.assert_converges_to("f", &expected("active AND id <= 1000"), CONVERGE)
+        .await;
+    assert!(ferry.is_running());
+
+    // A restart with the same filter keeps the rebuilt index: no new rebuild.
+    assert_eq!(ferry.stop(), Some(0));
+    let now = env.sink.alias_targets(&alias).await.expect("alias");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("f", &expected("active AND id <= 1000"), CONVERGE)
+        .await;
+    assert_eq!(env.sink.alias_targets(&alias).await.expect("alias"), now);
     assert_eq!(ferry.stop(), Some(0));
 }

@@ -445,3 +445,104 @@ async fn postgres_over_verified_tls_works_end_to_end_and_refuses_wrong_certifica
         .await;
     assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
 }
+
+/// A non-superuser role under row-level security would copy only the rows
+/// its policies show while the stream delivers every change: `check` and
+/// `run` refuse, naming the table and the SQL that fixes it, and a policy
+/// that plainly grants every row is accepted. With BYPASSRLS the index
+/// holds every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_never_yields_a_silent_subset() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE ROLE reader LOGIN REPLICATION;
+         CREATE TABLE ledger (id int PRIMARY KEY, v text);
+         INSERT INTO ledger SELECT g, 'entry ' || g FROM generate_series(1, 200) g;
+         ALTER TABLE ledger ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY even_only ON ledger FOR SELECT TO reader USING (id % 2 = 0);
+         CREATE TABLE notes (id int PRIMARY KEY, v text);
+         INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 50) g;
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY every_row ON notes FOR SELECT TO reader USING (true);
+         GRANT SELECT ON ledger, notes TO reader;
+         CREATE PUBLICATION ferry_test FOR TABLE ledger, notes;",
+    )
+    .await
+    .expect("schema");
+    let url = env.pg.url("app").replace("postgres@", "reader@");
+    let cfg = env.write_config(&format!(
+        "[source]\nurl = \"{url}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n\
+         [sink]\nurl = \"{}\"\n\n[engine]\nmax_batch_delay_ms = 20\n\n\
+         [[index]]\nname = \"{}\"\ntable = \"ledger\"\n\n[[index]]\nname = \"{}\"\ntable = \"notes\"\n",
+        env.os.url(),
+        env.index("ledger"),
+        env.index("notes"),
+    ));
+
+    let (code, out) = check(&cfg);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("table public.ledger has row-level security"),
+        "{out}"
+    );
+    assert!(out.contains(r#"ALTER ROLE "reader" BYPASSRLS;"#), "{out}");
+    assert!(
+        out.contains(
+            r#"CREATE POLICY ferry_reads_all ON "public"."ledger" FOR SELECT TO "reader" USING (true);"#
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains("public.notes"),
+        "a policy granting every row was refused: {out}"
+    );
+
+    // run refuses before it creates a slot or copies a row.
+    let mut ferry = env.run_ferry(&cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ferry.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ferry run did not refuse: {}",
+            env.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ferry.stop(), Some(1), "{}", env.log_tail());
+    let log = env.log();
+    assert!(
+        log.contains("table public.ledger has row-level security"),
+        "{log}"
+    );
+    assert!(log.contains(r#"ALTER ROLE "reader" BYPASSRLS;"#), "{log}");
+    assert_eq!(
+        env.count("ledger").await,
+        0,
+        "documents were written before the refusal"
+    );
+    let slots: i64 = db
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "a slot was created before the refusal");
+
+    db.batch_execute("ALTER ROLE reader BYPASSRLS")
+        .await
+        .expect("bypassrls");
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 0, "{out}");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("ledger", "ledger", Duration::from_secs(60))
+        .await;
+    env.assert_converges("notes", "notes", Duration::from_secs(60))
+        .await;
+    assert_eq!(env.count("ledger").await, 200);
+    db.batch_execute("INSERT INTO ledger VALUES (201, 'live'); DELETE FROM ledger WHERE id = 2;")
+        .await
+        .expect("live change");
+    env.assert_converges("ledger", "ledger", Duration::from_secs(60))
+        .await;
+    assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
+}

@@ -75,6 +75,9 @@ pub async fn build(
     let at = format!("index[{pos}]");
     let info =
         catalog::read_table(client, types, &at, &ix.table, ix.columns.as_deref(), true).await?;
+    client
+        .check_clauses(&at, &info.shape, ix.filter.as_deref(), None)
+        .await?;
     let mut root = Node {
         field: String::new(),
         fields: fields_of(&info.shape, &ix.rename),
@@ -108,6 +111,9 @@ async fn counts(
         if info.column(&c.foreign_key).is_none() {
             return Err(info.missing(&format!("{key}.foreign_key"), &c.foreign_key));
         }
+        client
+            .check_clauses(&key, &info.shape, c.filter.as_deref(), None)
+            .await?;
         let references = match &c.references {
             Some(r) => {
                 parent
@@ -146,6 +152,14 @@ fn children<'a>(
                 let info =
                     catalog::read_table(client, types, &key, &r.table, r.columns.as_deref(), true)
                         .await?;
+                client
+                    .check_clauses(
+                        &key,
+                        &info.shape,
+                        r.filter.as_deref(),
+                        r.order_by.as_deref(),
+                    )
+                    .await?;
                 let link = if kind == "belongs_to" {
                     if parent.column(&r.foreign_key).is_none() {
                         return Err(parent.missing(&format!("{key}.foreign_key"), &r.foreign_key));

@@ -47,7 +47,8 @@ impl EngineError {
                 | SourceError::SlotInvalidated { .. }
                 | SourceError::AuthFailed { .. }
                 | SourceError::ReplicationDenied { .. }
-                | SourceError::PublicationLost(_) => Disposition::Operator,
+                | SourceError::PublicationLost(_)
+                | SourceError::RowSecurity(_) => Disposition::Operator,
                 SourceError::Server { .. } | SourceError::Decode(_) => Disposition::Fatal,
             },
             EngineError::Sink(e) => match e {
@@ -116,6 +117,16 @@ mod tests {
             src(SourceError::PublicationLost(ferry_postgres::Uncovered {
                 publication: "p".into(),
                 table: "public.t".into()
+            })),
+            Disposition::Operator
+        );
+        assert_eq!(
+            src(SourceError::RowSecurity(ferry_postgres::RowSecurityHides {
+                table: "public.t".into(),
+                table_sql: "public.t".into(),
+                role: "r".into(),
+                role_sql: "r".into(),
+                forced: false,
             })),
             Disposition::Operator
         );

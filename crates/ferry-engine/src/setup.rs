@@ -34,6 +34,10 @@ pub struct Prepared {
     pub indexes: Vec<IndexRuntime>,
     /// Indexes to seed while streaming runs.
     pub seeding: Option<Seeding>,
+    /// Leaf partitions of the partitioned tables the indexes read, as
+    /// (table OID, leaf OID), read before any snapshot: the worker rebuilds
+    /// when they change.
+    pub partitions: Vec<(u32, u32)>,
 }
 
 /// Builds every index's document plan; errors name the config key.
@@ -58,7 +62,66 @@ fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> Index
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        selection: selection(ix),
     }
+}
+
+/// The config keys that choose which rows (and related rows) documents are
+/// built from, with their values: `where`, `soft_delete`, `order_by`,
+/// `limit` at every level and each count's `where`. Keyed by the relations'
+/// field paths, so reordering relations changes nothing.
+fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    fn put(out: &mut serde_json::Map<String, Value>, key: String, v: Option<Value>) {
+        if let Some(v) = v {
+            out.insert(key, v);
+        }
+    }
+    fn counts(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        list: &[ferry_config::CountConfig],
+    ) {
+        for c in list {
+            let key = format!("{at}{}.where", c.field);
+            put(out, key, c.filter.clone().map(Value::from));
+        }
+    }
+    fn relations(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        list: &[ferry_config::RelationConfig],
+    ) {
+        for r in list {
+            let at = format!("{at}{}.", r.field);
+            put(out, format!("{at}where"), r.filter.clone().map(Value::from));
+            put(
+                out,
+                format!("{at}soft_delete"),
+                r.soft_delete.clone().map(Value::from),
+            );
+            put(
+                out,
+                format!("{at}order_by"),
+                r.order_by.clone().map(Value::from),
+            );
+            put(out, format!("{at}limit"), r.limit.map(Value::from));
+            relations(out, &at, &r.has_many);
+            relations(out, &at, &r.belongs_to);
+            counts(out, &at, &r.count);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    put(&mut out, "where".into(), ix.filter.clone().map(Value::from));
+    put(
+        &mut out,
+        "soft_delete".into(),
+        ix.soft_delete.clone().map(Value::from),
+    );
+    relations(&mut out, "", &ix.has_many);
+    relations(&mut out, "", &ix.belongs_to);
+    counts(&mut out, "", &ix.count);
+    out
 }
 
 /// OIDs of every table any plan reads.
@@ -100,9 +163,10 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
 
     let oids = plan_oids(&plans);
     let tables = client.table_names(&oids).await?;
-    for problem in client.row_security_problems(&oids).await? {
-        // A policy may well grant every row: warn rather than refuse.
-        tracing::warn!("{problem}");
+    // A copy under a narrowing policy would silently hold a subset of what
+    // the stream delivers: refuse.
+    if let Some(hides) = client.row_security_hides(&oids).await?.into_iter().next() {
+        return Err(SourceError::RowSecurity(hides).into());
     }
     client
         .ensure_full_identities(
@@ -118,6 +182,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     )
     .await?;
 
+    let partitions = client.partition_leaves(&oids).await?;
     let slot = &cfg.source.slot;
     let existing = catalog::slot_info(&client, slot).await?;
     let mut new_slot = None;
@@ -204,6 +269,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         sink,
         indexes,
         seeding,
+        partitions,
     })
 }
 
@@ -225,7 +291,13 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     }
     let oids = plan_oids(&plans_ok);
     let tables = client.table_names(&oids).await?;
-    problems.extend(client.row_security_problems(&oids).await?);
+    problems.extend(
+        client
+            .row_security_hides(&oids)
+            .await?
+            .into_iter()
+            .map(|h| SourceError::RowSecurity(h).to_string()),
+    );
     if let Err(e) = client
         .ensure_full_identities(&full_identity_needs(&plans_ok), false)
         .await
@@ -266,4 +338,41 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
         Err(e) => problems.push(e.to_string()),
     }
     Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(toml: &str) -> ferry_config::IndexConfig {
+        let cfg = Config::from_toml(&format!(
+            "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\npublication = \"p\"\n[sink]\nurl = \"http://h:9200\"\n{toml}"
+        ))
+        .expect("config");
+        cfg.indexes[0].clone()
+    }
+
+    #[test]
+    fn row_selection_names_every_filter_by_its_relation_path() {
+        let ix = index(
+            "[[index]]\nname = \"users\"\ntable = \"users\"\nwhere = \"active\"\n\
+             [[index.has_many]]\nfield = \"orders\"\ntable = \"orders\"\nforeign_key = \"user_id\"\norder_by = \"id desc\"\nlimit = 5\n\
+             [[index.has_many.count]]\nfield = \"n\"\ntable = \"items\"\nforeign_key = \"order_id\"\nwhere = \"qty > 0\"\n",
+        );
+        let got = serde_json::Value::Object(selection(&ix));
+        assert_eq!(
+            got,
+            serde_json::json!({
+                "where": "active",
+                "orders.order_by": "id desc",
+                "orders.limit": 5,
+                "orders.n.where": "qty > 0",
+            })
+        );
+        let plain = index("[[index]]\nname = \"users\"\ntable = \"users\"\n");
+        assert!(
+            selection(&plain).is_empty(),
+            "no selection keeps the old hash"
+        );
+    }
 }

@@ -17,13 +17,23 @@ pub struct IndexPlan {
     pub properties: Map<String, Value>,
     /// Index settings (may be empty).
     pub settings: Map<String, Value>,
+    /// What selects the rows documents are built from and which related
+    /// rows they hold (`where`, `soft_delete`, `order_by`, `limit`, by config
+    /// key): part of the generation identity, so changing it rebuilds the
+    /// index like a mapping change does. Empty leaves the hash as it was
+    /// before this existed.
+    pub selection: Map<String, Value>,
 }
 
 impl IndexPlan {
-    /// A stable hash of mapping and settings (FNV-1a over canonical JSON).
+    /// A stable hash of mapping, settings and row selection (FNV-1a over
+    /// canonical JSON).
     pub fn hash(&self) -> String {
-        let canonical =
-            json!({"properties": self.properties, "settings": self.settings}).to_string();
+        let mut identity = json!({"properties": self.properties, "settings": self.settings});
+        if !self.selection.is_empty() {
+            identity["selection"] = Value::Object(self.selection.clone());
+        }
+        let canonical = identity.to_string();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in canonical.bytes() {
             h ^= u64::from(b);
@@ -353,11 +363,28 @@ mod tests {
             alias: "users".into(),
             properties: Map::new(),
             settings: Map::new(),
+            selection: Map::new(),
         };
         let h1 = p.hash();
         assert_eq!(h1, p.hash());
         p.properties.insert("id".into(), json!({"type": "long"}));
         assert_ne!(h1, p.hash());
         assert!(concrete_name(&p).starts_with("users-"));
+    }
+
+    #[test]
+    fn hash_changes_with_row_selection_and_ignores_an_empty_one() {
+        let mut p = IndexPlan {
+            alias: "users".into(),
+            properties: Map::new(),
+            settings: Map::new(),
+            selection: Map::new(),
+        };
+        // The pre-selection hash of the same mapping: no rebuild on upgrade.
+        assert_eq!(p.hash(), "48a1a86c");
+        p.selection.insert("where".into(), json!("active"));
+        let h1 = p.hash();
+        p.selection.insert("where".into(), json!("not active"));
+        assert_ne!(h1, p.hash());
     }
 }

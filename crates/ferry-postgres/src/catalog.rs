@@ -282,9 +282,29 @@ pub async fn ensure_publication(
     manage: bool,
 ) -> Result<(), SourceError> {
     let client = &db.client;
+    // A partitioned table's changes are logged by its leaf partitions; only
+    // `publish_via_partition_root` makes pgoutput report them (and list the
+    // table in pg_publication_tables) under the table itself.
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, t)| (s.as_str(), t.as_str())).unzip();
+    let partitioned: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN unnest($1::text[], $2::text[]) AS t(s, r) ON n.nspname = t.s AND c.relname = t.r \
+             WHERE c.relkind = 'p')",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(|e| SourceError::from_pg("reading table kinds", e))?
+        .get(0);
+    let via_root = if partitioned {
+        " WITH (publish_via_partition_root = true)"
+    } else {
+        ""
+    };
     let row = client
         .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
@@ -298,7 +318,7 @@ pub async fn ensure_publication(
     let Some(row) = row else {
         let all: Vec<&(String, String)> = tables.iter().collect();
         let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
+            "CREATE PUBLICATION {} FOR TABLE {}{via_root}",
             quote_ident(publication),
             list(&all)
         );
@@ -315,6 +335,27 @@ pub async fn ensure_publication(
         return Ok(());
     };
     let all_tables: bool = row.get(0);
+    let publishes_via_root: bool = row.get(1);
+    if partitioned && !publishes_via_root {
+        let sql = format!(
+            "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+            quote_ident(publication)
+        );
+        if !manage {
+            return Err(SourceError::Operator(format!(
+                "publication {publication:?} reports a partitioned table's changes under its partitions \
+                 and source.manage_publication is false: run {sql}"
+            )));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| SourceError::from_pg(&format!("altering the publication ({sql})"), e))?;
+        tracing::info!(
+            publication,
+            "publication now publishes via the partition root"
+        );
+    }
     if all_tables {
         return Ok(());
     }

@@ -70,6 +70,17 @@ pub enum SourceError {
         .0.publication, .0.table, .0.table
     )]
     PublicationLost(crate::Uncovered),
+    /// Row-level security applies to ferry's role on a table an index
+    /// reads: the copy would see a subset while the stream delivers every
+    /// change, so the index would silently hold a subset.
+    #[error(
+        "table {} has row-level security that applies to role {} (not its owner, not superuser, no BYPASSRLS{}), \
+         so ferry's copy would silently miss the rows its policies hide: run `ALTER ROLE {} BYPASSRLS;`, \
+         or grant the role every row with `CREATE POLICY ferry_reads_all ON {} FOR SELECT TO {} USING (true);`",
+        .0.table, .0.role, if .0.forced { "; FORCE ROW LEVEL SECURITY is set" } else { "" },
+        .0.role_sql, .0.table_sql, .0.role_sql
+    )]
+    RowSecurity(crate::RowSecurityHides),
     /// The replication stream carried bytes ferry could not decode.
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] crate::pgoutput::DecodeError),

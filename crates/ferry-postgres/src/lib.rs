@@ -18,7 +18,7 @@ mod session;
 
 pub use copy::{CopyReader, CopyRow};
 pub use error::SourceError;
-pub use session::{Session, Uncovered};
+pub use session::{RowSecurityHides, Session, Uncovered};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -32,6 +32,21 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// A table whose row-level security would hide rows from ferry's role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSecurityHides {
+    /// `schema.table`, for the message.
+    pub table: String,
+    /// The table quoted for SQL.
+    pub table_sql: String,
+    /// ferry's role.
+    pub role: String,
+    /// The role quoted for SQL.
+    pub role_sql: String,
+    /// FORCE ROW LEVEL SECURITY is set (the owner is subject too).
+    pub forced: bool,
+}
+
 /// A table a publication no longer covers, though an index reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uncovered {
@@ -63,17 +78,32 @@ impl Session {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Tables among these whose row-level security would hide rows from
-    /// ferry's queries, each as a message saying what to grant.
-    pub async fn row_security_problems(&self, oids: &[u32]) -> Result<Vec<String>, SourceError> {
+    /// Tables among these whose row-level security applies to ferry's role
+    /// (enabled, and the role is neither owner, superuser nor BYPASSRLS; or
+    /// FORCE ROW LEVEL SECURITY) and whose policies do not plainly grant the
+    /// role every row (a permissive `USING (true)` for SELECT or ALL, and no
+    /// restrictive policy that narrows it). Such a table's copy would be a
+    /// subset of what the stream delivers.
+    pub async fn row_security_hides(
+        &self,
+        oids: &[u32],
+    ) -> Result<Vec<RowSecurityHides>, SourceError> {
         let rows = self
             .client
             .query(
-                "SELECT n.nspname::text || '.' || c.relname::text, current_user::text \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_roles r \
-                 WHERE r.rolname = current_user AND c.oid::int8 = ANY($1) AND c.relrowsecurity \
-                   AND NOT (r.rolbypassrls OR r.rolsuper) \
-                   AND (c.relowner <> r.oid OR c.relforcerowsecurity) ORDER BY 1",
+                "WITH me AS (SELECT oid, rolname, rolbypassrls OR rolsuper AS bypass FROM pg_roles WHERE rolname = current_user) \
+                 SELECT n.nspname::text, c.relname::text, me.rolname::text, c.relforcerowsecurity \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, me \
+                 WHERE c.oid::int8 = ANY($1) AND c.relrowsecurity AND NOT me.bypass \
+                   AND (c.relforcerowsecurity OR NOT pg_has_role(me.oid, c.relowner, 'USAGE')) \
+                   AND NOT ( \
+                     EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polpermissive \
+                             AND p.polcmd IN ('r', '*') AND pg_get_expr(p.polqual, p.polrelid) = 'true' \
+                             AND EXISTS (SELECT 1 FROM unnest(p.polroles) g WHERE g = 0 OR pg_has_role(me.oid, g, 'MEMBER'))) \
+                     AND NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND NOT p.polpermissive \
+                             AND p.polcmd IN ('r', '*') AND coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') <> 'true' \
+                             AND EXISTS (SELECT 1 FROM unnest(p.polroles) g WHERE g = 0 OR pg_has_role(me.oid, g, 'MEMBER')))) \
+                 ORDER BY 1, 2",
                 &[&oids_param(oids)],
             )
             .await
@@ -81,18 +111,55 @@ impl Session {
         Ok(rows
             .iter()
             .map(|r| {
-                let table: String = r.get(0);
-                let role: String = r.get(1);
-                format!(
-                    "table {table} has row-level security enabled: ferry's queries as role {role} may silently miss rows; \
-                     run ALTER ROLE {role} BYPASSRLS, or add a policy letting {role} read every row"
-                )
+                let (schema, table, role): (String, String, String) =
+                    (r.get(0), r.get(1), r.get(2));
+                RowSecurityHides {
+                    table: format!("{schema}.{table}"),
+                    table_sql: format!("{}.{}", quote_ident(&schema), quote_ident(&table)),
+                    role_sql: quote_ident(&role),
+                    role,
+                    forced: r.get(3),
+                }
             })
             .collect())
     }
 
+    /// Prepares (never runs) `SELECT 1 FROM table WHERE (filter) ORDER BY
+    /// order_by` so a bad expression fails at start-up and in `check`, with
+    /// the config key (`key.where`, `key.order_by`) and the server's reason.
+    pub async fn check_clauses(
+        &self,
+        key: &str,
+        table: &TableShape,
+        filter: Option<&str>,
+        order_by: Option<&str>,
+    ) -> Result<(), SourceError> {
+        let clauses = [
+            ("where", filter.map(|f| format!(" WHERE ({f})"))),
+            ("order_by", order_by.map(|o| format!(" ORDER BY {o}"))),
+        ];
+        for (name, clause) in clauses {
+            let Some(clause) = clause else { continue };
+            let sql = format!("SELECT 1 FROM {}{clause}", table.qualified());
+            if let Err(e) = self.client.prepare(&sql).await {
+                let Some(db) = e.as_db_error() else {
+                    return Err(SourceError::from_pg("checking filters", e));
+                };
+                return Err(SourceError::Operator(format!(
+                    "{key}.{name}: {} (on table {}); fix {key}.{name}",
+                    db.message(),
+                    table.qualified_plain()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets (with `manage`, else asks for) REPLICA IDENTITY FULL on each
-    /// table in `needs` (OID, the column whose old values are needed).
+    /// table in `needs` (OID, the column whose old values are needed). A
+    /// partitioned table's old rows are logged by its leaf partitions, so
+    /// each leaf gets it too (PostgreSQL does not pass it down, not even to
+    /// partitions created or attached later).
     pub async fn ensure_full_identities(
         &self,
         needs: &[(u32, String)],
@@ -103,30 +170,85 @@ impl Session {
             if !done.insert(*oid) {
                 continue;
             }
-            let row = self
+            let rows = self
                 .client
-                .query_one(
-                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
-                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid::int8 = $1",
+                .query(
+                    "SELECT n.nspname::text, c.relname::text, c.relreplident::text, c.oid::int8 FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.oid = $1::int8::oid OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid)) \
+                     ORDER BY c.oid <> $1::int8::oid, 1, 2",
                     &[&i64::from(*oid)],
                 )
                 .await
                 .map_err(|e| SourceError::from_pg("reading replica identities", e))?;
-            let ident: String = row.get(2);
-            if ident == "f" {
-                continue;
+            for row in rows {
+                let ident: String = row.get(2);
+                if ident == "f" {
+                    continue;
+                }
+                let table_oid: i64 = row.get(3);
+                let shape = TableShape {
+                    schema: row.get(0),
+                    name: row.get(1),
+                    oid: table_oid as u32,
+                    columns: Vec::new(),
+                    key: Vec::new(),
+                };
+                let why =
+                    format!("old values of {column:?} find the documents a changed row leaves");
+                catalog::ensure_full_identity(self, &shape, &why, manage).await?;
             }
-            let shape = TableShape {
-                schema: row.get(0),
-                name: row.get(1),
-                oid: *oid,
-                columns: Vec::new(),
-                key: Vec::new(),
-            };
-            let why = format!("old values of {column:?} find the documents a changed row leaves");
-            catalog::ensure_full_identity(self, &shape, &why, manage).await?;
         }
         Ok(())
+    }
+
+    /// The leaf partitions of every partitioned table among these, as
+    /// (partitioned table OID, leaf OID), sorted: what the worker compares
+    /// to notice partitions attached or detached while it runs.
+    pub async fn partition_leaves(&self, oids: &[u32]) -> Result<Vec<(u32, u32)>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.oid::int8, t.relid::oid::int8 FROM pg_class c, pg_partition_tree(c.oid) t \
+                 WHERE c.oid::int8 = ANY($1) AND c.relkind = 'p' AND t.isleaf ORDER BY 1, 2",
+                &[&oids_param(oids)],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("reading partitions", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let (root, leaf): (i64, i64) = (r.get(0), r.get(1));
+                (root as u32, leaf as u32)
+            })
+            .collect())
+    }
+
+    /// Whether table `oid` holds at least one row (reads at most one);
+    /// `None` when the table no longer exists.
+    pub async fn has_rows(&self, oid: u32) -> Result<Option<bool>, SourceError> {
+        let name = self
+            .client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
+                &[&i64::from(oid)],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("looking up a partition", e))?;
+        let Some(name) = name else { return Ok(None) };
+        let (schema, table): (String, String) = (name.get(0), name.get(1));
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {}.{})",
+            quote_ident(&schema),
+            quote_ident(&table)
+        );
+        let row = self
+            .client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| SourceError::from_pg("reading a partition", e))?;
+        Ok(Some(row.get(0)))
     }
 
     /// Fails with [`SourceError::PublicationLost`] when `publication` no

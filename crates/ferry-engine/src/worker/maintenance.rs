@@ -1,5 +1,6 @@
 //! What the worker does besides turning changes into documents: TRUNCATE,
-//! retiring the index an alias left, publication coverage, heartbeats.
+//! retiring the index an alias left, publication coverage, partitions
+//! attached or detached, heartbeats.
 
 use std::time::Instant;
 
@@ -76,6 +77,63 @@ impl Worker {
             .check_coverage(&self.cfg.source.publication, &oids)
             .await?;
         Ok(())
+    }
+
+    /// Partitions attached to or detached from a partitioned table an index
+    /// reads: ATTACH and DETACH write no row changes, so an attached
+    /// partition's rows would never arrive and a detached one's would stay.
+    /// A new leaf gets REPLICA IDENTITY FULL where old values are needed; a
+    /// leaf that came or went with rows (or was dropped) marks every index
+    /// reading that table for a rebuild and restarts the pipeline, which
+    /// rebuilds them beside the served index and moves the alias. Empty
+    /// partitions (created ahead of time) change nothing.
+    pub(super) async fn check_partitions(&mut self) -> Result<(), EngineError> {
+        let client = &self.core.rows.client;
+        let indexes = &self.core.rows.indexes;
+        let oids: Vec<u32> = indexes
+            .iter()
+            .flat_map(|ix| ix.plan.usages().into_iter().map(|(oid, _)| oid))
+            .collect();
+        let now = client.partition_leaves(&oids).await?;
+        if now == self.partitions {
+            return Ok(());
+        }
+        let needs: Vec<(u32, String)> = indexes
+            .iter()
+            .flat_map(|ix| ix.plan.needs_full_identity())
+            .collect();
+        client
+            .ensure_full_identities(&needs, self.cfg.source.manage_replica_identity)
+            .await?;
+        let mut moved_rows: Vec<u32> = Vec::new();
+        let came = now.iter().filter(|p| !self.partitions.contains(p));
+        let went = self.partitions.iter().filter(|p| !now.contains(p));
+        for &(table, leaf) in came.chain(went) {
+            if client.has_rows(leaf).await? != Some(false) {
+                moved_rows.push(table);
+            }
+        }
+        self.partitions = now;
+        if moved_rows.is_empty() {
+            tracing::info!("partitions changed without rows: nothing to rebuild");
+            return Ok(());
+        }
+        let mut rebuild = Vec::new();
+        for ix in indexes {
+            if ix
+                .plan
+                .usages()
+                .iter()
+                .any(|(oid, _)| moved_rows.contains(oid))
+            {
+                self.core.sink.sink.request_reindex(&ix.alias).await?;
+                rebuild.push(ix.alias.clone());
+            }
+        }
+        Err(EngineError::Restart(format!(
+            "a partition with rows was attached or detached: rebuilding {} in the background",
+            rebuild.join(", ")
+        )))
     }
 
     /// Writes a transactional logical message so an idle slot still advances

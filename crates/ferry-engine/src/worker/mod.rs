@@ -57,6 +57,8 @@ struct Worker {
     /// follow the table's shape.
     follow_shape: Vec<bool>,
     last_event: Instant,
+    /// Leaf partitions of the partitioned tables read, as last seen.
+    partitions: Vec<(u32, u32)>,
 }
 
 /// Streams changes until shutdown or a failure.
@@ -73,6 +75,7 @@ pub async fn stream(
         sink,
         indexes,
         seeding,
+        partitions,
     } = prepared;
     let mut capture = capture::start(
         &params,
@@ -118,6 +121,7 @@ pub async fn stream(
         stats: stats.clone(),
         follow_shape,
         last_event: Instant::now(),
+        partitions,
     };
     tracing::info!("streaming changes");
     stats.streaming.store(true, Relaxed);
@@ -163,6 +167,7 @@ pub async fn stream(
             }
             _ = coverage.tick() => {
                 if let Err(e) = w.check_publication().await { break Err(e); }
+                if let Err(e) = w.check_partitions().await { break Err(e); }
                 continue;
             }
             _ = sleep_until(beat_at), if beat_at.is_some() && idle => {
