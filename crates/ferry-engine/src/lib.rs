@@ -25,6 +25,7 @@ mod seed;
 mod setup;
 mod worker;
 
+pub use backfill::set_progress_bar;
 pub use error::{Disposition, EngineError};
 pub use setup::{check, Prepared};
 
