@@ -1,7 +1,9 @@
 //! The raw bulk loader behind the node's ingest ceiling: bulk bodies built
 //! before the clock starts, sent straight to the node by several concurrent
-//! keep-alive connections, with ferry's wire format and batch limits and
-//! the same retry rules (429 and 5xx again, 409 is success).
+//! keep-alive connections, with ferry's wire format and batch limits, and
+//! answers read by ferry's own parser and per-item rules
+//! (`ferry_opensearch::parse_bulk_answer`, `item_outcome`: 408, 429 and 5xx
+//! again, 409 is success).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -11,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use ferry_core::DocOp;
+use ferry_opensearch::{item_outcome, parse_bulk_answer, ItemOutcome};
 
 use crate::http::Conn;
 
@@ -279,49 +282,36 @@ async fn sender(mut conn: Conn, work: Arc<Work>) -> Result<()> {
     }
 }
 
-#[derive(Deserialize)]
-struct Summary {
-    errors: bool,
-}
-
-#[derive(Deserialize)]
-struct Full {
-    items: Vec<std::collections::HashMap<String, Item>>,
-}
-
-#[derive(Deserialize)]
-struct Item {
-    status: u16,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-}
-
-/// Counts a bulk response's outcomes; returns the positions to send again.
+/// Counts a bulk response's outcomes (by ferry's own per-item rules);
+/// returns the positions to send again.
 fn settle(batch: &Batch, body: &[u8], work: &Work) -> Result<Vec<usize>> {
-    let summary: Summary = serde_json::from_slice(body).context("reading a bulk response")?;
-    if !summary.errors {
+    let Some(items) = parse_bulk_answer(body).context("reading a bulk response")? else {
         return Ok(Vec::new());
-    }
-    let full: Full = serde_json::from_slice(body).context("reading a bulk response")?;
-    if full.items.len() != batch.items.len() {
+    };
+    if items.len() != batch.items.len() {
         bail!(
             "{} items answered for {} sent",
-            full.items.len(),
+            items.len(),
             batch.items.len()
         );
     }
     let mut retry = Vec::new();
-    for (pos, item) in full.items.iter().enumerate() {
-        let Some(item) = item.values().next() else {
+    for (pos, item) in items.iter().enumerate() {
+        let Some(item) = item else {
             continue;
         };
-        match item.status {
-            200..=299 | 404 => {}
-            409 => {
+        let op = if batch.body[batch.items[pos].clone()].starts_with(b"{\"delete\"") {
+            DocOp::Delete
+        } else {
+            DocOp::Index(Vec::new())
+        };
+        match item_outcome(&op, item.status, item.error_type()) {
+            ItemOutcome::Written => {}
+            ItemOutcome::Superseded => {
                 work.conflicts.fetch_add(1, Ordering::Relaxed);
             }
-            429 | 500..=599 => retry.push(pos),
-            _ => {
+            ItemOutcome::Retry => retry.push(pos),
+            ItemOutcome::Rejected => {
                 work.errors.fetch_add(1, Ordering::Relaxed);
                 let mut first = lock(&work.first_error);
                 if first.is_none() {

@@ -12,8 +12,7 @@
 //! instead of starting over. Rows before the checkpoint stay correct because
 //! the stream has been applying their changes all along.
 
-use std::io::{IsTerminal, Write};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
@@ -22,6 +21,7 @@ use ferry_core::stats::IndexStats;
 use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::Session;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use tokio::sync::mpsc;
 
 use crate::index::IndexRuntime;
@@ -191,7 +191,7 @@ pub async fn run(
                 let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
                 tracing::info!(index = %ix.alias, rows, rows_estimate = estimate, rate = rate as u64, "backfill progress");
             }
-            progress.show(rows, started);
+            progress.show(rows);
         }
         // A short chunk is the last one.
         let Some(key) = last_key else {
@@ -235,63 +235,61 @@ pub async fn run(
     Ok(written)
 }
 
+/// Whether backfills may draw a progress bar on a terminal stderr. The
+/// binary turns it off when its logs are JSON, so machine-read output never
+/// holds a bar.
+static PROGRESS_BAR: AtomicBool = AtomicBool::new(true);
+
+/// Allow or forbid the backfill progress bar (it is only ever drawn when
+/// stderr is a terminal).
+pub fn set_progress_bar(on: bool) {
+    PROGRESS_BAR.store(on, Relaxed);
+}
+
 /// A one-line progress bar on stderr when it is a terminal (a service's log
 /// gets the periodic `backfill progress` lines instead).
-struct Progress {
-    on: bool,
-    name: String,
-    total: i64,
-}
+struct Progress(ProgressBar);
 
 impl Progress {
     fn new(name: &str, total: i64) -> Progress {
-        Progress {
-            on: std::io::stderr().is_terminal(),
-            name: name.to_string(),
-            total,
-        }
+        let target = if PROGRESS_BAR.load(Relaxed) {
+            // Hidden by indicatif itself when stderr is not a terminal.
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let template = if total > 0 {
+            "{msg} [{bar:30}] {percent:>3}% {pos}/{len} rows {rate} ETA {eta}"
+        } else {
+            "{msg} {pos}/? rows {rate}"
+        };
+        let style = ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            // The mean rate since the start, as the `backfill progress` log.
+            .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} rows/s", mean_rate(s));
+            })
+            .with_key("eta", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let left = s.len().unwrap_or(0).saturating_sub(s.pos());
+                let _ = write!(w, "{:.0}s", left as f64 / mean_rate(s).max(1.0));
+            })
+            .progress_chars("#>.");
+        let bar = ProgressBar::with_draw_target(Some(total.max(0) as u64), target)
+            .with_style(style)
+            .with_message(name.to_string());
+        Progress(bar)
     }
 
-    fn show(&self, rows: u64, started: Instant) {
-        if !self.on {
-            return;
-        }
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let rate = rows as f64 / secs;
-        let (bar, eta) = if self.total > 0 {
-            let frac = (rows as f64 / self.total as f64).min(1.0);
-            let filled = (frac * 30.0) as usize;
-            let left = (self.total as f64 - rows as f64).max(0.0) / rate.max(1.0);
-            (
-                format!(
-                    "[{}{}] {:>3.0}%",
-                    "#".repeat(filled),
-                    ".".repeat(30 - filled),
-                    frac * 100.0
-                ),
-                format!("ETA {:.0}s", left),
-            )
-        } else {
-            (String::new(), String::new())
-        };
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{} {bar} {rows}/{} rows {:.0} rows/s {eta}   ",
-            self.name,
-            if self.total >= 0 {
-                self.total.to_string()
-            } else {
-                "?".into()
-            },
-            rate
-        );
-        let _ = err.flush();
+    fn show(&self, rows: u64) {
+        // Drawn at most 20 times a second by indicatif.
+        self.0.set_position(rows);
     }
 
     fn finish(&self) {
-        if self.on {
-            let _ = writeln!(std::io::stderr().lock());
-        }
+        self.0.finish();
     }
+}
+
+fn mean_rate(s: &ProgressState) -> f64 {
+    s.pos() as f64 / s.elapsed().as_secs_f64().max(0.001)
 }

@@ -25,6 +25,7 @@ mod seed;
 mod setup;
 mod worker;
 
+pub use backfill::set_progress_bar;
 pub use error::{Disposition, EngineError};
 pub use setup::{check, Prepared};
 
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 pub use ferry_core::stats::Stats;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ferry_config::Config;
 use tokio::sync::watch;
 
@@ -76,14 +78,13 @@ pub async fn run(
     mut shutdown: Shutdown,
     stats: Arc<Stats>,
 ) -> Result<(), EngineError> {
-    let mut backoff = Duration::from_millis(250);
-    let max_backoff = Duration::from_secs(30);
+    let mut delays = restart_delays();
     loop {
         let began = std::time::Instant::now();
         let result = run_once(&cfg, &mut shutdown, &stats).await;
         if began.elapsed() > Duration::from_secs(60) {
             // It ran for a while: this failure is news, not a repeat.
-            backoff = Duration::from_millis(250);
+            delays = restart_delays();
         }
         let e = match result {
             Ok(()) => return Ok(()),
@@ -106,6 +107,7 @@ pub async fn run(
                 stats
                     .reconnects
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let backoff = delays.next().unwrap_or(MAX_RESTART_DELAY);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -114,11 +116,31 @@ pub async fn run(
                 if *shutdown.borrow() {
                     return Ok(());
                 }
-                backoff = (backoff * 2).min(max_backoff);
             }
             Disposition::Operator | Disposition::Fatal => return Err(e),
         }
     }
+}
+
+/// The first restart step; each further failure in a row doubles it.
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(250);
+/// No restart waits longer than this.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// Restart delays for one run of failures, forever: step `n` doubles from
+/// [`FIRST_RESTART_DELAY`] up to [`MAX_RESTART_DELAY`], and each delay is
+/// drawn at random from `[step / 2, step)` so ferry processes that lost the
+/// same server do not all come back at the same instant.
+fn restart_delays() -> ExponentialBackoff {
+    // backon adds a random 0–100 % to each step: halving both ends gives
+    // delays in [step / 2, step) that never pass the maximum.
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_RESTART_DELAY / 2)
+        .with_max_delay(MAX_RESTART_DELAY / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 async fn run_once(
@@ -135,4 +157,32 @@ async fn run_once(
         .streaming
         .store(false, std::sync::atomic::Ordering::Relaxed);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delays_double_with_jitter_and_never_pass_thirty_seconds() {
+        let mut delays = restart_delays();
+        let mut step = FIRST_RESTART_DELAY;
+        for _ in 0..40 {
+            let d = delays.next().expect("restarts forever");
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+            step = (step * 2).min(MAX_RESTART_DELAY);
+        }
+    }
+
+    #[test]
+    fn restart_delays_differ_between_processes() {
+        let firsts: std::collections::HashSet<Duration> = (0..20)
+            .map(|_| restart_delays().next().expect("a delay"))
+            .collect();
+        assert!(firsts.len() > 1, "twenty fresh runs all waited {firsts:?}");
+    }
 }

@@ -67,14 +67,44 @@ struct Summary {
 
 #[derive(Deserialize)]
 struct Full {
-    items: Vec<std::collections::HashMap<String, Item>>,
+    items: Vec<std::collections::HashMap<String, ItemAnswer>>,
 }
 
-#[derive(Deserialize)]
-struct Item {
-    status: u16,
+/// One item of a `_bulk` answer.
+#[derive(Debug, Deserialize)]
+pub struct ItemAnswer {
+    /// The item's HTTP status.
+    pub status: u16,
+    /// The error object (`type`, `reason`, …) of a failed item.
     #[serde(default)]
-    error: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+}
+
+impl ItemAnswer {
+    /// The error's `type`, e.g. `version_conflict_engine_exception`.
+    pub fn error_type(&self) -> Option<&str> {
+        self.error.as_ref().and_then(|e| e["type"].as_str())
+    }
+}
+
+/// Reads a `_bulk` answer: `None` when its `errors` flag is false (every
+/// item succeeded, and the items are not parsed at all), otherwise one
+/// entry per item in request order (`None` for an item object without an
+/// action key).
+pub fn parse_bulk_answer(
+    body: &[u8],
+) -> Result<Option<Vec<Option<ItemAnswer>>>, serde_json::Error> {
+    let summary: Summary = serde_json::from_slice(body)?;
+    if !summary.errors {
+        return Ok(None);
+    }
+    let full: Full = serde_json::from_slice(body)?;
+    Ok(Some(
+        full.items
+            .into_iter()
+            .map(|item| item.into_values().next())
+            .collect(),
+    ))
 }
 
 /// What one bulk item's answer means for its write.
@@ -242,36 +272,27 @@ async fn attempt(
             Err(err)
         };
     }
-    let summary: Summary = serde_json::from_slice(&bytes).map_err(|e| SinkError::Protocol {
+    let answer = parse_bulk_answer(&bytes).map_err(|e| SinkError::Protocol {
         what: "POST /_bulk".into(),
         reason: e.to_string(),
     })?;
-    if !summary.errors {
+    let Some(items) = answer else {
         outcome.written += chunk.len() as u64;
         return Ok(Attempt::Done);
-    }
-    let full: Full = serde_json::from_slice(&bytes).map_err(|e| SinkError::Protocol {
-        what: "POST /_bulk".into(),
-        reason: e.to_string(),
-    })?;
-    if full.items.len() != chunk.len() {
+    };
+    if items.len() != chunk.len() {
         return Err(SinkError::Protocol {
             what: "POST /_bulk".into(),
-            reason: format!(
-                "{} items answered for {} sent",
-                full.items.len(),
-                chunk.len()
-            ),
+            reason: format!("{} items answered for {} sent", items.len(), chunk.len()),
         });
     }
     let mut retry = Vec::new();
-    for (pos, item) in full.items.iter().enumerate() {
-        let Some(item) = item.values().next() else {
+    for (pos, item) in items.iter().enumerate() {
+        let Some(item) = item else {
             continue;
         };
         let w = chunk[pos];
-        let error_type = item.error.as_ref().and_then(|e| e["type"].as_str());
-        match item_outcome(&w.op, item.status, error_type) {
+        match item_outcome(&w.op, item.status, item.error_type()) {
             ItemOutcome::Written => outcome.written += 1,
             ItemOutcome::Superseded => outcome.superseded += 1,
             ItemOutcome::Retry => retry.push(pos),

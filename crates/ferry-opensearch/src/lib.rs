@@ -16,7 +16,9 @@ mod bulk;
 mod deadletter;
 mod index;
 
-pub use bulk::{encode_bulk, item_outcome, BulkOutcome, ItemOutcome, Rejected};
+pub use bulk::{
+    encode_bulk, item_outcome, parse_bulk_answer, BulkOutcome, ItemAnswer, ItemOutcome, Rejected,
+};
 pub use deadletter::DeadLetter;
 pub use index::{concrete_name, IndexPlan, PreparedIndex};
 pub use opensearch::http::Method;

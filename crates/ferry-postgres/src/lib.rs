@@ -414,24 +414,12 @@ fn take_tls_params(url: &str) -> Result<(String, UrlTls), SourceError> {
     Ok((rebuilt, out))
 }
 
-/// Decodes `%XX` escapes (libpq URIs use no `+` for spaces).
+/// Decodes `%XX` escapes (libpq URIs use no `+` for spaces; a `%` not
+/// followed by two hex digits stays as it is).
 fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Picks the password from exactly one of: the URL, `password_file`,
@@ -797,6 +785,7 @@ mod tests {
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(percent_decode("a+b"), "a+b");
+        assert_eq!(percent_decode("a%20"), "a ");
     }
 
     #[test]

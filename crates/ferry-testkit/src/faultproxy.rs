@@ -8,14 +8,11 @@
 //! (by default, paths ending in `/_bulk`); every other request is forwarded
 //! untouched.
 //!
-//! The HTTP handling is deliberately minimal and hand-written:
-//!
-//! * client side: keep-alive connections, `Content-Length` or chunked
-//!   request bodies, `Expect: 100-continue`;
-//! * upstream side: each request goes out on a fresh connection with
-//!   `Connection: close`, the answer is read to EOF (so `Content-Length`,
-//!   chunked and close-delimited bodies all work) and re-framed for the
-//!   client with a `Content-Length`.
+//! HTTP/1.1 on both sides is hyper's: clients get keep-alive, pipelining,
+//! `Content-Length` or chunked bodies and `Expect: 100-continue`; each
+//! forwarded request goes out on a fresh upstream connection with
+//! `Connection: close`, and the whole answer is re-framed for the client
+//! with a `Content-Length`.
 //!
 //! [`Fault::ItemStatus`] is the subtle one: the rejected items are removed
 //! from the body before it is forwarded, so they really are *not* applied
@@ -30,15 +27,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST};
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::error::{Result, TestkitError};
-
-/// Largest request or response head (request line plus headers) accepted.
-const MAX_HEAD: usize = 1024 * 1024;
 
 /// How long connecting to the upstream may take before the proxy answers 502.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -285,8 +285,10 @@ impl Shared {
             Fault::ItemStatus {
                 status, every_nth, ..
             } => {
-                let compressed = header(&req.headers, "content-encoding")
-                    .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+                let compressed = req
+                    .headers
+                    .get("content-encoding")
+                    .is_some_and(|v| v.as_bytes() != b"identity");
                 let items = if compressed {
                     None
                 } else {
@@ -365,7 +367,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = stop.changed() => {}
-                        _ = serve(&shared, socket) => {}
+                        _ = serve(shared, socket) => {}
                     }
                 });
             }
@@ -379,56 +381,63 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
 }
 
 /// Serves one client connection until it closes, errs, or asks to close.
-async fn serve(shared: &Shared, mut client: TcpStream) {
-    let mut buf = Vec::new();
-    loop {
-        let req = match read_request(&mut client, &mut buf).await {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "ferry-testkit: fault proxy could not read a request");
-                return;
-            }
-        };
-        let close = req.wants_close();
-        let head_only = req.method.eq_ignore_ascii_case("HEAD");
-        let response = match shared.plan(&req) {
-            Plan::Forward => forward(&shared.upstream, &req, &req.body).await,
-            Plan::Delay(d) => {
-                tokio::time::sleep(d).await;
-                forward(&shared.upstream, &req, &req.body).await
-            }
-            Plan::Respond(status) => injected_status(status),
-            Plan::Drop => {
-                tracing::debug!(target = %req.target, "ferry-testkit: fault proxy dropping the connection");
-                return;
-            }
-            Plan::Blackhole => {
-                tracing::debug!(target = %req.target, "ferry-testkit: fault proxy blackholing a request");
-                hold_until_closed(&mut client).await;
-                return;
-            }
-            Plan::RejectItems {
-                status,
-                items,
-                rejected,
-            } => reject_items(&shared.upstream, &req, status, &items, &rejected).await,
-        };
-        let bytes = response.encode(head_only, close);
-        if client.write_all(&bytes).await.is_err() || close {
-            return;
-        }
+async fn serve(shared: Arc<Shared>, client: TcpStream) {
+    let service = service_fn(move |req| {
+        let shared = Arc::clone(&shared);
+        async move { answer(&shared, req).await }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "ferry-testkit: fault proxy connection ended");
     }
 }
 
-/// Keeps a connection open, discarding whatever arrives, until the peer closes it.
-async fn hold_until_closed(client: &mut TcpStream) {
-    let mut scratch = [0u8; 4096];
-    while let Ok(n) = client.read(&mut scratch).await {
-        if n == 0 {
-            break;
+/// Reads one request and answers it as the active fault says; an `Err`
+/// makes hyper close the connection without answering.
+async fn answer(
+    shared: &Shared,
+    req: hyper::Request<Incoming>,
+) -> io::Result<hyper::Response<Full<Bytes>>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let req = Request {
+        method: parts.method,
+        target,
+        headers: parts.headers,
+        body,
+    };
+    let head_only = req.method == Method::HEAD;
+    let response = match shared.plan(&req) {
+        Plan::Forward => forward(&shared.upstream, &req, req.body.clone()).await,
+        Plan::Delay(d) => {
+            tokio::time::sleep(d).await;
+            forward(&shared.upstream, &req, req.body.clone()).await
         }
-    }
+        Plan::Respond(status) => injected_status(status),
+        Plan::Drop => {
+            tracing::debug!(target = %req.target, "ferry-testkit: fault proxy dropping the connection");
+            return Err(io::Error::other("connection dropped by FaultProxy"));
+        }
+        Plan::Blackhole => {
+            tracing::debug!(target = %req.target, "ferry-testkit: fault proxy blackholing a request");
+            // Until the client gives up (hyper drops this future when the
+            // connection closes) or the proxy stops.
+            std::future::pending::<()>().await;
+            return Err(io::Error::other("blackholed by FaultProxy"));
+        }
+        Plan::RejectItems {
+            status,
+            items,
+            rejected,
+        } => reject_items(&shared.upstream, &req, status, &items, &rejected).await,
+    };
+    Ok(response.into_hyper(head_only))
 }
 
 /// Forwards the request with only the kept items, then splices synthetic
@@ -453,7 +462,7 @@ async fn reject_items(
             kept.extend_from_slice(&item.raw);
         }
     }
-    let upstream_answer = forward(upstream, req, &kept).await;
+    let upstream_answer = forward(upstream, req, Bytes::from(kept)).await;
     if !(200..300).contains(&upstream_answer.status) {
         // The whole request failed upstream; the client will resend all of it.
         return upstream_answer;
@@ -515,9 +524,8 @@ fn injected_status(status: u16) -> Response {
     if status == 413 {
         return Response {
             status,
-            reason: reason_phrase(status).to_owned(),
-            headers: Vec::new(),
-            body: Vec::new(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
         };
     }
     let kind = match status {
@@ -593,94 +601,59 @@ fn index_from_path(path: &str) -> Option<&str> {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP/1.1
+// HTTP/1.1 (hyper)
 
 /// A request read from a client.
 #[derive(Debug)]
 struct Request {
-    method: String,
+    method: Method,
+    /// Path and query, as sent.
     target: String,
-    version: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    /// True when the client asked for the connection to end after this exchange.
-    fn wants_close(&self) -> bool {
-        let connection = header(&self.headers, "connection").unwrap_or("");
-        let has = |token: &str| {
-            connection
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        };
-        if self.version.eq_ignore_ascii_case("HTTP/1.0") {
-            !has("keep-alive")
-        } else {
-            has("close")
-        }
-    }
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 /// An answer to a client.
 #[derive(Debug)]
 struct Response {
     status: u16,
-    reason: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 impl Response {
     fn json(status: u16, body: &Value) -> Response {
-        Response {
-            status,
-            reason: reason_phrase(status).to_owned(),
-            headers: vec![(
-                "Content-Type".into(),
-                "application/json; charset=UTF-8".into(),
-            )],
-            body: body.to_string().into_bytes(),
-        }
+        Response::with_type(status, "application/json; charset=UTF-8", body.to_string())
     }
 
     fn text(status: u16, text: &str) -> Response {
+        Response::with_type(status, "text/plain; charset=UTF-8", text.to_owned())
+    }
+
+    fn with_type(status: u16, content_type: &'static str, body: String) -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static(content_type));
         Response {
             status,
-            reason: reason_phrase(status).to_owned(),
-            headers: vec![("Content-Type".into(), "text/plain; charset=UTF-8".into())],
-            body: text.as_bytes().to_vec(),
+            headers,
+            body: Bytes::from(body),
         }
     }
 
-    /// Serializes the response framed with `Content-Length`. For a HEAD
-    /// request the upstream's `Content-Length` (if any) is kept and no body
-    /// is sent.
-    fn encode(&self, head_only: bool, close: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + 256);
-        out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).as_bytes());
+    /// The answer framed with `Content-Length` by hyper. For a HEAD request
+    /// the upstream's `Content-Length` (if any) is kept.
+    fn into_hyper(self, head_only: bool) -> hyper::Response<Full<Bytes>> {
+        let mut out = hyper::Response::new(Full::new(self.body));
+        *out.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
         for (name, value) in &self.headers {
-            if is_hop_by_hop(name) || name.eq_ignore_ascii_case("content-length") {
-                continue;
+            if !is_hop_by_hop(name.as_str()) && name != CONTENT_LENGTH {
+                out.headers_mut().append(name, value.clone());
             }
-            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
-        let bodiless =
-            (100..200).contains(&self.status) || self.status == 204 || self.status == 304;
         if head_only {
-            if let Some(len) = header(&self.headers, "content-length") {
-                out.extend_from_slice(format!("Content-Length: {len}\r\n").as_bytes());
+            if let Some(len) = self.headers.get(CONTENT_LENGTH) {
+                out.headers_mut().insert(CONTENT_LENGTH, len.clone());
             }
-        } else if !bodiless {
-            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
-        }
-        out.extend_from_slice(if close {
-            b"Connection: close\r\n\r\n".as_slice()
-        } else {
-            b"Connection: keep-alive\r\n\r\n".as_slice()
-        });
-        if !head_only && !bodiless {
-            out.extend_from_slice(&self.body);
         }
         out
     }
@@ -738,7 +711,7 @@ impl Upstream {
 
 /// Sends `req` (with `body` in place of its own) on a fresh upstream
 /// connection and reads the whole answer. Failures become a 502.
-async fn forward(upstream: &Upstream, req: &Request, body: &[u8]) -> Response {
+async fn forward(upstream: &Upstream, req: &Request, body: Bytes) -> Response {
     match try_forward(upstream, req, body).await {
         Ok(resp) => resp,
         Err(e) => Response::text(
@@ -751,236 +724,56 @@ async fn forward(upstream: &Upstream, req: &Request, body: &[u8]) -> Response {
     }
 }
 
-async fn try_forward(upstream: &Upstream, req: &Request, body: &[u8]) -> io::Result<Response> {
-    let mut head = format!(
-        "{} {}{} HTTP/1.1\r\nHost: {}\r\n",
-        req.method, upstream.prefix, req.target, upstream.authority
-    );
-    let mut has_authorization = false;
+async fn try_forward(upstream: &Upstream, req: &Request, body: Bytes) -> io::Result<Response> {
+    let mut out = hyper::Request::new(Full::new(body.clone()));
+    *out.method_mut() = req.method.clone();
+    *out.uri_mut() = format!("{}{}", upstream.prefix, req.target)
+        .parse()
+        .map_err(io::Error::other)?;
+    let headers = out.headers_mut();
     for (name, value) in &req.headers {
-        let skip = is_hop_by_hop(name)
-            || ["host", "content-length", "expect", "accept-encoding"]
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h));
-        if skip {
-            continue;
+        let skip = is_hop_by_hop(name.as_str())
+            || ["host", "content-length", "expect", "accept-encoding"].contains(&name.as_str());
+        if !skip {
+            headers.append(name, value.clone());
         }
-        has_authorization |= name.eq_ignore_ascii_case("authorization");
-        head.push_str(&format!("{name}: {value}\r\n"));
     }
-    if let (Some(auth), false) = (&upstream.authorization, has_authorization) {
-        head.push_str(&format!("Authorization: {auth}\r\n"));
+    headers.insert(
+        HOST,
+        HeaderValue::from_str(&upstream.authority).map_err(io::Error::other)?,
+    );
+    if let (Some(auth), false) = (&upstream.authorization, headers.contains_key(AUTHORIZATION)) {
+        headers.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(auth).map_err(io::Error::other)?,
+        );
     }
-    let had_body = header(&req.headers, "content-length").is_some()
-        || header(&req.headers, "transfer-encoding").is_some();
+    let had_body =
+        req.headers.contains_key(CONTENT_LENGTH) || req.headers.contains_key("transfer-encoding");
     if had_body || !body.is_empty() {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
-    head.push_str("Connection: close\r\n\r\n");
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
 
-    let mut stream = tokio::time::timeout(
+    let stream = tokio::time::timeout(
         UPSTREAM_CONNECT_TIMEOUT,
         TcpStream::connect(upstream.authority.as_str()),
     )
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = stream.set_nodelay(true);
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body);
-    stream.write_all(&out).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    parse_response(&raw, req.method.eq_ignore_ascii_case("HEAD"))
-        .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))
-}
-
-/// Parses a complete (read to EOF) upstream answer, skipping interim 1xx answers.
-fn parse_response(raw: &[u8], head_request: bool) -> std::result::Result<Response, String> {
-    let mut rest = raw;
-    loop {
-        let end = find(rest, b"\r\n\r\n")
-            .ok_or_else(|| format!("incomplete response head ({} bytes)", rest.len()))?
-            + 4;
-        let (start, headers) = parse_head(&rest[..end])?;
-        let mut parts = start.splitn(3, ' ');
-        let _version = parts.next();
-        let status: u16 = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line {start:?}"))?;
-        let reason = parts.next().unwrap_or("").to_owned();
-        let after = &rest[end..];
-        if (100..200).contains(&status) && status != 101 {
-            rest = after;
-            continue;
-        }
-        let body = if head_request || status == 204 || status == 304 {
-            Vec::new()
-        } else if is_chunked(&headers) {
-            match decode_chunked(after)? {
-                Some((body, _)) => body,
-                None => return Err("chunked response body ends early".into()),
-            }
-        } else if let Some(len) = header(&headers, "content-length") {
-            let len: usize = len
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad Content-Length {len:?}"))?;
-            if after.len() < len {
-                return Err(format!(
-                    "response body ends early ({} of {len} bytes)",
-                    after.len()
-                ));
-            }
-            after[..len].to_vec()
-        } else {
-            after.to_vec()
-        };
-        return Ok(Response {
-            status,
-            reason,
-            headers,
-            body,
-        });
-    }
-}
-
-/// Reads one request from a client connection; `None` on a clean close
-/// before any byte of a new request. `buf` carries bytes read past the
-/// previous request (pipelining).
-async fn read_request(client: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<Request>> {
-    let head_end = loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(invalid("request head too large"));
-        }
-        if read_more(client, buf, 64 * 1024).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-    };
-    let (start, headers) = parse_head(&buf[..head_end]).map_err(invalid)?;
-    buf.drain(..head_end);
-    let mut parts = start.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(invalid(format!("bad request line {start:?}")));
-    };
-    if header(&headers, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
-        client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-    }
-    let body = if is_chunked(&headers) {
-        loop {
-            if let Some((body, used)) = decode_chunked(buf).map_err(invalid)? {
-                buf.drain(..used);
-                break body;
-            }
-            if read_more(client, buf, 64 * 1024).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-    } else if let Some(len) = header(&headers, "content-length") {
-        let len: usize = len
-            .trim()
-            .parse()
-            .map_err(|_| invalid(format!("bad Content-Length {len:?}")))?;
-        while buf.len() < len {
-            let missing = len - buf.len();
-            if read_more(client, buf, missing).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        buf.drain(..len).collect()
-    } else {
-        Vec::new()
-    };
-    Ok(Some(Request {
-        method: method.to_owned(),
-        target: target.to_owned(),
-        version: version.to_owned(),
-        headers,
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(connection);
+    let answer = sender.send_request(out).await.map_err(io::Error::other)?;
+    let (parts, body) = answer.into_parts();
+    let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    Ok(Response {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
         body,
-    }))
-}
-
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
-    buf.reserve(want.clamp(4096, 8 * 1024 * 1024));
-    stream.read_buf(buf).await
-}
-
-/// Splits a head (ending in a blank line) into its start line and headers.
-fn parse_head(head: &[u8]) -> std::result::Result<(String, Vec<(String, String)>), String> {
-    let text = String::from_utf8_lossy(head);
-    let mut lines = text.split("\r\n");
-    let start = lines.next().unwrap_or("").to_owned();
-    if start.is_empty() {
-        return Err("empty start line".into());
-    }
-    let mut headers = Vec::new();
-    for line in lines.filter(|l| !l.is_empty()) {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| format!("bad header line {line:?}"))?;
-        headers.push((name.trim().to_owned(), value.trim().to_owned()));
-    }
-    Ok((start, headers))
-}
-
-/// Decodes a chunked body at the start of `data`: the body and the bytes
-/// used, or `None` if `data` does not hold all of it yet.
-fn decode_chunked(data: &[u8]) -> std::result::Result<Option<(Vec<u8>, usize)>, String> {
-    let mut pos = 0;
-    let mut body = Vec::new();
-    loop {
-        let Some(line_len) = find(&data[pos..], b"\r\n") else {
-            return Ok(None);
-        };
-        let line = String::from_utf8_lossy(&data[pos..pos + line_len]);
-        let size_text = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        pos += line_len + 2;
-        if size == 0 {
-            // Trailer fields, then a blank line.
-            loop {
-                let Some(len) = find(&data[pos..], b"\r\n") else {
-                    return Ok(None);
-                };
-                pos += len + 2;
-                if len == 0 {
-                    return Ok(Some((body, pos)));
-                }
-            }
-        }
-        if data.len() < pos + size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&data[pos..pos + size]);
-        pos += size;
-        if &data[pos..pos + 2] != b"\r\n" {
-            return Err("chunk not followed by CRLF".into());
-        }
-        pos += 2;
-    }
-}
-
-fn is_chunked(headers: &[(String, String)]) -> bool {
-    header(headers, "transfer-encoding").is_some_and(|v| {
-        v.split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
     })
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
@@ -1002,36 +795,24 @@ fn path_of(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn invalid(why: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, why.into())
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Injected",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Osmem;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
+    }
+
+    async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
+        buf.reserve(want.max(4096));
+        conn.read_buf(buf).await
+    }
+
+    fn invalid(why: &str) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, why.to_owned())
+    }
 
     /// A minimal client: one request on an open connection, the answer
     /// framed by `Content-Length` (which the proxy always sends).
@@ -1060,8 +841,8 @@ mod tests {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         };
-        let (start, headers) = parse_head(&buf[..head_end]).map_err(invalid)?;
-        let status: u16 = start
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let status: u16 = head
             .split(' ')
             .nth(1)
             .and_then(|s| s.parse().ok())
@@ -1069,8 +850,10 @@ mod tests {
         let len: usize = if method == "HEAD" {
             0
         } else {
-            header(&headers, "content-length")
-                .and_then(|v| v.parse().ok())
+            head.split("\r\n")
+                .filter_map(|l| l.split_once(':'))
+                .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
                 .ok_or_else(|| invalid("no content-length"))?
         };
         while buf.len() < head_end + len {
@@ -1341,40 +1124,6 @@ mod tests {
             Ok(mut c) => send(&mut c, "GET", "/", None).await.is_err(),
         };
         assert!(refused, "the listener is gone");
-    }
-
-    #[test]
-    fn decodes_chunked_bodies_incrementally() {
-        let data = b"4\r\nWiki\r\n6;ext=1\r\npedia \r\n0\r\nX-Trailer: y\r\n\r\nNEXT";
-        let (body, used) = decode_chunked(data).expect("valid").expect("complete");
-        assert_eq!(body, b"Wikipedia ");
-        assert_eq!(&data[used..], b"NEXT");
-        assert_eq!(decode_chunked(&data[..12]), Ok(None));
-        assert!(decode_chunked(b"zz\r\n").is_err());
-    }
-
-    #[test]
-    fn parses_upstream_answers_in_every_framing() {
-        let chunked = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        let r = parse_response(chunked, false).expect("chunked");
-        assert_eq!((r.status, r.body.as_slice()), (200, b"abc".as_slice()));
-        let sized = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
-        let r = parse_response(sized, false).expect("sized");
-        assert_eq!(
-            (r.status, r.reason.as_str(), r.body.as_slice()),
-            (201, "Created", b"ok".as_slice())
-        );
-        let to_eof = b"HTTP/1.0 200 OK\r\n\r\nuntil the end";
-        assert_eq!(
-            parse_response(to_eof, false).expect("eof").body,
-            b"until the end"
-        );
-        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
-        let r = parse_response(head, true).expect("head");
-        assert!(r.body.is_empty());
-        let encoded = String::from_utf8(r.encode(true, false)).expect("utf8");
-        assert!(encoded.contains("Content-Length: 99\r\n"), "{encoded}");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", false).is_err());
     }
 
     #[test]

@@ -182,7 +182,11 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            // Machine-read output: no progress bar between the JSON lines.
+            ferry_engine::set_progress_bar(false);
+            builder.json().init()
+        }
     }
 }
 
