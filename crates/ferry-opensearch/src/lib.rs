@@ -15,11 +15,13 @@
 mod bulk;
 mod deadletter;
 mod index;
+mod scan;
 
 pub use bulk::{encode_bulk, item_outcome, BulkOutcome, ItemOutcome, Rejected};
 pub use deadletter::DeadLetter;
 pub use index::{concrete_name, IndexPlan, PreparedIndex};
 pub use opensearch::http::Method;
+pub use scan::{Hit, Scroll};
 
 use std::time::Duration;
 
