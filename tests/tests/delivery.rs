@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{ferry_once, TestEnv};
+use ferry_e2e::{ferry_once, FerryProcess, TestEnv};
 use ferry_opensearch::Method;
 use serde_json::json;
 
@@ -133,6 +133,25 @@ async fn poison_documents_follow_the_policy_and_heal_from_dead_letters() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
+/// A table `t` of `rows` rows and ferry running with its index converged;
+/// returns the config path too.
+async fn indexed_table(rows: u32) -> (TestEnv, FerryProcess, String) {
+    let env = TestEnv::start().await;
+    env.db()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, {rows}) g;"
+        ))
+        .await
+        .expect("schema");
+    let cfg = env.config("t", "t", "");
+    let cfg_s = cfg.to_str().expect("utf8").to_string();
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("t", "t", CONVERGE).await;
+    (env, ferry, cfg_s)
+}
+
 /// Plants a lost, a changed and a stray document in `name` behind ferry's back.
 async fn plant_drift(env: &TestEnv, name: &str, lost: u32, changed: u32, stray: u32) {
     env.sink
@@ -159,18 +178,7 @@ async fn plant_drift(env: &TestEnv, name: &str, lost: u32, changed: u32, stray: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_and_repairs_drift_within_the_tombstone_window() {
-    let env = TestEnv::start().await;
-    let db = env.db().await;
-    db.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g;",
-    )
-    .await
-    .expect("schema");
-    let cfg = env.config("t", "t", "");
-    let cfg_s = cfg.to_str().expect("utf8").to_string();
-    let ferry = env.run_ferry(&cfg);
-    env.assert_converges("t", "t", CONVERGE).await;
+    let (env, ferry, cfg_s) = indexed_table(300).await;
     let (code, out, err) = ferry_once(&["verify", "--config", &cfg_s]);
     assert_eq!(code, 0, "clean index verifies clean: {out}{err}");
     assert!(
@@ -249,18 +257,7 @@ async fn verify_finds_and_repairs_drift_within_the_tombstone_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_walks_in_pages_and_finds_drift_on_every_page() {
-    let env = TestEnv::start().await;
-    let db = env.db().await;
-    db.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 2500) g;",
-    )
-    .await
-    .expect("schema");
-    let cfg = env.config("t", "t", "");
-    let cfg_s = cfg.to_str().expect("utf8").to_string();
-    let ferry = env.run_ferry(&cfg);
-    env.assert_converges("t", "t", CONVERGE).await;
+    let (env, ferry, cfg_s) = indexed_table(2500).await;
     // 25 table pages and 26 index pages of 100: the drift sits on pages
     // 2 (lost), 13 (changed) and past the table's end (stray).
     plant_drift(&env, &env.index("t"), 150, 1250, 5000).await;
@@ -323,45 +320,31 @@ async fn dead_letters_page_through_more_entries_than_a_page() {
     };
     plant().await;
 
-    let list = || {
+    let paged = |action: &str| {
         ferry_once(&[
             "dead-letters",
             "--config",
             &cfg_s,
             "--page-size",
             "10",
-            "list",
+            action,
         ])
     };
-    let (code, out, err) = list();
+    let (code, out, err) = paged("list");
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("25 dead letter(s)"), "{out}");
     for i in 1..=25 {
         assert!(out.contains(&format!("\t{i}\t400\t")), "{i}: {out}");
     }
     // Every entry's row is fine now: retry heals all 25, page after page.
-    let (code, out, _) = ferry_once(&[
-        "dead-letters",
-        "--config",
-        &cfg_s,
-        "--page-size",
-        "10",
-        "retry",
-    ]);
+    let (code, out, _) = paged("retry");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("healed 25, still failing 0"), "{out}");
-    assert!(list().1.contains("0 dead letter(s)"));
+    assert!(paged("list").1.contains("0 dead letter(s)"));
 
     plant().await;
-    let (code, out, _) = ferry_once(&[
-        "dead-letters",
-        "--config",
-        &cfg_s,
-        "--page-size",
-        "10",
-        "purge",
-    ]);
+    let (code, out, _) = paged("purge");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("purged 25 dead letter(s)"), "{out}");
-    assert!(list().1.contains("0 dead letter(s)"));
+    assert!(paged("list").1.contains("0 dead letter(s)"));
 }

@@ -104,6 +104,19 @@ impl Sink {
             body.extend_from_slice(doc.to_string().as_bytes());
             body.push(b'\n');
         }
+        self.dead_letter_bulk(body, &format!("dead letters into {name}"), |_| false)
+            .await
+    }
+
+    /// Sends a bulk request on the dead-letter index, visible to searches on
+    /// return; an item error other than those `ignore` accepts (by status)
+    /// fails it.
+    async fn dead_letter_bulk(
+        &self,
+        body: Vec<u8>,
+        what: &str,
+        ignore: impl Fn(u64) -> bool,
+    ) -> Result<(), SinkError> {
         let (status, resp) = self
             .request(
                 Method::Post,
@@ -113,10 +126,20 @@ impl Sink {
             )
             .await?;
         let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
-        if !(200..300).contains(&status) || v["errors"].as_bool() != Some(false) {
+        let failed = v["items"].as_array().is_none_or(|items| {
+            items.iter().any(|item| {
+                let st = item
+                    .as_object()
+                    .and_then(|o| o.values().next())
+                    .and_then(|r| r["status"].as_u64())
+                    .unwrap_or(0);
+                !(200..300).contains(&st) && !ignore(st)
+            })
+        });
+        if !(200..300).contains(&status) || failed {
             return Err(SinkError::Status {
                 status,
-                what: format!("POST /_bulk (dead letters into {name})"),
+                what: format!("POST /_bulk ({what})"),
                 body: crate::snippet(&resp),
             });
         }
@@ -154,29 +177,10 @@ impl Sink {
             body.extend_from_slice(action.to_string().as_bytes());
             body.push(b'\n');
         }
-        let (status, resp) = self
-            .request(
-                Method::Post,
-                "/_bulk?refresh=wait_for",
-                Some(bytes::Bytes::from(body)),
-                "application/x-ndjson",
-            )
-            .await?;
-        let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
         // A delete of an entry already gone answers 404 per item: fine.
-        let failed = v["items"].as_array().is_none_or(|items| {
-            items.iter().any(|i| {
-                let st = i["delete"]["status"].as_u64().unwrap_or(0);
-                !(200..300).contains(&st) && st != 404
-            })
-        });
-        if !(200..300).contains(&status) || failed {
-            return Err(SinkError::Status {
-                status,
-                what: format!("POST /_bulk (removing dead letters from {name})"),
-                body: crate::snippet(&resp),
-            });
-        }
-        Ok(())
+        self.dead_letter_bulk(body, &format!("removing dead letters from {name}"), |st| {
+            st == 404
+        })
+        .await
     }
 }
