@@ -186,10 +186,17 @@ async fn sink_credentials_never_reach_the_output_even_when_the_sink_is_down() {
 
     // `run` keeps retrying an unreachable cluster and logs each failure.
     let ferry = env.run_ferry(&cfg);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !env.log().contains("127.0.0.1:9") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ferry never logged the unreachable cluster: {}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     ferry.kill();
     let log = env.log();
-    assert!(log.contains("127.0.0.1:9"), "{log}");
     assert!(!log.contains(SINK_PASSWORD), "the password leaked: {log}");
 
     // The same with username + password_file.

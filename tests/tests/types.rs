@@ -9,8 +9,8 @@
 //!
 //! Edge values that once made the index refuse a document (inet with a
 //! netmask, numeric beyond a double, int2vector) have their own tests below.
-//! One is `#[ignore]`d, with the reason in its attribute: `json` with
-//! duplicate keys, which OpenSearch refuses (the document is dead-lettered).
+//! `json` with duplicate keys, which OpenSearch refuses, keeps the last key
+//! like `jsonb`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -820,7 +820,7 @@ async fn every_common_type_round_trips_through_backfill_and_stream() {
 /// starts (backfill) and once while it streams, and checks that both
 /// documents are indexed with `want` as their `v` — or, for `want: None`,
 /// with any value. Panics with ferry's log when ferry stops instead.
-async fn lone_value_is_indexed(sql_type: &str, literal: &str, want: Option<Value>) {
+async fn lone_value_is_indexed(sql_type: &str, literal: &str, want: Value) {
     let env = TestEnv::start().await;
     let db = env.db().await;
     db.batch_execute(&format!(
@@ -838,10 +838,7 @@ async fn lone_value_is_indexed(sql_type: &str, literal: &str, want: Option<Value
     wait_for_count(&env, &mut ferry, "lone", 2, Duration::from_secs(60)).await;
     let docs = env.documents("lone").await;
     for id in ["1", "2"] {
-        let got = &docs[id]["v"];
-        if let Some(want) = &want {
-            assert_eq!(got, want, "{sql_type} {literal} (document {id})");
-        }
+        assert_eq!(docs[id]["v"], want, "{sql_type} {literal} (document {id})");
     }
     assert_eq!(ferry.stop(), Some(0), "clean stop\n{}", env.log_tail());
 }
@@ -850,30 +847,31 @@ async fn lone_value_is_indexed(sql_type: &str, literal: &str, want: Option<Value
 /// field would refuse: `inet` maps as `keyword`, so every value is indexed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inet_with_prefix_length_is_indexed() {
-    lone_value_is_indexed("inet", "'10.1.2.3/24'", Some(Value::from("10.1.2.3/24"))).await;
+    lone_value_is_indexed("inet", "'10.1.2.3/24'", Value::from("10.1.2.3/24")).await;
 }
 
 /// A `numeric` beyond a double's range (about 1.8e308) cannot live in a
 /// `double` field: it is written as null, like NaN and Infinity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numeric_beyond_double_range_is_indexed() {
-    lone_value_is_indexed("numeric", "'1e400'", Some(Value::Null)).await;
+    lone_value_is_indexed("numeric", "'1e400'", Value::Null).await;
 }
 
-/// `json` keeps duplicate keys (`{"a": 1, "a": 2}`) and ferry embeds the
-/// text as is, but OpenSearch rejects a source with a duplicate key even
-/// inside a disabled object. With the default poison policy the document
-/// becomes a dead letter and ferry goes on; indexing it would need ferry to
-/// rewrite the JSON (keeping the last key, as jsonb does).
+/// `json` keeps duplicate keys (`{"a": 1, "a": 2}`), which OpenSearch
+/// refuses anywhere in a source: ferry keeps the last one, as `jsonb` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known limitation: json with duplicate keys is refused by OpenSearch (dead-lettered by default)"]
-async fn json_with_duplicate_keys_is_indexed() {
-    lone_value_is_indexed("json", r#"'{"a": 1, "a": 2}'"#, None).await;
+async fn json_with_duplicate_keys_keeps_the_last_key_like_jsonb() {
+    lone_value_is_indexed(
+        "json",
+        r#"'{"a": 1, "b": {"c": 1, "c": [2]}, "a": 2}'"#,
+        serde_json::json!({"a": 2, "b": {"c": [2]}}),
+    )
+    .await;
 }
 
 /// `int2vector` and `oidvector` are catalogued as arrays but print
 /// space-separated (`1 2 3`): they are kept as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn int2vector_is_indexed() {
-    lone_value_is_indexed("int2vector", "'1 2 3'", None).await;
+    lone_value_is_indexed("int2vector", "'1 2 3'", Value::from("1 2 3")).await;
 }

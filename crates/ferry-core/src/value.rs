@@ -464,14 +464,26 @@ fn money_number(text: &[u8], out: &mut Vec<u8>) -> Option<()> {
 
 /// `json`/`jsonb`: embeds the text when it is valid JSON, with any line
 /// breaks (which valid JSON can only have as whitespace between tokens, and
-/// `json` keeps from its input) turned into spaces.
+/// `json` keeps from its input) turned into spaces. A `json` object with
+/// duplicate keys (which the cluster refuses) keeps only the last of them,
+/// as `jsonb` does.
 fn write_json_text(text: &[u8], out: &mut Vec<u8>) {
     let valid = std::str::from_utf8(text)
         .ok()
         .is_some_and(|s| serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok());
     if !valid {
         write_json_str(text, out);
-    } else if text.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return;
+    }
+    if text.contains(&b'{') {
+        let mut deduped = Vec::with_capacity(text.len());
+        let mut pos = 0;
+        if dedup_keys(text, &mut pos, &mut deduped) {
+            out.extend_from_slice(&deduped);
+            return;
+        }
+    }
+    if text.iter().any(|&b| b == b'\n' || b == b'\r') {
         out.extend(
             text.iter()
                 .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
@@ -479,6 +491,103 @@ fn write_json_text(text: &[u8], out: &mut Vec<u8>) {
     } else {
         out.extend_from_slice(text);
     }
+}
+
+/// Copies the JSON value at `text[*pos..]` (valid JSON, so at most 128
+/// levels deep: serde_json's limit) into `out` without whitespace, keeping
+/// only the last member of each object for every key (compared decoded, so
+/// `"a"` and `"\u0061"` are one key). Returns whether a duplicate was dropped.
+fn dedup_keys(text: &[u8], pos: &mut usize, out: &mut Vec<u8>) -> bool {
+    fn skip_ws(text: &[u8], pos: &mut usize) {
+        while text.get(*pos).is_some_and(|b| b" \t\r\n".contains(b)) {
+            *pos += 1;
+        }
+    }
+    /// The span of the string starting at `*pos` (a quote), quotes included.
+    fn string_span<'a>(text: &'a [u8], pos: &mut usize) -> &'a [u8] {
+        let start = *pos;
+        *pos += 1;
+        while let Some(&b) = text.get(*pos) {
+            *pos += 1;
+            match b {
+                b'\\' => *pos += 1,
+                b'"' => break,
+                _ => {}
+            }
+        }
+        &text[start..(*pos).min(text.len())]
+    }
+    skip_ws(text, pos);
+    let mut dropped = false;
+    match text.get(*pos) {
+        Some(b'{') => {
+            *pos += 1;
+            let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+            loop {
+                skip_ws(text, pos);
+                match text.get(*pos) {
+                    Some(b'}') | None => {
+                        *pos += 1;
+                        break;
+                    }
+                    Some(b',') => *pos += 1,
+                    Some(_) => {
+                        let raw = string_span(text, pos);
+                        let key = serde_json::from_slice::<String>(raw).unwrap_or_default();
+                        let mut member = raw.to_vec();
+                        member.push(b':');
+                        skip_ws(text, pos);
+                        *pos += 1; // the colon
+                        dropped |= dedup_keys(text, pos, &mut member);
+                        members.push((key, member));
+                    }
+                }
+            }
+            out.push(b'{');
+            let mut first = true;
+            for (i, (key, member)) in members.iter().enumerate() {
+                if members[i + 1..].iter().any(|(k, _)| k == key) {
+                    dropped = true;
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(member);
+            }
+            out.push(b'}');
+        }
+        Some(b'[') => {
+            *pos += 1;
+            out.push(b'[');
+            loop {
+                skip_ws(text, pos);
+                match text.get(*pos) {
+                    Some(b']') | None => {
+                        *pos += 1;
+                        break;
+                    }
+                    Some(b',') => {
+                        *pos += 1;
+                        out.push(b',');
+                    }
+                    Some(_) => dropped |= dedup_keys(text, pos, out),
+                }
+            }
+            out.push(b']');
+        }
+        Some(b'"') => out.extend_from_slice(string_span(text, pos)),
+        Some(_) => {
+            let start = *pos;
+            while text.get(*pos).is_some_and(|b| !b" \t\r\n,]}".contains(b)) {
+                *pos += 1;
+            }
+            out.extend_from_slice(&text[start..*pos]);
+        }
+        None => {}
+    }
+    dropped
 }
 
 /// The value of one hex digit.
@@ -1213,6 +1322,22 @@ mod tests {
                 ("nope", r#""nope""#),
                 ("{} {}", r#""{} {}""#),
                 ("\"\\q\"", r#""\"\\q\"""#),
+            ],
+        );
+        // Duplicate keys: the last one wins at every level, as in jsonb.
+        check(
+            &TypeKind::Json,
+            &[
+                (r#"{"a": 1, "a": 2}"#, r#"{"a":2}"#),
+                (
+                    r#"{"a": 1, "b": {"c": [1, {"d": "x", "d": "y"}]}, "\u0061": 3}"#,
+                    r#"{"b":{"c":[1,{"d":"y"}]},"\u0061":3}"#,
+                ),
+                (
+                    r#"[{"k": "a,}\"", "k": 123456789012345678901234567890}]"#,
+                    r#"[{"k":123456789012345678901234567890}]"#,
+                ),
+                (r#"{"a": 1, "b": 2}"#, r#"{"a": 1, "b": 2}"#),
             ],
         );
         // jsonb prints big numbers with all their digits; those stay.

@@ -1,9 +1,11 @@
 //! Operator tools that run beside (or without) a live pipeline:
 //! dead-letter management and the drift check.
 //!
-//! Both are safe against a live deployment: they only write documents with
-//! an external version equal to the WAL position read before the rows were,
-//! so a newer streamed write always wins over a repair.
+//! Both are safe against a live deployment and run in bounded memory (a
+//! page of rows, documents or entries at a time). A dead-letter retry writes
+//! with the WAL position read before the rows were; a verify repair with the
+//! consistent point of the snapshot it read the rows in. Either way a newer
+//! streamed write wins over the tool's.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use ferry_config::Config;
 use ferry_core::schema::{doc_id, split_doc_id};
 use ferry_core::{DocOp, DocWrite, Lsn};
-use ferry_opensearch::{DeadLetter, Method, Sink};
+use ferry_opensearch::{DeadLetter, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, Session};
 use serde_json::{json, Value};
@@ -84,41 +86,79 @@ fn selected<'a>(ops: &'a Ops, index: Option<&str>) -> Result<Vec<&'a IndexRuntim
     Ok(list)
 }
 
-/// Lists dead letters (of one index, or all).
+/// Pages through the dead letters (of one index, or all), `page` entries
+/// at a time, handing each to `each`; returns how many there were.
 pub async fn dead_letters_list(
     cfg: &Config,
     index: Option<&str>,
-) -> Result<Vec<DeadLetter>, EngineError> {
+    page: usize,
+    mut each: impl FnMut(&DeadLetter),
+) -> Result<usize, EngineError> {
     let sink = Sink::from_config(&cfg.sink)?;
-    Ok(sink
-        .list_dead_letters(&cfg.sink.dead_letter_index, index, 10_000)
-        .await?)
+    let mut scroll = sink
+        .dead_letter_pages(&cfg.sink.dead_letter_index, index, page)
+        .await?;
+    let mut n = 0;
+    while let Some(hits) = sink.next_page(&mut scroll).await? {
+        for h in &hits {
+            each(&DeadLetter::from_hit(h));
+        }
+        n += hits.len();
+    }
+    Ok(n)
 }
 
-/// Deletes dead letters (of one index, or all); returns how many.
-pub async fn dead_letters_purge(cfg: &Config, index: Option<&str>) -> Result<usize, EngineError> {
+/// Deletes dead letters (of one index, or all), a page at a time; returns
+/// how many.
+pub async fn dead_letters_purge(
+    cfg: &Config,
+    index: Option<&str>,
+    page: usize,
+) -> Result<usize, EngineError> {
     let sink = Sink::from_config(&cfg.sink)?;
-    let letters = sink
-        .list_dead_letters(&cfg.sink.dead_letter_index, index, 10_000)
-        .await?;
-    sink.remove_dead_letters(&cfg.sink.dead_letter_index, &letters)
-        .await?;
-    Ok(letters.len())
+    let dl = &cfg.sink.dead_letter_index;
+    // The scroll reads the entries as they were when it opened, so removing
+    // each page as it comes never skips one.
+    let mut scroll = sink.dead_letter_pages(dl, index, page).await?;
+    let mut n = 0;
+    while let Some(hits) = sink.next_page(&mut scroll).await? {
+        let letters: Vec<DeadLetter> = hits.iter().map(DeadLetter::from_hit).collect();
+        sink.remove_dead_letters(dl, &letters).await?;
+        n += letters.len();
+    }
+    Ok(n)
 }
 
 /// Rebuilds every dead-lettered document from its current row and writes
-/// it; healed entries are removed, the others keep their (new) reason.
-/// Returns (healed, still failing).
+/// it, a page of entries at a time; healed entries are removed, the others
+/// keep their (new) reason. Returns (healed, still failing).
 pub async fn dead_letters_retry(
     cfg: &Config,
     index: Option<&str>,
+    page: usize,
 ) -> Result<(usize, usize), EngineError> {
     let ops = open(cfg).await?;
     let dl = &cfg.sink.dead_letter_index;
-    let letters = ops.sink.list_dead_letters(dl, index, 10_000).await?;
+    let mut scroll = ops.sink.dead_letter_pages(dl, index, page).await?;
+    let (mut healed_n, mut failing_n) = (0, 0);
+    while let Some(hits) = ops.sink.next_page(&mut scroll).await? {
+        let letters: Vec<DeadLetter> = hits.iter().map(DeadLetter::from_hit).collect();
+        let (healed, failing) = retry_letters(&ops, dl, &letters).await?;
+        healed_n += healed;
+        failing_n += failing;
+    }
+    Ok((healed_n, failing_n))
+}
+
+/// Retries one page of dead letters; returns (healed, still failing).
+async fn retry_letters(
+    ops: &Ops,
+    dl: &str,
+    letters: &[DeadLetter],
+) -> Result<(usize, usize), EngineError> {
     let version = current_lsn(&ops.client).await?;
     let mut healed = Vec::new();
-    let mut failing = Vec::new();
+    let mut failing = 0;
     for ix in &ops.indexes {
         let mine: Vec<&DeadLetter> = letters.iter().filter(|l| l.index == ix.alias).collect();
         if mine.is_empty() {
@@ -140,7 +180,7 @@ pub async fn dead_letters_retry(
             .collect();
         for l in mine {
             if refused.contains(l.id.as_str()) {
-                failing.push(l.clone());
+                failing += 1;
             } else {
                 healed.push(l.clone());
             }
@@ -159,8 +199,44 @@ pub async fn dead_letters_retry(
         ops.sink.store_dead_letters(dl, &still).await?;
     }
     ops.sink.remove_dead_letters(dl, &healed).await?;
-    Ok((healed.len(), failing.len()))
+    Ok((healed.len(), failing))
 }
+
+/// How `ferry verify` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyOptions {
+    /// Check about this many random rows and documents instead of all.
+    pub sample: Option<usize>,
+    /// Rewrite (or delete) the documents that differ.
+    pub repair: bool,
+    /// Rows (and documents) read per statement and per request.
+    pub page_size: usize,
+}
+
+/// A kind of difference between a document and its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drift {
+    /// A row without its document.
+    Missing,
+    /// A document that differs from its row.
+    Different,
+    /// A document without a row (or whose row is filtered out).
+    Extra,
+}
+
+impl Drift {
+    /// The word the report uses.
+    pub fn label(self) -> &'static str {
+        match self {
+            Drift::Missing => "missing",
+            Drift::Different => "different",
+            Drift::Extra => "extra",
+        }
+    }
+}
+
+/// Ids kept per kind of drift for the report; the counts are exact.
+const EXAMPLES: usize = 20;
 
 /// What `ferry verify` found in one index.
 #[derive(Debug, Default, Clone)]
@@ -168,232 +244,410 @@ pub struct VerifyReport {
     /// The index (alias).
     pub index: String,
     /// Documents compared.
-    pub checked: usize,
+    pub checked: u64,
     /// Rows without a document.
-    pub missing: Vec<String>,
+    pub missing: u64,
     /// Documents that differ from their rows.
-    pub different: Vec<String>,
+    pub different: u64,
     /// Documents without a row.
-    pub extra: Vec<String>,
-    /// Documents rewritten or deleted by `--repair`.
-    pub repaired: usize,
+    pub extra: u64,
+    /// Documents rewritten or deleted by `--repair` (and seen right after).
+    pub repaired: u64,
+    /// Differences `--repair` cannot fix in place: the cluster holds a
+    /// version beyond the WAL position (written outside ferry), which a
+    /// repair cannot outbid without making every later streamed change of
+    /// that document lose. `ferry reindex` rebuilds the index instead.
+    pub unrepairable: u64,
+    /// The first ids of each kind of drift (at most 20 each).
+    pub examples: Vec<(Drift, String)>,
+    /// The first unrepairable ids (at most 20).
+    pub unrepairable_examples: Vec<String>,
 }
 
 impl VerifyReport {
     /// True when nothing differs.
     pub fn is_clean(&self) -> bool {
-        self.missing.is_empty() && self.different.is_empty() && self.extra.is_empty()
+        self.drift() == 0
+    }
+
+    /// Differences found.
+    pub fn drift(&self) -> u64 {
+        self.missing + self.different + self.extra
+    }
+
+    fn record(&mut self, kind: Drift, id: &str) {
+        let count = match kind {
+            Drift::Missing => &mut self.missing,
+            Drift::Different => &mut self.different,
+            Drift::Extra => &mut self.extra,
+        };
+        *count += 1;
+        if self.examples.iter().filter(|(k, _)| *k == kind).count() < EXAMPLES {
+            self.examples.push((kind, id.to_string()));
+        }
+    }
+
+    fn record_unrepairable(&mut self, id: &str) {
+        self.unrepairable += 1;
+        if self.unrepairable_examples.len() < EXAMPLES {
+            self.unrepairable_examples.push(id.to_string());
+        }
     }
 }
 
-/// Rebuilds documents from PostgreSQL and compares them with the cluster
-/// (all rows, or a random sample of `sample` roots). Differences are checked
-/// twice, a couple of seconds apart, so in-flight changes on a live
-/// deployment are not reported; with `repair` the persistent ones are fixed.
+/// How long a difference must persist before it counts: a live pipeline
+/// may simply not have caught up yet.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// How often the walk logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Compares documents with their rows (every row and every document, or a
+/// random sample of both) in bounded memory: the table is walked in key
+/// order a page at a time (keyset pagination) and each page's documents are
+/// fetched by id; then the index is scrolled a page at a time and each
+/// page's ids are looked up in the table, which finds documents whose rows
+/// are gone. Differences are checked again after a couple of seconds, so
+/// in-flight changes on a live deployment are not reported; with `repair`
+/// the persistent ones are rewritten under a consistent snapshot (see
+/// ARCHITECTURE.md, "verify and repair").
 pub async fn verify(
     cfg: &Config,
     index: Option<&str>,
-    sample: Option<usize>,
-    repair: bool,
+    opts: VerifyOptions,
 ) -> Result<Vec<VerifyReport>, EngineError> {
     let ops = open(cfg).await?;
     let mut reports = Vec::new();
     for ix in selected(&ops, index)? {
-        let version = current_lsn(&ops.client).await?;
-        let expected = match sample {
-            Some(n) => {
-                let keys = ops.client.sample_keys(&ix.plan.table, n).await?;
-                let mut writes = Vec::new();
-                for chunk in keys.chunks(1000) {
-                    build::build_docs(&ops.client, ix, chunk, version, &mut writes).await?;
-                }
-                writes
-            }
-            None => all_docs(&ops.client, ix, version).await?,
+        let mut check = Check {
+            cfg,
+            ops: &ops,
+            ix,
+            opts: VerifyOptions {
+                page_size: opts.page_size.max(1),
+                ..opts
+            },
+            report: VerifyReport {
+                index: ix.alias.clone(),
+                ..Default::default()
+            },
+            suspects: Vec::new(),
+            since: None,
         };
-        let mut report = VerifyReport {
-            index: ix.alias.clone(),
-            checked: expected.len(),
-            ..Default::default()
-        };
-        let mut suspects = compare(&ops.sink, &ix.concrete, &expected).await?;
-        if sample.is_none() {
-            let want: HashSet<&str> = expected
-                .iter()
-                .filter(|w| matches!(w.op, DocOp::Index(_)))
-                .map(|w| w.id.as_str())
-                .collect();
-            for id in all_ids(&ops.sink, &ix.concrete).await? {
-                if !want.contains(id.as_str()) {
-                    suspects.insert(id);
-                }
+        match opts.sample {
+            Some(n) => check.sample(n).await?,
+            None => {
+                check.walk_table().await?;
+                check.walk_index().await?;
             }
         }
-        if !suspects.is_empty() {
-            // Second look: a live pipeline may simply not have caught up yet.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let version = current_lsn(&ops.client).await?;
-            let keys: Vec<Vec<String>> = suspects
-                .iter()
-                .map(|id| split_doc_id(id, ix.plan.table.key.len()))
-                .collect();
-            let mut again = Vec::new();
-            for chunk in keys.chunks(1000) {
-                build::build_docs(&ops.client, ix, chunk, version, &mut again).await?;
-            }
-            let actual = fetch(&ops.sink, &ix.concrete, &again).await?;
-            let now = current_lsn(&ops.client).await?;
-            let mut fixes = Vec::new();
-            for mut w in again {
-                let have = actual.get(&w.id);
-                // ferry's own writes carry LSNs no later than `now`; a document
-                // newer than our read but not from the future is a live write
-                // that overtook the check: not drift.
-                let seen = have.map(|(_, v)| *v).unwrap_or(0);
-                if seen > version.0 && seen <= now.0 {
-                    continue;
-                }
-                match (&w.op, have) {
-                    (DocOp::Index(_), None) => report.missing.push(w.id.clone()),
-                    (DocOp::Index(body), Some((doc, _))) => {
-                        if serde_json::from_slice::<Value>(body).ok().as_ref() != Some(doc) {
-                            report.different.push(w.id.clone());
-                        } else {
-                            continue;
-                        }
-                    }
-                    (DocOp::Delete, Some(_)) => report.extra.push(w.id.clone()),
-                    (DocOp::Delete, None) => continue,
-                }
-                // A foreign write may carry a version beyond the WAL: outbid it.
-                if seen > now.0 {
-                    w.version = Lsn(seen + 1);
-                }
-                fixes.push(w);
-            }
-            if repair && !fixes.is_empty() {
-                let outcome = ops.sink.write(&fixes, &ops.names).await?;
-                report.repaired = outcome.written as usize;
-            }
-        }
-        reports.push(report);
+        check.settle(true).await?;
+        reports.push(check.report);
     }
     Ok(reports)
 }
 
-/// Every document of an index as the rows say, versioned `version`.
-async fn all_docs(
-    client: &Session,
-    ix: &IndexRuntime,
-    version: Lsn,
-) -> Result<Vec<DocWrite>, EngineError> {
-    let key_pos: Vec<usize> = ix.plan.key_positions().collect();
-    let mut out = Vec::new();
-    let rows = client.build_documents(&ix.plan, None, &ix.alias).await?;
-    rows.read_all(|row| {
-        let parts: Vec<&[u8]> = key_pos
-            .iter()
-            .map(|p| row.field(*p).unwrap_or(b""))
-            .collect();
-        let mut body = Vec::new();
-        if ix.plan.write_root(|i| row.field(i), &mut body) {
-            out.push(DocWrite {
-                index: ix.pos,
-                id: doc_id(&parts),
-                version,
-                op: DocOp::Index(body),
-            });
-        }
-    })
-    .await?;
-    Ok(out)
+/// One index's check in progress.
+struct Check<'a> {
+    cfg: &'a Config,
+    ops: &'a Ops,
+    ix: &'a IndexRuntime,
+    opts: VerifyOptions,
+    report: VerifyReport,
+    /// Ids that differed at first sight, at most about a page of them.
+    suspects: Vec<String>,
+    /// When the oldest suspect was found.
+    since: Option<std::time::Instant>,
 }
 
-/// Ids whose document differs from (or should not exist per) `expected`.
-async fn compare(
-    sink: &Sink,
-    concrete: &str,
-    expected: &[DocWrite],
-) -> Result<HashSet<String>, EngineError> {
-    let mut suspects = HashSet::new();
-    for chunk in expected.chunks(1000) {
-        let actual = fetch(sink, concrete, chunk).await?;
-        for w in chunk {
-            let differs = match (&w.op, actual.get(&w.id)) {
-                (DocOp::Index(_), None) => true,
-                (DocOp::Index(body), Some((doc, _))) => {
-                    serde_json::from_slice::<Value>(body).ok().as_ref() != Some(doc)
+impl Check<'_> {
+    /// Walks the table in key order, a page of roots per statement.
+    async fn walk_table(&mut self) -> Result<(), EngineError> {
+        let page = self.opts.page_size;
+        let key_pos: Vec<usize> = self.ix.plan.key_positions().collect();
+        let started = std::time::Instant::now();
+        let mut logged = started;
+        let mut after: Option<Vec<String>> = None;
+        loop {
+            let rows = self
+                .ops
+                .client
+                .copy_chunk(&self.ix.plan, after.as_deref(), page)
+                .await?;
+            let mut expected = Vec::with_capacity(page);
+            let mut last_key = None;
+            let mut malformed = 0usize;
+            let mut n = 0usize;
+            rows.read_all(|row| {
+                n += 1;
+                if n == page {
+                    last_key = Some(
+                        key_pos
+                            .iter()
+                            .map(|p| {
+                                String::from_utf8_lossy(row.field(*p).unwrap_or(b"")).into_owned()
+                            })
+                            .collect::<Vec<_>>(),
+                    );
                 }
-                (DocOp::Delete, have) => have.is_some(),
-            };
-            if differs {
-                suspects.insert(w.id.clone());
+                let parts: Vec<&[u8]> = key_pos
+                    .iter()
+                    .map(|p| row.field(*p).unwrap_or(b""))
+                    .collect();
+                let mut body = Vec::with_capacity(256);
+                if !self.ix.plan.write_root(|i| row.field(i), &mut body) {
+                    malformed += 1;
+                    return;
+                }
+                expected.push(DocWrite {
+                    index: self.ix.pos,
+                    id: doc_id(&parts),
+                    version: Lsn::ZERO,
+                    op: DocOp::Index(body),
+                });
+            })
+            .await?;
+            if malformed > 0 {
+                return Err(EngineError::Stream(format!(
+                    "verifying index {}: {malformed} rows came back in an unexpected shape",
+                    self.ix.alias
+                )));
+            }
+            self.report.checked += expected.len() as u64;
+            self.compare(&expected).await?;
+            self.settle(false).await?;
+            if logged.elapsed() >= PROGRESS_EVERY {
+                logged = std::time::Instant::now();
+                tracing::info!(
+                    index = %self.ix.alias,
+                    rows = self.report.checked,
+                    rows_per_s = (self.report.checked as f64 / started.elapsed().as_secs_f64()) as u64,
+                    drift = self.report.drift(),
+                    "verify: walking the table"
+                );
+            }
+            match last_key {
+                Some(k) => after = Some(k),
+                None => return Ok(()),
             }
         }
     }
-    Ok(suspects)
-}
 
-/// `_source` and version of these documents, by id (absent ones left out).
-async fn fetch(
-    sink: &Sink,
-    concrete: &str,
-    writes: &[DocWrite],
-) -> Result<BTreeMap<String, (Value, u64)>, EngineError> {
-    let mut out = BTreeMap::new();
-    for chunk in writes.chunks(1000) {
-        let ids: Vec<&str> = chunk.iter().map(|w| w.id.as_str()).collect();
-        let v = sink
-            .json_request(
-                Method::Post,
-                &format!("/{concrete}/_mget"),
-                Some(json!({ "ids": ids })),
+    /// Scrolls the index a page at a time and looks each page's ids up in
+    /// the table: documents whose rows are gone (or filtered out) are extra.
+    async fn walk_index(&mut self) -> Result<(), EngineError> {
+        let sink = &self.ops.sink;
+        let mut scroll = sink
+            .scroll(
+                &self.ix.concrete,
+                json!({"match_all": {}}),
+                self.opts.page_size,
+                false,
             )
             .await?;
-        for d in v["docs"].as_array().cloned().unwrap_or_default() {
-            if d["found"].as_bool() == Some(true) {
-                if let Some(id) = d["_id"].as_str() {
-                    let version = d["_version"].as_u64().unwrap_or(0);
-                    out.insert(id.to_string(), (d["_source"].clone(), version));
+        let started = std::time::Instant::now();
+        let mut logged = started;
+        let mut seen = 0u64;
+        while let Some(hits) = sink.next_page(&mut scroll).await? {
+            seen += hits.len() as u64;
+            let keys: Vec<Vec<String>> = hits
+                .iter()
+                .map(|h| split_doc_id(&h.id, self.ix.plan.table.key.len()))
+                .collect();
+            let mut rebuilt = Vec::new();
+            build::build_docs(&self.ops.client, self.ix, &keys, Lsn::ZERO, &mut rebuilt).await?;
+            for w in rebuilt {
+                if matches!(w.op, DocOp::Delete) {
+                    self.suspect(w.id);
                 }
             }
+            self.settle(false).await?;
+            if logged.elapsed() >= PROGRESS_EVERY {
+                logged = std::time::Instant::now();
+                tracing::info!(
+                    index = %self.ix.alias,
+                    documents = seen,
+                    documents_per_s = (seen as f64 / started.elapsed().as_secs_f64()) as u64,
+                    drift = self.report.drift(),
+                    "verify: walking the index"
+                );
+            }
         }
+        Ok(())
     }
-    Ok(out)
-}
 
-/// Every document id of an index (scroll API).
-async fn all_ids(sink: &Sink, concrete: &str) -> Result<Vec<String>, EngineError> {
-    let _ = sink.refresh(concrete).await;
-    let mut out = Vec::new();
-    let mut v = sink
-        .json_request(
-            Method::Post,
-            &format!("/{concrete}/_search?scroll=1m"),
-            Some(json!({"size": 5000, "_source": false, "query": {"match_all": {}}})),
-        )
-        .await?;
-    loop {
-        let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
-        if hits.is_empty() {
-            break;
+    /// Compares about `n` random rows and `n` random documents (at most
+    /// 10,000, the cluster's result window) with each other.
+    async fn sample(&mut self, n: usize) -> Result<(), EngineError> {
+        let table_keys = self.ops.client.sample_keys(&self.ix.plan.table, n).await?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let doc_ids = self
+            .ops
+            .sink
+            .sample_ids(&self.ix.concrete, n.min(10_000), seed)
+            .await?;
+        let width = self.ix.plan.table.key.len();
+        let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for k in table_keys {
+            let parts: Vec<&[u8]> = k.iter().map(|p| p.as_bytes()).collect();
+            keys.insert(doc_id(&parts), k);
         }
-        out.extend(
-            hits.iter()
-                .filter_map(|h| h["_id"].as_str().map(str::to_string)),
-        );
-        let Some(scroll_id) = v["_scroll_id"].as_str().map(str::to_string) else {
-            break;
+        for id in doc_ids {
+            let k = split_doc_id(&id, width);
+            keys.entry(id).or_insert(k);
+        }
+        self.report.checked = keys.len() as u64;
+        let keys: Vec<Vec<String>> = keys.into_values().collect();
+        for chunk in keys.chunks(self.opts.page_size) {
+            let mut expected = Vec::new();
+            build::build_docs(&self.ops.client, self.ix, chunk, Lsn::ZERO, &mut expected).await?;
+            self.compare(&expected).await?;
+            self.settle(false).await?;
+        }
+        Ok(())
+    }
+
+    fn suspect(&mut self, id: String) {
+        if self.suspects.is_empty() {
+            self.since = Some(std::time::Instant::now());
+        }
+        self.suspects.push(id);
+    }
+
+    /// Marks the documents of `expected` that differ from the cluster.
+    async fn compare(&mut self, expected: &[DocWrite]) -> Result<(), EngineError> {
+        let ids: Vec<&str> = expected.iter().map(|w| w.id.as_str()).collect();
+        let actual = self.ops.sink.get_documents(&self.ix.concrete, &ids).await?;
+        for w in expected {
+            if differs(w, actual.get(&w.id).map(|h| &h.source)) {
+                self.suspect(w.id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the suspects again once there is a page of them (or, with
+    /// `all`, whatever is left), at least [`SETTLE`] after the oldest was
+    /// found.
+    async fn settle(&mut self, all: bool) -> Result<(), EngineError> {
+        if self.suspects.is_empty() || (!all && self.suspects.len() < self.opts.page_size) {
+            return Ok(());
+        }
+        if let Some(since) = self.since.take() {
+            tokio::time::sleep(SETTLE.saturating_sub(since.elapsed())).await;
+        }
+        let ids = std::mem::take(&mut self.suspects);
+        self.recheck(&ids).await
+    }
+
+    /// Rebuilds the suspects and compares them again; what still differs is
+    /// drift, and with `repair` it is rewritten (or deleted) and read back.
+    async fn recheck(&mut self, ids: &[String]) -> Result<(), EngineError> {
+        let width = self.ix.plan.table.key.len();
+        let keys: Vec<Vec<String>> = ids.iter().map(|id| split_doc_id(id, width)).collect();
+        let mut again = Vec::new();
+        // A repair is written with the consistent point of a snapshot the
+        // rows are read in (a temporary slot's): every change in the
+        // snapshot has a version at most that point, every change after it
+        // a higher one, so the repair can neither lose to an older stream
+        // write nor overwrite a newer one.
+        let version = if self.opts.repair {
+            let params = PgParams::from_config(&self.cfg.source)?;
+            let slot = catalog::seed_snapshot(
+                &params,
+                &self.cfg.source.slot,
+                &self.cfg.source.publication,
+            )
+            .await?;
+            let at = slot.consistent_point;
+            let snap = catalog::open_snapshot(&params, Some(&slot.snapshot)).await?;
+            // The snapshot is imported: the session that exported it may go.
+            drop(slot);
+            for chunk in keys.chunks(1000) {
+                build::build_docs(&snap, self.ix, chunk, at, &mut again).await?;
+            }
+            snap.end_snapshot().await;
+            at
+        } else {
+            let at = current_lsn(&self.ops.client).await?;
+            for chunk in keys.chunks(1000) {
+                build::build_docs(&self.ops.client, self.ix, chunk, at, &mut again).await?;
+            }
+            at
         };
-        v = sink
-            .json_request(
-                Method::Post,
-                "/_search/scroll",
-                Some(json!({"scroll": "1m", "scroll_id": scroll_id})),
-            )
+        let again_ids: Vec<&str> = again.iter().map(|w| w.id.as_str()).collect();
+        let actual = self
+            .ops
+            .sink
+            .get_documents(&self.ix.concrete, &again_ids)
             .await?;
+        let now = current_lsn(&self.ops.client).await?;
+        let mut fixes = Vec::new();
+        for w in again {
+            let have = actual.get(&w.id);
+            let seen = have.map(|h| h.version).unwrap_or(0);
+            // ferry's own writes carry LSNs no later than `now`; a document
+            // newer than our read but not from the future is a live write
+            // that overtook the check: not drift.
+            if seen > version.0 && seen <= now.0 {
+                continue;
+            }
+            let kind = match (&w.op, have) {
+                (DocOp::Index(_), None) => Drift::Missing,
+                (DocOp::Index(_), Some(h)) if differs(&w, Some(&h.source)) => Drift::Different,
+                (DocOp::Delete, Some(_)) => Drift::Extra,
+                _ => continue,
+            };
+            self.report.record(kind, &w.id);
+            if !self.opts.repair {
+                continue;
+            }
+            if seen > now.0 {
+                // Written outside ferry with a version from the future:
+                // outbidding it would make the stream's later writes lose.
+                self.report.record_unrepairable(&w.id);
+                continue;
+            }
+            fixes.push(w);
+        }
+        if fixes.is_empty() {
+            return Ok(());
+        }
+        self.ops.sink.write(&fixes, &self.ops.names).await?;
+        // Read the repairs back: a version the write could not beat (a
+        // tombstone or document from the future) leaves the drift in place.
+        let fixed_ids: Vec<&str> = fixes.iter().map(|w| w.id.as_str()).collect();
+        let after = self
+            .ops
+            .sink
+            .get_documents(&self.ix.concrete, &fixed_ids)
+            .await?;
+        let now = current_lsn(&self.ops.client).await?;
+        for w in &fixes {
+            let have = after.get(&w.id);
+            let overtaken = have.is_some_and(|h| h.version > version.0 && h.version <= now.0);
+            if overtaken || !differs(w, have.map(|h| &h.source)) {
+                self.report.repaired += 1;
+            } else {
+                self.report.record_unrepairable(&w.id);
+            }
+        }
+        Ok(())
     }
-    Ok(out)
+}
+
+/// Whether the cluster's document (`None`: absent) differs from what `w` says it should be.
+fn differs(w: &DocWrite, have: Option<&Value>) -> bool {
+    match (&w.op, have) {
+        (DocOp::Index(_), None) => true,
+        (DocOp::Index(body), Some(doc)) => {
+            serde_json::from_slice::<Value>(body).ok().as_ref() != Some(doc)
+        }
+        (DocOp::Delete, have) => have.is_some(),
+    }
 }
 
 /// `ferry slot info`: the slot's state as (label, value) lines, or `None`

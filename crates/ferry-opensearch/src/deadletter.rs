@@ -7,9 +7,9 @@
 
 use ferry_core::Lsn;
 use opensearch::http::Method;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
+use crate::scan::{Hit, Scroll};
 use crate::{Sink, SinkError};
 
 /// One stored dead letter.
@@ -28,6 +28,21 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The entry a dead-letter index hit holds.
+    pub fn from_hit(hit: &Hit) -> DeadLetter {
+        let s = &hit.source;
+        DeadLetter {
+            index: s["index"].as_str().unwrap_or_default().to_string(),
+            id: s["id"].as_str().unwrap_or_default().to_string(),
+            status: s["status"].as_u64().unwrap_or(0) as u16,
+            reason: s["reason"].as_str().unwrap_or_default().to_string(),
+            lsn: s["lsn"]
+                .as_str()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(Lsn::ZERO),
+        }
+    }
+
     fn entry_id(&self) -> String {
         format!("{}/{}", self.index, self.id)
     }
@@ -89,6 +104,19 @@ impl Sink {
             body.extend_from_slice(doc.to_string().as_bytes());
             body.push(b'\n');
         }
+        self.dead_letter_bulk(body, &format!("dead letters into {name}"), |_| false)
+            .await
+    }
+
+    /// Sends a bulk request on the dead-letter index, visible to searches on
+    /// return; an item error other than those `ignore` accepts (by status)
+    /// fails it.
+    async fn dead_letter_bulk(
+        &self,
+        body: Vec<u8>,
+        what: &str,
+        ignore: impl Fn(u64) -> bool,
+    ) -> Result<(), SinkError> {
         let (status, resp) = self
             .request(
                 Method::Post,
@@ -98,100 +126,61 @@ impl Sink {
             )
             .await?;
         let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
-        if !(200..300).contains(&status) || v["errors"].as_bool() != Some(false) {
+        let failed = v["items"].as_array().is_none_or(|items| {
+            items.iter().any(|item| {
+                let st = item
+                    .as_object()
+                    .and_then(|o| o.values().next())
+                    .and_then(|r| r["status"].as_u64())
+                    .unwrap_or(0);
+                !(200..300).contains(&st) && !ignore(st)
+            })
+        });
+        if !(200..300).contains(&status) || failed {
             return Err(SinkError::Status {
                 status,
-                what: format!("POST /_bulk (dead letters into {name})"),
+                what: format!("POST /_bulk ({what})"),
                 body: crate::snippet(&resp),
             });
         }
         Ok(())
     }
 
-    /// Lists dead letters, optionally of one index (at most `limit`).
-    pub async fn list_dead_letters(
+    /// Pages through the dead letters (of one index, or all), `page` at a
+    /// time: read each page with [`Sink::next_page`] and turn its hits into
+    /// entries with [`DeadLetter::from_hit`]. Any number of entries.
+    pub async fn dead_letter_pages(
         &self,
         name: &str,
         index: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, SinkError> {
-        let (status, _) = self
-            .request(Method::Head, &format!("/{name}"), None, "application/json")
-            .await?;
-        if status == 404 {
-            return Ok(Vec::new());
-        }
-        let _ = self.refresh(name).await;
+        page: usize,
+    ) -> Result<Scroll, SinkError> {
         let query = match index {
             Some(i) => json!({"term": {"index": i}}),
             None => json!({"match_all": {}}),
         };
-        let v = self
-            .json_request(
-                Method::Post,
-                &format!("/{name}/_search"),
-                Some(json!({"size": limit, "query": query})),
-            )
-            .await?;
-        let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
-        Ok(hits
-            .iter()
-            .map(|h| {
-                let s = &h["_source"];
-                DeadLetter {
-                    index: s["index"].as_str().unwrap_or_default().to_string(),
-                    id: s["id"].as_str().unwrap_or_default().to_string(),
-                    status: s["status"].as_u64().unwrap_or(0) as u16,
-                    reason: s["reason"].as_str().unwrap_or_default().to_string(),
-                    lsn: s["lsn"]
-                        .as_str()
-                        .and_then(|l| l.parse().ok())
-                        .unwrap_or(Lsn::ZERO),
-                }
-            })
-            .collect())
+        self.scroll(name, query, page, true).await
     }
 
-    /// Removes these dead letters.
+    /// Removes these dead letters (one bulk request).
     pub async fn remove_dead_letters(
         &self,
         name: &str,
         letters: &[DeadLetter],
     ) -> Result<(), SinkError> {
-        for l in letters {
-            let path = format!(
-                "/{name}/_doc/{}?refresh=wait_for",
-                utf8_percent_encode(&l.entry_id(), PATH_SEGMENT)
-            );
-            let (status, body) = self
-                .request(Method::Delete, &path, None, "application/json")
-                .await?;
-            if !(200..300).contains(&status) && status != 404 {
-                return Err(SinkError::Status {
-                    status,
-                    what: format!("DELETE {path}"),
-                    body: crate::snippet(&body),
-                });
-            }
+        if letters.is_empty() {
+            return Ok(());
         }
-        Ok(())
-    }
-}
-
-/// Everything but RFC 3986's unreserved characters is escaped in a path segment.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entry_ids_are_escaped_as_one_path_segment() {
-        let escaped = utf8_percent_encode("users:1,a/b c?~é", PATH_SEGMENT).to_string();
-        assert_eq!(escaped, "users%3A1%2Ca%2Fb%20c%3F~%C3%A9");
+        let mut body = Vec::new();
+        for l in letters {
+            let action = json!({"delete": {"_index": name, "_id": l.entry_id()}});
+            body.extend_from_slice(action.to_string().as_bytes());
+            body.push(b'\n');
+        }
+        // A delete of an entry already gone answers 404 per item: fine.
+        self.dead_letter_bulk(body, &format!("removing dead letters from {name}"), |st| {
+            st == 404
+        })
+        .await
     }
 }

@@ -15,6 +15,7 @@
 mod bulk;
 mod deadletter;
 mod index;
+mod scan;
 
 pub use bulk::{
     encode_bulk, item_outcome, parse_bulk_answer, BulkOutcome, ItemAnswer, ItemOutcome, Rejected,
@@ -22,6 +23,7 @@ pub use bulk::{
 pub use deadletter::DeadLetter;
 pub use index::{concrete_name, IndexPlan, PreparedIndex};
 pub use opensearch::http::Method;
+pub use scan::{Hit, Scroll};
 
 use std::time::Duration;
 

@@ -10,7 +10,8 @@
 //! Cost: every statement here reads only the rows its arguments name (keys,
 //! values, OIDs, one chunk), so its cost grows with those rows, never with
 //! the whole table, except the explicit full reads (`build_documents` with
-//! no keys, used by `verify`) and `sample_keys`, which the operator asks for.
+//! no keys) and the growing block sample of `sample_keys` when a table is
+//! smaller than its estimate says.
 
 use ferry_core::plan::{Node, Probe};
 use ferry_core::schema::quote_ident;
@@ -363,7 +364,12 @@ impl Session {
         }
     }
 
-    /// The primary keys of `n` random rows of `table`.
+    /// The primary keys of about `n` random rows of `table`, read from a
+    /// `TABLESAMPLE SYSTEM` block sample sized from the planner's estimate
+    /// (about three times `n` rows), so the cost grows with `n`, not with the
+    /// table; the sample is enlarged (fourfold per try, up to the whole
+    /// table) while it holds fewer than `n` rows. Blocks are sampled whole,
+    /// so rows stored together are sampled together.
     pub async fn sample_keys(
         &self,
         table: &TableShape,
@@ -375,17 +381,29 @@ impl Session {
             .map(|k| format!("{}::text", quote_ident(k)))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!(
-            "COPY (SELECT {keys} FROM {} ORDER BY random() LIMIT {n}) TO STDOUT",
-            table.qualified()
-        );
+        let estimate = self.estimate_rows(table).await;
+        let mut percent = if estimate > 0 {
+            n as f64 * 300.0 / estimate as f64
+        } else {
+            1.0
+        };
         let width = table.key.len();
-        let mut out = Vec::new();
-        CopyReader::start(&self.client, &sql, "sampling rows")
-            .await?
-            .read_all(|row| out.push(row.texts(width)))
-            .await?;
-        Ok(out)
+        loop {
+            percent = percent.clamp(0.001, 100.0);
+            let sql = format!(
+                "COPY (SELECT {keys} FROM {} TABLESAMPLE SYSTEM ({percent:.3}) ORDER BY random() LIMIT {n}) TO STDOUT",
+                table.qualified()
+            );
+            let mut out = Vec::new();
+            CopyReader::start(&self.client, &sql, "sampling rows")
+                .await?
+                .read_all(|row| out.push(row.texts(width)))
+                .await?;
+            if out.len() >= n || percent >= 100.0 {
+                return Ok(out);
+            }
+            percent *= 4.0;
+        }
     }
 
     /// The rows `plan` builds documents from, for these root keys (every

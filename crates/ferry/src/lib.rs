@@ -70,6 +70,9 @@ pub enum Command {
         /// Only this index (its configured name).
         #[arg(long, global = true)]
         index: Option<String>,
+        /// Entries read (and retried or purged) per request.
+        #[arg(long, global = true, default_value_t = 1000)]
+        page_size: usize,
         /// list, retry or purge.
         #[command(subcommand)]
         action: ops::DeadLetterAction,
@@ -111,6 +114,9 @@ pub enum Command {
         /// Rewrite (or delete) the documents that differ.
         #[arg(long)]
         repair: bool,
+        /// Rows and documents compared per statement and per request (memory stays bounded by it).
+        #[arg(long, default_value_t = 1000)]
+        page_size: usize,
     },
     /// Run the whole pipeline on a throwaway PostgreSQL and a local osmem-server, with sample data.
     Demo {
@@ -145,8 +151,9 @@ pub fn main() -> ExitCode {
             Command::DeadLetters {
                 config,
                 index,
+                page_size,
                 action,
-            } => ops::dead_letters(&config, action, index).await,
+            } => ops::dead_letters(&config, action, index, page_size).await,
             Command::Reindex { name, config } => ops::reindex(&config, &name).await,
             Command::Slot { config, action } => ops::slot(&config, action).await,
             Command::Health { url } => {
@@ -168,7 +175,15 @@ pub fn main() -> ExitCode {
                 index,
                 sample,
                 repair,
-            } => ops::verify(&config, index, sample, repair).await,
+                page_size,
+            } => {
+                let opts = ferry_engine::ops::VerifyOptions {
+                    sample,
+                    repair,
+                    page_size,
+                };
+                ops::verify(&config, index, opts).await
+            }
         }
     })
 }

@@ -29,6 +29,7 @@ pub async fn dead_letters(
     config: &Path,
     action: DeadLetterAction,
     index: Option<String>,
+    page_size: usize,
 ) -> ExitCode {
     let cfg = match crate::load(config) {
         Ok(c) => c,
@@ -37,26 +38,24 @@ pub async fn dead_letters(
     let index = index.as_deref();
     let result = match action {
         DeadLetterAction::List => {
-            ferry_engine::ops::dead_letters_list(&cfg, index)
-                .await
-                .map(|list| {
-                    out!("{} dead letter(s)", list.len());
-                    for l in list {
-                        out!(
-                            "{}\t{}\t{}\t{}\t{}",
-                            l.index,
-                            l.id,
-                            l.status,
-                            l.lsn,
-                            l.reason
-                        );
-                    }
-                })
+            // Entries are printed as they are paged in; the count comes last.
+            ferry_engine::ops::dead_letters_list(&cfg, index, page_size, |l| {
+                out!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    l.index,
+                    l.id,
+                    l.status,
+                    l.lsn,
+                    l.reason
+                );
+            })
+            .await
+            .map(|n| out!("{n} dead letter(s)"))
         }
-        DeadLetterAction::Retry => ferry_engine::ops::dead_letters_retry(&cfg, index)
+        DeadLetterAction::Retry => ferry_engine::ops::dead_letters_retry(&cfg, index, page_size)
             .await
             .map(|(healed, failing)| out!("healed {healed}, still failing {failing}")),
-        DeadLetterAction::Purge => ferry_engine::ops::dead_letters_purge(&cfg, index)
+        DeadLetterAction::Purge => ferry_engine::ops::dead_letters_purge(&cfg, index, page_size)
             .await
             .map(|n| out!("purged {n} dead letter(s)")),
     };
@@ -155,14 +154,13 @@ pub async fn reindex(config: &Path, name: &str) -> ExitCode {
 pub async fn verify(
     config: &Path,
     index: Option<String>,
-    sample: Option<usize>,
-    repair: bool,
+    opts: ferry_engine::ops::VerifyOptions,
 ) -> ExitCode {
     let cfg = match crate::load(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match ferry_engine::ops::verify(&cfg, index.as_deref(), sample, repair).await {
+    match ferry_engine::ops::verify(&cfg, index.as_deref(), opts).await {
         Ok(reports) => {
             let mut clean = true;
             for r in &reports {
@@ -170,26 +168,32 @@ pub async fn verify(
                     "{}: checked {}, missing {}, different {}, extra {}{}",
                     r.index,
                     r.checked,
-                    r.missing.len(),
-                    r.different.len(),
-                    r.extra.len(),
-                    if repair {
-                        format!(", repaired {}", r.repaired)
+                    r.missing,
+                    r.different,
+                    r.extra,
+                    if opts.repair {
+                        format!(", repaired {}, unrepairable {}", r.repaired, r.unrepairable)
                     } else {
                         String::new()
                     }
                 );
-                for (what, ids) in [
-                    ("missing", &r.missing),
-                    ("different", &r.different),
-                    ("extra", &r.extra),
-                ] {
-                    for id in ids.iter().take(20) {
-                        out!("  {what}\t{id}");
-                    }
+                for (kind, id) in &r.examples {
+                    out!("  {}\t{id}", kind.label());
                 }
-                let differences = r.missing.len() + r.different.len() + r.extra.len();
-                let fixed = repair && r.repaired == differences;
+                for id in &r.unrepairable_examples {
+                    out!("  unrepairable\t{id}");
+                }
+                if r.unrepairable > 0 {
+                    out!(
+                        "{}: {} document(s) could not be repaired in place: the cluster holds a version beyond \
+                         PostgreSQL's WAL position (written outside ferry); rebuild the index with \
+                         `ferry reindex {}`",
+                        r.index,
+                        r.unrepairable,
+                        r.index
+                    );
+                }
+                let fixed = opts.repair && r.unrepairable == 0 && r.repaired == r.drift();
                 if !(r.is_clean() || fixed) {
                     clean = false;
                 }
