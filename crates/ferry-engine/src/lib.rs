@@ -25,7 +25,7 @@ mod seed;
 mod setup;
 mod worker;
 
-pub use error::{Disposition, EngineError};
+pub use error::{Disposition, EngineError, EXIT_SLOT_LOST};
 pub use setup::{check, Prepared};
 
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use std::time::Duration;
 
 pub use ferry_core::stats::Stats;
 
-use ferry_config::Config;
+use ferry_config::{Config, SlotLostPolicy};
 use tokio::sync::watch;
 
 /// A signal that asks the engine to stop after the in-flight batch.
@@ -116,6 +116,27 @@ pub async fn run(
                 }
                 backoff = (backoff * 2).min(max_backoff);
             }
+            Disposition::SlotLost => match cfg.source.on_slot_lost {
+                SlotLostPolicy::Stop => {
+                    return Err(EngineError::SlotLost {
+                        slot: cfg.source.slot.clone(),
+                        cause: Box::new(e),
+                    })
+                }
+                SlotLostPolicy::Reseed => {
+                    // The next start recreates the slot and builds every
+                    // index beside the one its alias serves.
+                    tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            },
             Disposition::Operator | Disposition::Fatal => return Err(e),
         }
     }

@@ -42,11 +42,6 @@ impl OpenSearchSink {
         }
     }
 
-    /// The concrete-index name list `Sink::write` addresses by slot.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// The concrete index that index `id` writes to (its primary target).
     pub fn primary(&self, id: IndexId) -> &str {
         &self.names[Target::Primary.slot(id, self.shadowed.len())]
