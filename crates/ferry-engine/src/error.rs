@@ -75,7 +75,13 @@ impl EngineError {
                 SinkError::Status { status, .. } if ferry_opensearch::is_transient(*status) => {
                     Disposition::Retry
                 }
-                SinkError::Poison { .. } | SinkError::Conflict(_) => Disposition::Operator,
+                SinkError::Poison { .. } | SinkError::Conflict(_) | SinkError::Refused { .. } => {
+                    Disposition::Operator
+                }
+                // Credentials or privileges refused for the whole request.
+                SinkError::Status {
+                    status: 401 | 403, ..
+                } => Disposition::Operator,
                 SinkError::Status { .. } | SinkError::Protocol { .. } => Disposition::Fatal,
             },
             EngineError::Stream(_) => Disposition::Fatal,
@@ -160,6 +166,18 @@ mod tests {
         assert_eq!(sink_status(503).disposition(), Disposition::Retry);
         assert_eq!(sink_status(429).disposition(), Disposition::Retry);
         assert_eq!(sink_status(400).disposition(), Disposition::Fatal);
+        assert_eq!(sink_status(401).disposition(), Disposition::Operator);
+        assert_eq!(sink_status(403).disposition(), Disposition::Operator);
+        assert_eq!(
+            EngineError::Sink(SinkError::Refused {
+                index: "users-1".into(),
+                id: "7".into(),
+                status: 403,
+                reason: "cluster_block_exception: blocked".into(),
+            })
+            .disposition(),
+            Disposition::Operator
+        );
         assert_eq!(
             EngineError::Sink(SinkError::Unreachable {
                 url: "u".into(),

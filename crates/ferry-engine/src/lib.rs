@@ -77,7 +77,9 @@ pub async fn run(
     stats: Arc<Stats>,
 ) -> Result<(), EngineError> {
     let mut backoff = Duration::from_millis(250);
-    let max_backoff = Duration::from_secs(30);
+    // Short, so the pipeline is back within seconds of PostgreSQL or the
+    // cluster answering again, however long the outage was.
+    let max_backoff = Duration::from_secs(3);
     loop {
         let began = std::time::Instant::now();
         let result = run_once(&cfg, &mut shutdown, &stats).await;
