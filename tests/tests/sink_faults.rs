@@ -516,20 +516,6 @@ async fn a_copy_never_resurrects_a_row_deleted_more_than_a_minute_earlier() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
-/// Waits for `ferry` to exit on its own; returns its exit code.
-fn exit_code_within(mut ferry: FerryProcess, env: &TestEnv, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    while ferry.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "ferry kept running\n{}",
-            env.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ferry.stop()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_block_stops_ferry_unconfirmed_and_nothing_is_lost_once_lifted() {
     use ferry_opensearch::Method;
@@ -566,7 +552,7 @@ async fn write_block_stops_ferry_unconfirmed_and_nothing_is_lost_once_lifted() {
 
     // The 403 needs an operator: ferry stops with the reason, dead-letters
     // nothing, counts nothing as written and confirms nothing past it.
-    let code = exit_code_within(ferry, &env, Duration::from_secs(60));
+    let code = ferry.exit_code_within(Duration::from_secs(60));
     assert_eq!(code, Some(1), "{}", env.log_tail());
     let log = env.log();
     let error = log
@@ -645,7 +631,7 @@ async fn missing_index_stops_ferry_and_a_restart_rebuilds_it() {
     db.batch_execute("UPDATE docs SET title = 'index gone' WHERE id <= 10")
         .await
         .expect("changes");
-    let code = exit_code_within(ferry, &env, Duration::from_secs(60));
+    let code = ferry.exit_code_within(Duration::from_secs(60));
     env.sink
         .json_request(
             Method::Put,

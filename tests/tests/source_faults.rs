@@ -191,24 +191,6 @@ fn config_s(env: &TestEnv, source: &str) -> PathBuf {
     ))
 }
 
-/// Waits for ferry to exit on its own and returns its exit code.
-fn exit_code_within(
-    mut ferry: ferry_e2e::FerryProcess,
-    env: &TestEnv,
-    within: Duration,
-) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    while ferry.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "ferry kept running\n{}",
-            env.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ferry.stop()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_slot_reseeds_beside_the_live_index_and_searches_stay_full() {
     const ROWS: u32 = 20_000;
@@ -273,7 +255,7 @@ async fn lost_slot_under_policy_stop_exits_3_and_leaves_the_index_untouched() {
 
     drop_slot_under_ferry(&db).await;
     churn(&db, 1000).await;
-    let code = exit_code_within(ferry, &env, Duration::from_secs(60));
+    let code = ferry.exit_code_within(Duration::from_secs(60));
     assert_eq!(code, Some(3), "{}", env.log_tail());
     let log = env.log();
     let error = log
@@ -361,7 +343,9 @@ async fn invalidated_slot_stops_under_stop_and_reseeds_beside_under_reseed() {
     invalidate_slot(&db).await;
 
     let stop = config_s(&env, "on_slot_lost = \"stop\"");
-    let code = exit_code_within(env.run_ferry(&stop), &env, Duration::from_secs(60));
+    let code = env
+        .run_ferry(&stop)
+        .exit_code_within(Duration::from_secs(60));
     assert_eq!(code, Some(3), "{}", env.log_tail());
     assert!(
         env.log_tail().contains("invalidated") && env.log_tail().contains("source.on_slot_lost"),

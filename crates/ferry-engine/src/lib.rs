@@ -104,11 +104,23 @@ pub async fn run(
                     return Ok(());
                 }
             }
-            Disposition::Retry => {
-                stats
-                    .reconnects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
+            Disposition::SlotLost if cfg.source.on_slot_lost == SlotLostPolicy::Stop => {
+                return Err(EngineError::SlotLost {
+                    slot: cfg.source.slot.clone(),
+                    cause: Box::new(e),
+                });
+            }
+            d @ (Disposition::Retry | Disposition::SlotLost) => {
+                if d == Disposition::SlotLost {
+                    // The next start recreates the slot and builds every
+                    // index beside the one its alias serves.
+                    tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
+                } else {
+                    stats
+                        .reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -118,27 +130,6 @@ pub async fn run(
                 }
                 backoff = (backoff * 2).min(max_backoff);
             }
-            Disposition::SlotLost => match cfg.source.on_slot_lost {
-                SlotLostPolicy::Stop => {
-                    return Err(EngineError::SlotLost {
-                        slot: cfg.source.slot.clone(),
-                        cause: Box::new(e),
-                    })
-                }
-                SlotLostPolicy::Reseed => {
-                    // The next start recreates the slot and builds every
-                    // index beside the one its alias serves.
-                    tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return Ok(()),
-                    }
-                    if *shutdown.borrow() {
-                        return Ok(());
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
-                }
-            },
             Disposition::Operator | Disposition::Fatal => return Err(e),
         }
     }
