@@ -360,6 +360,20 @@ impl FerryProcess {
         }
     }
 
+    /// Waits for the process to exit on its own (panicking after `within`)
+    /// and returns its exit code.
+    pub fn exit_code_within(mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while self.is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "ferry kept running for {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop()
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

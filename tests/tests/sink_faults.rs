@@ -518,3 +518,198 @@ async fn a_copy_never_resurrects_a_row_deleted_more_than_a_minute_earlier() {
         .await;
     assert_eq!(ferry.stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_block_stops_ferry_unconfirmed_and_nothing_is_lost_once_lifted() {
+    use ferry_opensearch::Method;
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    create_docs(&db, 200).await;
+    let cfg = env.config("docs", "docs", "");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    let concrete = env
+        .sink
+        .alias_targets(&env.index("docs"))
+        .await
+        .expect("alias")
+        .remove(0);
+    let block = |on: bool| serde_json::json!({"index": {"blocks": {"write": if on { serde_json::json!(true) } else { serde_json::Value::Null }}}});
+    env.sink
+        .json_request(
+            Method::Put,
+            &format!("/{concrete}/_settings"),
+            Some(block(true)),
+        )
+        .await
+        .expect("block writes");
+    let before: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    db.batch_execute("UPDATE docs SET title = 'while blocked' WHERE id <= 10; INSERT INTO docs (id, title) VALUES (9001, 'blocked')")
+        .await
+        .expect("changes");
+
+    // The 403 needs an operator: ferry stops with the reason, dead-letters
+    // nothing, counts nothing as written and confirms nothing past it.
+    let code = ferry.exit_code_within(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{}", env.log_tail());
+    let log = env.log();
+    let error = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("ferry stopped"))
+        .unwrap_or("(no final error)");
+    assert!(
+        error.contains(&concrete) && error.contains("index.blocks.write") && error.contains("403"),
+        "the error names the index, the status and the fix: {error}"
+    );
+    assert!(
+        !log.contains("dead letter"),
+        "nothing was dead-lettered\n{}",
+        env.log_tail()
+    );
+    let unconfirmed: bool = db
+        .query_one(
+            &format!("SELECT confirmed_flush_lsn <= '{before}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'ferry_test'"),
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        unconfirmed,
+        "the slot confirmed changes the cluster refused"
+    );
+
+    env.sink
+        .json_request(
+            Method::Put,
+            &format!("/{concrete}/_settings"),
+            Some(block(false)),
+        )
+        .await
+        .expect("lift the block");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_index_stops_ferry_and_a_restart_rebuilds_it() {
+    use ferry_opensearch::Method;
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    create_docs(&db, 200).await;
+    let cfg = env.config("docs", "docs", "");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    let alias = env.index("docs");
+    let concrete = env
+        .sink
+        .alias_targets(&alias)
+        .await
+        .expect("alias")
+        .remove(0);
+    // Without this the cluster would recreate the index on the next write
+    // with guessed mappings; the docs tell operators to set it the same way.
+    let auto_create = |value: serde_json::Value| serde_json::json!({"persistent": {"action.auto_create_index": value}});
+    env.sink
+        .json_request(
+            Method::Put,
+            "/_cluster/settings",
+            Some(auto_create(serde_json::json!(format!("-{alias}*,+*")))),
+        )
+        .await
+        .expect("exclude the test's indexes from auto-creation");
+    env.sink
+        .json_request(Method::Delete, &format!("/{concrete}"), None)
+        .await
+        .expect("delete the index behind ferry's back");
+    db.batch_execute("UPDATE docs SET title = 'index gone' WHERE id <= 10")
+        .await
+        .expect("changes");
+    let code = ferry.exit_code_within(Duration::from_secs(60));
+    env.sink
+        .json_request(
+            Method::Put,
+            "/_cluster/settings",
+            Some(auto_create(serde_json::Value::Null)),
+        )
+        .await
+        .expect("reset auto-creation");
+    assert_eq!(code, Some(1), "{}", env.log_tail());
+    let log = env.log();
+    let error = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("ferry stopped"))
+        .unwrap_or("(no final error)");
+    assert!(
+        error.contains(&concrete)
+            && error.contains("does not exist")
+            && error.contains("restart ferry"),
+        "the error names the index and the way back: {error}"
+    );
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_resume_within_5_s_of_the_cluster_answering_after_a_long_outage() {
+    use ferry_opensearch::Method;
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 100).await;
+    let cfg = rig.config("docs", "docs", "", "max_batch_delay_ms = 20");
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+    rig.proxy.set(Fault::Status {
+        status: 503,
+        times: None,
+    });
+    db.batch_execute("INSERT INTO docs (id, title) VALUES (7001, 'during the outage')")
+        .await
+        .expect("insert");
+    // Long enough for a growing backoff to reach its old 30 s cap.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    rig.assert_running(&mut ferry, "during the outage");
+    let alias = rig.env.index("docs");
+    let back = Instant::now();
+    rig.proxy.clear();
+    loop {
+        // Straight to the cluster, not through the proxy.
+        let found = rig
+            .env
+            .sink
+            .json_request(Method::Get, &format!("/{alias}/_doc/7001"), None)
+            .await
+            .map(|d| d["found"] == serde_json::json!(true))
+            .unwrap_or(false);
+        if found {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "the change was not indexed within 5 s of the cluster answering again\n{}",
+            rig.env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "indexed {:?} after the cluster answered again",
+        back.elapsed()
+    );
+    rig.stop(ferry);
+}

@@ -311,7 +311,7 @@ fn settle(batch: &Batch, body: &[u8], work: &Work) -> Result<Vec<usize>> {
                 work.conflicts.fetch_add(1, Ordering::Relaxed);
             }
             ItemOutcome::Retry => retry.push(pos),
-            ItemOutcome::Rejected => {
+            ItemOutcome::Rejected | ItemOutcome::Operator => {
                 work.errors.fetch_add(1, Ordering::Relaxed);
                 let mut first = lock(&work.first_error);
                 if first.is_none() {

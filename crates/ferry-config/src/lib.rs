@@ -65,6 +65,11 @@ pub struct SourceConfig {
     /// heartbeat so the slot advances on a database busy elsewhere (0 = off).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
+    /// What ferry does when its replication slot is dropped or invalidated
+    /// (`max_slot_wal_keep_size`): changes were missed, so every index needs
+    /// a new copy.
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
     /// TLS towards PostgreSQL, as libpq's `sslmode`. When unset, the URL's
     /// `?sslmode=` decides, then the `PGSSLMODE` variable, then `prefer`.
     #[serde(default)]
@@ -82,6 +87,45 @@ pub struct SourceConfig {
     /// start-up); excludes a password in `url` and `password_file`.
     #[serde(default)]
     pub password_env: Option<String>,
+}
+
+/// What happens when the replication slot is lost (dropped, or invalidated
+/// because PostgreSQL removed WAL it still needed).
+///
+/// Either way searches never see an empty or partial index: the index the
+/// alias serves stays untouched until a complete replacement exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlotLostPolicy {
+    /// Recreate the slot and build every index anew beside the one the alias
+    /// serves (which keeps answering and receiving changes), then move the
+    /// alias when the new copy is complete.
+    #[default]
+    Reseed,
+    /// Stop with an operator error naming the slot; the indexes stay as they are.
+    Stop,
+}
+
+impl SlotLostPolicy {
+    /// The spelling in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotLostPolicy::Reseed => "reseed",
+            SlotLostPolicy::Stop => "stop",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SlotLostPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "reseed" => Ok(SlotLostPolicy::Reseed),
+            "stop" => Ok(SlotLostPolicy::Stop),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a choice: use \"reseed\" (rebuild every index beside the live one) or \"stop\""
+            ))),
+        }
+    }
 }
 
 /// How ferry protects its PostgreSQL connections, the values of libpq's `sslmode`.
@@ -1202,6 +1246,19 @@ table = "users"
         let a = c.sink.aws.expect("aws");
         assert_eq!(a.service, AwsService::Aoss);
         assert_eq!(a.region.as_deref(), Some("eu-west-1"));
+    }
+
+    #[test]
+    fn on_slot_lost_defaults_to_reseed_and_refuses_other_values() {
+        let c = Config::from_toml(BASE).expect("base");
+        assert_eq!(c.source.on_slot_lost, SlotLostPolicy::Reseed);
+        let c = Config::from_toml(&with("on_slot_lost = \"stop\"", "")).expect("stop");
+        assert_eq!(c.source.on_slot_lost, SlotLostPolicy::Stop);
+        let e = err(&with("on_slot_lost = \"recreate\"", ""));
+        assert!(
+            e.contains("on_slot_lost") && e.contains("recreate") && e.contains("reseed"),
+            "{e}"
+        );
     }
 
     #[test]

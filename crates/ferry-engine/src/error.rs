@@ -19,7 +19,23 @@ pub enum EngineError {
     /// The pipeline must start again to apply a change (e.g. a table's shape).
     #[error("{0}")]
     Restart(String),
+    /// The replication slot was lost and `source.on_slot_lost = "stop"`.
+    #[error(
+        "{cause}. ferry stops because source.on_slot_lost = \"stop\" and leaves every index as it is: \
+         to recreate replication slot {slot:?} and rebuild every index beside the one searches use, \
+         start ferry with source.on_slot_lost = \"reseed\" (or FERRY_SOURCE__ON_SLOT_LOST=reseed)"
+    )]
+    SlotLost {
+        /// The slot's name.
+        slot: String,
+        /// How it was found lost.
+        cause: Box<EngineError>,
+    },
 }
+
+/// The process exit code of a run that ended because the replication slot
+/// was lost under `source.on_slot_lost = "stop"`.
+pub const EXIT_SLOT_LOST: u8 = 3;
 
 /// What the restart loop does about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +46,9 @@ pub enum Disposition {
     Standby,
     /// Stop: an operator must act, and the message says how.
     Operator,
+    /// The replication slot is gone (dropped or invalidated) and changes
+    /// were missed: `source.on_slot_lost` decides (reseed beside, or stop).
+    SlotLost,
     /// Stop: nothing ferry or an operator's setting change can do here
     /// (a server error, an undecodable stream, an unexpected answer).
     Fatal,
@@ -42,9 +61,10 @@ impl EngineError {
             EngineError::Source(e) => match e {
                 SourceError::Unavailable { .. } => Disposition::Retry,
                 SourceError::SlotBusy(_) => Disposition::Standby,
+                SourceError::SlotDropped { .. } | SourceError::SlotInvalidated { .. } => {
+                    Disposition::SlotLost
+                }
                 SourceError::Operator(_)
-                | SourceError::SlotDropped { .. }
-                | SourceError::SlotInvalidated { .. }
                 | SourceError::AuthFailed { .. }
                 | SourceError::ReplicationDenied { .. }
                 | SourceError::PublicationLost(_)
@@ -56,11 +76,27 @@ impl EngineError {
                 SinkError::Status { status, .. } if ferry_opensearch::is_transient(*status) => {
                     Disposition::Retry
                 }
-                SinkError::Poison { .. } | SinkError::Conflict(_) => Disposition::Operator,
+                SinkError::Poison { .. } | SinkError::Conflict(_) | SinkError::Refused { .. } => {
+                    Disposition::Operator
+                }
+                // Credentials or privileges refused for the whole request.
+                SinkError::Status {
+                    status: 401 | 403, ..
+                } => Disposition::Operator,
                 SinkError::Status { .. } | SinkError::Protocol { .. } => Disposition::Fatal,
             },
             EngineError::Stream(_) => Disposition::Fatal,
             EngineError::Restart(_) => Disposition::Retry,
+            EngineError::SlotLost { .. } => Disposition::Operator,
+        }
+    }
+
+    /// The process exit code for a run that ended with this error:
+    /// [`EXIT_SLOT_LOST`] for a lost slot under `on_slot_lost = "stop"`, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            EngineError::SlotLost { .. } => EXIT_SLOT_LOST,
+            _ => 1,
         }
     }
 }
@@ -95,7 +131,7 @@ mod tests {
                 what,
                 detail: detail_text
             }),
-            Disposition::Operator
+            Disposition::SlotLost
         );
         let (what, detail_text) = detail();
         assert_eq!(
@@ -103,7 +139,7 @@ mod tests {
                 what,
                 detail: detail_text
             }),
-            Disposition::Operator
+            Disposition::SlotLost
         );
         let (what, detail_text) = detail();
         assert_eq!(
@@ -141,6 +177,18 @@ mod tests {
         assert_eq!(sink_status(503).disposition(), Disposition::Retry);
         assert_eq!(sink_status(429).disposition(), Disposition::Retry);
         assert_eq!(sink_status(400).disposition(), Disposition::Fatal);
+        assert_eq!(sink_status(401).disposition(), Disposition::Operator);
+        assert_eq!(sink_status(403).disposition(), Disposition::Operator);
+        assert_eq!(
+            EngineError::Sink(SinkError::Refused {
+                index: "users-1".into(),
+                id: "7".into(),
+                status: 403,
+                reason: "cluster_block_exception: blocked".into(),
+            })
+            .disposition(),
+            Disposition::Operator
+        );
         assert_eq!(
             EngineError::Sink(SinkError::Unreachable {
                 url: "u".into(),
@@ -156,6 +204,20 @@ mod tests {
         assert_eq!(
             EngineError::Stream("s".into()).disposition(),
             Disposition::Fatal
+        );
+        let lost = EngineError::SlotLost {
+            slot: "ferry_app".into(),
+            cause: Box::new(EngineError::Source(SourceError::SlotDropped {
+                what: "streaming".into(),
+                detail: "gone".into(),
+            })),
+        };
+        assert_eq!(lost.disposition(), Disposition::Operator);
+        assert_eq!(lost.exit_code(), EXIT_SLOT_LOST);
+        let text = lost.to_string();
+        assert!(
+            text.contains("\"ferry_app\"") && text.contains("source.on_slot_lost"),
+            "{text}"
         );
     }
 }

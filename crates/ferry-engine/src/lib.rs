@@ -26,7 +26,7 @@ mod setup;
 mod worker;
 
 pub use backfill::set_progress_bar;
-pub use error::{Disposition, EngineError};
+pub use error::{Disposition, EngineError, EXIT_SLOT_LOST};
 pub use setup::{check, Prepared};
 
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use std::time::Duration;
 pub use ferry_core::stats::Stats;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use ferry_config::Config;
+use ferry_config::{Config, SlotLostPolicy};
 use tokio::sync::watch;
 
 /// A signal that asks the engine to stop after the in-flight batch.
@@ -103,12 +103,24 @@ pub async fn run(
                     return Ok(());
                 }
             }
-            Disposition::Retry => {
-                stats
-                    .reconnects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Disposition::SlotLost if cfg.source.on_slot_lost == SlotLostPolicy::Stop => {
+                return Err(EngineError::SlotLost {
+                    slot: cfg.source.slot.clone(),
+                    cause: Box::new(e),
+                });
+            }
+            d @ (Disposition::Retry | Disposition::SlotLost) => {
                 let backoff = delays.next().unwrap_or(MAX_RESTART_DELAY);
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
+                if d == Disposition::SlotLost {
+                    // The next start recreates the slot and builds every
+                    // index beside the one its alias serves.
+                    tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
+                } else {
+                    stats
+                        .reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -124,8 +136,10 @@ pub async fn run(
 
 /// The first restart step; each further failure in a row doubles it.
 const FIRST_RESTART_DELAY: Duration = Duration::from_millis(250);
-/// No restart waits longer than this.
-const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+/// No restart waits longer than this: short, so the pipeline is back within
+/// seconds of PostgreSQL or the cluster answering again, however long the
+/// outage was.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(3);
 
 /// Restart delays for one run of failures, forever: step `n` doubles from
 /// [`FIRST_RESTART_DELAY`] up to [`MAX_RESTART_DELAY`], and each delay is
@@ -164,7 +178,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn restart_delays_double_with_jitter_and_never_pass_thirty_seconds() {
+    fn restart_delays_double_with_jitter_and_never_pass_the_cap() {
         let mut delays = restart_delays();
         let mut step = FIRST_RESTART_DELAY;
         for _ in 0..40 {

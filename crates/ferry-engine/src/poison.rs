@@ -37,7 +37,11 @@ pub fn triage(
     let mut letters = Vec::new();
     for r in rejected {
         let Some((alias, policy)) = indexes.get(r.write.index) else {
-            continue;
+            // Confirming past it would lose the write silently.
+            return Err(EngineError::Stream(format!(
+                "the cluster rejected document {:?} of unknown index position {}: {}",
+                r.write.id, r.write.index, r.reason
+            )));
         };
         if let Some(st) = stats.index(r.write.index) {
             st.docs_rejected.fetch_add(1, Relaxed);

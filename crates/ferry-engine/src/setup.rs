@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use ferry_config::Config;
+use ferry_config::{Config, SlotLostPolicy};
 use ferry_core::plan::Node;
 use ferry_core::stats::{IndexState, Stats};
 use ferry_opensearch::{IndexPlan, Sink};
@@ -187,11 +187,42 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     let existing = catalog::slot_info(&client, slot).await?;
     let mut new_slot = None;
     match &existing {
-        Some(info) => {
-            catalog::check_slot(info, slot, params.dbname())?;
-            tracing::info!(slot, confirmed_flush = %info.confirmed_flush, "resuming replication slot");
-        }
+        Some(info) => match catalog::check_slot(info, slot, params.dbname()) {
+            Err(e @ SourceError::SlotInvalidated { .. })
+                if cfg.source.on_slot_lost == SlotLostPolicy::Reseed =>
+            {
+                tracing::warn!(error = %e, slot, "dropping the invalidated slot: source.on_slot_lost = \"reseed\" recreates it and rebuilds every index beside the live one");
+                client.drop_slot(slot).await?;
+                new_slot =
+                    Some(catalog::create_slot(&params, slot, &cfg.source.publication).await?);
+            }
+            Err(e) => return Err(e.into()),
+            Ok(()) => {
+                tracing::info!(slot, confirmed_flush = %info.confirmed_flush, "resuming replication slot");
+            }
+        },
         None => {
+            // No slot while an alias already serves an index: it was lost
+            // (a first start has nothing to serve yet).
+            let mut served = Vec::new();
+            for ix in &cfg.indexes {
+                if !sink.alias_targets(&ix.name).await?.is_empty() {
+                    served.push(ix.name.clone());
+                }
+            }
+            if !served.is_empty() {
+                let lost = SourceError::SlotDropped {
+                    what: format!("starting from replication slot {slot:?}"),
+                    detail: format!(
+                        "it does not exist although ferry already serves {}",
+                        served.join(", ")
+                    ),
+                };
+                if cfg.source.on_slot_lost == SlotLostPolicy::Stop {
+                    return Err(lost.into());
+                }
+                tracing::warn!(error = %lost, "source.on_slot_lost = \"reseed\": creating the slot and rebuilding every index beside the live one");
+            }
             let created = catalog::create_slot(&params, slot, &cfg.source.publication).await?;
             new_slot = Some(created);
         }

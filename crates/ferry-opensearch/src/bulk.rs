@@ -119,24 +119,44 @@ pub enum ItemOutcome {
     Retry,
     /// Refused for good: the caller's poison policy decides.
     Rejected,
+    /// The document is fine but the index cannot take it: the index is
+    /// missing (404 on a write, or `index_not_found_exception`) or writes are
+    /// refused (401/403: missing privileges, or a `cluster_block_exception`
+    /// such as `index.blocks.write`). Only an operator can fix it, so the
+    /// batch fails: never written, dead-lettered or confirmed.
+    Operator,
 }
 
 /// Classifies one bulk item from its operation, status and error type.
 ///
-/// Today the status decides alone; the operation and the error type are
-/// part of the signature so a rule that needs them (e.g. a 404 for an
-/// index write vs. a delete) is added here and in the table test, nowhere
-/// else. A transient status is never `Rejected`: an overload must not
-/// become data loss.
+/// A transient status is never `Rejected`: an overload must not become data
+/// loss. A 404 is success only for a delete of an absent document in an
+/// existing index (`result: not_found`, no error).
 pub fn item_outcome(op: &DocOp, status: u16, error_type: Option<&str>) -> ItemOutcome {
-    let _ = (op, error_type);
+    let index_missing = error_type == Some("index_not_found_exception");
     match status {
-        // 404: a delete of a document (or an index) that is already gone.
-        200..=299 | 404 => ItemOutcome::Written,
+        200..=299 => ItemOutcome::Written,
+        404 if matches!(op, DocOp::Delete) && !index_missing => ItemOutcome::Written,
+        404 | 401 | 403 => ItemOutcome::Operator,
+        _ if index_missing => ItemOutcome::Operator,
         409 => ItemOutcome::Superseded,
         s if is_transient(s) => ItemOutcome::Retry,
         _ => ItemOutcome::Rejected,
     }
+}
+
+/// `type: reason` of a bulk item's error.
+fn item_reason(item: &ItemAnswer) -> String {
+    item.error
+        .as_ref()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e["type"].as_str().unwrap_or("error"),
+                e["reason"].as_str().unwrap_or("")
+            )
+        })
+        .unwrap_or_else(|| "no reason given".into())
 }
 
 /// How one bulk attempt ended, for the writes it carried.
@@ -186,7 +206,7 @@ pub(crate) async fn write_all(
         encode_bulk(&chunk, index_names, &mut body);
         let body = bytes::Bytes::from(body);
         outcome.requests += 1;
-        match attempt(sink, &chunk, body, &mut outcome).await? {
+        match attempt(sink, &chunk, index_names, body, &mut outcome).await? {
             Attempt::Done => delays = retry_delays(sink.max_backoff),
             Attempt::RetryItems(positions) => {
                 outcome.retried += positions.len() as u64;
@@ -242,6 +262,7 @@ fn next_delay(delays: &mut ExponentialBackoff, max: Duration) -> Duration {
 async fn attempt(
     sink: &Sink,
     chunk: &[&DocWrite],
+    index_names: &[String],
     body: bytes::Bytes,
     outcome: &mut BulkOutcome,
 ) -> Result<Attempt, SinkError> {
@@ -296,18 +317,16 @@ async fn attempt(
             ItemOutcome::Written => outcome.written += 1,
             ItemOutcome::Superseded => outcome.superseded += 1,
             ItemOutcome::Retry => retry.push(pos),
+            ItemOutcome::Operator => {
+                return Err(SinkError::Refused {
+                    index: index_names.get(w.index).cloned().unwrap_or_default(),
+                    id: w.id.clone(),
+                    status: item.status,
+                    reason: item_reason(item),
+                });
+            }
             ItemOutcome::Rejected => {
-                let reason = item
-                    .error
-                    .as_ref()
-                    .map(|e| {
-                        format!(
-                            "{}: {}",
-                            e["type"].as_str().unwrap_or("error"),
-                            e["reason"].as_str().unwrap_or("")
-                        )
-                    })
-                    .unwrap_or_else(|| "no reason given".into());
+                let reason = item_reason(item);
                 outcome.rejected.push(Rejected {
                     write: w.clone(),
                     status: item.status,
@@ -345,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn item_outcome_table() {
+    fn every_item_status_has_one_outcome() {
         use ItemOutcome::*;
         let index = DocOp::Index(b"{}".to_vec());
         let delete = DocOp::Delete;
@@ -354,11 +373,22 @@ mod tests {
             (&index,  200, None,                                      Written),
             (&index,  201, None,                                      Written),
             (&delete, 200, None,                                      Written),
+            // A delete of an absent document in an existing index is done.
             (&delete, 404, None,                                      Written),
-            (&index,  404, Some("index_not_found_exception"),         Written),
+            // The index itself is missing: never success, never poison.
+            (&index,  404, Some("index_not_found_exception"),         Operator),
+            (&index,  404, None,                                      Operator),
+            (&delete, 404, Some("index_not_found_exception"),         Operator),
+            // Writes refused: privileges, or a write block (index.blocks.write).
+            (&index,  403, Some("cluster_block_exception"),           Operator),
+            (&delete, 403, Some("cluster_block_exception"),           Operator),
+            (&index,  403, Some("security_exception"),                Operator),
+            (&index,  401, Some("security_exception"),                Operator),
             (&index,  409, Some("version_conflict_engine_exception"), Superseded),
             (&delete, 409, Some("version_conflict_engine_exception"), Superseded),
             (&index,  429, Some("es_rejected_execution_exception"),   Retry),
+            // The disk flood-stage block answers 429: it clears by itself once space is freed.
+            (&index,  429, Some("cluster_block_exception"),           Retry),
             (&index,  408, None,                                      Retry),
             (&index,  500, Some("exception"),                         Retry),
             (&delete, 503, Some("unavailable_shards_exception"),      Retry),

@@ -119,15 +119,17 @@ impl Sink {
     /// Makes sure the concrete index for `plan` exists (created with its
     /// mapping before anything is written) and reports whether it is seeded.
     ///
-    /// With `fresh`, an existing concrete index is deleted and created anew
-    /// (used when the replication slot is new, so nothing in it can be trusted).
+    /// With `fresh` (the replication slot is new, so no existing copy can be
+    /// trusted) the index is built anew: beside the one the alias serves
+    /// (a new generation; the alias keeps serving the old one until the
+    /// caller moves it), or in place of an unfinished, unserved copy.
     pub async fn prepare_index(
         &self,
         plan: &IndexPlan,
         fresh: bool,
     ) -> Result<PreparedIndex, SinkError> {
         let base = concrete_name(plan);
-        let mut targets = self.alias_targets(&plan.alias).await?;
+        let targets = self.alias_targets(&plan.alias).await?;
         let mut concrete = base.clone();
         // The alias may serve a rebuilt generation of the same mapping
         // (`<alias>-<hash>-g<n>`, from `ferry reindex`).
@@ -152,12 +154,19 @@ impl Sink {
             )));
         }
         let mut exists = self.exists(&format!("/{concrete}")).await?;
+        if exists && fresh && targets.contains(&concrete) {
+            // Searches use it: build the new copy beside it; the alias
+            // moves when that copy is complete.
+            let next = self.next_generation(&base, &concrete).await?;
+            tracing::info!(alias = %plan.alias, serving = %concrete, building = %next, "replication slot is new: building the index anew beside the one searches use");
+            concrete = next;
+            exists = self.exists(&format!("/{concrete}")).await?;
+        }
         if exists && fresh {
-            tracing::info!(index = %concrete, "replication slot is new: recreating the index from scratch");
+            // Not served (an unfinished copy): nothing in it can be trusted.
+            tracing::info!(index = %concrete, "replication slot is new: recreating the unfinished index from scratch");
             self.request_json(Method::Delete, &format!("/{concrete}"), None)
                 .await?;
-            // The alias went with the index.
-            targets.retain(|t| *t != concrete);
             exists = false;
         }
         let mut seeded = None;

@@ -66,6 +66,20 @@ pub enum SinkError {
         /// Error type and reason from the response.
         reason: String,
     },
+    /// The cluster cannot take a write into an index at all: the index is
+    /// missing, or writes to it are refused (privileges, a write block).
+    /// Nothing of the batch is confirmed; an operator must act.
+    #[error("{}", refused_message(index, id, *status, reason))]
+    Refused {
+        /// Concrete index name.
+        index: String,
+        /// Document id of the first refused write.
+        id: String,
+        /// Item status (401, 403, 404).
+        status: u16,
+        /// Error type and reason from the response.
+        reason: String,
+    },
     /// The configuration does not fit what is in the cluster.
     #[error("{0}")]
     Conflict(String),
@@ -79,10 +93,35 @@ pub enum SinkError {
     },
 }
 
+fn refused_message(index: &str, id: &str, status: u16, reason: &str) -> String {
+    let fix = if status == 404 {
+        format!(
+            "index {index:?} does not exist (deleted outside ferry?): restart ferry, which creates it again \
+             and copies every row into it (run `ferry reindex` instead to rebuild an index that still exists); \
+             keep the cluster from recreating it with guessed mappings by excluding ferry's indexes from action.auto_create_index"
+        )
+    } else {
+        format!(
+            "OpenSearch refuses writes to index {index:?}: lift the block (PUT /{index}/_settings \
+             {{\"index.blocks.write\": null}}; a read-only block after a full disk needs space first) \
+             or grant ferry's user write privileges on it, then restart ferry"
+        )
+    };
+    format!(
+        "{fix} (document {id:?} answered {status}: {reason}); \
+         nothing after the last confirmed change was acknowledged, so nothing is lost"
+    )
+}
+
 /// Statuses that mean "try again later": throttling and server-side failures.
 pub fn is_transient(status: u16) -> bool {
     status == 429 || status == 408 || status >= 500
 }
+
+/// The longest wait between two retries of a failed bulk request: short,
+/// so ferry writes again within about that long of the cluster answering
+/// after an outage, however long the outage was.
+pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A connection to the search cluster.
 #[derive(Clone)]
@@ -255,7 +294,7 @@ impl Sink {
             client: OpenSearch::new(transport),
             url: shown,
             timeout,
-            max_backoff: Duration::from_secs(30),
+            max_backoff: MAX_RETRY_INTERVAL,
             secrets,
         })
     }

@@ -444,11 +444,10 @@ pub fn check_slot(info: &SlotInfo, slot: &str, dbname: &str) -> Result<(), Sourc
         )));
     }
     if info.wal_status.as_deref() == Some("lost") {
-        return Err(SourceError::Operator(format!(
-            "source.slot: slot {slot:?} was invalidated (its WAL was removed, see max_slot_wal_keep_size): \
-             drop it with SELECT pg_drop_replication_slot({}) and restart ferry, which recreates it and re-seeds every index",
-            quote_literal(slot)
-        )));
+        return Err(SourceError::SlotInvalidated {
+            what: format!("checking replication slot {slot:?}"),
+            detail: "its wal_status is 'lost'".into(),
+        });
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ pub enum SourceError {
     #[error("{0}")]
     Operator(String),
     /// The replication slot ferry streams from no longer exists.
-    #[error("{what}: {detail}; the slot was dropped: restart ferry to recreate it and re-seed the indexes")]
+    #[error("{what}: {detail}; the replication slot was dropped, so changes were missed")]
     SlotDropped {
         /// What ferry was doing.
         what: String,
@@ -28,7 +28,7 @@ pub enum SourceError {
         detail: String,
     },
     /// The slot lost WAL it needed and can no longer stream.
-    #[error("{what}: {detail}; the slot was invalidated (max_slot_wal_keep_size?): drop it (ferry recreates it and re-seeds the indexes)")]
+    #[error("{what}: {detail}; the replication slot was invalidated (PostgreSQL removed WAL it still needed, see max_slot_wal_keep_size), so changes were missed")]
     SlotInvalidated {
         /// What ferry was doing.
         what: String,
@@ -224,7 +224,7 @@ mod tests {
         ));
         let dropped = server("replication slot \"s\" does not exist").to_string();
         assert!(
-            dropped.contains("restart ferry to recreate it"),
+            dropped.contains("the replication slot was dropped"),
             "{dropped}"
         );
     }

@@ -319,7 +319,7 @@ async fn run(path: PathBuf) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "ferry stopped");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

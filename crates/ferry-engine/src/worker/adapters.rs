@@ -42,11 +42,6 @@ impl OpenSearchSink {
         }
     }
 
-    /// The concrete-index name list `Sink::write` addresses by slot.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// The concrete index that index `id` writes to (its primary target).
     pub fn primary(&self, id: IndexId) -> &str {
         &self.names[Target::Primary.slot(id, self.shadowed.len())]
@@ -85,13 +80,19 @@ impl DocSink for OpenSearchSink {
                 }),
         );
         let mut outcome = self.sink.write(&all, &self.names).await?;
-        outcome.rejected.retain(|r| {
-            if Target::of(r.write.index, n).1 == Target::Primary {
-                return true;
+        // A document the served index refused is missing from searches
+        // until the alias moves: report it under its index like any other
+        // rejection (once, even when both targets refused it), so the
+        // poison policy rebuilds, dead-letters or stops on it.
+        let mut seen = std::collections::HashSet::new();
+        outcome.rejected.retain_mut(|r| {
+            let (id, target) = Target::of(r.write.index, n);
+            if target == Target::Shadow {
+                tracing::warn!(index = %self.names.get(r.write.index).map(String::as_str).unwrap_or(""),
+                    id = %r.write.id, status = r.status, "the index the alias still serves refused a document");
+                r.write.index = id.0;
             }
-            tracing::warn!(index = %self.names.get(r.write.index).map(String::as_str).unwrap_or(""),
-                id = %r.write.id, "the index being replaced refused a document; the rebuilt index decides");
-            false
+            seen.insert((r.write.index, r.write.id.clone()))
         });
         Ok(outcome)
     }

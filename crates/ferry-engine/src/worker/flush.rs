@@ -129,7 +129,11 @@ pub async fn handle_rejected<S: DocSink, R: RowSource>(
     let mut still = Vec::new();
     for (index, list) in by_index {
         let Some(&key_len) = rules.key_lens.get(index) else {
-            continue;
+            // Confirming past it would lose the write silently.
+            return Err(EngineError::Stream(format!(
+                "the cluster rejected {} write(s) addressed to unknown index position {index}",
+                list.len()
+            )));
         };
         let keys: Vec<Vec<String>> = list
             .iter()

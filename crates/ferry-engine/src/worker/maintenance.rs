@@ -9,8 +9,12 @@ use crate::index::IndexId;
 use crate::EngineError;
 
 impl Worker {
-    /// TRUNCATE: a root table's index is emptied; a related table's
-    /// truncation rebuilds every document of the indexes that read it.
+    /// TRUNCATE: a root table's index is emptied (its primary and the
+    /// index its alias still serves); a related table's truncation rebuilds
+    /// the indexes that read it beside the ones searches use: the pipeline
+    /// starts again (so the other indexes stream on at once) and seeds a new
+    /// copy from a snapshot taken after the truncate, which the replayed
+    /// TRUNCATE then finds already applied.
     pub(super) async fn on_truncate(&mut self, rels: Vec<u32>) -> Result<(), EngineError> {
         let t = self.core.router().truncation(&rels);
         if t.empty.is_empty() && t.rebuild.is_empty() {
@@ -19,30 +23,35 @@ impl Worker {
         // Everything before the truncate must land first.
         self.core.barrier().await?;
         for i in t.empty {
-            let concrete = self.core.sink.primary(IndexId(i));
-            self.core.sink.sink.delete_all(concrete).await?;
+            let mut targets = vec![self.core.sink.primary(IndexId(i)).to_string()];
+            targets.extend(self.core.rows.indexes[i].shadow.clone());
+            for concrete in &targets {
+                self.core.sink.sink.delete_all(concrete).await?;
+            }
             tracing::info!(index = %self.core.rows.indexes[i].alias, "root table truncated: removed every document");
         }
-        let names = self.core.sink.names().to_vec();
+        let version = self.core.version();
+        let mut rebuilding = Vec::new();
         for i in t.rebuild {
-            tracing::info!(index = %self.core.rows.indexes[i].alias, "a related table was truncated: rebuilding every document");
-            let ctx = crate::backfill::Ctx {
-                cfg: &self.cfg,
-                shutdown: &self.shutdown,
-                stats: None,
-                all_stats: self.stats.clone(),
-                checkpoint: None,
-                resume_after: None,
-            };
-            crate::backfill::run(
-                &self.core.rows.client,
-                &self.core.sink.sink,
-                &self.core.rows.indexes[i],
-                &names,
-                self.core.version(),
-                &ctx,
-            )
-            .await?;
+            let ix = &self.core.rows.indexes[i];
+            if self.seeded_at[i].is_some_and(|at| at >= version) {
+                // This pipeline copies it from a snapshot taken after the truncate.
+                continue;
+            }
+            if ix.shadow.is_some() {
+                // Its primary is still being copied and is not served: copy it again.
+                self.discard_on_exit.push(ix.concrete.clone());
+            } else {
+                let serving = self.core.sink.sink.request_reindex(&ix.alias).await?;
+                tracing::info!(index = %ix.alias, serving = %serving, "a related table was truncated: rebuilding the index beside the one searches use");
+            }
+            rebuilding.push(ix.alias.clone());
+        }
+        if !rebuilding.is_empty() {
+            return Err(EngineError::Restart(format!(
+                "a related table was truncated: restarting the pipeline to rebuild {} beside the live index",
+                rebuilding.join(", ")
+            )));
         }
         Ok(())
     }

@@ -51,14 +51,18 @@ struct Worker {
     core: Pipeline<OpenSearchSink, PgRows>,
     types: TypeResolver,
     cfg: Config,
-    shutdown: Shutdown,
-    stats: Arc<Stats>,
     /// Per index position: the config lists no columns, so documents
     /// follow the table's shape.
     follow_shape: Vec<bool>,
     last_event: Instant,
     /// Leaf partitions of the partitioned tables read, as last seen.
     partitions: Vec<(u32, u32)>,
+    /// Per index position: the version of the snapshot this pipeline seeds
+    /// it from (a TRUNCATE older than that is already in the copy).
+    seeded_at: Vec<Option<ferry_core::Lsn>>,
+    /// Unserved concrete indexes to delete once seeding stopped, so the
+    /// next start copies them from scratch.
+    discard_on_exit: Vec<String>,
 }
 
 /// Streams changes until shutdown or a failure.
@@ -92,6 +96,12 @@ pub async fn stream(
         .zip(&indexes)
         .map(|(c, ix)| c.columns.is_none() && ix.fast)
         .collect();
+    let mut seeded_at = vec![None; indexes.len()];
+    if let Some(s) = &seeding {
+        for job in &s.jobs {
+            seeded_at[job.index.0] = Some(s.version);
+        }
+    }
     // Seeding runs beside streaming; it reports each alias it moves.
     let (swapped_tx, mut swapped_rx) = tokio::sync::mpsc::channel::<(usize, String)>(16);
     let mut seeding_task = seeding.map(|s| {
@@ -117,11 +127,11 @@ pub async fn stream(
         core,
         types,
         cfg: cfg.clone(),
-        shutdown: shutdown.clone(),
-        stats: stats.clone(),
         follow_shape,
         last_event: Instant::now(),
         partitions,
+        seeded_at,
+        discard_on_exit: Vec::new(),
     };
     tracing::info!("streaming changes");
     stats.streaming.store(true, Relaxed);
@@ -199,6 +209,17 @@ pub async fn stream(
     // from its checkpoint next time).
     if let Some(t) = seeding_task.take() {
         t.abort();
+        let _ = t.await;
+    }
+    for concrete in &w.discard_on_exit {
+        match w.core.sink.sink.delete_index(concrete).await {
+            Ok(()) => {
+                tracing::info!(index = %concrete, "deleted the unfinished copy; the next start copies it from scratch")
+            }
+            Err(e) => {
+                tracing::warn!(index = %concrete, error = %e, "could not delete the unfinished copy")
+            }
+        }
     }
     // Capture reports the last confirmed position to the server, then closes the stream.
     capture.stop();
