@@ -36,7 +36,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release -p ferry --locked \
- && install -D -m 0755 target/release/ferry /out/ferry
+ && install -D -m 0755 target/release/ferry /out/ferry \
+ && size="$(stat -c %s /out/ferry)" \
+ && if [ "$size" -gt 31457280 ]; then \
+      echo "ferry is $size bytes, over 30 MiB: debug info back in [profile.release]?" >&2; exit 1; \
+    fi
 
 # --- runtime ----------------------------------------------------------------
 FROM debian:bookworm-slim
