@@ -114,7 +114,10 @@ fn words_starting<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
 fn every_ferry_variable_named_in_the_docs_exists() {
     let keys = known_keys();
     let cli = cli_variables();
-    assert!(cli.contains("FERRY_CONFIG") && cli.contains("FERRY_LOG_FORMAT"), "{cli:?}");
+    assert!(
+        cli.contains("FERRY_CONFIG") && cli.contains("FERRY_LOG_FORMAT"),
+        "{cli:?}"
+    );
     let mut unknown = BTreeMap::new();
     for (path, text) in docs() {
         for name in words_starting(&text, "FERRY_") {
