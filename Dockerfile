@@ -4,9 +4,15 @@
 #
 #   docker build -t ferry .
 #   docker run --rm -v "$PWD/config/ferry.toml:/etc/ferry/ferry.toml:ro" \
-#     -e FERRY_SOURCE__URL=postgres://ferry:secret@db:5432/app \
+#     -e FERRY_SOURCE__URL=postgres://ferry:secret@db.internal:5432/app \
+#     -e FERRY_SINK__URL=http://search.internal:9200 \
+#     -e FERRY_ADMIN__LISTEN=0.0.0.0:9187 -p 127.0.0.1:9187:9187 \
 #     --stop-timeout 60 ferry
 #
+# Inside a container 127.0.0.1 is the container itself: the source and sink
+# URLs must name hosts the container can reach, and the admin endpoint
+# (/healthz /readyz /metrics /status) must listen on 0.0.0.0 to be
+# published.
 # No configuration is baked in: mount one at /etc/ferry/ferry.toml (or pass
 # another path after `run --config`). Keys can be overridden with
 # FERRY_<SECTION>__<KEY> variables, see config/README.md.
@@ -30,7 +36,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release -p ferry --locked \
- && install -D -m 0755 target/release/ferry /out/ferry
+ && install -D -m 0755 target/release/ferry /out/ferry \
+ && size="$(stat -c %s /out/ferry)" \
+ && if [ "$size" -gt 31457280 ]; then \
+      echo "ferry is $size bytes, over 30 MiB: debug info back in [profile.release]?" >&2; exit 1; \
+    fi
 
 # --- runtime ----------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -53,10 +63,8 @@ RUN groupadd --system --gid 10001 ferry \
 COPY --from=builder /out/ferry /usr/local/bin/ferry
 
 # Logs go to stderr; no colour codes in collected container logs.
-# RUST_LOG (default "info") selects what is logged, e.g. RUST_LOG=ferry=debug.
-# Do not set FERRY_CONFIG or FERRY_LOG_FORMAT here: every FERRY_* variable is
-# also read as a configuration key and these two are rejected as unknown keys.
-# Use the command line instead: ["--log-format", "json", "run", "--config", ...].
+# RUST_LOG (default "info") selects what is logged, e.g. RUST_LOG=ferry=debug;
+# FERRY_LOG_FORMAT=json writes one JSON object per line.
 ENV NO_COLOR=1
 
 # ferry keeps no local state (its position lives in the replication slot and
@@ -69,9 +77,18 @@ USER 10001:10001
 # stop_grace_period (Docker's default is 10 s).
 STOPSIGNAL SIGTERM
 
-# Liveness through the admin endpoint ([admin] listen, default 127.0.0.1:9187,
-# reachable inside the container): `ferry health` GETs /healthz, no curl needed.
+# The admin endpoint's port. ferry listens on [admin] listen, 127.0.0.1:9187
+# by default, which is reachable only inside the container: set
+# admin.listen = "0.0.0.0:9187" (or FERRY_ADMIN__LISTEN=0.0.0.0:9187) and
+# publish it (-p 127.0.0.1:9187:9187) for Prometheus and `ferry status`.
+EXPOSE 9187
+
+# Liveness through the admin endpoint: `ferry health --config` GETs /healthz
+# at the configured admin.listen (FERRY_* overrides applied, 0.0.0.0 probed
+# on loopback), no curl needed. Mounting the configuration elsewhere? Set
+# FERRY_CONFIG to its path: both `run` and `health` read it.
+ENV FERRY_CONFIG=/etc/ferry/ferry.toml
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s CMD ["ferry", "health"]
 
 ENTRYPOINT ["ferry"]
-CMD ["run", "--config", "/etc/ferry/ferry.toml"]
+CMD ["run"]

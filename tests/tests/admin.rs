@@ -107,6 +107,83 @@ fn drain(sock: &UnixDatagram, into: &mut Vec<String>) {
     }
 }
 
+/// Collects notifications until one starts with `status` and at least
+/// `pings` `WATCHDOG=1` followed it (60 s at most); all of them, in order.
+async fn wait_for_notifications(sock: &UnixDatagram, status: &str, pings: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        drain(sock, &mut seen);
+        if let Some(at) = seen.iter().position(|m| m.contains(status)) {
+            let after = seen[at..]
+                .iter()
+                .filter(|m| m.trim_end() == "WATCHDOG=1")
+                .count();
+            if after >= pings {
+                return seen;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {status} followed by {pings} watchdog pings: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A start while PostgreSQL is down must not hold up `systemctl start` (or
+/// boot): ferry reports READY=1 as soon as its admin endpoint listens,
+/// `STATUS=retrying: …` while it cannot connect, and pings the watchdog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_while_postgres_is_down_reports_ready_retrying_and_pings_the_watchdog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (db_port, search_port, admin_port) = (
+        ferry_testkit::free_port(),
+        ferry_testkit::free_port(),
+        ferry_testkit::free_port(),
+    );
+    let cfg = dir.path().join("ferry.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nurl = \"postgres://ferry@127.0.0.1:{db_port}/app\"\nslot = \"ferry_down\"\n\
+             publication = \"ferry_down\"\n\n[sink]\nurl = \"http://127.0.0.1:{search_port}\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[[index]]\nname = \"items\"\ntable = \"items\"\n"
+        ),
+    )
+    .expect("config");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify.set_nonblocking(true).expect("nonblocking");
+    let log = dir.path().join("ferry.log");
+    let mut ferry = Ferry::start(
+        &cfg,
+        &log,
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path")),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let seen = wait_for_notifications(&notify, "STATUS=retrying: ", 3).await;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        seen[0].starts_with("READY=1\nSTATUS=starting"),
+        "{seen:?}\n{}",
+        log_text()
+    );
+    assert_eq!(
+        seen.iter().filter(|m| m.starts_with("READY=1")).count(),
+        1,
+        "{seen:?}"
+    );
+    // Alive, not ready: the healthcheck passes, /readyz says why not.
+    let (code, _, _) = get(admin_port, "/healthz").await.expect("healthz");
+    assert_eq!(code, 200);
+    let (code, _, _) = get(admin_port, "/readyz").await.expect("readyz");
+    assert_eq!(code, 503);
+    assert_eq!(ferry.stop(), Some(0), "ferry exits 0\n{}", log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoint_reports_health_metrics_and_status() {
     let env = TestEnv::start().await;
@@ -304,6 +381,39 @@ async fn admin_endpoint_reports_health_metrics_and_status() {
             .await
             .expect("join");
     assert_ne!(code, 0, "ferry health fails when nothing answers");
+    // `ferry health --config` probes the file's admin.listen (a non-default
+    // port here); 0.0.0.0 is probed on loopback; a file naming an address
+    // where nothing listens is unhealthy.
+    let health = |cfg: std::path::PathBuf| async move {
+        let out = tokio::process::Command::new(ferry_bin())
+            .args(["health", "--config"])
+            .arg(&cfg)
+            .env_remove("FERRY_ADMIN__LISTEN")
+            .env_remove("FERRY_CONFIG")
+            .output()
+            .await
+            .expect("run ferry health");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = health(cfg.clone()).await;
+    assert_eq!(code, Some(0), "ferry health --config failed: {err}");
+    let any_addr = env.write_config(&text.replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"0.0.0.0:{port}\""),
+    ));
+    let (code, err) = health(any_addr).await;
+    assert_eq!(code, Some(0), "0.0.0.0 is probed on loopback: {err}");
+    let idle = ferry_testkit::free_port();
+    let wrong = env.write_config(&text.replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"127.0.0.1:{idle}\""),
+    ));
+    let (code, err) = health(wrong).await;
+    assert_eq!(code, Some(1), "nothing listens on {idle}: {err}");
+    assert!(err.contains(&format!("127.0.0.1:{idle}")), "{err}");
     // With --config the address comes from the file (an inherited
     // FERRY_ADMIN__LISTEN would override it, so it is removed).
     let out = tokio::process::Command::new(ferry_bin())
@@ -331,6 +441,30 @@ async fn admin_endpoint_reports_health_metrics_and_status() {
         "second ferry exit {code:?}\n{second_log}"
     );
     assert!(second_log.contains("admin.listen"), "{second_log}");
+
+    // A standby (the slot is held by the first ferry) tells systemd it is
+    // ready, names the phase and keeps the watchdog fed.
+    let standby_port = ferry_testkit::free_port();
+    let standby_cfg = env.write_config(&text.replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"127.0.0.1:{standby_port}\""),
+    ));
+    let standby_path = env.dir.path().join("standby-notify.sock");
+    let standby_notify = UnixDatagram::bind(&standby_path).expect("standby notify socket");
+    standby_notify.set_nonblocking(true).expect("nonblocking");
+    let mut standby = Ferry::start(
+        &standby_cfg,
+        &env.dir.path().join("standby.log"),
+        &[
+            ("NOTIFY_SOCKET", standby_path.to_str().expect("utf-8 path")),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let standby_seen = wait_for_notifications(&standby_notify, "STATUS=standby", 3).await;
+    assert!(standby_seen[0].starts_with("READY=1\n"), "{standby_seen:?}");
+    let (code, _, body) = get(standby_port, "/readyz").await.expect("standby readyz");
+    assert_eq!(code, 503, "a standby is not ready to serve: {body}");
+    let _ = standby.stop();
 
     // systemd: ready once, watchdog pings, then stopping on SIGTERM.
     let mut seen = Vec::new();

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::stats::Stats;
+use ferry_core::stats::{IndexState, Stats};
 pub use sd_notify::NotifyState;
 use tokio::sync::watch;
 
@@ -59,15 +59,50 @@ fn ping_interval(timeout: Option<Duration>) -> Option<Duration> {
     timeout.filter(|t| !t.is_zero()).map(|t| t / 2)
 }
 
-/// How often readiness and the shutdown flag are looked at.
+/// How often the phase and the shutdown flag are looked at.
 const POLL: Duration = Duration::from_millis(200);
 
-/// Reports to systemd for the life of the process: `READY=1` once
-/// `stats.streaming` first turns true, `WATCHDOG=1` every `watchdog` while
-/// the runtime keeps running this task, and `STOPPING=1` once `shutdown`
-/// turns true. Runs until aborted (watchdog pings continue during the
-/// drain after a stop request). The caller keeps a handle on `notifier`
-/// to send a last `STOPPING=1` when ferry ends without a stop request.
+/// The phase for systemd's `STATUS=` line: `streaming: …` once changes
+/// flow (`seeding: … while streaming` while an index is still backfilled),
+/// otherwise why the pipeline waits (`standby: …`, `retrying: …`), else
+/// `seeding: …` or `starting: …`.
+pub fn phase(stats: &Stats) -> String {
+    let seeding = stats
+        .indexes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|i| i.state() == IndexState::Backfilling)
+        .count();
+    let indexes = |n: usize| format!("{n} index{}", if n == 1 { "" } else { "es" });
+    if stats.streaming.load(Relaxed) {
+        return if seeding > 0 {
+            format!("seeding: backfilling {} while streaming", indexes(seeding))
+        } else {
+            "streaming: changes flow to the cluster".into()
+        };
+    }
+    let waiting = stats
+        .waiting
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match waiting {
+        Some(why) => why,
+        None if seeding > 0 => format!("seeding: backfilling {}", indexes(seeding)),
+        None => "starting: connecting and preparing indexes".into(),
+    }
+}
+
+/// Reports to systemd for the life of the process: `READY=1` at once (the
+/// caller starts this task once the admin endpoint listens, so `systemctl
+/// start` never waits on the database, a backfill or a standby), `STATUS=`
+/// with the [`phase`] whenever it changes, `WATCHDOG=1` every `watchdog`
+/// while the runtime keeps running this task, in every phase, and
+/// `STOPPING=1` once `shutdown` turns true. Runs until aborted (watchdog
+/// pings continue during the drain after a stop request). The caller
+/// keeps a handle on `notifier` to send a last `STOPPING=1` when ferry
+/// ends without a stop request.
 pub async fn supervise(
     notifier: Arc<Notifier>,
     stats: Arc<Stats>,
@@ -79,10 +114,9 @@ pub async fn supervise(
             tracing::warn!(error = %e, "cannot notify systemd");
         }
     };
-    send(&[NotifyState::Status(
-        "starting: preparing indexes and backfilling",
-    )]);
-    let mut ready = false;
+    let mut status = phase(&stats);
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    tracing::debug!("told systemd the service is ready");
     let mut stopping = false;
     let mut shutdown_open = true;
     let mut last_ping: Option<tokio::time::Instant> = None;
@@ -94,10 +128,12 @@ pub async fn supervise(
                 NotifyState::Status("stopping: flushing the batch in flight"),
             ]);
         }
-        if !ready && !stopping && stats.streaming.load(Relaxed) {
-            ready = true;
-            send(&[NotifyState::Ready, NotifyState::Status("streaming changes")]);
-            tracing::debug!("told systemd the service is ready");
+        if !stopping {
+            let now = phase(&stats);
+            if now != status {
+                status = now;
+                send(&[NotifyState::Status(&status)]);
+            }
         }
         if let Some(every) = watchdog {
             if last_ping.is_none_or(|t| t.elapsed() >= every) {
@@ -174,7 +210,7 @@ mod tests {
 
     // Multi-threaded: the test thread blocks on the socket while the task runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn supervise_reports_ready_watchdog_and_stopping() {
+    async fn supervise_reports_ready_at_once_then_each_phase_pings_and_stopping() {
         let (_env, _dir, server) = fake_systemd();
         let stats = Arc::new(Stats::default());
         let (tx, rx) = watch::channel(false);
@@ -194,11 +230,28 @@ mod tests {
             }
             assert!(seen.len() < 200, "no {want} in {seen:?}");
         };
-        next("STATUS=starting");
+        // Ready at once, before any phase is reached; pings in every phase.
+        next("READY=1\nSTATUS=starting");
         next("WATCHDOG=1");
+        next("WATCHDOG=1");
+        *stats.waiting.lock().expect("lock") = Some("retrying: PostgreSQL is down".into());
+        next("STATUS=retrying: PostgreSQL is down");
+        next("WATCHDOG=1");
+        *stats.waiting.lock().expect("lock") = Some("standby: slot busy".into());
+        next("STATUS=standby: slot busy");
+        next("WATCHDOG=1");
+        *stats.waiting.lock().expect("lock") = None;
+        stats.register(&["items".into()])[0].set_state(IndexState::Backfilling);
+        next("STATUS=seeding: backfilling 1 index");
         next("WATCHDOG=1");
         stats.streaming.store(true, Relaxed);
-        next("READY=1\nSTATUS=streaming");
+        next("STATUS=seeding: backfilling 1 index while streaming");
+        stats
+            .index(0)
+            .expect("index")
+            .set_state(IndexState::Streaming);
+        next("STATUS=streaming");
+        next("WATCHDOG=1");
         tx.send(true).expect("shutdown");
         next("STOPPING=1");
         // The watchdog keeps going while ferry drains.

@@ -94,6 +94,9 @@ pub struct Stats {
     pub streaming: std::sync::atomic::AtomicBool,
     /// True while the sink answers.
     pub sink_ok: std::sync::atomic::AtomicBool,
+    /// Why the pipeline last waited instead of running (`standby: …`,
+    /// `retrying: …`); meaningful while `streaming` is false.
+    pub waiting: Mutex<Option<String>>,
 }
 
 /// Upper bounds (ms) of [`Stats::flush_buckets`], without the +Inf bucket.

@@ -95,6 +95,7 @@ pub async fn run(
                 // PostgreSQL lets one consumer hold a slot: that is our lock.
                 // Poll it briskly so a standby takes over within seconds.
                 tracing::info!(reason = %e, "standby: the slot is held by another consumer; retrying in 2 s");
+                set_waiting(&stats, Some(format!("standby: {e}")));
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -121,6 +122,7 @@ pub async fn run(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
                 }
+                set_waiting(&stats, Some(format!("retrying: {e}")));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -155,6 +157,12 @@ fn restart_delays() -> ExponentialBackoff {
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// Records why the pipeline waits (the systemd `STATUS=` line shows it
+/// until streaming starts again).
+fn set_waiting(stats: &Stats, why: Option<String>) {
+    *stats.waiting.lock().unwrap_or_else(|p| p.into_inner()) = why;
 }
 
 async fn run_once(

@@ -79,9 +79,13 @@ pub enum Command {
     },
     /// Probe a running ferry's `/healthz` (exit 0 when alive); the container healthcheck.
     Health {
-        /// Base URL of the admin endpoint.
-        #[arg(long, default_value = "http://127.0.0.1:9187")]
-        url: String,
+        /// Base URL of the admin endpoint; wins over --config [default: http://127.0.0.1:9187].
+        #[arg(long)]
+        url: Option<String>,
+        /// Take the endpoint from `admin.listen` in this configuration file
+        /// (FERRY_* overrides applied; 0.0.0.0 and [::] are probed on loopback).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Inspect or drop the replication slot.
     Slot {
@@ -156,20 +160,7 @@ pub fn main() -> ExitCode {
             } => ops::dead_letters(&config, action, index, page_size).await,
             Command::Reindex { name, config } => ops::reindex(&config, &name).await,
             Command::Slot { config, action } => ops::slot(&config, action).await,
-            Command::Health { url } => {
-                let target = format!("{}/healthz", url.trim_end_matches('/'));
-                match ferry_admin::fetch(&target).await {
-                    Ok(r) if r.status == 200 => ExitCode::SUCCESS,
-                    Ok(r) => {
-                        tracing::error!(status = r.status, "{target} is not healthy");
-                        ExitCode::FAILURE
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "{target} did not answer");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
+            Command::Health { url, config } => health(url, config).await,
             Command::Verify {
                 config,
                 index,
@@ -193,7 +184,10 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(use_colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -203,6 +197,12 @@ fn init_logging(format: LogFormat) {
             builder.json().init()
         }
     }
+}
+
+/// Colour codes in log lines only on a terminal, and never when `NO_COLOR`
+/// is set to a non-empty value (<https://no-color.org>).
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 pub(crate) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -381,27 +381,53 @@ fn systemd_notifier() -> Option<std::sync::Arc<ferry_admin::systemd::Notifier>> 
     }
 }
 
+/// The admin endpoint's base URL: `--url`, else `admin.listen` from the
+/// configuration file, else the default address.
+fn admin_base(url: Option<String>, config: Option<PathBuf>) -> Result<String, ExitCode> {
+    match (url, config) {
+        (Some(u), _) => Ok(u),
+        (None, Some(path)) => {
+            let cfg = load(&path)?;
+            ferry_admin::admin_url(&cfg.admin.listen).ok_or_else(|| {
+                tracing::error!(
+                    "admin.listen: {:?} is not a socket address",
+                    cfg.admin.listen
+                );
+                ExitCode::from(2)
+            })
+        }
+        (None, None) => Ok(DEFAULT_ADMIN_URL.to_string()),
+    }
+}
+
+/// Where the admin endpoint listens unless `admin.listen` says otherwise.
+const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9187";
+
+/// `ferry health`: exit 0 when `/healthz` answers 200.
+async fn health(url: Option<String>, config: Option<PathBuf>) -> ExitCode {
+    let base = match admin_base(url, config) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let target = format!("{}/healthz", base.trim_end_matches('/'));
+    match ferry_admin::fetch(&target).await {
+        Ok(r) if r.status == 200 => ExitCode::SUCCESS,
+        Ok(r) => {
+            tracing::error!(status = r.status, "{target} is not healthy");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{target} did not answer");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `ferry status`: fetches `/status` and prints it as a table or JSON.
 async fn status(url: Option<String>, config: Option<PathBuf>, json: bool) -> ExitCode {
-    let base = match (url, config) {
-        (Some(u), _) => u,
-        (None, Some(path)) => {
-            let cfg = match load(&path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match ferry_admin::admin_url(&cfg.admin.listen) {
-                Some(u) => u,
-                None => {
-                    tracing::error!(
-                        "admin.listen: {:?} is not a socket address",
-                        cfg.admin.listen
-                    );
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        (None, None) => "http://127.0.0.1:9187".to_string(),
+    let base = match admin_base(url, config) {
+        Ok(b) => b,
+        Err(code) => return code,
     };
     let target = format!("{}/status", base.trim_end_matches('/'));
     let mut err = std::io::stderr().lock();
@@ -472,5 +498,21 @@ async fn check(path: PathBuf) -> ExitCode {
             let _ = writeln!(out, "problem: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::use_colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_a_non_empty_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(true, Some(OsStr::new("0"))));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some(OsStr::new("1"))));
     }
 }
