@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use ferry_config::Config;
-use ferry_core::schema::{doc_id, split_doc_id};
+use ferry_core::schema::split_doc_id;
 use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::{DeadLetter, Method, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
@@ -287,25 +287,10 @@ async fn all_docs(
     ix: &IndexRuntime,
     version: Lsn,
 ) -> Result<Vec<DocWrite>, EngineError> {
-    let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let mut out = Vec::new();
     let rows = client.build_documents(&ix.plan, None, &ix.alias).await?;
-    rows.read_all(|row| {
-        let parts: Vec<&[u8]> = key_pos
-            .iter()
-            .map(|p| row.field(*p).unwrap_or(b""))
-            .collect();
-        let mut body = Vec::new();
-        if ix.plan.write_root(|i| row.field(i), &mut body) {
-            out.push(DocWrite {
-                index: ix.pos,
-                id: doc_id(&parts),
-                version,
-                op: DocOp::Index(body),
-            });
-        }
-    })
-    .await?;
+    rows.read_all(|row| out.extend(ix.plan.document(|i| row.field(i), ix.pos, version)))
+        .await?;
     Ok(out)
 }
 

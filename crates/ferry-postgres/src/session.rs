@@ -274,7 +274,7 @@ impl Session {
         keys: Option<&[Vec<String>]>,
         index: &str,
     ) -> Result<CopyReader, SourceError> {
-        let sql = plan.build_sql(keys);
+        let sql = crate::docsql::build_sql(plan, keys);
         CopyReader::start(
             &self.client,
             &sql,
@@ -291,7 +291,7 @@ impl Session {
         after: Option<&[String]>,
         limit: usize,
     ) -> Result<CopyReader, SourceError> {
-        let sql = plan.build_chunk_sql(after, limit);
+        let sql = crate::docsql::build_chunk_sql(plan, after, limit);
         CopyReader::start(
             &self.client,
             &sql,
@@ -310,7 +310,7 @@ impl Session {
         values: &[String],
         index: &str,
     ) -> Result<Vec<Vec<String>>, SourceError> {
-        let Some(sql) = plan.resolve_sql(probe, values) else {
+        let Some(sql) = crate::docsql::resolve_sql(plan, probe, values) else {
             return Ok(Vec::new());
         };
         let width = plan.table.key.len();
