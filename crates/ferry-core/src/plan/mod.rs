@@ -19,7 +19,7 @@ use crate::TableShape;
 pub mod assemble;
 pub mod route;
 
-pub use route::{Probe, Role, Usage};
+pub use route::{Lookup, Probe, Role, Usage};
 
 /// How a related node hangs off its parent.
 #[derive(Debug, Clone, PartialEq, Eq)]

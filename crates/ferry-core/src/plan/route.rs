@@ -37,6 +37,20 @@ pub struct Probe {
     pub via_join: Option<(String, String, String)>,
 }
 
+/// A column the build statement finds related rows by: the child side of
+/// a relation (a has_many's or count's foreign key, a through's join
+/// column pointing at the parent, a belongs_to target's referenced column).
+/// Without an index leading with it, every statement reads the whole table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The table's OID.
+    pub oid: u32,
+    /// The column.
+    pub column: String,
+    /// The relation's document field path (`orders.items`).
+    pub field: String,
+}
+
 impl Usage {
     /// True for the root table's own rows: their primary key is the document's.
     pub fn is_root(&self) -> bool {
@@ -53,6 +67,39 @@ impl Node {
             && probe.via_join.is_none()
             && self.table.key.len() == 1
             && self.table.key[0] == probe.column
+    }
+
+    /// The columns of related tables that related rows are found by, one per
+    /// relation and count, in document order.
+    pub fn lookups(&self) -> Vec<Lookup> {
+        let mut out = Vec::new();
+        self.collect_lookups("", &mut out);
+        out
+    }
+
+    fn collect_lookups(&self, prefix: &str, out: &mut Vec<Lookup>) {
+        for c in &self.children {
+            let field = format!("{prefix}{}", c.field);
+            let (oid, column) = match &c.link {
+                Link::Root => continue,
+                Link::HasMany { fk, .. } => (c.table.oid, fk.clone()),
+                Link::BelongsTo { references, .. } => (c.table.oid, references.clone()),
+                Link::Through { join_oid, fk, .. } => (*join_oid, fk.clone()),
+            };
+            out.push(Lookup {
+                oid,
+                column,
+                field: field.clone(),
+            });
+            c.collect_lookups(&format!("{field}."), out);
+        }
+        for c in &self.counts {
+            out.push(Lookup {
+                oid: c.oid,
+                column: c.fk.clone(),
+                field: format!("{prefix}{}", c.field),
+            });
+        }
     }
 
     /// Every table this plan reads and its role, for routing changes.
@@ -218,6 +265,27 @@ mod tests {
         assert!(full.contains(&2), "{full:?}");
         assert!(full.contains(&4), "{full:?}");
         assert!(!full.contains(&3), "{full:?}");
+    }
+
+    #[test]
+    fn lists_the_column_each_relation_finds_its_rows_by() {
+        let plan = sample_users_plan();
+        let got: Vec<(u32, String, String)> = plan
+            .lookups()
+            .into_iter()
+            .map(|l| (l.oid, l.column, l.field))
+            .collect();
+        let want = [
+            (2, "user_id", "orders"),
+            (4, "order_id", "orders.items"),
+            (3, "id", "company"),
+            (2, "user_id", "order_count"),
+        ];
+        let want: Vec<(u32, String, String)> = want
+            .iter()
+            .map(|(o, c, f)| (*o, c.to_string(), f.to_string()))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
