@@ -147,6 +147,37 @@ pub fn column(name: &str, kind: TypeKind) -> crate::ColumnShape {
     }
 }
 
+/// A table shape for tests: `public.name` keyed by `id`.
+#[doc(hidden)]
+pub fn sample_shape(name: &str, oid: u32, cols: &[(&str, TypeKind)]) -> TableShape {
+    TableShape {
+        schema: "public".into(),
+        name: name.into(),
+        oid,
+        columns: cols.iter().map(|(n, k)| column(n, k.clone())).collect(),
+        key: vec!["id".into()],
+    }
+}
+
+/// A node for tests: every column under its own name, no filter, no children.
+#[doc(hidden)]
+pub fn sample_node(field: &str, t: TableShape, link: Link) -> Node {
+    Node {
+        field: field.into(),
+        fields: t.columns.iter().map(|c| c.name.clone()).collect(),
+        table: t,
+        link,
+        filter: None,
+        soft_delete: None,
+        order_by: None,
+        limit: None,
+        mapping_type: "nested",
+        mapping: Map::new(),
+        children: vec![],
+        counts: vec![],
+    }
+}
+
 /// A sample plan for tests (here and in the crates generating SQL from plans):
 /// users (id, email) → orders (id, total; has_many by `user_id`, each with
 /// line items (id, sku; has_many by `order_id`, ordered `sku desc`)),
@@ -154,31 +185,7 @@ pub fn column(name: &str, kind: TypeKind) -> crate::ColumnShape {
 /// Table OIDs: users 1, orders 2, companies 3, line_items 4.
 #[doc(hidden)]
 pub fn sample_users_plan() -> Node {
-    fn shape(name: &str, oid: u32, cols: &[(&str, TypeKind)]) -> TableShape {
-        TableShape {
-            schema: "public".into(),
-            name: name.into(),
-            oid,
-            columns: cols.iter().map(|(n, k)| column(n, k.clone())).collect(),
-            key: vec!["id".into()],
-        }
-    }
-    fn node(field: &str, t: TableShape, link: Link) -> Node {
-        Node {
-            field: field.into(),
-            fields: t.columns.iter().map(|c| c.name.clone()).collect(),
-            table: t,
-            link,
-            filter: None,
-            soft_delete: None,
-            order_by: None,
-            limit: None,
-            mapping_type: "nested",
-            mapping: Map::new(),
-            children: vec![],
-            counts: vec![],
-        }
-    }
+    let (shape, node) = (sample_shape, sample_node);
     let mut items = node(
         "items",
         shape(

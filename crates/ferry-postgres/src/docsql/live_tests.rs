@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 
-use ferry_core::plan::{column, CountNode, Link, Node};
-use ferry_core::{Lsn, TableShape, TypeKind};
+use ferry_core::plan::{sample_node as node, sample_shape as shape, CountNode, Link, Node};
+use ferry_core::{Lsn, TypeKind};
 use ferry_testkit::PgCluster;
 
 use super::{build_chunk_sql, build_sql, resolve_sql};
@@ -25,33 +25,6 @@ CREATE TABLE orders (id int PRIMARY KEY, user_id int, total numeric(10,2), statu
 CREATE TABLE line_items (id int PRIMARY KEY, order_id int, sku text, removed boolean);
 CREATE TABLE tags (id int PRIMARY KEY, label text);
 CREATE TABLE user_tags (tag_id int, user_id int, PRIMARY KEY (tag_id, user_id));";
-
-fn shape(name: &str, oid: u32, cols: &[(&str, TypeKind)]) -> TableShape {
-    TableShape {
-        schema: "public".into(),
-        name: name.into(),
-        oid,
-        columns: cols.iter().map(|(n, k)| column(n, k.clone())).collect(),
-        key: vec!["id".into()],
-    }
-}
-
-fn node(field: &str, t: TableShape, link: Link) -> Node {
-    Node {
-        field: field.into(),
-        fields: t.columns.iter().map(|c| c.name.clone()).collect(),
-        table: t,
-        link,
-        filter: None,
-        soft_delete: None,
-        order_by: None,
-        limit: None,
-        mapping_type: "nested",
-        mapping: Default::default(),
-        children: vec![],
-        counts: vec![],
-    }
-}
 
 fn plan() -> Node {
     let mut items = node(
