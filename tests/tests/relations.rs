@@ -212,3 +212,50 @@ async fn check_reports_row_level_security_that_would_hide_rows() {
         ferry_e2e::ferry_once(&["check", "--config", cfg.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_per_relation_whose_foreign_key_has_no_index_with_the_statement_to_add_it() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    // PostgreSQL indexes no foreign key by itself: orders.user_id and
+    // line_items.order_id have none; user_tags' primary key leads with
+    // user_id and companies.id is a primary key.
+    db.batch_execute(SCHEMA).await.expect("schema");
+    let cfg = env.config("users", "users", INDEX);
+    let cfg = cfg.to_str().expect("utf8");
+    let (code, out, err) = ferry_e2e::ferry_once(&["check", "--config", cfg]);
+    assert_eq!(
+        code, 0,
+        "a missing index is advice, not a problem:\n{out}{err}"
+    );
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("no index on the column"))
+        .collect();
+    let expect = [
+        (
+            "relation orders:",
+            "CREATE INDEX CONCURRENTLY ON public.orders (user_id);",
+        ),
+        (
+            "relation orders.items:",
+            "CREATE INDEX CONCURRENTLY ON public.line_items (order_id);",
+        ),
+        (
+            "relation order_count:",
+            "CREATE INDEX CONCURRENTLY ON public.orders (user_id);",
+        ),
+    ];
+    assert_eq!(warnings.len(), expect.len(), "{err}");
+    for ((relation, statement), line) in expect.iter().zip(&warnings) {
+        assert!(line.contains(relation), "{relation} in {line}");
+        assert!(line.contains(statement), "{statement} in {line}");
+    }
+    // The statements as given (one at a time: CONCURRENTLY refuses a transaction block).
+    for (_, statement) in &expect[..2] {
+        db.batch_execute(statement).await.expect("create index");
+    }
+    let (code, out, err) = ferry_e2e::ferry_once(&["check", "--config", cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("no index on the column"), "{err}");
+}

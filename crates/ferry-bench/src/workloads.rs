@@ -63,11 +63,15 @@ pub enum Workload {
     BackfillNested,
     /// Writers changing child rows of relational documents.
     StreamRelational,
+    /// [`Workload::BackfillNested`] without any foreign-key index.
+    NestedNofkBackfill,
+    /// [`Workload::StreamRelational`] without any foreign-key index.
+    NestedNofkStream,
 }
 
 impl Workload {
     /// Every workload, in the order a default run uses.
-    pub const ALL: [Workload; 11] = [
+    pub const ALL: [Workload; 13] = [
         Workload::SinkSelftest,
         Workload::Backfill,
         Workload::BackfillLive,
@@ -79,6 +83,8 @@ impl Workload {
         Workload::BigTransaction,
         Workload::BackfillNested,
         Workload::StreamRelational,
+        Workload::NestedNofkBackfill,
+        Workload::NestedNofkStream,
     ];
 
     /// The name used on the command line and in reports.
@@ -95,6 +101,8 @@ impl Workload {
             Workload::BigTransaction => "big-transaction",
             Workload::BackfillNested => "backfill-nested",
             Workload::StreamRelational => "stream-relational",
+            Workload::NestedNofkBackfill => "nested-nofk-backfill",
+            Workload::NestedNofkStream => "nested-nofk-stream",
         }
     }
 
@@ -114,7 +122,10 @@ impl Workload {
     pub fn runs_on_node(self) -> bool {
         matches!(
             self,
-            Workload::Backfill | Workload::StreamSimple | Workload::BackfillNested
+            Workload::Backfill
+                | Workload::StreamSimple
+                | Workload::BackfillNested
+                | Workload::NestedNofkBackfill
         )
     }
 
@@ -128,8 +139,10 @@ impl Workload {
             Workload::Stream5k => (5_000 * s.rate_seconds, "changes"),
             Workload::Stream20k => (20_000 * s.rate_seconds, "changes"),
             Workload::BigTransaction => (s.big_tx_rows, "rows"),
-            Workload::BackfillNested => (s.nested_users, "docs"),
-            Workload::StreamRelational => (s.relational_changes, "changes"),
+            Workload::BackfillNested | Workload::NestedNofkBackfill => (s.nested_users, "docs"),
+            Workload::StreamRelational | Workload::NestedNofkStream => {
+                (s.relational_changes, "changes")
+            }
         }
     }
 }
@@ -222,8 +235,12 @@ async fn run_workload(w: Workload, ctx: &Ctx) -> Outcome {
         Workload::Stream5k => stream_rate(ctx, w.name(), 5_000).await,
         Workload::Stream20k => stream_rate(ctx, w.name(), 20_000).await,
         Workload::BigTransaction => big_transaction(ctx).await,
-        Workload::BackfillNested => relational::backfill_nested(ctx).await,
-        Workload::StreamRelational => relational::stream_relational(ctx).await,
+        Workload::BackfillNested | Workload::NestedNofkBackfill => {
+            relational::backfill_nested(ctx, w).await
+        }
+        Workload::StreamRelational | Workload::NestedNofkStream => {
+            relational::stream_relational(ctx, w).await
+        }
     };
     result.unwrap_or_else(|e| {
         let (size, unit) = w.planned(&ctx.sizes);

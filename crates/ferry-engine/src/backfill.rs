@@ -16,9 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
-use ferry_core::schema::doc_id;
 use ferry_core::stats::IndexStats;
-use ferry_core::{DocOp, DocWrite, Lsn};
+use ferry_core::{DocWrite, Lsn};
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::Session;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
@@ -60,7 +59,6 @@ pub async fn run(
 ) -> Result<u64, EngineError> {
     let started = Instant::now();
     let (shutdown, stats) = (ctx.shutdown, ctx.stats);
-    let key_pos: Vec<usize> = ix.plan.key_positions().collect();
     let estimate = client.estimate_rows(&ix.shape).await;
     if let Some(st) = stats {
         st.backfill_total.store(estimate, Relaxed);
@@ -136,32 +134,15 @@ pub async fn run(
                 .read(|row| {
                     in_chunk += 1;
                     if in_chunk == chunk_rows {
-                        last_key = Some(
-                            key_pos
-                                .iter()
-                                .map(|p| {
-                                    String::from_utf8_lossy(row.field(*p).unwrap_or(b""))
-                                        .into_owned()
-                                })
-                                .collect(),
-                        );
+                        last_key = Some(ix.plan.row_key(|i| row.field(i)));
                     }
-                    let keys: Vec<&[u8]> = key_pos
-                        .iter()
-                        .map(|p| row.field(*p).unwrap_or(b""))
-                        .collect();
-                    let id = doc_id(&keys);
-                    let mut body = Vec::with_capacity(256);
-                    if !ix.plan.write_root(|i| row.field(i), &mut body) {
-                        malformed += 1;
-                        return;
+                    match ix.plan.document(|i| row.field(i), ix.pos, version) {
+                        Some(w) => batch.push(w),
+                        None => {
+                            malformed += 1;
+                            return;
+                        }
                     }
-                    batch.push(DocWrite {
-                        index: ix.pos,
-                        id,
-                        version,
-                        op: DocOp::Index(body),
-                    });
                     rows += 1;
                     if batch.len() >= batch_rows {
                         full_batches.push(std::mem::replace(

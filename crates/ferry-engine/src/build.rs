@@ -29,28 +29,17 @@ pub async fn build_docs(
             doc_id(&parts)
         })
         .collect();
-    let key_pos: Vec<usize> = plan.key_positions().collect();
     let mut malformed = 0usize;
     let rows = client.build_documents(plan, Some(keys), &ix.alias).await?;
-    rows.read_all(|row| {
-        let parts: Vec<&[u8]> = key_pos
-            .iter()
-            .map(|p| row.field(*p).unwrap_or(b""))
-            .collect();
-        let id = doc_id(&parts);
-        let mut body = Vec::with_capacity(256);
-        if !plan.write_root(|i| row.field(i), &mut body) {
-            malformed += 1;
-            return;
-        }
-        wanted.remove(&id);
-        writes.push(DocWrite {
-            index,
-            id,
-            version,
-            op: DocOp::Index(body),
-        });
-    })
+    rows.read_all(
+        |row| match plan.document(|i| row.field(i), index, version) {
+            Some(w) => {
+                wanted.remove(&w.id);
+                writes.push(w);
+            }
+            None => malformed += 1,
+        },
+    )
     .await?;
     if malformed > 0 {
         return Err(EngineError::Stream(format!(
@@ -78,11 +67,7 @@ pub async fn resolve(
 ) -> Result<Vec<Vec<String>>, EngineError> {
     let plan = &ix.plan;
     // A direct child of the root pointing at the root's key: the values are the keys.
-    if probe.parent.is_empty()
-        && probe.via_join.is_none()
-        && plan.table.key.len() == 1
-        && plan.table.key[0] == probe.column
-    {
+    if plan.probe_gives_root_keys(probe) {
         return Ok(values.into_iter().map(|v| vec![v]).collect());
     }
     let values: Vec<String> = values.into_iter().collect();

@@ -364,7 +364,6 @@ impl Check<'_> {
     /// Walks the table in key order, a page of roots per statement.
     async fn walk_table(&mut self) -> Result<(), EngineError> {
         let page = self.opts.page_size;
-        let key_pos: Vec<usize> = self.ix.plan.key_positions().collect();
         let started = std::time::Instant::now();
         let mut logged = started;
         let mut after: Option<Vec<String>> = None;
@@ -381,30 +380,16 @@ impl Check<'_> {
             rows.read_all(|row| {
                 n += 1;
                 if n == page {
-                    last_key = Some(
-                        key_pos
-                            .iter()
-                            .map(|p| {
-                                String::from_utf8_lossy(row.field(*p).unwrap_or(b"")).into_owned()
-                            })
-                            .collect::<Vec<_>>(),
-                    );
+                    last_key = Some(self.ix.plan.row_key(|i| row.field(i)));
                 }
-                let parts: Vec<&[u8]> = key_pos
-                    .iter()
-                    .map(|p| row.field(*p).unwrap_or(b""))
-                    .collect();
-                let mut body = Vec::with_capacity(256);
-                if !self.ix.plan.write_root(|i| row.field(i), &mut body) {
-                    malformed += 1;
-                    return;
+                match self
+                    .ix
+                    .plan
+                    .document(|i| row.field(i), self.ix.pos, Lsn::ZERO)
+                {
+                    Some(doc) => expected.push(doc),
+                    None => malformed += 1,
                 }
-                expected.push(DocWrite {
-                    index: self.ix.pos,
-                    id: doc_id(&parts),
-                    version: Lsn::ZERO,
-                    op: DocOp::Index(body),
-                });
             })
             .await?;
             if malformed > 0 {

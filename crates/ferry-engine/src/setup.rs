@@ -314,9 +314,13 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     }
     let mut types = TypeResolver::default();
     let mut plans_ok = Vec::new();
+    let mut names_ok = Vec::new();
     for (i, ix) in cfg.indexes.iter().enumerate() {
         match docplan::build(&client, &mut types, i, ix).await {
-            Ok(p) => plans_ok.push(p),
+            Ok(p) => {
+                plans_ok.push(p);
+                names_ok.push(ix.name.as_str());
+            }
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -329,6 +333,18 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
             .into_iter()
             .map(|h| SourceError::RowSecurity(h).to_string()),
     );
+    // Advice, not a problem: relations whose rows are found without an index.
+    for (plan, name) in plans_ok.iter().zip(&names_ok) {
+        let lookups = plan.lookups();
+        for (i, create) in client.unindexed_lookups(&lookups).await? {
+            let l = &lookups[i];
+            tracing::warn!(
+                "index {name}, relation {}: no index on the column its rows are found by, so every batch reads the whole table; \
+                 add one with: {create}",
+                l.field
+            );
+        }
+    }
     if let Err(e) = client
         .ensure_full_identities(&full_identity_needs(&plans_ok), false)
         .await

@@ -12,6 +12,7 @@
 pub mod capture;
 pub mod catalog;
 mod copy;
+pub mod docsql;
 mod error;
 pub mod pgoutput;
 mod session;

@@ -13,7 +13,7 @@
 //! no keys) and the growing block sample of `sample_keys` when a table is
 //! smaller than its estimate says.
 
-use ferry_core::plan::{Node, Probe};
+use ferry_core::plan::{Lookup, Node, Probe};
 use ferry_core::schema::quote_ident;
 use ferry_core::{Lsn, TableShape};
 use tokio_postgres::Client;
@@ -154,6 +154,38 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The lookups among these that no valid, non-partial index leads with,
+    /// each as (its position in `lookups`, the `CREATE INDEX CONCURRENTLY`
+    /// statement that adds one).
+    pub async fn unindexed_lookups(
+        &self,
+        lookups: &[Lookup],
+    ) -> Result<Vec<(usize, String)>, SourceError> {
+        let oids: Vec<i64> = lookups.iter().map(|l| i64::from(l.oid)).collect();
+        let cols: Vec<&str> = lookups.iter().map(|l| l.column.as_str()).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT w.i, format('CREATE INDEX CONCURRENTLY ON %I.%I (%I);', n.nspname, c.relname, w.col) \
+                 FROM unnest($1::int8[], $2::text[]) WITH ORDINALITY AS w(oid, col, i) \
+                 JOIN pg_class c ON c.oid::int8 = w.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_index x \
+                   JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0] \
+                   WHERE x.indrelid = c.oid AND a.attname = w.col AND x.indisvalid AND x.indpred IS NULL) \
+                 ORDER BY w.i",
+                &[&oids, &cols],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("checking indexes on foreign keys", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let i: i64 = r.get(0);
+                (usize::try_from(i - 1).unwrap_or(0), r.get(1))
+            })
+            .collect())
     }
 
     /// Sets (with `manage`, else asks for) REPLICA IDENTITY FULL on each
@@ -414,7 +446,7 @@ impl Session {
         keys: Option<&[Vec<String>]>,
         index: &str,
     ) -> Result<CopyReader, SourceError> {
-        let sql = plan.build_sql(keys);
+        let sql = crate::docsql::build_sql(plan, keys);
         CopyReader::start(
             &self.client,
             &sql,
@@ -431,7 +463,7 @@ impl Session {
         after: Option<&[String]>,
         limit: usize,
     ) -> Result<CopyReader, SourceError> {
-        let sql = plan.build_chunk_sql(after, limit);
+        let sql = crate::docsql::build_chunk_sql(plan, after, limit);
         CopyReader::start(
             &self.client,
             &sql,
@@ -450,7 +482,7 @@ impl Session {
         values: &[String],
         index: &str,
     ) -> Result<Vec<Vec<String>>, SourceError> {
-        let Some(sql) = plan.resolve_sql(probe, values) else {
+        let Some(sql) = crate::docsql::resolve_sql(plan, probe, values) else {
             return Ok(Vec::new());
         };
         let width = plan.table.key.len();

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use ferry_core::change::{Change, Datum, Relation, Tuple};
-use ferry_core::plan::{Probe, Role};
+use ferry_core::plan::Probe;
 
 use crate::index::IndexRuntime;
 use crate::EngineError;
@@ -63,7 +63,7 @@ impl Router {
                 continue;
             }
             for (oid, usage) in ix.plan.usages() {
-                let target = if usage.path.is_empty() && usage.role == Role::Node {
+                let target = if usage.is_root() {
                     Target::Root {
                         key: ix.plan.table.key.clone(),
                         table: ix.plan.table.qualified(),
