@@ -34,7 +34,7 @@ use std::time::Duration;
 
 pub use ferry_core::stats::Stats;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBackoff;
 use ferry_config::{Config, SlotLostPolicy};
 use tokio::sync::watch;
 
@@ -148,15 +148,7 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(3);
 /// drawn at random from `[step / 2, step)` so ferry processes that lost the
 /// same server do not all come back at the same instant.
 fn restart_delays() -> ExponentialBackoff {
-    // backon adds a random 0–100 % to each step: halving both ends gives
-    // delays in [step / 2, step) that never pass the maximum.
-    ExponentialBuilder::default()
-        .with_min_delay(FIRST_RESTART_DELAY / 2)
-        .with_max_delay(MAX_RESTART_DELAY / 2)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    ferry_core::backoff::jittered(FIRST_RESTART_DELAY, MAX_RESTART_DELAY)
 }
 
 /// Records why the pipeline waits (the systemd `STATUS=` line shows it

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBackoff;
 use ferry_core::value::write_json_str;
 use ferry_core::{DocOp, DocWrite};
 use serde::Deserialize;
@@ -178,15 +178,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// [`FIRST_BACKOFF`] up to `max`, and each delay is drawn at random from
 /// `[step / 2, step)` so sinks retrying together spread out.
 fn retry_delays(max: Duration) -> ExponentialBackoff {
-    // backon adds a random 0–100 % to each step, so halving both ends gives
-    // delays in [step / 2, step) that never pass `max`.
-    ExponentialBuilder::default()
-        .with_min_delay(FIRST_BACKOFF / 2)
-        .with_max_delay(max.max(FIRST_BACKOFF) / 2)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    ferry_core::backoff::jittered(FIRST_BACKOFF, max)
 }
 
 pub(crate) async fn write_all(
