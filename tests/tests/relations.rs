@@ -8,30 +8,15 @@ use ferry_e2e::TestEnv;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
-const SCHEMA: &str = "
-CREATE TABLE companies (id int PRIMARY KEY, name text NOT NULL);
-CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text, company_id int REFERENCES companies,
-                    deleted_at timestamptz);
-CREATE TABLE orders (id int PRIMARY KEY, user_id int REFERENCES users, total numeric(10,2), status text NOT NULL,
-                     created_at timestamptz DEFAULT now());
-CREATE TABLE line_items (id int PRIMARY KEY, order_id int REFERENCES orders ON DELETE CASCADE, sku text, qty int);
-CREATE TABLE tags (id int PRIMARY KEY, label text NOT NULL);
-CREATE TABLE user_tags (user_id int REFERENCES users, tag_id int REFERENCES tags, PRIMARY KEY (user_id, tag_id));
-INSERT INTO companies SELECT g, 'company ' || g FROM generate_series(1, 10) g;
-INSERT INTO users SELECT g, 'u' || g || '@example.com', 'User ' || g, 1 + g % 10, NULL FROM generate_series(1, 300) g;
-INSERT INTO orders SELECT g, 1 + g % 300, (g % 97) + 0.5, (ARRAY['new','paid','cancelled'])[1 + g % 3] FROM generate_series(1, 900) g;
-INSERT INTO line_items SELECT g, 1 + g % 900, 'sku-' || (g % 50), 1 + g % 4 FROM generate_series(1, 1800) g;
-INSERT INTO tags SELECT g, 'tag ' || g FROM generate_series(1, 20) g;
-INSERT INTO user_tags SELECT u, t FROM generate_series(1, 300) u, generate_series(1, 20) t WHERE (u + t) % 7 = 0;
-";
-
-use ferry_testkit::relational::{EXPECTED, INDEX};
+use ferry_testkit::relational::{self, EXPECTED, INDEX};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn related_rows_rebuild_exactly_the_documents_they_feed() {
     let env = TestEnv::start().await;
     let db = env.db().await;
-    db.batch_execute(SCHEMA).await.expect("schema");
+    db.batch_execute(&relational::schema(300))
+        .await
+        .expect("schema");
     let cfg = env.config("users", "users", INDEX);
     let ferry = env.run_ferry(&cfg);
     env.assert_converges_to("users", EXPECTED, CONVERGE).await;
@@ -150,7 +135,9 @@ async fn metric(port: u16, name: &str) -> f64 {
 async fn a_batch_of_1000_child_changes_costs_a_bounded_number_of_statements() {
     let env = TestEnv::start().await;
     let db = env.db().await;
-    db.batch_execute(SCHEMA).await.expect("schema");
+    db.batch_execute(&relational::schema(300))
+        .await
+        .expect("schema");
     let port = ferry_testkit::free_port();
     let cfg = env.config("users", "users", INDEX);
     let text = std::fs::read_to_string(&cfg).expect("read config");
@@ -220,7 +207,9 @@ async fn check_warns_per_relation_whose_foreign_key_has_no_index_with_the_statem
     // PostgreSQL indexes no foreign key by itself: orders.user_id and
     // line_items.order_id have none; user_tags' primary key leads with
     // user_id and companies.id is a primary key.
-    db.batch_execute(SCHEMA).await.expect("schema");
+    db.batch_execute(&relational::schema(300))
+        .await
+        .expect("schema");
     let cfg = env.config("users", "users", INDEX);
     let cfg = cfg.to_str().expect("utf8");
     let (code, out, err) = ferry_e2e::ferry_once(&["check", "--config", cfg]);

@@ -21,6 +21,7 @@ mod error;
 mod index;
 pub mod ops;
 mod poison;
+pub mod preview;
 mod seed;
 mod setup;
 mod worker;

@@ -53,7 +53,8 @@ async fn plans(
     Ok(out)
 }
 
-fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> IndexPlan {
+/// What ferry wants index `alias`'s concrete index to look like.
+pub(crate) fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> IndexPlan {
     IndexPlan {
         alias: alias.to_string(),
         properties: plan.properties(),

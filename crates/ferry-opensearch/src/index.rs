@@ -42,7 +42,9 @@ impl IndexPlan {
         format!("{:08x}", h >> 32)
     }
 
-    fn create_body(&self) -> Value {
+    /// The body the concrete index is created with: settings, and the
+    /// mapping with ferry's `_meta` (alias and generation hash).
+    pub fn create_body(&self) -> Value {
         json!({
             "settings": self.settings,
             "mappings": {

@@ -3,6 +3,30 @@
 //! count, a filter, a soft delete, a rename and a mapping override — and an
 //! independent SQL query giving every expected document.
 
+/// The fixture's tables with `users` users (a multiple of 30): a company
+/// per 30 users, three orders and six line items per user, a tag per 15
+/// users, and the user–tag pairs whose ids sum to a multiple of 7.
+pub fn schema(users: u32) -> String {
+    let (companies, tags) = ((users / 30).max(1), (users / 15).max(1));
+    let (orders, items) = (users * 3, users * 6);
+    format!("
+CREATE TABLE companies (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text, company_id int REFERENCES companies,
+                    deleted_at timestamptz);
+CREATE TABLE orders (id int PRIMARY KEY, user_id int REFERENCES users, total numeric(10,2), status text NOT NULL,
+                     created_at timestamptz DEFAULT now());
+CREATE TABLE line_items (id int PRIMARY KEY, order_id int REFERENCES orders ON DELETE CASCADE, sku text, qty int);
+CREATE TABLE tags (id int PRIMARY KEY, label text NOT NULL);
+CREATE TABLE user_tags (user_id int REFERENCES users, tag_id int REFERENCES tags, PRIMARY KEY (user_id, tag_id));
+INSERT INTO companies SELECT g, 'company ' || g FROM generate_series(1, {companies}) g;
+INSERT INTO users SELECT g, 'u' || g || '@example.com', 'User ' || g, 1 + g % {companies}, NULL FROM generate_series(1, {users}) g;
+INSERT INTO orders SELECT g, 1 + g % {users}, (g % 97) + 0.5, (ARRAY['new','paid','cancelled'])[1 + g % 3] FROM generate_series(1, {orders}) g;
+INSERT INTO line_items SELECT g, 1 + g % {orders}, 'sku-' || (g % 50), 1 + g % 4 FROM generate_series(1, {items}) g;
+INSERT INTO tags SELECT g, 'tag ' || g FROM generate_series(1, {tags}) g;
+INSERT INTO user_tags SELECT u, t FROM generate_series(1, {users}) u, generate_series(1, {tags}) t WHERE (u + t) % 7 = 0;
+")
+}
+
 /// The `[[index]]` body after `name` and `table = "users"`.
 pub const INDEX: &str = r#"
 columns = ["id", "email", "name", "company_id"]

@@ -5,6 +5,7 @@
 
 mod demo;
 mod ops;
+mod preview;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -122,6 +123,23 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         page_size: usize,
     },
+    /// Print the documents ferry would write for some rows, as its bulk request carries them; read-only, needs no cluster.
+    Preview {
+        /// The configured index name (alias).
+        index: String,
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+        /// Document ids to build (repeatable; a composite key as in `_id`, parts joined by `,`); an id without a row prints the delete ferry would send.
+        #[arg(long = "id", value_name = "KEY")]
+        ids: Vec<String>,
+        /// Without --id: how many rows, first in key order.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// Also print the concrete index's settings and mapping (as a console script: PUT, then POST /_bulk).
+        #[arg(long)]
+        mapping: bool,
+    },
     /// Run the whole pipeline on a throwaway PostgreSQL and a local osmem-server, with sample data.
     Demo {
         /// Rows of sample data.
@@ -161,6 +179,13 @@ pub fn main() -> ExitCode {
             Command::Reindex { name, config } => ops::reindex(&config, &name).await,
             Command::Slot { config, action } => ops::slot(&config, action).await,
             Command::Health { url, config } => health(url, config).await,
+            Command::Preview {
+                index,
+                config,
+                ids,
+                limit,
+                mapping,
+            } => preview::run(&config, &index, ids, limit, mapping).await,
             Command::Verify {
                 config,
                 index,
