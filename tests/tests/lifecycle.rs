@@ -386,3 +386,100 @@ async fn where_change_rebuilds_and_drops_documents_that_no_longer_match() {
     assert_eq!(env.sink.alias_targets(&alias).await.expect("alias"), now);
     assert_eq!(ferry.stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_pipeline_sees_every_write_and_verify_compares_only_ferrys_fields() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 200) g;",
+    )
+    .await
+    .expect("schema");
+    // Pipeline names are cluster-wide: prefix it like the index.
+    let pipeline = env.index("stamp");
+    let missing = env.write_config(&config(
+        &env,
+        "",
+        &format!(
+            "[[index]]\nname = \"{}\"\ntable = \"t\"\npipeline = \"{pipeline}\"\n",
+            env.index("t")
+        ),
+    ));
+    let missing_s = missing.to_str().expect("utf8");
+    // Bad input first: a pipeline the cluster lacks is named with the fix,
+    // by `check` and by `run`, before anything is created.
+    let (code, out, err) = ferry_e2e::ferry_once(&["check", "--config", missing_s]);
+    assert_ne!(code, 0, "{out}{err}");
+    let fix = format!("index[0].pipeline: ingest pipeline {pipeline:?} does not exist in the cluster: create it (PUT _ingest/pipeline/{pipeline})");
+    assert!(out.contains(&fix) || err.contains(&fix), "{out}{err}");
+    let ferry = env.run_ferry(&missing);
+    assert_eq!(
+        ferry.exit_code_within(Duration::from_secs(60)),
+        Some(1),
+        "{}",
+        env.log_tail()
+    );
+    assert!(env.log().contains(&fix), "{}", env.log_tail());
+    let slots: i64 = db
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "refused before creating the slot");
+
+    env.sink
+        .json_request(
+            Method::Put,
+            &format!("/_ingest/pipeline/{pipeline}"),
+            Some(json!({"processors": [{"set": {"field": "piped", "value": true}}]})),
+        )
+        .await
+        .expect("create pipeline");
+    let ferry = env.run_ferry(&missing);
+    let all_piped = async |want: usize| {
+        let docs = env.documents("t").await;
+        docs.len() == want && docs.values().all(|d| d["piped"] == json!(true))
+    };
+    let deadline = Instant::now() + CONVERGE;
+    while !all_piped(200).await {
+        assert!(
+            Instant::now() < deadline,
+            "backfill through the pipeline: {}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    db.batch_execute("INSERT INTO t VALUES (201, 'new'); UPDATE t SET v = 'changed' WHERE id = 5;")
+        .await
+        .expect("changes");
+    while !(all_piped(201).await && env.documents("t").await["5"]["v"] == "changed") {
+        assert!(
+            Instant::now() < deadline,
+            "streamed writes through the pipeline: {}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The field the pipeline adds is not drift; a changed field of ferry's is.
+    let (code, out, err) = ferry_e2e::ferry_once(&["verify", "--config", missing_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("checked 201, missing 0, different 0, extra 0"),
+        "{out}"
+    );
+    env.sink
+        .json_request(
+            Method::Put,
+            &format!("/{}/_doc/9", env.index("t")),
+            Some(json!({"id": 9, "v": "tampered"})),
+        )
+        .await
+        .expect("tamper");
+    let (code, out, _) = ferry_e2e::ferry_once(&["verify", "--config", missing_s]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("different\t9"), "{out}");
+    assert_eq!(ferry.stop(), Some(0));
+}

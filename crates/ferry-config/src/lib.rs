@@ -345,6 +345,12 @@ pub struct IndexConfig {
     /// Changing them builds a new index in the background and moves the alias.
     #[serde(default)]
     pub settings: BTreeMap<String, serde_json::Value>,
+    /// An ingest pipeline every write into the index goes through: ferry
+    /// creates the concrete index with `index.default_pipeline` set to it,
+    /// so backfill, streaming, repairs and retries all use it. It must
+    /// exist in the cluster; changing it rebuilds the index in the background.
+    #[serde(default)]
+    pub pipeline: Option<String>,
 }
 
 /// What happens to a document the cluster rejects for good (a 4xx other
@@ -850,6 +856,16 @@ impl Config {
                         "{:?} is used by another [[index]]; names must be unique",
                         ix.name
                     ),
+                );
+            }
+            if ix.pipeline.is_some()
+                && ["index.default_pipeline", "default_pipeline"]
+                    .iter()
+                    .any(|k| ix.settings.contains_key(*k))
+            {
+                bad(
+                    &format!("index[{i}].pipeline"),
+                    "is set together with settings.index.default_pipeline, which it sets: keep one of them".into(),
                 );
             }
             let (schema, table) = ix.schema_and_table();
@@ -1361,5 +1377,16 @@ table = "users"
         assert!(e.contains("sink.aws"), "{e}");
         let e = err(&with("password_env = \"\"", ""));
         assert!(e.contains("source.password_env"), "{e}");
+    }
+
+    #[test]
+    fn a_pipeline_and_a_default_pipeline_setting_together_are_an_error_naming_both() {
+        let ok = Config::from_toml(&format!("{BASE}pipeline = \"p\"\n")).expect("pipeline");
+        assert_eq!(ok.indexes[0].pipeline.as_deref(), Some("p"));
+        let e = err(&format!(
+            "{BASE}pipeline = \"p\"\nsettings = {{ \"index.default_pipeline\" = \"q\" }}\n"
+        ));
+        assert!(e.contains("index[0].pipeline"), "{e}");
+        assert!(e.contains("settings.index.default_pipeline"), "{e}");
     }
 }

@@ -62,6 +62,11 @@ pub(crate) fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfi
             .settings
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(
+                ix.pipeline
+                    .iter()
+                    .map(|p| ("index.default_pipeline".to_string(), p.clone().into())),
+            )
             .collect(),
         selection: selection(ix),
     }
@@ -161,6 +166,9 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         .sink_ok
         .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
+    if let Some(missing) = missing_pipelines(cfg, &sink).await?.into_iter().next() {
+        return Err(EngineError::Stream(missing));
+    }
 
     let oids = plan_oids(&plans);
     let tables = client.table_names(&oids).await?;
@@ -382,10 +390,29 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     }
     let sink = sink_for(cfg)?;
     match sink.version().await {
-        Ok(v) => tracing::info!(sink = %sink.url(), version = %v, "search cluster reachable"),
+        Ok(v) => {
+            tracing::info!(sink = %sink.url(), version = %v, "search cluster reachable");
+            problems.extend(missing_pipelines(cfg, &sink).await?);
+        }
         Err(e) => problems.push(e.to_string()),
     }
     Ok(problems)
+}
+
+/// One problem per `[[index]] pipeline` the cluster does not have, with the fix.
+async fn missing_pipelines(cfg: &Config, sink: &Sink) -> Result<Vec<String>, EngineError> {
+    let mut out = Vec::new();
+    for (i, ix) in cfg.indexes.iter().enumerate() {
+        if let Some(p) = &ix.pipeline {
+            if !sink.pipeline_exists(p).await? {
+                out.push(format!(
+                    "index[{i}].pipeline: ingest pipeline {p:?} does not exist in the cluster: \
+                     create it (PUT _ingest/pipeline/{p}) or remove the key"
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -118,6 +118,26 @@ impl Sink {
             .unwrap_or_default())
     }
 
+    /// Whether the ingest pipeline `name` exists.
+    pub async fn pipeline_exists(&self, name: &str) -> Result<bool, SinkError> {
+        let path = format!(
+            "/_ingest/pipeline/{}",
+            percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let (status, body) = self
+            .request(Method::Get, &path, None, "application/json")
+            .await?;
+        match status {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            _ => Err(SinkError::Status {
+                status,
+                what: format!("GET {path}"),
+                body: crate::snippet(&body),
+            }),
+        }
+    }
+
     /// Makes sure the concrete index for `plan` exists (created with its
     /// mapping before anything is written) and reports whether it is seeded.
     ///

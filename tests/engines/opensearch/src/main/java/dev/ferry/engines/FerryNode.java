@@ -61,6 +61,11 @@ public final class FerryNode {
         {"lang-painless", "org.opensearch.painless.PainlessPlugin", "org.opensearch.painless.PainlessModulePlugin"},
     };
 
+    /** Modules loaded when their build is on the classpath (2.x only: see pom.xml). */
+    private static final String[][] OPTIONAL_MODULES = {
+        {"ingest-common", "org.opensearch.ingest.common.IngestCommonPlugin"},
+    };
+
     /** How long the node may take to close after stdin's end before the JVM halts. */
     private static final long CLOSE_DEADLINE_SECONDS = 15;
 
@@ -126,6 +131,13 @@ public final class FerryNode {
                     + String.join(", ", List.of(module).subList(1, module.length)) + "); rebuild with build-opensearch");
             }
             plugins.add(found);
+        }
+        for (String[] module : OPTIONAL_MODULES) {
+            try {
+                plugins.add(Class.forName(module[1]).asSubclass(Plugin.class));
+            } catch (ClassNotFoundException e) {
+                // not built for this version
+            }
         }
 
         // Watch stdin from the start, so a parent that dies while the node is
