@@ -573,6 +573,25 @@ async fn readyz_fails_within_seconds_while_the_cluster_is_down_and_recovers() {
     let cfg = rig.config("ferry_down_up", "items", "request_timeout_secs = 5", "", "");
     let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
     rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
+    // Seeded and idle: nothing is left to write, so only a probe can tell.
+    rig.env
+        .assert_converges("items", "items", Duration::from_secs(60))
+        .await;
+    let streaming = format!(
+        "ferry_index_state{{index=\"{}\",state=\"streaming\"}}",
+        rig.env.index("items")
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sample(&rig.metrics().await, &streaming) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "never seeded\n{}",
+            rig.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let requests = rig.proxy.requests();
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Every request to the cluster is dropped unanswered.
     rig.proxy.set_path_filter("");
@@ -586,6 +605,7 @@ async fn readyz_fails_within_seconds_while_the_cluster_is_down_and_recovers() {
         "/readyz turned 503 after {took:?}"
     );
     assert!(body.contains("search cluster is unreachable"), "{body}");
+    assert!(rig.proxy.requests() > requests, "ferry asked the cluster");
     let metrics = rig.metrics().await;
     assert_eq!(sample(&metrics, "ferry_sink_up"), Some(0.0), "{metrics}");
     assert_eq!(sample(&metrics, "ferry_ready"), Some(0.0), "{metrics}");
