@@ -494,16 +494,29 @@ struct ProxiedRig {
 }
 
 impl ProxiedRig {
-    async fn start() -> ProxiedRig {
+    /// Starts everything and runs `schema` on database `app`; returns a client on it.
+    async fn start(schema: &str) -> (ProxiedRig, tokio_postgres::Client) {
         let env = TestEnv::start().await;
         let proxy = ferry_testkit::FaultProxy::start(env.os.url())
             .await
             .expect("start the fault proxy");
-        ProxiedRig {
+        let db = env.db().await;
+        db.batch_execute(schema).await.expect("schema");
+        let rig = ProxiedRig {
             env,
             proxy,
             port: ferry_testkit::free_port(),
-        }
+        };
+        (rig, db)
+    }
+
+    /// A fake systemd notify socket in the test directory: the socket and
+    /// the `NOTIFY_SOCKET` value naming it.
+    fn notify_socket(&self) -> (UnixDatagram, String) {
+        let path = self.env.dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("notify socket");
+        sock.set_nonblocking(true).expect("nonblocking");
+        (sock, path.to_str().expect("utf-8 path").to_string())
     }
 
     /// A config with one index over `table`, writing through the proxy;
@@ -562,14 +575,11 @@ use std::path::PathBuf;
 /// back; the change made meanwhile lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_within_seconds_while_the_cluster_is_down_and_recovers() {
-    let rig = ProxiedRig::start().await;
-    let db = rig.env.db().await;
-    db.batch_execute(
+    let (rig, db) = ProxiedRig::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, name text);
          INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 10) g;",
     )
-    .await
-    .expect("schema");
+    .await;
     let cfg = rig.config("ferry_down_up", "items", "request_timeout_secs = 5", "", "");
     let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
     rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
@@ -637,14 +647,11 @@ async fn readyz_fails_within_seconds_while_the_cluster_is_down_and_recovers() {
 /// are counted per table; batch sizes land in the histogram.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_seeding_queue_depth_and_5xx_bulks_as_they_happen() {
-    let rig = ProxiedRig::start().await;
-    let db = rig.env.db().await;
-    db.batch_execute(
+    let (rig, db) = ProxiedRig::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, name text);
          INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 600) g;",
     )
-    .await
-    .expect("schema");
+    .await;
     let index = rig.env.index("items");
     // 30 backfill requests of 20 rows, each held 250 ms by the proxy.
     rig.proxy
@@ -758,14 +765,11 @@ async fn metrics_show_seeding_queue_depth_and_5xx_bulks_as_they_happen() {
 /// replays them one batch each; two are older than the document.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn superseded_writes_are_counted_when_older_changes_are_replayed() {
-    let rig = ProxiedRig::start().await;
-    let db = rig.env.db().await;
-    db.batch_execute(
+    let (rig, db) = ProxiedRig::start(
         "CREATE TABLE r (id int PRIMARY KEY, v text);
          INSERT INTO r SELECT g, 'v' || g FROM generate_series(1, 3) g;",
     )
-    .await
-    .expect("schema");
+    .await;
     let index = rig.env.index("r");
     let first = rig.config("ferry_first", "r", "", "", "");
     let mut ferry = Ferry::start(&first, &rig.log(), &[]);
@@ -824,13 +828,10 @@ async fn superseded_writes_are_counted_when_older_changes_are_replayed() {
 /// Prometheus' own `up`) is served at `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_grafana_dashboard_queries_is_served() {
-    let rig = ProxiedRig::start().await;
-    let db = rig.env.db().await;
-    db.batch_execute(
+    let (rig, _db) = ProxiedRig::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a');",
     )
-    .await
-    .expect("schema");
+    .await;
     let cfg = rig.config("ferry_grafana", "items", "", "", "");
     let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
     rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
@@ -903,13 +904,10 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
 /// passes; pings resume when the change lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_pipeline_stops_the_watchdog_pings_and_an_idle_one_keeps_them() {
-    let rig = ProxiedRig::start().await;
-    let db = rig.env.db().await;
-    db.batch_execute(
+    let (rig, db) = ProxiedRig::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a');",
     )
-    .await
-    .expect("schema");
+    .await;
     let cfg = rig.config(
         "ferry_wedge",
         "items",
@@ -917,14 +915,12 @@ async fn a_wedged_pipeline_stops_the_watchdog_pings_and_an_idle_one_keeps_them()
         "",
         "stall_timeout_secs = 3",
     );
-    let notify_path = rig.env.dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-    notify.set_nonblocking(true).expect("nonblocking");
+    let (notify, notify_name) = rig.notify_socket();
     let _ferry = Ferry::start(
         &cfg,
         &rig.log(),
         &[
-            ("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path")),
+            ("NOTIFY_SOCKET", notify_name.as_str()),
             ("WATCHDOG_USEC", "1000000"),
         ],
     );
@@ -979,13 +975,10 @@ async fn a_wedged_pipeline_stops_the_watchdog_pings_and_an_idle_one_keeps_them()
 /// (held 2 s by a slow cluster), it reads `starting`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reads_starting_again_after_retrying_once_postgres_is_back() {
-    let rig = ProxiedRig::start().await;
-    let db = rig.env.db().await;
-    db.batch_execute(
+    let (rig, db) = ProxiedRig::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a');",
     )
-    .await
-    .expect("schema");
+    .await;
     drop(db);
     // `GET /` (ferry's version check while it prepares) takes 2 s.
     rig.proxy.set_path_filter("/");
@@ -994,14 +987,12 @@ async fn status_reads_starting_again_after_retrying_once_postgres_is_back() {
     let cfg = rig.config("ferry_status", "items", "", "", "");
     let pg = &rig.env.pg;
     pg.stop().expect("stop PostgreSQL");
-    let notify_path = rig.env.dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-    notify.set_nonblocking(true).expect("nonblocking");
+    let (notify, notify_name) = rig.notify_socket();
     let mut ferry = Ferry::start(
         &cfg,
         &rig.log(),
         &[
-            ("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path")),
+            ("NOTIFY_SOCKET", notify_name.as_str()),
             ("WATCHDOG_USEC", "1000000"),
         ],
     );

@@ -499,12 +499,8 @@ mod tests {
     #[test]
     fn flush_histogram_is_cumulative() {
         let t = render_at_now(sample());
-        let b = |le: &str| {
-            value(
-                &t,
-                &format!("ferry_flush_duration_seconds_bucket{{le=\"{le}\"}}"),
-            )
-        };
+        let bucket = |family: &str, le: &str| value(&t, &format!("{family}_bucket{{le=\"{le}\"}}"));
+        let b = |le: &str| bucket("ferry_flush_duration_seconds", le);
         assert_eq!(b("0.005"), Some(1.0));
         assert_eq!(b("0.025"), Some(1.0));
         assert_eq!(b("0.05"), Some(2.0));
@@ -515,12 +511,7 @@ mod tests {
         assert_eq!(value(&t, "ferry_flush_duration_seconds_sum"), Some(4.033));
         assert_eq!(value(&t, "ferry_flush_batch_documents_sum"), Some(60.0));
         assert_eq!(value(&t, "ferry_flush_batch_documents_count"), Some(3.0));
-        let docs = |le: &str| {
-            value(
-                &t,
-                &format!("ferry_flush_batch_documents_bucket{{le=\"{le}\"}}"),
-            )
-        };
+        let docs = |le: &str| bucket("ferry_flush_batch_documents", le);
         // Batches of 10, 20 and 30 writes.
         assert_eq!(docs("1"), Some(0.0));
         assert_eq!(docs("10"), Some(1.0));
