@@ -484,3 +484,544 @@ async fn admin_endpoint_reports_health_metrics_and_status() {
     assert!(first("READY=1") < first("STOPPING=1"), "{seen:?}");
     assert!(first("STOPPING=1").is_some(), "{seen:?}");
 }
+
+/// PostgreSQL, the test search engine, a fault proxy in front of it, and
+/// an admin port.
+struct ProxiedRig {
+    env: TestEnv,
+    proxy: ferry_testkit::FaultProxy,
+    port: u16,
+}
+
+impl ProxiedRig {
+    /// Starts everything and runs `schema` on database `app`; returns a client on it.
+    async fn start(schema: &str) -> (ProxiedRig, tokio_postgres::Client) {
+        let env = TestEnv::start().await;
+        let proxy = ferry_testkit::FaultProxy::start(env.os.url())
+            .await
+            .expect("start the fault proxy");
+        let db = env.db().await;
+        db.batch_execute(schema).await.expect("schema");
+        let rig = ProxiedRig {
+            env,
+            proxy,
+            port: ferry_testkit::free_port(),
+        };
+        (rig, db)
+    }
+
+    /// A fake systemd notify socket in the test directory: the socket and
+    /// the `NOTIFY_SOCKET` value naming it.
+    fn notify_socket(&self) -> (UnixDatagram, String) {
+        let path = self.env.dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("notify socket");
+        sock.set_nonblocking(true).expect("nonblocking");
+        (sock, path.to_str().expect("utf-8 path").to_string())
+    }
+
+    /// A config with one index over `table`, writing through the proxy;
+    /// `sections` are extra lines for `[sink]`, `[engine]` and `[admin]`.
+    fn config(&self, slot: &str, table: &str, sink: &str, engine: &str, admin: &str) -> PathBuf {
+        let text = format!(
+            "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"ferry_admin\"\n\n\
+             [sink]\nurl = \"{}\"\n{sink}\n\n[engine]\nmax_batch_delay_ms = 20\n{engine}\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n{admin}\n\n\
+             [[index]]\nname = \"{}\"\ntable = \"{table}\"\n",
+            self.env.pg.url("app"),
+            self.proxy.url(),
+            self.port,
+            self.env.index(table),
+        );
+        self.env.write_config(&text)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.env.dir.path().join("ferry.log")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// Waits until `path` answers `code` (the body), at most `within`.
+    async fn wait_for(&self, path: &str, code: u16, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok((c, _, body)) = get(self.port, path).await {
+                if c == code {
+                    return body;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} did not answer {code} within {within:?}\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        let (code, _, body) = get(self.port, "/metrics").await.expect("metrics");
+        assert_eq!(code, 200);
+        body
+    }
+}
+
+use std::path::PathBuf;
+
+/// The cluster going away turns `/readyz` not-ready within seconds (even
+/// with nothing to write: ferry probes it), and ready again once it is
+/// back; the change made meanwhile lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_within_seconds_while_the_cluster_is_down_and_recovers() {
+    let (rig, db) = ProxiedRig::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text);
+         INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let cfg = rig.config("ferry_down_up", "items", "request_timeout_secs = 5", "", "");
+    let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
+    rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
+    // Seeded and idle: nothing is left to write, so only a probe can tell.
+    rig.env
+        .assert_converges("items", "items", Duration::from_secs(60))
+        .await;
+    let streaming = format!(
+        "ferry_index_state{{index=\"{}\",state=\"streaming\"}}",
+        rig.env.index("items")
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sample(&rig.metrics().await, &streaming) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "never seeded\n{}",
+            rig.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let requests = rig.proxy.requests();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Every request to the cluster is dropped unanswered.
+    rig.proxy.set_path_filter("");
+    rig.proxy
+        .set(ferry_testkit::Fault::DropConnection { times: None });
+    let down = Instant::now();
+    let body = rig.wait_for("/readyz", 503, Duration::from_secs(30)).await;
+    let took = down.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "/readyz turned 503 after {took:?}"
+    );
+    assert!(body.contains("search cluster is unreachable"), "{body}");
+    assert!(rig.proxy.requests() > requests, "ferry asked the cluster");
+    let metrics = rig.metrics().await;
+    assert_eq!(sample(&metrics, "ferry_sink_up"), Some(0.0), "{metrics}");
+    assert_eq!(sample(&metrics, "ferry_ready"), Some(0.0), "{metrics}");
+    // Alive all along: an outage is not a wedge (within stall_timeout_secs).
+    let (code, _, _) = get(rig.port, "/healthz").await.expect("healthz");
+    assert_eq!(code, 200);
+    db.execute("INSERT INTO items VALUES (11, 'during the outage')", &[])
+        .await
+        .expect("insert");
+
+    rig.proxy.clear();
+    let back = Instant::now();
+    rig.wait_for("/readyz", 200, Duration::from_secs(60)).await;
+    assert!(
+        back.elapsed() < Duration::from_secs(20),
+        "ready again {:?} after the cluster came back",
+        back.elapsed()
+    );
+    rig.env
+        .assert_converges("items", "items", Duration::from_secs(60))
+        .await;
+    assert_eq!(sample(&rig.metrics().await, "ferry_ready"), Some(1.0));
+}
+
+/// Each metric moves under the condition it reports: an index reads
+/// `seeding` (not `streaming`) while its slow backfill runs beside the
+/// stream, then `streaming`; the capture queue fills while bulk requests
+/// are slow; a 503 is counted as a 5xx bulk request and a retry; changes
+/// are counted per table; batch sizes land in the histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_seeding_queue_depth_and_5xx_bulks_as_they_happen() {
+    let (rig, db) = ProxiedRig::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text);
+         INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 600) g;",
+    )
+    .await;
+    let index = rig.env.index("items");
+    // 30 backfill requests of 20 rows, each held 250 ms by the proxy.
+    rig.proxy
+        .set(ferry_testkit::Fault::Delay(Duration::from_millis(250)));
+    let cfg = rig.config("ferry_metrics", "items", "", "backfill_batch_rows = 20", "");
+    let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
+
+    let state = |m: &str, st: &str| {
+        sample(
+            m,
+            &format!("ferry_index_state{{index=\"{index}\",state=\"{st}\"}}"),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seeding_while_streaming = false;
+    loop {
+        if let Ok((200, _, m)) = get(rig.port, "/metrics").await {
+            if state(&m, "seeding") == Some(1.0) && sample(&m, "ferry_streaming") == Some(1.0) {
+                assert_eq!(
+                    state(&m, "streaming"),
+                    Some(0.0),
+                    "one state at a time\n{m}"
+                );
+                seeding_while_streaming = true;
+            }
+            if state(&m, "streaming") == Some(1.0) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never streaming\n{}",
+            rig.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seeding_while_streaming,
+        "the index never read `seeding` during its backfill\n{}",
+        rig.log_text()
+    );
+
+    // Load while every bulk request takes 250 ms: 2,000 one-row transactions.
+    let load = tokio::spawn({
+        let db = rig.env.db().await;
+        async move {
+            db.batch_execute(
+                "DO $$ BEGIN FOR i IN 1001..3000 LOOP \
+                 INSERT INTO items VALUES (i, 'load'); COMMIT; END LOOP; END $$",
+            )
+            .await
+            .expect("load")
+        }
+    });
+    let mut deepest = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while deepest == 0.0 && Instant::now() < deadline {
+        if let Ok((200, _, m)) = get(rig.port, "/metrics").await {
+            deepest = deepest.max(sample(&m, "ferry_queue_depth").unwrap_or(0.0));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    load.await.expect("load task");
+    assert!(deepest > 0.0, "the queue never held an event under load");
+    rig.proxy.clear();
+    rig.env
+        .assert_converges("items", "items", Duration::from_secs(120))
+        .await;
+
+    // Two 503s, then the cluster answers.
+    let before = rig.metrics().await;
+    let injected = rig.proxy.injected();
+    let fivexx = |m: &str| sample(m, "ferry_bulk_requests_total{class=\"5xx\"}").unwrap_or(0.0);
+    let retries = |m: &str| sample(m, "ferry_retries_total").unwrap_or(0.0);
+    rig.proxy.set(ferry_testkit::Fault::Status {
+        status: 503,
+        times: Some(2),
+    });
+    db.execute("INSERT INTO items VALUES (5000, 'after 503s')", &[])
+        .await
+        .expect("insert");
+    rig.env
+        .assert_converges("items", "items", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        rig.proxy.injected() - injected,
+        2,
+        "two bulk requests answered 503"
+    );
+    let after = rig.metrics().await;
+    assert_eq!(fivexx(&after) - fivexx(&before), 2.0, "{after}");
+    assert_eq!(retries(&after) - retries(&before), 2.0, "{after}");
+    assert!(
+        sample(
+            &after,
+            "ferry_table_changes_total{table=\"public.items\",op=\"insert\"}"
+        )
+        .unwrap_or(0.0)
+            >= 2001.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "ferry_flush_batch_documents_bucket{le=\"+Inf\"}").unwrap_or(0.0) > 0.0,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "ferry_ready"), Some(1.0), "{after}");
+}
+
+/// Writes the cluster already holds in a newer version are counted as
+/// superseded: a second slot, created before three updates of one row,
+/// replays them one batch each; two are older than the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_writes_are_counted_when_older_changes_are_replayed() {
+    let (rig, db) = ProxiedRig::start(
+        "CREATE TABLE r (id int PRIMARY KEY, v text);
+         INSERT INTO r SELECT g, 'v' || g FROM generate_series(1, 3) g;",
+    )
+    .await;
+    let index = rig.env.index("r");
+    let first = rig.config("ferry_first", "r", "", "", "");
+    let mut ferry = Ferry::start(&first, &rig.log(), &[]);
+    rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
+    // A slot that will replay everything from here on.
+    db.batch_execute("SELECT pg_create_logical_replication_slot('ferry_replay', 'pgoutput')")
+        .await
+        .expect("second slot");
+    for v in ["a", "b", "c"] {
+        db.execute("UPDATE r SET v = $1 WHERE id = 1", &[&v])
+            .await
+            .expect("update");
+    }
+    rig.env
+        .assert_converges("r", "r", Duration::from_secs(60))
+        .await;
+    assert_eq!(ferry.stop(), Some(0), "{}", rig.log_text());
+
+    let replay = rig.config("ferry_replay", "r", "", "max_batch_changes = 1", "");
+    let _replay = Ferry::start(&replay, &rig.log(), &[]);
+    let result = |m: &str, r: &str| {
+        sample(
+            m,
+            &format!("ferry_documents_total{{index=\"{index}\",result=\"{r}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        if let Ok((200, _, m)) = get(rig.port, "/metrics").await {
+            if result(&m, "written") + result(&m, "superseded") >= 3.0 {
+                break m;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay never landed\n{}",
+            rig.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = get(rig.port, "/metrics").await.map(|r| r.2).unwrap_or(m);
+    assert_eq!(result(&m, "superseded"), 2.0, "{m}");
+    assert_eq!(
+        result(&m, "written"),
+        1.0,
+        "the newest replayed write is equal, not older\n{m}"
+    );
+    rig.env
+        .assert_converges("r", "r", Duration::from_secs(10))
+        .await;
+}
+
+/// Every metric name a query of the Grafana dashboard uses (besides
+/// Prometheus' own `up`) is served at `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_grafana_dashboard_queries_is_served() {
+    let (rig, _db) = ProxiedRig::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a');",
+    )
+    .await;
+    let cfg = rig.config("ferry_grafana", "items", "", "", "");
+    let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
+    rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
+    let served = rig.metrics().await;
+    // Families (from # TYPE) and sample names.
+    let mut names = std::collections::BTreeSet::new();
+    for line in served.lines() {
+        let name = match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split(' ').next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        };
+        names.extend(name.map(str::to_string));
+    }
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/ferry-dashboard.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "too few queries found: {exprs:?}");
+    let mut queried = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut word = String::new();
+        for c in e.chars().chain([' ']) {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                word.push(c);
+            } else {
+                if word.starts_with("ferry_") {
+                    queried.insert(std::mem::take(&mut word));
+                }
+                word.clear();
+            }
+        }
+    }
+    let missing: Vec<&String> = queried.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, not served:\n{served}"
+    );
+    for must in [
+        "ferry_ready",
+        "ferry_standby",
+        "ferry_confirmed_lsn",
+        "ferry_sql_statements_total",
+    ] {
+        assert!(queried.contains(must), "no panel queries {must}");
+    }
+}
+
+/// Every `expr` string in a Grafana dashboard, however deep.
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(e)) => out.push(e.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The systemd watchdog follows the pipeline: an idle pipeline keeps
+/// pinging past the stall limit; a pipeline holding a change the cluster
+/// never answers stops pinging (and `/healthz` fails) once the limit
+/// passes; pings resume when the change lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_pipeline_stops_the_watchdog_pings_and_an_idle_one_keeps_them() {
+    let (rig, db) = ProxiedRig::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a');",
+    )
+    .await;
+    let cfg = rig.config(
+        "ferry_wedge",
+        "items",
+        "request_timeout_secs = 12",
+        "",
+        "stall_timeout_secs = 3",
+    );
+    let (notify, notify_name) = rig.notify_socket();
+    let _ferry = Ferry::start(
+        &cfg,
+        &rig.log(),
+        &[
+            ("NOTIFY_SOCKET", notify_name.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    rig.wait_for("/readyz", 200, Duration::from_secs(120)).await;
+    let pings = |m: &[String]| m.iter().filter(|m| m.trim_end() == "WATCHDOG=1").count();
+    let mut seen = Vec::new();
+
+    // Idle for longer than the stall limit: pings every 0.5 s go on.
+    drain(&notify, &mut seen);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut idle = Vec::new();
+    drain(&notify, &mut idle);
+    assert!(
+        pings(&idle) >= 7,
+        "an idle pipeline keeps pinging: {idle:?}"
+    );
+    let (code, _, _) = get(rig.port, "/healthz").await.expect("healthz");
+    assert_eq!(code, 200);
+
+    // A change whose bulk request the cluster never answers.
+    rig.proxy.set(ferry_testkit::Fault::Blackhole);
+    db.execute("INSERT INTO items VALUES (2, 'wedged')", &[])
+        .await
+        .expect("insert");
+    let body = rig.wait_for("/healthz", 503, Duration::from_secs(10)).await;
+    assert!(body.contains("stalled"), "{body}");
+    drain(&notify, &mut seen);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut wedged = Vec::new();
+    drain(&notify, &mut wedged);
+    assert_eq!(
+        pings(&wedged),
+        0,
+        "a wedged pipeline must not feed the watchdog: {wedged:?}"
+    );
+    assert!(rig.proxy.injected() >= 1, "the bulk request was held");
+
+    // The held request times out, the retry lands: progress, pings again.
+    rig.proxy.clear();
+    rig.env
+        .assert_converges("items", "items", Duration::from_secs(60))
+        .await;
+    rig.wait_for("/healthz", 200, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut again = Vec::new();
+    drain(&notify, &mut again);
+    assert!(pings(&again) >= 2, "pings resume with progress: {again:?}");
+}
+
+/// After a wait (here: PostgreSQL down), systemd's `STATUS=` does not keep
+/// the wait's reason through the next start: while ferry prepares again
+/// (held 2 s by a slow cluster), it reads `starting`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_starting_again_after_retrying_once_postgres_is_back() {
+    let (rig, db) = ProxiedRig::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a');",
+    )
+    .await;
+    drop(db);
+    // `GET /` (ferry's version check while it prepares) takes 2 s.
+    rig.proxy.set_path_filter("/");
+    rig.proxy
+        .set(ferry_testkit::Fault::Delay(Duration::from_secs(2)));
+    let cfg = rig.config("ferry_status", "items", "", "", "");
+    let pg = &rig.env.pg;
+    pg.stop().expect("stop PostgreSQL");
+    let (notify, notify_name) = rig.notify_socket();
+    let mut ferry = Ferry::start(
+        &cfg,
+        &rig.log(),
+        &[
+            ("NOTIFY_SOCKET", notify_name.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut seen = wait_for_notifications(&notify, "STATUS=retrying: ", 2).await;
+    pg.restart().expect("start PostgreSQL again");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let phases = loop {
+        drain(&notify, &mut seen);
+        let phases: Vec<&String> = seen.iter().filter(|m| m.contains("STATUS=")).collect();
+        if phases
+            .iter()
+            .any(|m| m.contains("STATUS=streaming") || m.contains("STATUS=seeding"))
+        {
+            break phases;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never streaming: {seen:?}\n{}",
+            rig.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let running = phases
+        .iter()
+        .position(|m| m.contains("STATUS=streaming") || m.contains("STATUS=seeding"))
+        .expect("a running phase");
+    assert!(
+        phases[running - 1].contains("STATUS=starting"),
+        "the phase before streaming must be `starting`, not the last wait's reason: {phases:?}"
+    );
+    assert_eq!(ferry.stop(), Some(0), "{}", rig.log_text());
+}

@@ -24,6 +24,7 @@ pub mod systemd;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_core::stats::Stats;
 
@@ -39,6 +40,28 @@ pub struct AdminInfo {
     pub slot: String,
     /// ferry's version (`CARGO_PKG_VERSION` of the binary).
     pub version: &'static str,
+    /// When `/readyz` and `/healthz` turn failing.
+    pub limits: HealthLimits,
+}
+
+/// The thresholds of the health checks (`[admin]` `flush_failure_secs` and
+/// `stall_timeout_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthLimits {
+    /// `/readyz` fails once bulk writes have failed (and been retried) for this long.
+    pub flush_failure: Duration,
+    /// `/healthz` fails, and the systemd watchdog stops, once work has
+    /// been pending this long without progress.
+    pub stall: Duration,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        HealthLimits {
+            flush_failure: Duration::from_secs(30),
+            stall: Duration::from_secs(300),
+        }
+    }
 }
 
 /// What can go wrong serving or fetching admin pages.
@@ -88,16 +111,57 @@ pub async fn serve(
     AdminServer::bind(listen).await?.run(stats, info).await
 }
 
-/// `Ok` when ferry is ready to serve traffic (streaming and the sink
-/// answering), else the reason it is not.
-pub fn readiness(stats: &Stats) -> Result<(), &'static str> {
-    if !stats.sink_ok.load(Relaxed) {
-        Err("the search cluster has not answered yet or is failing")
-    } else if !stats.streaming.load(Relaxed) {
-        Err("not streaming yet (starting, backfilling, or standing by for the slot)")
-    } else {
-        Ok(())
+/// `Ok` while the pipeline is not wedged, else why: work (a transaction
+/// received and not confirmed, or an index being copied) has been pending
+/// for longer than `limits.stall` without progress (see
+/// `ferry_core::stats` for both definitions). Starting, retrying and
+/// standing by are live: the restart loop runs.
+pub fn liveness(stats: &Stats, limits: &HealthLimits, now: u64) -> Result<(), String> {
+    match stats.stalled_for(now) {
+        Some(t) if t > limits.stall => Err(format!(
+            "stalled: no progress for {} s while work is pending (a flush or a copy does not complete; [admin] stall_timeout_secs = {})",
+            t.as_secs(),
+            limits.stall.as_secs()
+        )),
+        _ => Ok(()),
     }
+}
+
+/// `Ok` when ferry is ready to serve traffic, else the reason it is not:
+/// a standby, PostgreSQL or the search cluster unreachable, bulk writes
+/// failing for longer than `limits.flush_failure`, a stalled pipeline
+/// ([`liveness`]), or not streaming yet.
+pub fn readiness(stats: &Stats, limits: &HealthLimits, now: u64) -> Result<(), String> {
+    if stats.standby.load(Relaxed) {
+        return Err("standby: another consumer holds the replication slot; this ferry takes over when it is released".into());
+    }
+    if !stats.source_ok.load(Relaxed) {
+        return Err("PostgreSQL is unreachable (or not reached yet)".into());
+    }
+    if !stats.sink_ok.load(Relaxed) {
+        return Err("the search cluster is unreachable (or not reached yet)".into());
+    }
+    if let Some(t) = stats.flush_failing_for(now) {
+        if t > limits.flush_failure {
+            return Err(format!(
+                "bulk writes have failed for {} s and are being retried ([admin] flush_failure_secs = {})",
+                t.as_secs(),
+                limits.flush_failure.as_secs()
+            ));
+        }
+    }
+    liveness(stats, limits, now)?;
+    if !stats.streaming.load(Relaxed) {
+        let waiting = stats
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        return Err(
+            waiting.unwrap_or_else(|| "not streaming yet (starting, or preparing indexes)".into())
+        );
+    }
+    Ok(())
 }
 
 /// Seconds between 1970-01-01 and 2000-01-01, PostgreSQL's timestamp epoch.
@@ -118,8 +182,8 @@ pub(crate) fn now_pg_micros() -> i64 {
 pub(crate) struct Lag {
     /// Received minus confirmed LSN.
     pub bytes: u64,
-    /// Seconds since the commit of the last transaction made durable, while
-    /// something is pending; 0 when caught up or when no commit is durable yet.
+    /// Seconds since the commit of the oldest transaction received and not
+    /// yet confirmed; 0 when everything received is confirmed.
     pub seconds: f64,
 }
 
@@ -128,11 +192,9 @@ pub(crate) fn lag(stats: &Stats, now_us: i64) -> Lag {
     let confirmed = stats.confirmed_lsn.load(Relaxed);
     let received = stats.received_lsn.load(Relaxed);
     let bytes = received.saturating_sub(confirmed);
-    let last = stats.last_durable_commit_us.load(Relaxed);
-    let seconds = if bytes == 0 || last <= 0 {
-        0.0
-    } else {
-        now_us.saturating_sub(last).max(0) as f64 / 1e6
+    let seconds = match stats.oldest_unconfirmed_commit_us() {
+        Some(oldest) if oldest > 0 => now_us.saturating_sub(oldest).max(0) as f64 / 1e6,
+        _ => 0.0,
     };
     Lag { bytes, seconds }
 }
@@ -146,22 +208,28 @@ pub(crate) mod testutil {
     pub fn sample() -> Stats {
         let s = Stats::default();
         let ix = s.register(&["users".to_string(), "orders".to_string()]);
+        s.set_streaming(true);
+        s.register_table(16384, "public.users");
+        s.count_change(16384, 0);
         s.changes[0].store(10, Relaxed);
         s.changes[1].store(4, Relaxed);
         s.changes[2].store(1, Relaxed);
+        // One transaction received (committed 2.5 s before NOW), unconfirmed.
+        s.transaction_began(0x1_0000_0180);
+        s.transaction_committed(0x1_0000_01a0, 1_000_000_000);
         s.transactions.store(7, Relaxed);
         s.bulk_requests[0].store(3, Relaxed);
+        s.bulk_requests[2].store(1, Relaxed);
         s.retries.store(2, Relaxed);
         s.reconnects.store(1, Relaxed);
-        s.queue_depth.store(5, Relaxed);
+        s.set_queue_probe(Some(Box::new(|| 5)));
         s.confirmed_lsn.store(0x1_0000_0100, Relaxed);
-        s.received_lsn.store(0x1_0000_0180, Relaxed);
-        s.last_durable_commit_us.store(1_000_000_000, Relaxed);
+        s.last_durable_commit_us.store(900_000_000, Relaxed);
         s.record_flush(10, 3_000); // 3 ms
         s.record_flush(20, 30_000); // 30 ms
         s.record_flush(30, 4_000_000); // 4 s
-        s.streaming.store(true, Relaxed);
         s.sink_ok.store(true, Relaxed);
+        s.source_ok.store(true, Relaxed);
         ix[0].set_state(IndexState::Streaming);
         ix[0].docs_written.store(12, Relaxed);
         ix[0].docs_deleted.store(1, Relaxed);
@@ -171,21 +239,22 @@ pub(crate) mod testutil {
         ix[0].backfill_rows.store(100, Relaxed);
         ix[0].backfill_total.store(120, Relaxed);
         ix[0].set_error("mapper_parsing_exception on field \"age\"");
-        ix[1].set_state(IndexState::Backfilling);
+        ix[1].set_state(IndexState::Seeding);
         ix[1].backfill_rows.store(5, Relaxed);
         s
     }
 
-    /// The time the sample is observed at: 2.5 s after its last durable commit.
+    /// The time the sample is observed at: 2.5 s after its oldest unconfirmed commit.
     pub const NOW: i64 = 1_002_500_000;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::stats::{mono_us, IndexState};
 
     #[test]
-    fn lag_is_zero_when_caught_up() {
+    fn lag_counts_from_the_oldest_unconfirmed_commit() {
         let s = testutil::sample();
         assert_eq!(
             lag(&s, testutil::NOW),
@@ -194,7 +263,7 @@ mod tests {
                 seconds: 2.5
             }
         );
-        s.confirmed_lsn.store(0x1_0000_0200, Relaxed);
+        s.confirmed(0x1_0000_01a0);
         assert_eq!(
             lag(&s, testutil::NOW),
             Lag {
@@ -205,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn lag_seconds_unknown_before_first_durable_commit() {
+    fn lag_seconds_zero_with_nothing_unconfirmed() {
         let s = Stats::default();
         s.received_lsn.store(10, Relaxed);
         let l = lag(&s, testutil::NOW);
@@ -219,13 +288,81 @@ mod tests {
         assert!(now_pg_micros() > 631_152_000 * 1_000_000);
     }
 
+    fn ready_stats() -> Stats {
+        let s = Stats::default();
+        s.register(&["a".into()])[0].set_state(IndexState::Streaming);
+        s.source_ok.store(true, Relaxed);
+        s.sink_ok.store(true, Relaxed);
+        s.set_streaming(true);
+        s
+    }
+
     #[test]
     fn readiness_names_the_missing_condition() {
+        let limits = HealthLimits::default();
+        let now = mono_us();
         let s = Stats::default();
-        assert!(readiness(&s).unwrap_err().contains("search cluster"));
+        assert!(readiness(&s, &limits, now)
+            .unwrap_err()
+            .contains("PostgreSQL"));
+        s.source_ok.store(true, Relaxed);
+        assert!(readiness(&s, &limits, now)
+            .unwrap_err()
+            .contains("search cluster"));
         s.sink_ok.store(true, Relaxed);
-        assert!(readiness(&s).unwrap_err().contains("not streaming"));
-        s.streaming.store(true, Relaxed);
-        assert_eq!(readiness(&s), Ok(()));
+        assert!(readiness(&s, &limits, now)
+            .unwrap_err()
+            .contains("not streaming"));
+        *s.waiting.lock().unwrap() = Some("retrying: PostgreSQL is down".into());
+        assert_eq!(
+            readiness(&s, &limits, now).unwrap_err(),
+            "retrying: PostgreSQL is down"
+        );
+        s.set_streaming(true);
+        assert_eq!(readiness(&s, &limits, now), Ok(()));
+        s.standby.store(true, Relaxed);
+        assert!(readiness(&s, &limits, now)
+            .unwrap_err()
+            .starts_with("standby"));
+    }
+
+    #[test]
+    fn readiness_fails_once_bulk_writes_fail_longer_than_the_limit() {
+        let limits = HealthLimits::default();
+        let s = ready_stats();
+        s.bulk_retried();
+        let now = mono_us();
+        assert_eq!(
+            readiness(&s, &limits, now),
+            Ok(()),
+            "a short failure is tolerated"
+        );
+        let later = now + 31_000_000;
+        assert!(readiness(&s, &limits, later)
+            .unwrap_err()
+            .contains("flush_failure_secs = 30"));
+        s.bulk_completed();
+        assert_eq!(readiness(&s, &limits, later), Ok(()));
+    }
+
+    #[test]
+    fn liveness_fails_only_when_pending_work_makes_no_progress() {
+        let limits = HealthLimits::default();
+        let s = ready_stats();
+        let hour = 3_600_000_000;
+        assert_eq!(
+            liveness(&s, &limits, mono_us() + hour),
+            Ok(()),
+            "idle is live"
+        );
+        s.transaction_began(100);
+        let now = mono_us();
+        assert_eq!(liveness(&s, &limits, now + 299_000_000), Ok(()));
+        let err = liveness(&s, &limits, now + 301_000_000).unwrap_err();
+        assert!(err.contains("stall_timeout_secs = 300"), "{err}");
+        assert!(readiness(&s, &limits, now + 301_000_000).is_err());
+        s.transaction_committed(120, 1);
+        s.confirmed(120);
+        assert_eq!(liveness(&s, &limits, mono_us() + hour), Ok(()));
     }
 }

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use ferry_core::stats::{IndexState, Stats, FLUSH_BUCKETS_MS};
+use ferry_core::stats::{IndexState, Stats, BATCH_BUCKETS, FLUSH_BUCKETS_MS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
@@ -24,16 +24,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::HealthLimits;
+
 /// The `Content-Type` of the exposition served at `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
-
-/// Every index state, for the `ferry_index_state` enumeration.
-const STATES: [IndexState; 4] = [
-    IndexState::Starting,
-    IndexState::Backfilling,
-    IndexState::Streaming,
-    IndexState::Stopped,
-];
 
 /// A Prometheus registry over one process's [`Stats`].
 #[derive(Debug)]
@@ -42,15 +36,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The registry that reads `stats` at every scrape.
-    pub fn new(stats: Arc<Stats>) -> Metrics {
-        Metrics::with_clock(stats, crate::now_pg_micros)
+    /// The registry that reads `stats` at every scrape; `limits` decide
+    /// `ferry_ready` and `ferry_healthy` as they do `/readyz` and `/healthz`.
+    pub fn new(stats: Arc<Stats>, limits: HealthLimits) -> Metrics {
+        Metrics::with_clock(stats, limits, crate::now_pg_micros)
     }
 
     /// As [`Metrics::new`], with `now` giving µs since 2000-01-01 (for the lag).
-    pub(crate) fn with_clock(stats: Arc<Stats>, now: fn() -> i64) -> Metrics {
+    pub(crate) fn with_clock(stats: Arc<Stats>, limits: HealthLimits, now: fn() -> i64) -> Metrics {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(StatsCollector { stats, now }));
+        registry.register_collector(Box::new(StatsCollector { stats, limits, now }));
         Metrics { registry }
     }
 
@@ -69,6 +64,7 @@ impl Metrics {
 #[derive(Debug)]
 struct StatsCollector {
     stats: Arc<Stats>,
+    limits: HealthLimits,
     now: fn() -> i64,
 }
 
@@ -84,6 +80,23 @@ impl Collector for StatsCollector {
             "Row changes received from PostgreSQL, by operation.",
             MetricType::Counter,
             ops.map(|(op, v)| ([("op", *op)], counter(v.load(Relaxed)))),
+        )?;
+        let tables = s.tables();
+        let per_table = tables.iter().flat_map(|t| {
+            ["insert", "update", "delete"]
+                .iter()
+                .zip(&t.changes)
+                .map(|(op, v)| {
+                    let labels = [("table", t.name.as_str()), ("op", *op)];
+                    (labels, counter(v.load(Relaxed)))
+                })
+        });
+        family(
+            &mut enc,
+            "ferry_table_changes",
+            "Row changes received from PostgreSQL, by table (schema.table) and operation.",
+            MetricType::Counter,
+            per_table,
         )?;
         single(
             &mut enc,
@@ -126,14 +139,14 @@ impl Collector for StatsCollector {
         family(
             &mut enc,
             "ferry_bulk_requests",
-            "Bulk requests sent to the search cluster, by response class (transport errors count as 5xx).",
+            "Bulk requests sent to the search cluster, retries included, by response class (no answer at all counts as 5xx).",
             MetricType::Counter,
             classes.map(|(class, v)| ([("class", *class)], counter(v.load(Relaxed)))),
         )?;
         single(
             &mut enc,
             "ferry_retries",
-            "Bulk attempts retried (whole requests or single items).",
+            "Bulk requests sent again after a transient failure (the whole request, or the items the cluster asked to retry).",
             counter(s.retries.load(Relaxed)),
         )?;
         single(
@@ -152,7 +165,7 @@ impl Collector for StatsCollector {
             &mut enc,
             "ferry_queue_depth",
             "Changes waiting between capture and the worker.",
-            gauge(s.queue_depth.load(Relaxed)),
+            gauge(s.queue_depth()),
         )?;
 
         single(
@@ -177,7 +190,7 @@ impl Collector for StatsCollector {
         single(
             &mut enc,
             "ferry_replication_lag_seconds",
-            "Seconds since the commit of the last transaction made durable, while changes are pending; 0 when caught up.",
+            "Seconds since the commit of the oldest transaction received and not yet confirmed; 0 when caught up.",
             gauge(lag.seconds),
         )?;
 
@@ -187,17 +200,11 @@ impl Collector for StatsCollector {
             "Time to write one batch to the search cluster.",
             flush_durations(s),
         )?;
-        // No summary type in the library: a histogram without finite buckets
-        // carries the same `_sum` and `_count`.
         single(
             &mut enc,
             "ferry_flush_batch_documents",
             "Document writes per flushed batch.",
-            Histogram {
-                sum: s.flush_docs.load(Relaxed) as f64,
-                count: s.flushes.load(Relaxed),
-                buckets: Vec::new(),
-            },
+            batch_sizes(s),
         )?;
 
         family(
@@ -222,7 +229,7 @@ impl Collector for StatsCollector {
         )?;
         let states = indexes.iter().flat_map(|ix| {
             let current = ix.state();
-            STATES.map(|st| {
+            IndexState::ALL.map(|st| {
                 let labels = [("index", ix.name.as_str()), ("state", st.as_str())];
                 (labels, gauge(u32::from(st == current)))
             })
@@ -243,8 +250,39 @@ impl Collector for StatsCollector {
         single(
             &mut enc,
             "ferry_sink_up",
-            "1 while the search cluster answers.",
+            "1 while the search cluster answers HTTP requests.",
             gauge(u32::from(s.sink_ok.load(Relaxed))),
+        )?;
+        single(
+            &mut enc,
+            "ferry_source_up",
+            "1 once PostgreSQL was reached, 0 after the pipeline failed because it was unreachable.",
+            gauge(u32::from(s.source_ok.load(Relaxed))),
+        )?;
+        single(
+            &mut enc,
+            "ferry_standby",
+            "1 while another consumer holds the replication slot and this ferry waits to take over.",
+            gauge(u32::from(s.standby.load(Relaxed))),
+        )?;
+        let mono = ferry_core::stats::mono_us();
+        single(
+            &mut enc,
+            "ferry_ready",
+            "1 while /readyz answers 200 (streaming, source and cluster reachable, bulk writes not failing, not a standby).",
+            gauge(u32::from(crate::readiness(s, &self.limits, mono).is_ok())),
+        )?;
+        single(
+            &mut enc,
+            "ferry_healthy",
+            "1 while /healthz answers 200 (no work pending without progress beyond admin.stall_timeout_secs).",
+            gauge(u32::from(crate::liveness(s, &self.limits, mono).is_ok())),
+        )?;
+        single(
+            &mut enc,
+            "ferry_stalled_seconds",
+            "Seconds work has been pending without progress; 0 when nothing is pending.",
+            gauge(s.stalled_for(mono).map_or(0.0, |d| d.as_secs_f64())),
         )
     }
 }
@@ -303,6 +341,20 @@ fn flush_durations(s: &Stats) -> Histogram {
     }
 }
 
+/// The batch-size histogram from the per-bucket counts in [`Stats`].
+fn batch_sizes(s: &Stats) -> Histogram {
+    let counts: Vec<u64> = s.batch_buckets.iter().map(|b| b.load(Relaxed)).collect();
+    let bounds = BATCH_BUCKETS
+        .iter()
+        .map(|n| *n as f64)
+        .chain([f64::INFINITY]);
+    Histogram {
+        sum: s.flush_docs.load(Relaxed) as f64,
+        count: counts.iter().sum(),
+        buckets: bounds.zip(counts).collect(),
+    }
+}
+
 /// A histogram whose buckets were counted elsewhere: `(upper bound, count
 /// in that bucket alone)`; the encoder makes them cumulative and adds
 /// `+Inf` when the last bound is finite.
@@ -330,7 +382,7 @@ mod tests {
     use crate::testutil::{sample, NOW};
 
     fn render_at_now(stats: Stats) -> String {
-        Metrics::with_clock(Arc::new(stats), || NOW).render()
+        Metrics::with_clock(Arc::new(stats), HealthLimits::default(), || NOW).render()
     }
 
     /// The value of the sample line starting with `series` (name plus labels).
@@ -400,19 +452,32 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(
-            value(
-                &t,
-                "ferry_index_state{index=\"users\",state=\"backfilling\"}"
-            ),
+            value(&t, "ferry_index_state{index=\"users\",state=\"seeding\"}"),
             Some(0.0)
         );
         assert_eq!(
+            value(&t, "ferry_index_state{index=\"orders\",state=\"seeding\"}"),
+            Some(1.0)
+        );
+        for state in ["starting", "rebuilding", "stopped", "failed"] {
+            let series = format!("ferry_index_state{{index=\"orders\",state=\"{state}\"}}");
+            assert_eq!(value(&t, &series), Some(0.0), "{series}");
+        }
+        assert_eq!(
             value(
                 &t,
-                "ferry_index_state{index=\"orders\",state=\"backfilling\"}"
+                "ferry_table_changes_total{table=\"public.users\",op=\"insert\"}"
             ),
             Some(1.0)
         );
+        assert_eq!(
+            value(&t, "ferry_bulk_requests_total{class=\"5xx\"}"),
+            Some(1.0)
+        );
+        assert_eq!(value(&t, "ferry_ready"), Some(1.0));
+        assert_eq!(value(&t, "ferry_healthy"), Some(1.0));
+        assert_eq!(value(&t, "ferry_standby"), Some(0.0));
+        assert_eq!(value(&t, "ferry_source_up"), Some(1.0));
         assert_eq!(value(&t, "ferry_streaming"), Some(1.0));
         assert_eq!(value(&t, "ferry_sink_up"), Some(1.0));
     }
@@ -434,12 +499,8 @@ mod tests {
     #[test]
     fn flush_histogram_is_cumulative() {
         let t = render_at_now(sample());
-        let b = |le: &str| {
-            value(
-                &t,
-                &format!("ferry_flush_duration_seconds_bucket{{le=\"{le}\"}}"),
-            )
-        };
+        let bucket = |family: &str, le: &str| value(&t, &format!("{family}_bucket{{le=\"{le}\"}}"));
+        let b = |le: &str| bucket("ferry_flush_duration_seconds", le);
         assert_eq!(b("0.005"), Some(1.0));
         assert_eq!(b("0.025"), Some(1.0));
         assert_eq!(b("0.05"), Some(2.0));
@@ -450,6 +511,12 @@ mod tests {
         assert_eq!(value(&t, "ferry_flush_duration_seconds_sum"), Some(4.033));
         assert_eq!(value(&t, "ferry_flush_batch_documents_sum"), Some(60.0));
         assert_eq!(value(&t, "ferry_flush_batch_documents_count"), Some(3.0));
+        let docs = |le: &str| bucket("ferry_flush_batch_documents", le);
+        // Batches of 10, 20 and 30 writes.
+        assert_eq!(docs("1"), Some(0.0));
+        assert_eq!(docs("10"), Some(1.0));
+        assert_eq!(docs("50"), Some(3.0));
+        assert_eq!(docs("+Inf"), Some(3.0));
         let buckets = t
             .lines()
             .filter(|l| l.starts_with("ferry_flush_duration_seconds_bucket"))

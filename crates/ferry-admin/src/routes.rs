@@ -27,7 +27,7 @@ struct Admin {
 /// The router answering `/`, `/healthz`, `/readyz`, `/metrics` and `/status`.
 pub(crate) fn router(stats: Arc<Stats>, info: AdminInfo) -> Router {
     let admin = Admin {
-        metrics: Arc::new(Metrics::new(stats.clone())),
+        metrics: Arc::new(Metrics::new(stats.clone(), info.limits)),
         stats,
         info: Arc::new(info),
     };
@@ -47,12 +47,21 @@ async fn index() -> &'static str {
     "ferry admin endpoint: /healthz /readyz /metrics /status\n"
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(admin): State<Admin>) -> Response {
+    let now = ferry_core::stats::mono_us();
+    match crate::liveness(&admin.stats, &admin.info.limits, now) {
+        Ok(()) => "ok\n".into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
-    match crate::readiness(&admin.stats) {
+    let now = ferry_core::stats::mono_us();
+    match crate::readiness(&admin.stats, &admin.info.limits, now) {
         Ok(()) => "ready\n".into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

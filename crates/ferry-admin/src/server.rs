@@ -125,6 +125,7 @@ mod tests {
         AdminInfo {
             slot: "ferry_test".into(),
             version: "0.0.0",
+            limits: crate::HealthLimits::default(),
         }
     }
 

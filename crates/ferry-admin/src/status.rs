@@ -10,8 +10,8 @@ use crate::AdminInfo;
 
 /// The status document, as of now.
 ///
-/// Shape: `version`, `slot`, `ready`, `not_ready_reason`, `streaming`,
-/// `sink_ok`, `confirmed_lsn` and `received_lsn` (`X/Y` text), `lag`
+/// Shape: `version`, `slot`, `ready`, `not_ready_reason`, `healthy`,
+/// `unhealthy_reason`, `streaming`, `standby`, `source_ok`, `sink_ok`, `confirmed_lsn` and `received_lsn` (`X/Y` text), `lag`
 /// (`bytes`, `seconds`), `queue_depth`, `transactions`, `changes`
 /// (`insert`, `update`, `delete`) and `indexes`: a list of `name`, `state`,
 /// `backfill` (`rows`, `estimate` or null), `documents` (`written`,
@@ -23,7 +23,9 @@ pub fn status_json(stats: &Stats, info: &AdminInfo) -> Value {
 /// The status document as of `now_us` (µs since 2000-01-01).
 pub(crate) fn status_at(stats: &Stats, info: &AdminInfo, now_us: i64) -> Value {
     let lag = crate::lag(stats, now_us);
-    let ready = crate::readiness(stats);
+    let mono = ferry_core::stats::mono_us();
+    let ready = crate::readiness(stats, &info.limits, mono);
+    let live = crate::liveness(stats, &info.limits, mono);
     let indexes: Vec<Value> = stats
         .indexes
         .lock()
@@ -56,7 +58,11 @@ pub(crate) fn status_at(stats: &Stats, info: &AdminInfo, now_us: i64) -> Value {
         "slot": info.slot,
         "ready": ready.is_ok(),
         "not_ready_reason": ready.err(),
+        "healthy": live.is_ok(),
+        "unhealthy_reason": live.err(),
         "streaming": stats.streaming.load(Relaxed),
+        "standby": stats.standby.load(Relaxed),
+        "source_ok": stats.source_ok.load(Relaxed),
         "sink_ok": stats.sink_ok.load(Relaxed),
         "confirmed_lsn": Lsn(stats.confirmed_lsn.load(Relaxed)).to_string(),
         "received_lsn": Lsn(stats.received_lsn.load(Relaxed)).to_string(),
@@ -64,7 +70,7 @@ pub(crate) fn status_at(stats: &Stats, info: &AdminInfo, now_us: i64) -> Value {
             "bytes": lag.bytes,
             "seconds": (lag.seconds * 1000.0).round() / 1000.0,
         },
-        "queue_depth": stats.queue_depth.load(Relaxed),
+        "queue_depth": stats.queue_depth(),
         "transactions": stats.transactions.load(Relaxed),
         "changes": {
             "insert": stats.changes[0].load(Relaxed),
@@ -207,6 +213,7 @@ mod tests {
         AdminInfo {
             slot: "ferry_app".into(),
             version: "9.9.9",
+            limits: crate::HealthLimits::default(),
         }
     }
 
@@ -217,6 +224,8 @@ mod tests {
         assert_eq!(v["version"], "9.9.9");
         assert_eq!(v["ready"], true);
         assert_eq!(v["not_ready_reason"], Value::Null);
+        assert_eq!(v["healthy"], true);
+        assert_eq!(v["queue_depth"], 5);
         assert_eq!(v["confirmed_lsn"], "1/100");
         assert_eq!(v["received_lsn"], "1/180");
         assert_eq!(v["lag"]["bytes"], 128);
@@ -236,7 +245,7 @@ mod tests {
             "mapper_parsing_exception on field \"age\""
         );
         let orders = &v["indexes"][1];
-        assert_eq!(orders["state"], "backfilling");
+        assert_eq!(orders["state"], "seeding");
         assert_eq!(orders["backfill"]["estimate"], Value::Null);
         assert_eq!(orders["last_error"], Value::Null);
     }
@@ -259,7 +268,7 @@ mod tests {
             ["users", "streaming", "100/120", "12", "1", "1", "1"]
         );
         let orders: Vec<&str> = lines[header + 2].split_whitespace().collect();
-        assert_eq!(orders, ["orders", "backfilling", "5/?", "0", "0", "0", "0"]);
+        assert_eq!(orders, ["orders", "seeding", "5/?", "0", "0", "0", "0"]);
         assert!(
             t.contains("last error in users: mapper_parsing_exception"),
             "{t}"

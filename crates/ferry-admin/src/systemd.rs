@@ -5,12 +5,20 @@
 //! per `WATCHDOG_USEC` and restarts the service otherwise; `STOPPING=1`
 //! tells it a stop is under way. Outside systemd (`NOTIFY_SOCKET` unset)
 //! nothing is sent.
+//!
+//! `WATCHDOG=1` follows the pipeline, not a timer: it is sent only while
+//! [`crate::liveness`] holds — the pipeline progresses, or has nothing
+//! pending (idle, starting, retrying, standby). A pipeline that holds work
+//! without progress for `admin.stall_timeout_secs` stops the pings, and
+//! systemd restarts the process `WatchdogSec` later.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::stats::{IndexState, Stats};
+use ferry_core::stats::{mono_us, Stats};
+
+use crate::HealthLimits;
 pub use sd_notify::NotifyState;
 use tokio::sync::watch;
 
@@ -72,7 +80,7 @@ pub fn phase(stats: &Stats) -> String {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .filter(|i| i.state() == IndexState::Backfilling)
+        .filter(|i| i.state().is_copying())
         .count();
     let indexes = |n: usize| format!("{n} index{}", if n == 1 { "" } else { "es" });
     if stats.streaming.load(Relaxed) {
@@ -97,17 +105,19 @@ pub fn phase(stats: &Stats) -> String {
 /// Reports to systemd for the life of the process: `READY=1` at once (the
 /// caller starts this task once the admin endpoint listens, so `systemctl
 /// start` never waits on the database, a backfill or a standby), `STATUS=`
-/// with the [`phase`] whenever it changes, `WATCHDOG=1` every `watchdog`
-/// while the runtime keeps running this task, in every phase, and
-/// `STOPPING=1` once `shutdown` turns true. Runs until aborted (watchdog
-/// pings continue during the drain after a stop request). The caller
-/// keeps a handle on `notifier` to send a last `STOPPING=1` when ferry
-/// ends without a stop request.
+/// with the [`phase`] (or why the pipeline is stalled) whenever it changes,
+/// `WATCHDOG=1` every `watchdog` while [`crate::liveness`] holds under
+/// `limits`, in every phase, and `STOPPING=1` once `shutdown` turns true.
+/// Runs until aborted (watchdog pings continue during the drain after a
+/// stop request, as long as the drain progresses). The caller keeps a
+/// handle on `notifier` to send a last `STOPPING=1` when ferry ends without
+/// a stop request.
 pub async fn supervise(
     notifier: Arc<Notifier>,
     stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
     watchdog: Option<Duration>,
+    limits: HealthLimits,
 ) {
     let send = |states: &[NotifyState<'_>]| {
         if let Err(e) = notifier.notify(states) {
@@ -120,6 +130,7 @@ pub async fn supervise(
     let mut stopping = false;
     let mut shutdown_open = true;
     let mut last_ping: Option<tokio::time::Instant> = None;
+    let mut was_live = true;
     loop {
         if !stopping && *shutdown.borrow() {
             stopping = true;
@@ -128,15 +139,24 @@ pub async fn supervise(
                 NotifyState::Status("stopping: flushing the batch in flight"),
             ]);
         }
+        let live = crate::liveness(&stats, &limits, mono_us());
+        if let Err(why) = &live {
+            if was_live {
+                tracing::error!(reason = %why, "the pipeline is stalled: /healthz fails and the systemd watchdog is no longer fed");
+            }
+        } else if !was_live {
+            tracing::info!("the pipeline progresses again");
+        }
+        was_live = live.is_ok();
         if !stopping {
-            let now = phase(&stats);
+            let now = live.err().unwrap_or_else(|| phase(&stats));
             if now != status {
                 status = now;
                 send(&[NotifyState::Status(&status)]);
             }
         }
         if let Some(every) = watchdog {
-            if last_ping.is_none_or(|t| t.elapsed() >= every) {
+            if was_live && last_ping.is_none_or(|t| t.elapsed() >= every) {
                 send(&[NotifyState::Watchdog]);
                 last_ping = Some(tokio::time::Instant::now());
             }
@@ -156,6 +176,7 @@ pub async fn supervise(
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+    use ferry_core::stats::IndexState;
     use std::os::unix::net::UnixDatagram;
 
     /// The tests share the process environment: one fake systemd socket,
@@ -220,6 +241,7 @@ mod tests {
             stats.clone(),
             rx,
             Some(Duration::from_millis(50)),
+            HealthLimits::default(),
         ));
         let mut seen = Vec::new();
         let mut next = |want: &str| loop {
@@ -241,10 +263,10 @@ mod tests {
         next("STATUS=standby: slot busy");
         next("WATCHDOG=1");
         *stats.waiting.lock().expect("lock") = None;
-        stats.register(&["items".into()])[0].set_state(IndexState::Backfilling);
+        stats.register(&["items".into()])[0].set_state(IndexState::Seeding);
         next("STATUS=seeding: backfilling 1 index");
         next("WATCHDOG=1");
-        stats.streaming.store(true, Relaxed);
+        stats.set_streaming(true);
         next("STATUS=seeding: backfilling 1 index while streaming");
         stats
             .index(0)
@@ -262,5 +284,64 @@ mod tests {
             seen.iter().position(|m| m.starts_with("READY=1"))
                 < seen.iter().position(|m| m.starts_with("STOPPING=1"))
         );
+    }
+
+    // Multi-threaded: the test thread blocks on the socket while the task runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watchdog_pings_stop_while_pending_work_makes_no_progress() {
+        let (_env, _dir, server) = fake_systemd();
+        server
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stats = Arc::new(Stats::default());
+        stats.register(&["items".into()])[0].set_state(IndexState::Streaming);
+        stats.set_streaming(true);
+        let (_tx, rx) = watch::channel(false);
+        let n = Arc::new(Notifier::from_env().expect("usable").expect("set"));
+        let limits = HealthLimits {
+            stall: Duration::from_millis(300),
+            ..HealthLimits::default()
+        };
+        let task = tokio::spawn(supervise(
+            n,
+            stats.clone(),
+            rx,
+            Some(Duration::from_millis(20)),
+            limits,
+        ));
+        // Messages received during `span`.
+        let during = |span: Duration| {
+            let until = std::time::Instant::now() + span;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while std::time::Instant::now() < until {
+                if let Ok(n) = server.recv(&mut buf) {
+                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            got
+        };
+        let pings = |m: &[String]| m.iter().filter(|m| m.trim_end() == "WATCHDOG=1").count();
+        // Idle for longer than the stall limit: pings go on.
+        let idle = during(Duration::from_millis(600));
+        assert!(
+            pings(&idle) >= 10,
+            "an idle pipeline keeps pinging: {idle:?}"
+        );
+        // Work arrives and nothing progresses: pings stop after the limit.
+        stats.transaction_began(100);
+        let _ = during(Duration::from_millis(400));
+        let wedged = during(Duration::from_millis(500));
+        assert_eq!(
+            pings(&wedged),
+            0,
+            "a stalled pipeline must not ping: {wedged:?}"
+        );
+        // Progress (the transaction is confirmed): pings resume.
+        stats.transaction_committed(120, 1);
+        stats.confirmed(120);
+        let again = during(Duration::from_millis(400));
+        assert!(pings(&again) >= 5, "pings resume with progress: {again:?}");
+        task.abort();
     }
 }

@@ -28,19 +28,40 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: where the admin HTTP endpoint listens.
+/// `[admin]`: where the admin HTTP endpoint listens, and when its health
+/// checks fail.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Socket address, e.g. `127.0.0.1:9187` (the default); port 0 picks a free port.
     pub listen: String,
+    /// `/readyz` fails once bulk writes have failed (and been retried) for
+    /// this many seconds in a row (default 30).
+    pub flush_failure_secs: u64,
+    /// `/healthz` fails, and the systemd watchdog stops being fed, once work
+    /// has been pending this many seconds without progress (default 300).
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9187".into(),
+            flush_failure_secs: 30,
+            stall_timeout_secs: 300,
         }
+    }
+}
+
+impl AdminConfig {
+    /// `flush_failure_secs` as a duration.
+    pub fn flush_failure(&self) -> Duration {
+        Duration::from_secs(self.flush_failure_secs)
+    }
+
+    /// `stall_timeout_secs` as a duration.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout_secs)
     }
 }
 
@@ -829,6 +850,14 @@ impl Config {
                 bad(key, "must be greater than 0".into());
             }
         }
+        for (key, v) in [
+            ("admin.flush_failure_secs", self.admin.flush_failure_secs),
+            ("admin.stall_timeout_secs", self.admin.stall_timeout_secs),
+        ] {
+            if v == 0 {
+                bad(key, "must be at least 1 (seconds)".into());
+            }
+        }
         if let Err(e) = self.admin.listen.parse::<std::net::SocketAddr>() {
             bad(
                 "admin.listen",
@@ -1129,6 +1158,13 @@ columns = ["id", "email", "name", "company_id"]
             .expect_err("bad listen")
             .to_string();
         assert!(err.contains("admin.listen"), "{err}");
+        assert_eq!(c.admin.flush_failure_secs, 30);
+        assert_eq!(c.admin.stall_timeout_secs, 300);
+        let text = format!("[admin]\nstall_timeout_secs = 0\n{REFERENCE}");
+        let err = Config::from_toml(&text)
+            .expect_err("zero stall timeout")
+            .to_string();
+        assert!(err.contains("admin.stall_timeout_secs"), "{err}");
         let text = format!("[admin]\nport = 1\n{REFERENCE}");
         let err = Config::from_toml(&text)
             .expect_err("unknown key")

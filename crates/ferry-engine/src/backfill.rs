@@ -94,6 +94,7 @@ pub async fn run(
             match msg {
                 Msg::Batch(batch) => {
                     let outcome = sink2.write(&batch, &names2).await?;
+                    stats2.progressed();
                     written += batch.len() as u64 - outcome.rejected.len() as u64;
                     if !outcome.rejected.is_empty() {
                         // Backfill documents come from the current rows already.

@@ -18,6 +18,7 @@ mod backfill;
 mod build;
 mod docplan;
 mod error;
+mod health;
 mod index;
 pub mod ops;
 mod poison;
@@ -30,9 +31,11 @@ pub use backfill::set_progress_bar;
 pub use error::{Disposition, EngineError, EXIT_SLOT_LOST};
 pub use setup::{check, Prepared};
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_core::stats::IndexState;
 pub use ferry_core::stats::Stats;
 
 use backon::ExponentialBackoff;
@@ -81,6 +84,8 @@ pub async fn run(
 ) -> Result<(), EngineError> {
     let mut delays = restart_delays();
     loop {
+        // A new attempt: the last wait's reason no longer describes the phase.
+        set_waiting(&stats, None);
         let began = std::time::Instant::now();
         let result = run_once(&cfg, &mut shutdown, &stats).await;
         if began.elapsed() > Duration::from_secs(60) {
@@ -88,10 +93,25 @@ pub async fn run(
             delays = restart_delays();
         }
         let e = match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                stats.set_all_states(IndexState::Stopped);
+                return Ok(());
+            }
             Err(e) => e,
         };
-        match e.disposition() {
+        let disposition = e.disposition();
+        stats
+            .standby
+            .store(disposition == Disposition::Standby, Relaxed);
+        stats.set_all_states(match disposition {
+            // Another ferry maintains the indexes.
+            Disposition::Standby => IndexState::Stopped,
+            _ => IndexState::Failed,
+        });
+        if disposition == Disposition::Retry && matches!(e, EngineError::Source(_)) {
+            stats.source_ok.store(false, Relaxed);
+        }
+        match disposition {
             Disposition::Standby => {
                 // PostgreSQL lets one consumer hold a slot: that is our lock.
                 // Poll it briskly so a standby takes over within seconds.
@@ -118,9 +138,7 @@ pub async fn run(
                     // index beside the one its alias serves.
                     tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
                 } else {
-                    stats
-                        .reconnects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    stats.reconnects.fetch_add(1, Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
                 }
                 set_waiting(&stats, Some(format!("retrying: {e}")));
@@ -153,7 +171,7 @@ fn restart_delays() -> ExponentialBackoff {
 }
 
 /// Records why the pipeline waits (the systemd `STATUS=` line shows it
-/// until streaming starts again).
+/// until the restart loop tries again).
 fn set_waiting(stats: &Stats, why: Option<String>) {
     *stats.waiting.lock().unwrap_or_else(|p| p.into_inner()) = why;
 }
@@ -167,10 +185,10 @@ async fn run_once(
     if *shutdown.borrow() {
         return Ok(());
     }
+    let probe = tokio::spawn(health::probe_sink(prepared.sink.clone(), stats.clone()));
     let result = worker::stream(cfg, prepared, shutdown, stats).await;
-    stats
-        .streaming
-        .store(false, std::sync::atomic::Ordering::Relaxed);
+    probe.abort();
+    stats.set_streaming(false);
     result
 }
 

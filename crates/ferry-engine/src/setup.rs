@@ -155,16 +155,16 @@ fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
 pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, EngineError> {
     let params = PgParams::from_config(&cfg.source)?;
     let client = params.session().await?;
+    stats
+        .source_ok
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     catalog::check_wal_level(&client).await?;
     let mut types = TypeResolver::default();
     let plans = plans(&client, &mut types, cfg).await?;
     let names: Vec<String> = cfg.indexes.iter().map(|i| i.name.clone()).collect();
     let index_stats = stats.register(&names);
-    let sink = sink_for(cfg)?;
+    let sink = sink_for(cfg)?.observed_by(stats.clone());
     let version = sink.version().await?;
-    stats
-        .sink_ok
-        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
     if let Some(missing) = missing_pipelines(cfg, &sink).await?.into_iter().next() {
         return Err(EngineError::Stream(missing));
@@ -249,7 +249,10 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
                 st.set_state(IndexState::Streaming);
             }
         } else if let Some(st) = index_stats.get(pos) {
-            st.set_state(IndexState::Backfilling);
+            st.set_state(match prepared.previous {
+                Some(_) => IndexState::Rebuilding,
+                None => IndexState::Seeding,
+            });
         }
         indexes.push(IndexRuntime {
             pos,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use backon::ExponentialBackoff;
+use ferry_core::stats::BulkClass;
 use ferry_core::value::write_json_str;
 use ferry_core::{DocOp, DocWrite};
 use serde::Deserialize;
@@ -18,11 +19,22 @@ pub struct BulkOutcome {
     pub written: u64,
     /// Items the cluster already had in a newer version (409 on external versions).
     pub superseded: u64,
+    /// Each superseded item, for per-index counts.
+    pub superseded_writes: Vec<SupersededWrite>,
     /// Item attempts that failed transiently and were retried.
     pub retried: u64,
     /// Items rejected for good (4xx other than 409): the caller applies its
     /// poison policy. Every other item of the batch is durable.
     pub rejected: Vec<Rejected>,
+}
+
+/// A write the cluster already had in a newer version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupersededWrite {
+    /// The write's `index` (its slot in the index names given to `write`).
+    pub index: usize,
+    /// True for a delete, false for an index operation.
+    pub delete: bool,
 }
 
 /// A write the cluster refused for good.
@@ -198,7 +210,15 @@ pub(crate) async fn write_all(
         encode_bulk(&chunk, index_names, &mut body);
         let body = bytes::Bytes::from(body);
         outcome.requests += 1;
-        match attempt(sink, &chunk, index_names, body, &mut outcome).await? {
+        let result = attempt(sink, &chunk, index_names, body, &mut outcome).await?;
+        if let Some(stats) = sink.stats() {
+            match &result {
+                Attempt::Done => stats.bulk_completed(),
+                Attempt::RetryItems(_) | Attempt::RetryAll(_) => stats.bulk_retried(),
+                Attempt::TooLarge => {}
+            }
+        }
+        match result {
             Attempt::Done => delays = retry_delays(sink.max_backoff),
             Attempt::RetryItems(positions) => {
                 outcome.retried += positions.len() as u64;
@@ -258,15 +278,18 @@ async fn attempt(
     body: bytes::Bytes,
     outcome: &mut BulkOutcome,
 ) -> Result<Attempt, SinkError> {
-    let (status, bytes) = match sink
+    let answer = sink
         .request(
             opensearch::http::Method::Post,
             "/_bulk",
             Some(body),
             "application/x-ndjson",
         )
-        .await
-    {
+        .await;
+    if let Some(stats) = sink.stats() {
+        stats.bulk_request(BulkClass::of(answer.as_ref().ok().map(|(s, _)| *s)));
+    }
+    let (status, bytes) = match answer {
         Ok(r) => r,
         Err(e) => return Ok(Attempt::RetryAll(e)),
     };
@@ -307,7 +330,13 @@ async fn attempt(
         let w = chunk[pos];
         match item_outcome(&w.op, item.status, item.error_type()) {
             ItemOutcome::Written => outcome.written += 1,
-            ItemOutcome::Superseded => outcome.superseded += 1,
+            ItemOutcome::Superseded => {
+                outcome.superseded += 1;
+                outcome.superseded_writes.push(SupersededWrite {
+                    index: w.index,
+                    delete: matches!(w.op, DocOp::Delete),
+                });
+            }
             ItemOutcome::Retry => retry.push(pos),
             ItemOutcome::Operator => {
                 return Err(SinkError::Refused {

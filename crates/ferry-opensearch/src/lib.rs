@@ -19,14 +19,17 @@ mod scan;
 
 pub use bulk::{
     encode_bulk, item_outcome, parse_bulk_answer, BulkOutcome, ItemAnswer, ItemOutcome, Rejected,
+    SupersededWrite,
 };
 pub use deadletter::DeadLetter;
 pub use index::{concrete_name, IndexPlan, PreparedIndex};
 pub use opensearch::http::Method;
 pub use scan::{Hit, Scroll};
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_core::stats::Stats;
 use ferry_core::DocWrite;
 use opensearch::cert::CertificateValidation;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
@@ -132,6 +135,8 @@ pub struct Sink {
     max_backoff: Duration,
     /// Credentials to blank out of any text that leaves the sink.
     secrets: Vec<String>,
+    /// Where requests and bulk attempts are counted, when observed.
+    stats: Option<Arc<Stats>>,
 }
 
 impl std::fmt::Debug for Sink {
@@ -296,6 +301,7 @@ impl Sink {
             timeout,
             max_backoff: MAX_RETRY_INTERVAL,
             secrets,
+            stats: None,
         })
     }
 
@@ -307,6 +313,20 @@ impl Sink {
             Some(hint) => format!("{text}; {hint}"),
             None => text,
         }
+    }
+
+    /// Counts every request's answer (or its absence) and every bulk
+    /// attempt in `stats`: [`Stats::sink_answered`],
+    /// [`Stats::sink_unreachable`], [`Stats::bulk_request`],
+    /// [`Stats::bulk_retried`], [`Stats::bulk_completed`].
+    pub fn observed_by(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// The figures this sink reports to, if any.
+    pub(crate) fn stats(&self) -> Option<&Stats> {
+        self.stats.as_deref()
     }
 
     /// Caps the retry backoff (tests use short caps).
@@ -342,20 +362,30 @@ impl Sink {
         use opensearch::http::headers::{HeaderMap, HeaderValue, CONTENT_TYPE};
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        let res = self
-            .client
-            .send::<bytes::Bytes, ()>(method, path, headers, None, body, Some(self.timeout))
-            .await
-            .map_err(|e| SinkError::Unreachable {
+        let answer = async {
+            let res = self
+                .client
+                .send::<bytes::Bytes, ()>(method, path, headers, None, body, Some(self.timeout))
+                .await
+                .map_err(|e| SinkError::Unreachable {
+                    url: self.url.clone(),
+                    reason: self.transport_reason(&e),
+                })?;
+            let status = res.status_code().as_u16();
+            let bytes = res.bytes().await.map_err(|e| SinkError::Unreachable {
                 url: self.url.clone(),
                 reason: self.transport_reason(&e),
             })?;
-        let status = res.status_code().as_u16();
-        let bytes = res.bytes().await.map_err(|e| SinkError::Unreachable {
-            url: self.url.clone(),
-            reason: self.transport_reason(&e),
-        })?;
-        Ok((status, bytes))
+            Ok((status, bytes))
+        }
+        .await;
+        if let Some(stats) = self.stats() {
+            match &answer {
+                Ok(_) => stats.sink_answered(),
+                Err(_) => stats.sink_unreachable(),
+            }
+        }
+        answer
     }
 
     /// Sends a JSON request and parses a 2xx JSON answer (for tools and tests).

@@ -62,6 +62,8 @@ pub struct Capture {
     /// Ends with capture's result.
     pub task: tokio::task::JoinHandle<Result<(), SourceError>>,
     stop: watch::Sender<bool>,
+    /// The queue's sending side, to measure its depth without keeping it open.
+    queue: mpsc::WeakSender<Event>,
 }
 
 impl Capture {
@@ -69,6 +71,17 @@ impl Capture {
     /// server, then the stream is closed.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Reads how many events wait in the queue at the moment it is called
+    /// (0 once capture ended).
+    pub fn depth_probe(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let queue = self.queue.clone();
+        move || {
+            queue
+                .upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+        }
     }
 }
 
@@ -90,12 +103,14 @@ pub async fn start(
     let (tx, rx) = mpsc::channel(capacity.max(16));
     let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let queue = tx.downgrade();
     let task = tokio::spawn(run(client, tx, ack_rx, stop_rx));
     Ok(Capture {
         events: rx,
         ack: AckHandle(ack_tx),
         task,
         stop: stop_tx,
+        queue,
     })
 }
 

@@ -306,9 +306,14 @@ async fn run(path: PathBuf) -> ExitCode {
     );
     let shutdown = shutdown_signal();
     let stats = std::sync::Arc::new(ferry_engine::Stats::default());
+    let limits = ferry_admin::HealthLimits {
+        flush_failure: cfg.admin.flush_failure(),
+        stall: cfg.admin.stall_timeout(),
+    };
     let info = ferry_admin::AdminInfo {
         slot: cfg.source.slot.clone(),
         version: env!("CARGO_PKG_VERSION"),
+        limits,
     };
     let admin_task = tokio::spawn({
         let stats = stats.clone();
@@ -325,6 +330,7 @@ async fn run(path: PathBuf) -> ExitCode {
             stats.clone(),
             shutdown.clone(),
             ferry_admin::systemd::watchdog_interval(),
+            limits,
         ))
     });
     let configs = reload_on_sighup(path, cfg);
@@ -372,7 +378,7 @@ fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
                     let _ = tx.send(new);
                 }
                 Ok(new) if new.admin != current.admin => tracing::error!(
-                    "SIGHUP: configuration reload refused: admin.listen cannot change while running; restart ferry to apply it"
+                    "SIGHUP: configuration reload refused: [admin] (listen, flush_failure_secs, stall_timeout_secs) cannot change while running; restart ferry to apply it"
                 ),
                 Ok(new) => match ferry_engine::check(&new).await {
                     // The new configuration must work against the database and

@@ -94,6 +94,11 @@ impl DocSink for OpenSearchSink {
             }
             seen.insert((r.write.index, r.write.id.clone()))
         });
+        // Count a superseded write once, under its index: the copy to the
+        // served index is the same write.
+        outcome
+            .superseded_writes
+            .retain(|w| Target::of(w.index, n).1 == Target::Primary);
         Ok(outcome)
     }
 

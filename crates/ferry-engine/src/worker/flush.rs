@@ -56,21 +56,31 @@ pub fn spawn<S: DocSink>(
 
 fn record(stats: &Stats, writes: &[DocWrite], outcome: &BulkOutcome, started: Instant) {
     stats.record_flush(writes.len() as u64, started.elapsed().as_micros() as u64);
-    stats.retries.fetch_add(outcome.retried, Relaxed);
-    stats.bulk_requests[0].fetch_add(outcome.requests, Relaxed);
-    // Count per index first: one stats look-up per index, not per write.
-    let mut counts: HashMap<usize, (u64, u64)> = HashMap::new();
+    // Per index: (written, deleted, superseded), one stats look-up per index.
+    // Superseded and refused writes are not counted as written or deleted.
+    let mut counts: HashMap<usize, [i64; 3]> = HashMap::new();
     for w in writes {
         let c = counts.entry(w.index).or_default();
         match w.op {
-            DocOp::Index(_) => c.0 += 1,
-            DocOp::Delete => c.1 += 1,
+            DocOp::Index(_) => c[0] += 1,
+            DocOp::Delete => c[1] += 1,
         }
     }
-    for (index, (written, deleted)) in counts {
+    for s in &outcome.superseded_writes {
+        let c = counts.entry(s.index).or_default();
+        c[usize::from(s.delete)] -= 1;
+        c[2] += 1;
+    }
+    for r in &outcome.rejected {
+        let c = counts.entry(r.write.index).or_default();
+        c[usize::from(matches!(r.write.op, DocOp::Delete))] -= 1;
+    }
+    for (index, [written, deleted, superseded]) in counts {
         if let Some(st) = stats.index(index) {
-            st.docs_written.fetch_add(written, Relaxed);
-            st.docs_deleted.fetch_add(deleted, Relaxed);
+            let n = |v: i64| u64::try_from(v).unwrap_or(0);
+            st.docs_written.fetch_add(n(written), Relaxed);
+            st.docs_deleted.fetch_add(n(deleted), Relaxed);
+            st.docs_superseded.fetch_add(n(superseded), Relaxed);
         }
     }
     tracing::debug!(

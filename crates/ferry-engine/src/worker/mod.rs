@@ -30,13 +30,12 @@ mod shape;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
 use ferry_core::change::Event;
-use ferry_core::stats::{IndexState, Stats};
+use ferry_core::stats::Stats;
 use ferry_postgres::capture;
 use ferry_postgres::catalog::TypeResolver;
 use ferry_postgres::SourceError;
@@ -134,12 +133,9 @@ pub async fn stream(
         discard_on_exit: Vec::new(),
     };
     tracing::info!("streaming changes");
-    stats.streaming.store(true, Relaxed);
-    for i in 0..indexes.len() {
-        if let Some(st) = stats.index(i) {
-            st.set_state(IndexState::Streaming);
-        }
-    }
+    // Each index keeps the state set up for it (seeding, rebuilding or streaming).
+    stats.set_queue_probe(Some(Box::new(capture.depth_probe())));
+    stats.set_streaming(true);
     let heartbeat = cfg.source.heartbeat();
     let mut joined = false;
     let mut coverage = tokio::time::interval(Duration::from_secs(30));

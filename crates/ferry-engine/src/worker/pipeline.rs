@@ -4,7 +4,6 @@
 //! [`Acks`] only after the flush that made them durable.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,13 +104,13 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     pub fn begin(&mut self, final_lsn: Lsn) {
         self.acks.begin();
         self.version = final_lsn;
-        self.stats.transactions.fetch_add(1, Relaxed);
-        self.stats.received_lsn.fetch_max(final_lsn.0, Relaxed);
+        self.stats.transaction_began(final_lsn.0);
     }
 
     /// A transaction committed: `end_lsn` is confirmed with the batch holding it.
     pub fn commit(&mut self, end_lsn: Lsn, commit_ts: i64) {
         self.acks.pending(end_lsn);
+        self.stats.transaction_committed(end_lsn.0, commit_ts);
         self.commit_ts = commit_ts;
         self.batch.touch();
     }
@@ -124,6 +123,8 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         } else {
             self.projections.insert(rel.oid, projections);
         }
+        self.stats
+            .register_table(rel.oid, &format!("{}.{}", rel.namespace, rel.name));
         self.relations.insert(rel.oid, rel);
     }
 
@@ -135,7 +136,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             ChangeOp::Update => 1,
             ChangeOp::Delete => 2,
         };
-        self.stats.changes[op].fetch_add(1, Relaxed);
+        self.stats.count_change(change.rel, op);
         self.batch.count_change();
         let before_relation = || {
             EngineError::Stream(format!(
@@ -345,6 +346,6 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
 
     fn confirm(&mut self, lsn: Lsn) {
         (self.confirm)(lsn);
-        self.stats.confirmed_lsn.fetch_max(lsn.0, Relaxed);
+        self.stats.confirmed(lsn.0);
     }
 }
