@@ -21,7 +21,7 @@ pub use bulk::{
     encode_bulk, item_outcome, parse_bulk_answer, BulkOutcome, ItemAnswer, ItemOutcome, Rejected,
 };
 pub use deadletter::DeadLetter;
-pub use index::{concrete_name, IndexPlan, PreparedIndex};
+pub use index::{concrete_name, IndexPlan, PreparedIndex, Standing};
 pub use opensearch::http::Method;
 pub use scan::{Hit, Scroll};
 
