@@ -872,78 +872,50 @@ mod security_tests {
             "ca.pem",
         ]);
         openssl(d, &ca);
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend([
-            "-subj",
+        // A leaf certificate signed by the CA: `<name>.key`, `<name>.crt`.
+        let leaf = |name: &str, subject: &str, ext: &str| {
+            let (key, csr_file, ext_file, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.ext"),
+                format!("{name}.crt"),
+            );
+            let mut csr = vec!["req"];
+            csr.extend(ec);
+            csr.extend(["-subj", subject, "-keyout", &key, "-out", &csr_file]);
+            openssl(d, &csr);
+            std::fs::write(d.join(&ext_file), ext).expect("ext");
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr_file,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext_file,
+                    "-out",
+                    &crt,
+                ],
+            );
+        };
+        leaf(
+            "server",
             "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        openssl(d, &csr);
-        std::fs::write(
-            d.join("server.ext"),
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-                "-out",
-                "server.crt",
-            ],
         );
-        // A client certificate for mutual TLS, signed by the same CA.
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend([
-            "-subj",
+        // A client certificate for mutual TLS.
+        leaf(
+            "client",
             "/CN=ferry",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-        ]);
-        openssl(d, &csr);
-        std::fs::write(
-            d.join("client.ext"),
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-        )
-        .expect("ext");
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "client.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "client.ext",
-                "-out",
-                "client.crt",
-            ],
         );
         Certs { dir }
     }
