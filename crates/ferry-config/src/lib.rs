@@ -238,8 +238,24 @@ pub struct SinkConfig {
     /// accepts any certificate and is logged as a warning at every start.
     #[serde(default = "yes")]
     pub tls_verify: bool,
+    /// File holding an API key as the cluster issues it (the base64
+    /// `encoded` value of `POST /_security/api_key`), sent as
+    /// `Authorization: ApiKey <value>`.
+    #[serde(default)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Name of the environment variable holding the API key (see `api_key_file`).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// PEM file with the client certificate (chain) ferry presents to the
+    /// cluster (mutual TLS); needs `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM file with the private key of `client_cert` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub client_key: Option<std::path::PathBuf>,
     /// AWS SigV4 request signing for Amazon OpenSearch Service / Serverless;
-    /// credentials come from the standard AWS chain.
+    /// credentials come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` /
+    /// `AWS_SESSION_TOKEN` (or the SDK's whole chain with the `aws` feature).
     #[serde(default)]
     pub aws: Option<AwsConfig>,
 }
@@ -606,11 +622,69 @@ fn secret_problems(src: &SourceConfig, sink: &SinkConfig) -> Vec<Problem> {
             );
         }
     }
+    let has_api_key = sink.api_key_file.is_some() || sink.api_key_env.is_some();
+    if sink.api_key_file.is_some() && sink.api_key_env.is_some() {
+        bad(
+            "sink.api_key_file",
+            "and sink.api_key_env both give the API key; keep one".into(),
+        );
+    }
+    if sink
+        .api_key_file
+        .as_ref()
+        .is_some_and(|f| f.as_os_str().is_empty())
+    {
+        bad("sink.api_key_file", "must be a file path".into());
+    }
+    if let Some(name) = &sink.api_key_env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            bad(
+                "sink.api_key_env",
+                format!(
+                    "{name:?} is not an environment variable name (e.g. \"OPENSEARCH_API_KEY\")"
+                ),
+            );
+        }
+    }
+    if has_api_key && (sink.username.is_some() || url_user || has_password) {
+        bad(
+            "sink.api_key_file",
+            "an API key (sink.api_key_file / sink.api_key_env) and basic auth (sink.username / sink.password_file / sink.password_env / a user in sink.url) are mutually exclusive; keep one".into(),
+        );
+    }
+    match (&sink.client_cert, &sink.client_key) {
+        (Some(_), None) => bad(
+            "sink.client_key",
+            "is missing: sink.client_cert needs the PEM file of its private key".into(),
+        ),
+        (None, Some(_)) => bad(
+            "sink.client_cert",
+            "is missing: sink.client_key needs the PEM file of its certificate".into(),
+        ),
+        (Some(_), Some(_)) if parsed.is_some() && !https => bad(
+            "sink.client_cert",
+            "is set but sink.url is not https://; client certificates need an https:// URL".into(),
+        ),
+        _ => {}
+    }
     if let Some(aws) = &sink.aws {
         if sink.username.is_some() || url_user || has_password {
             bad(
                 "sink.aws",
                 "SigV4 signing replaces basic auth: remove sink.username, sink.password_file, sink.password_env and any user in sink.url".into(),
+            );
+        }
+        if has_api_key {
+            bad(
+                "sink.aws",
+                "SigV4 signing replaces the API key: remove sink.api_key_file / sink.api_key_env"
+                    .into(),
+            );
+        }
+        if sink.client_cert.is_some() {
+            bad(
+                "sink.aws",
+                "SigV4 signing and a client certificate (sink.client_cert) cannot be combined; Amazon OpenSearch Service authenticates by signature".into(),
             );
         }
         if aws.region.as_deref().is_some_and(str::is_empty) {
@@ -1392,6 +1466,61 @@ table = "users"
             .replace("https://search", "https://other@search");
         let e = err(&text);
         assert!(e.contains("sink.username"), "{e}");
+    }
+
+    #[test]
+    fn api_key_and_client_certificate_keys_parse() {
+        let c = Config::from_toml(&with(
+            "",
+            "api_key_env = \"OS_API_KEY\"\nclient_cert = \"/etc/ferry/client.pem\"\nclient_key = \"/etc/ferry/client.key\"",
+        ))
+        .expect("api key + mTLS");
+        assert_eq!(c.sink.api_key_env.as_deref(), Some("OS_API_KEY"));
+        assert_eq!(
+            c.sink.client_cert.as_deref(),
+            Some(Path::new("/etc/ferry/client.pem"))
+        );
+        assert_eq!(
+            c.sink.client_key.as_deref(),
+            Some(Path::new("/etc/ferry/client.key"))
+        );
+    }
+
+    #[test]
+    fn api_key_with_basic_auth_is_an_error_naming_both() {
+        let e = err(&with(
+            "",
+            "api_key_file = \"/run/secrets/key\"\nusername = \"ferry\"\npassword_env = \"OS_PW\"",
+        ));
+        assert!(
+            e.contains("sink.api_key_file") && e.contains("sink.username"),
+            "{e}"
+        );
+        let e = err(&with(
+            "",
+            "api_key_file = \"/run/secrets/key\"\napi_key_env = \"OS_API_KEY\"",
+        ));
+        assert!(
+            e.contains("sink.api_key_file") && e.contains("sink.api_key_env"),
+            "{e}"
+        );
+        let e = err(&with(
+            "",
+            "api_key_env = \"OS_API_KEY\"\naws = { region = \"eu-west-1\" }",
+        ));
+        assert!(e.contains("sink.aws") && e.contains("sink.api_key"), "{e}");
+    }
+
+    #[test]
+    fn client_certificate_needs_its_key_and_https() {
+        let e = err(&with("", "client_cert = \"/c.pem\""));
+        assert!(e.contains("sink.client_key"), "{e}");
+        let e = err(&with("", "client_key = \"/c.key\""));
+        assert!(e.contains("sink.client_cert"), "{e}");
+        let text = with("", "client_cert = \"/c.pem\"\nclient_key = \"/c.key\"")
+            .replace("https://search", "http://search");
+        let e = err(&text);
+        assert!(e.contains("sink.client_cert") && e.contains("https"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 mod backfill;
 mod build;
+pub mod configplan;
 mod docplan;
 mod error;
 mod health;

@@ -56,7 +56,7 @@ pub async fn preview(cfg: &Config, name: &str, roots: Roots) -> Result<Preview, 
     let client = PgParams::from_config(&cfg.source)?.session().await?;
     let mut types = TypeResolver::default();
     let plan = docplan::build(&client, &mut types, pos, ix).await?;
-    let index_plan = setup::index_plan(&ix.name, &plan, ix);
+    let index_plan = setup::index_plan(&ix.name, &plan, ix, &setup::owner(cfg));
     let concrete = concrete_name(&index_plan);
     let version = client.current_wal_lsn().await?;
     let runtime = IndexRuntime {

@@ -41,7 +41,7 @@ pub struct Prepared {
 }
 
 /// Builds every index's document plan; errors name the config key.
-async fn plans(
+pub(crate) async fn plans(
     client: &Session,
     types: &mut TypeResolver,
     cfg: &Config,
@@ -53,9 +53,30 @@ async fn plans(
     Ok(out)
 }
 
+/// Who maintains the indexes of `cfg` (recorded in their `_meta`): the slot
+/// and the source database, without user, password or parameters.
+pub(crate) fn owner(cfg: &Config) -> String {
+    let source = match url::Url::parse(&cfg.source.url) {
+        Ok(u) => format!(
+            "{}:{}{}",
+            u.host_str().unwrap_or_default(),
+            u.port().unwrap_or(5432),
+            u.path()
+        ),
+        Err(_) => String::new(),
+    };
+    format!("{}@{source}", cfg.source.slot)
+}
+
 /// What ferry wants index `alias`'s concrete index to look like.
-pub(crate) fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> IndexPlan {
+pub(crate) fn index_plan(
+    alias: &str,
+    plan: &Node,
+    ix: &ferry_config::IndexConfig,
+    owner: &str,
+) -> IndexPlan {
     IndexPlan {
+        owner: owner.to_string(),
         alias: alias.to_string(),
         properties: plan.properties(),
         settings: ix
@@ -131,7 +152,7 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
 }
 
 /// OIDs of every table any plan reads.
-fn plan_oids(plans: &[Node]) -> Vec<u32> {
+pub(crate) fn plan_oids(plans: &[Node]) -> Vec<u32> {
     let mut oids: Vec<u32> = plans
         .iter()
         .flat_map(|p| p.usages().into_iter().map(|(oid, _)| oid))
@@ -142,11 +163,11 @@ fn plan_oids(plans: &[Node]) -> Vec<u32> {
 }
 
 /// Tables (OID, column) whose old values resolving related changes needs.
-fn full_identity_needs(plans: &[Node]) -> Vec<(u32, String)> {
+pub(crate) fn full_identity_needs(plans: &[Node]) -> Vec<(u32, String)> {
     plans.iter().flat_map(|p| p.needs_full_identity()).collect()
 }
 
-fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
+pub(crate) fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
     Ok(Sink::from_config(&cfg.sink)?)
 }
 
@@ -239,8 +260,9 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
 
     let mut indexes = Vec::with_capacity(plans.len());
     let mut jobs = Vec::new();
+    let owner = owner(cfg);
     for (pos, (ix, doc_plan)) in cfg.indexes.iter().zip(plans).enumerate() {
-        let plan = index_plan(&ix.name, &doc_plan, ix);
+        let plan = index_plan(&ix.name, &doc_plan, ix, &owner);
         let prepared = sink.prepare_index(&plan, new_slot.is_some()).await?;
         let seeded = new_slot.is_none() && prepared.seeded.is_some();
         if seeded {

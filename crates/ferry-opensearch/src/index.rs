@@ -23,6 +23,10 @@ pub struct IndexPlan {
     /// index like a mapping change does. Empty leaves the hash as it was
     /// before this existed.
     pub selection: Map<String, Value>,
+    /// Which ferry maintains the index (its slot and database, no
+    /// credentials), recorded in `_meta` but not part of the hash: `ferry
+    /// plan` finds the indexes a configuration no longer names by it.
+    pub owner: String,
 }
 
 impl IndexPlan {
@@ -48,11 +52,41 @@ impl IndexPlan {
         json!({
             "settings": self.settings,
             "mappings": {
-                "_meta": {"ferry": {"alias": self.alias, "hash": self.hash()}},
+                "_meta": {"ferry": {"alias": self.alias, "hash": self.hash(), "owner": self.owner}},
                 "properties": self.properties,
             }
         })
     }
+}
+
+/// What the cluster holds under an index's name ([`Sink::standing`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Standing {
+    /// Neither an alias nor an index of that name exists.
+    Missing,
+    /// An index that is not a ferry alias holds the name.
+    Foreign,
+    /// The alias serves the generation the plan describes.
+    Current {
+        /// The concrete index served.
+        concrete: String,
+        /// Its backfill completed.
+        seeded: bool,
+        /// `ferry reindex` asked for a rebuild.
+        reindex_requested: bool,
+    },
+    /// The alias serves another generation (other mapping, settings or row
+    /// selection).
+    Other {
+        /// The concrete index served.
+        serving: String,
+        /// Its field mappings.
+        fields: Map<String, Value>,
+        /// The concrete index the plan builds.
+        target: String,
+        /// `target` exists already (an unfinished rebuild resumes).
+        building: bool,
+    },
 }
 
 /// The concrete index name for a plan: `<alias>-<hash>`.
@@ -288,6 +322,85 @@ impl Sink {
         Ok(cur)
     }
 
+    /// Where the cluster stands for `plan`, read-only (`ferry plan`): what
+    /// [`Sink::prepare_index`] would find.
+    pub async fn standing(&self, plan: &IndexPlan) -> Result<Standing, SinkError> {
+        let base = concrete_name(plan);
+        let targets = self.alias_targets(&plan.alias).await?;
+        if targets.is_empty() {
+            if self.exists(&format!("/{}", plan.alias)).await? {
+                return Ok(Standing::Foreign);
+            }
+            return Ok(Standing::Missing);
+        }
+        let current = targets
+            .iter()
+            .find(|t| **t == base || t.starts_with(&format!("{base}-g")));
+        let serving = current.unwrap_or(&targets[0]).clone();
+        let m = self
+            .request_json(Method::Get, &format!("/{serving}/_mapping"), None)
+            .await?;
+        let mapping = &m[serving.as_str()]["mappings"];
+        let meta = &mapping["_meta"]["ferry"];
+        if current.is_some() {
+            return Ok(Standing::Current {
+                seeded: meta["seeded_lsn"].is_string(),
+                reindex_requested: meta["reindex_requested"] == json!(true),
+                concrete: serving,
+            });
+        }
+        let fields = mapping["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Standing::Other {
+            building: self.exists(&format!("/{base}")).await?,
+            serving,
+            fields,
+            target: base,
+        })
+    }
+
+    /// Aliases over indexes ferry created for `owner` (see
+    /// [`IndexPlan::owner`]), as (alias, concrete index), sorted.
+    pub async fn owned_aliases(&self, owner: &str) -> Result<Vec<(String, String)>, SinkError> {
+        let all = self.request_json(Method::Get, "/_alias", None).await?;
+        // ferry's concrete names are `<alias>-<8 hex>` (then `-g<n>`).
+        let mut candidates: Vec<(String, String)> = Vec::new();
+        for (index, v) in all.as_object().into_iter().flatten() {
+            for alias in v["aliases"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(a, _)| a)
+            {
+                let hashed = index
+                    .strip_prefix(alias.as_str())
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|rest| {
+                        rest.len() >= 8 && rest[..8].bytes().all(|b| b.is_ascii_hexdigit())
+                    });
+                if hashed {
+                    candidates.push((alias.clone(), index.clone()));
+                }
+            }
+        }
+        let mut owned = Vec::new();
+        for chunk in candidates.chunks(50) {
+            let names: Vec<&str> = chunk.iter().map(|(_, i)| i.as_str()).collect();
+            let m = self
+                .request_json(Method::Get, &format!("/{}/_mapping", names.join(",")), None)
+                .await?;
+            for (alias, index) in chunk {
+                if m[index.as_str()]["mappings"]["_meta"]["ferry"]["owner"] == json!(owner) {
+                    owned.push((alias.clone(), index.clone()));
+                }
+            }
+        }
+        owned.sort();
+        Ok(owned)
+    }
+
     /// Records in the index's mapping metadata that its backfill completed at `lsn`.
     pub async fn mark_seeded(
         &self,
@@ -296,7 +409,7 @@ impl Sink {
         lsn: Lsn,
     ) -> Result<(), SinkError> {
         let body = json!({"_meta": {"ferry": {
-            "alias": plan.alias, "hash": plan.hash(), "seeded_lsn": lsn.to_string()
+            "alias": plan.alias, "hash": plan.hash(), "owner": plan.owner, "seeded_lsn": lsn.to_string()
         }}});
         self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
             .await
@@ -311,7 +424,7 @@ impl Sink {
         after: &[String],
     ) -> Result<(), SinkError> {
         let body = json!({"_meta": {"ferry": {
-            "alias": plan.alias, "hash": plan.hash(), "backfill_after": after
+            "alias": plan.alias, "hash": plan.hash(), "owner": plan.owner, "backfill_after": after
         }}});
         self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
             .await
@@ -395,6 +508,7 @@ mod tests {
             properties: Map::new(),
             settings: Map::new(),
             selection: Map::new(),
+            owner: String::new(),
         };
         let h1 = p.hash();
         assert_eq!(h1, p.hash());
@@ -410,6 +524,7 @@ mod tests {
             properties: Map::new(),
             settings: Map::new(),
             selection: Map::new(),
+            owner: String::new(),
         };
         // The pre-selection hash of the same mapping: no rebuild on upgrade.
         assert_eq!(p.hash(), "48a1a86c");

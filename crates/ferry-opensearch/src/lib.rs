@@ -22,7 +22,7 @@ pub use bulk::{
     SupersededWrite,
 };
 pub use deadletter::DeadLetter;
-pub use index::{concrete_name, IndexPlan, PreparedIndex};
+pub use index::{concrete_name, IndexPlan, PreparedIndex, Standing};
 pub use opensearch::http::Method;
 pub use scan::{Hit, Scroll};
 
@@ -167,7 +167,7 @@ impl Sink {
     pub fn new(url: &str, timeout: Duration) -> Result<Sink, SinkError> {
         let (parsed, in_url) = split_user_info(url)?;
         let credentials = in_url.map(|(user, password)| SinkAuth::Basic { user, password });
-        Self::build(parsed, timeout, credentials, Validation::Default)
+        Self::build(parsed, timeout, credentials, None, Validation::Default)
     }
 
     /// Builds the client `[sink]` describes: basic auth from the URL or from
@@ -227,15 +227,56 @@ impl Sink {
             }
             (None, None, None) => None,
         };
+        let api_key = match (&cfg.api_key_file, &cfg.api_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "sink.api_key_file and sink.api_key_env both give the API key; keep one".into(),
+                ))
+            }
+            (Some(path), None) => Some(ferry_config::read_secret_file(path).map_err(|r| {
+                bad(format!(
+                    "sink.api_key_file: cannot use {}: {r}",
+                    path.display()
+                ))
+            })?),
+            (None, Some(name)) => Some(
+                ferry_config::read_secret_env(name)
+                    .map_err(|r| bad(format!("sink.api_key_env: {r}")))?,
+            ),
+            (None, None) => None,
+        };
+        let credentials = match (api_key, credentials) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "sink.api_key_file / sink.api_key_env and basic auth (sink.username, sink.password_file, sink.password_env or a user in sink.url) are mutually exclusive; keep one".into(),
+                ))
+            }
+            (Some(key), None) => Some(SinkAuth::ApiKey(api_key_value(&key))),
+            (None, c) => c,
+        };
         let credentials = match (&cfg.aws, credentials) {
             (Some(_), Some(_)) => {
                 return Err(bad(
-                    "sink.aws: SigV4 signing replaces basic auth; remove the user and password"
+                    "sink.aws: SigV4 signing replaces basic auth and API keys; remove the user and password or the API key"
                         .into(),
                 ))
             }
             (Some(aws), None) => Some(SinkAuth::Aws(aws.clone())),
             (None, c) => c,
+        };
+        let identity = match (&cfg.client_cert, &cfg.client_key) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(bad(
+                    "sink.client_cert and sink.client_key go together: set both PEM files".into(),
+                ))
+            }
+            (Some(_), Some(_)) if cfg.aws.is_some() => {
+                return Err(bad(
+                    "sink.aws: SigV4 signing and a client certificate (sink.client_cert) cannot be combined".into(),
+                ))
+            }
+            (Some(cert), Some(key)) => Some(client_identity(cert, key)?),
         };
         let validation = if !cfg.tls_verify {
             if cfg.ca_cert.is_some() {
@@ -262,13 +303,14 @@ impl Sink {
         } else {
             Validation::Default
         };
-        Self::build(parsed, timeout, credentials, validation)
+        Self::build(parsed, timeout, credentials, identity, validation)
     }
 
     fn build(
         url: url::Url,
         timeout: Duration,
         auth: Option<SinkAuth>,
+        identity: Option<Vec<u8>>,
         validation: Validation,
     ) -> Result<Sink, SinkError> {
         let shown = redact_url(url.as_str());
@@ -276,13 +318,42 @@ impl Sink {
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .disable_proxy()
             .timeout(timeout);
-        match auth {
-            None => {}
+        // Basic auth and API keys go in a header of every request, so they
+        // combine with a client certificate (the transport's one
+        // `Credentials` slot holds the certificate or the SigV4 signer).
+        let header = match auth {
+            None => None,
             Some(SinkAuth::Basic { user, password }) => {
-                secrets.push(password.clone());
-                builder = builder.auth(opensearch::auth::Credentials::Basic(user, password));
+                use base64::Engine as _;
+                let token =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                secrets.push(password);
+                secrets.push(token.clone());
+                Some(format!("Basic {token}"))
             }
-            Some(SinkAuth::Aws(aws)) => builder = aws_signing(builder, &aws)?,
+            Some(SinkAuth::ApiKey(key)) => {
+                secrets.push(key.clone());
+                Some(format!("ApiKey {key}"))
+            }
+            Some(SinkAuth::Aws(aws)) => {
+                builder = aws_signing(builder, &aws)?;
+                None
+            }
+        };
+        if let Some(header) = header {
+            let mut value =
+                opensearch::http::headers::HeaderValue::from_str(&header).map_err(|_| {
+                    SinkError::Conflict(
+                        "the sink credentials hold characters an HTTP header cannot carry".into(),
+                    )
+                })?;
+            value.set_sensitive(true);
+            builder = builder.header(opensearch::http::headers::AUTHORIZATION, value);
+        }
+        if let Some(pem) = identity {
+            builder = builder.auth(opensearch::auth::Credentials::Certificate(
+                opensearch::auth::ClientCertificate::Pem(pem),
+            ));
         }
         builder = match validation {
             Validation::Default => builder,
@@ -291,7 +362,7 @@ impl Sink {
         };
         let transport = builder.build().map_err(|e| {
             SinkError::Conflict(format!(
-                "cannot build the OpenSearch client: {}",
+                "cannot build the OpenSearch client (check sink.ca_cert, sink.client_cert and sink.client_key): {}",
                 scrub(&error_chain(&e), &secrets)
             ))
         })?;
@@ -487,6 +558,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 enum SinkAuth {
     /// HTTP basic auth.
     Basic { user: String, password: String },
+    /// `Authorization: ApiKey <value>`, the value as the cluster issued it.
+    ApiKey(String),
     /// AWS SigV4 request signing.
     Aws(ferry_config::AwsConfig),
 }
@@ -499,6 +572,60 @@ enum Validation {
     Ca(opensearch::cert::Certificate),
     /// Not at all (`tls_verify = false`).
     None,
+}
+
+/// Takes an API key read from `sink.api_key_file` / `sink.api_key_env`: the
+/// value is sent as it is, so it should be the base64 `encoded` form the
+/// cluster returns (base64 of `id:api_key`). Anything else is sent too (a
+/// cluster may issue other forms) but logged as a likely mistake.
+fn api_key_value(key: &str) -> String {
+    use base64::Engine as _;
+    let key = key.trim();
+    let encoded_pair = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .is_some_and(|text| {
+            text.split_once(':')
+                .is_some_and(|(id, k)| !id.is_empty() && !k.is_empty())
+        });
+    if !encoded_pair {
+        tracing::warn!(
+            "sink.api_key_file / sink.api_key_env: the API key is not base64 of \"id:api_key\"; \
+             use the `encoded` value the cluster returns from POST /_security/api_key \
+             (the bare `api_key` alone is refused with 401)"
+        );
+    }
+    key.to_string()
+}
+
+/// Reads the client certificate and its key (PEM) into the one buffer the
+/// HTTP client takes, checking each file holds what its key says.
+fn client_identity(cert: &std::path::Path, key: &std::path::Path) -> Result<Vec<u8>, SinkError> {
+    let read = |path: &std::path::Path, name: &str, marker: &str, what: &str| {
+        let bytes = std::fs::read(path).map_err(|e| {
+            SinkError::Conflict(format!("sink.{name}: cannot read {}: {e}", path.display()))
+        })?;
+        if !String::from_utf8_lossy(&bytes).contains(marker) {
+            return Err(SinkError::Conflict(format!(
+                "sink.{name}: {} holds no PEM {what} (no \"{marker}\" line)",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    };
+    let mut pem = read(
+        cert,
+        "client_cert",
+        "-----BEGIN CERTIFICATE-----",
+        "certificate",
+    )?;
+    let key = read(key, "client_key", "PRIVATE KEY-----", "private key")?;
+    if !pem.ends_with(b"\n") {
+        pem.push(b'\n');
+    }
+    pem.extend_from_slice(&key);
+    Ok(pem)
 }
 
 /// Parses `raw` and moves its user info out: (URL without it, (user, password)).
@@ -559,8 +686,9 @@ fn certificate_hint(text: &str) -> Option<&'static str> {
     )
 }
 
-/// Adds SigV4 signing with credentials from the standard AWS chain.
-#[cfg(feature = "aws")]
+/// Adds SigV4 signing (the `aws-sigv4` crate, through the client's
+/// `aws-auth`; the body's SHA-256 goes in `x-amz-content-sha256`, which
+/// OpenSearch Serverless requires) for `aws.service` in the configured region.
 fn aws_signing(
     builder: TransportBuilder,
     aws: &ferry_config::AwsConfig,
@@ -576,23 +704,48 @@ fn aws_signing(
             )
         })?;
     let region = aws_types::region::Region::new(region);
-    let provider = aws_credential_types::provider::SharedCredentialsProvider::new(
-        aws_chain::CachedChain::new(region.clone()),
-    );
+    let provider = aws_credentials(&region)?;
     Ok(builder
         .auth(opensearch::auth::Credentials::AwsSigV4(provider, region))
         .service_name(aws.service.as_str()))
 }
 
-/// Without the `aws` feature, a configured `[sink.aws]` is an error that says how to get it.
+/// With the `aws` feature: the SDK's whole default chain.
+#[cfg(feature = "aws")]
+fn aws_credentials(
+    region: &aws_types::region::Region,
+) -> Result<aws_credential_types::provider::SharedCredentialsProvider, SinkError> {
+    Ok(
+        aws_credential_types::provider::SharedCredentialsProvider::new(
+            aws_chain::CachedChain::new(region.clone()),
+        ),
+    )
+}
+
+/// In the default build: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+/// the optional `AWS_SESSION_TOKEN`, read once at start-up.
 #[cfg(not(feature = "aws"))]
-fn aws_signing(
-    _builder: TransportBuilder,
-    _aws: &ferry_config::AwsConfig,
-) -> Result<TransportBuilder, SinkError> {
-    Err(SinkError::Conflict(
-        "sink.aws: this ferry was built without AWS SigV4 support; build it with `cargo build --release -p ferry --features ferry-opensearch/aws`".into(),
-    ))
+fn aws_credentials(
+    _region: &aws_types::region::Region,
+) -> Result<aws_credential_types::provider::SharedCredentialsProvider, SinkError> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let missing = |name: &str| {
+        SinkError::Conflict(format!(
+            "sink.aws: {name} is not set; this ferry signs with the credentials in AWS_ACCESS_KEY_ID, \
+             AWS_SECRET_ACCESS_KEY and (for temporary credentials) AWS_SESSION_TOKEN; for a shared profile, \
+             web identity (EKS IRSA) or an instance role build with `--features ferry-opensearch/aws`"
+        ))
+    };
+    let id = var("AWS_ACCESS_KEY_ID").ok_or_else(|| missing("AWS_ACCESS_KEY_ID"))?;
+    let secret = var("AWS_SECRET_ACCESS_KEY").ok_or_else(|| missing("AWS_SECRET_ACCESS_KEY"))?;
+    let credentials = aws_credential_types::Credentials::new(
+        id,
+        secret,
+        var("AWS_SESSION_TOKEN"),
+        None,
+        "environment",
+    );
+    Ok(aws_credential_types::provider::SharedCredentialsProvider::new(credentials))
 }
 
 /// Credentials for SigV4 from the AWS SDK's default chain (environment,
@@ -749,77 +902,141 @@ mod security_tests {
             "ca.pem",
         ]);
         openssl(d, &ca);
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend([
-            "-subj",
+        // A leaf certificate signed by the CA: `<name>.key`, `<name>.crt`.
+        let leaf = |name: &str, subject: &str, ext: &str| {
+            let (key, csr_file, ext_file, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.ext"),
+                format!("{name}.crt"),
+            );
+            let mut csr = vec!["req"];
+            csr.extend(ec);
+            csr.extend(["-subj", subject, "-keyout", &key, "-out", &csr_file]);
+            openssl(d, &csr);
+            std::fs::write(d.join(&ext_file), ext).expect("ext");
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr_file,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext_file,
+                    "-out",
+                    &crt,
+                ],
+            );
+        };
+        leaf(
+            "server",
             "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        openssl(d, &csr);
-        std::fs::write(
-            d.join("server.ext"),
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-                "-out",
-                "server.crt",
-            ],
+        );
+        // A client certificate for mutual TLS.
+        leaf(
+            "client",
+            "/CN=ferry",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
         );
         Certs { dir }
     }
 
+    /// One request as the fake cluster received it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        /// Path and query, as sent.
+        target: String,
+        /// Header names lowercased, in arrival order.
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// What the fake cluster demands of a connection or request.
+    #[derive(Default)]
+    struct Demands<'a> {
+        /// Serve https with these certificates.
+        tls: Option<&'a Certs>,
+        /// Refuse the TLS handshake unless the client presents a certificate
+        /// signed by the test CA.
+        client_cert: bool,
+        /// Answer 403 unless the request carries a valid SigV4 signature made
+        /// with this secret key.
+        sigv4_secret: Option<&'static str>,
+    }
+
     /// A one-trick HTTP server answering every request like `GET /` of a
-    /// cluster and recording each request's Authorization header.
+    /// cluster and recording each request.
     struct FakeCluster {
         port: u16,
-        seen: Arc<Mutex<Vec<Option<String>>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
     }
 
     impl FakeCluster {
         async fn start(tls: Option<&Certs>) -> FakeCluster {
+            Self::start_with(Demands {
+                tls,
+                ..Demands::default()
+            })
+            .await
+        }
+
+        async fn start_with(demands: Demands<'_>) -> FakeCluster {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
             let port = listener.local_addr().expect("addr").port();
             let seen = Arc::new(Mutex::new(Vec::new()));
-            let acceptor = tls.map(|c| {
+            let client_cert = demands.client_cert;
+            let acceptor = demands.tls.map(|c| {
                 use rustls::pki_types::pem::PemObject;
                 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
                 let chain = CertificateDer::pem_file_iter(c.path("server.crt"))
                     .expect("crt")
                     .collect::<Result<Vec<_>, _>>()
                     .expect("crt");
                 let key = PrivateKeyDer::from_pem_file(c.path("server.key")).expect("key");
-                let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .expect("server config");
+                let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .expect("versions");
+                let builder = if client_cert {
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots
+                        .add(CertificateDer::from_pem_file(c.path("ca.pem")).expect("ca"))
+                        .expect("ca");
+                    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider,
+                    )
+                    .build()
+                    .expect("client verifier");
+                    builder.with_client_cert_verifier(verifier)
+                } else {
+                    builder.with_no_client_auth()
+                };
+                let config = builder.with_single_cert(chain, key).expect("server config");
                 tokio_rustls::TlsAcceptor::from(Arc::new(config))
             });
+            let secret = demands.sigv4_secret;
             let record = seen.clone();
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = listener.accept().await {
@@ -829,10 +1046,10 @@ mod security_tests {
                         match acceptor {
                             Some(a) => {
                                 if let Ok(stream) = a.accept(tcp).await {
-                                    answer(stream, record).await;
+                                    answer(stream, record, secret).await;
                                 }
                             }
-                            None => answer(tcp, record).await,
+                            None => answer(tcp, record, secret).await,
                         }
                     });
                 }
@@ -840,37 +1057,236 @@ mod security_tests {
             FakeCluster { port, seen }
         }
 
-        fn auth_headers(&self) -> Vec<Option<String>> {
+        fn requests(&self) -> Vec<Seen> {
             self.seen.lock().expect("lock").clone()
+        }
+
+        fn auth_headers(&self) -> Vec<Option<String>> {
+            self.requests()
+                .iter()
+                .map(|r| r.header("authorization").map(str::to_string))
+                .collect()
         }
     }
 
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         mut s: S,
-        seen: Arc<Mutex<Vec<Option<String>>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        sigv4_secret: Option<&str>,
     ) {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
             match s.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.lines();
+        let mut start = lines.next().unwrap_or_default().split(' ');
+        let method = start.next().unwrap_or_default().to_string();
+        let target = start.next().unwrap_or_default().to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            })
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = buf[head_end + 4..].to_vec();
+        while body.len() < length {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
         }
-        let head = String::from_utf8_lossy(&buf).into_owned();
-        let auth = head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("authorization")
-                .then(|| v.trim().to_string())
-        });
-        seen.lock().expect("lock").push(auth);
-        let body = r#"{"version":{"distribution":"opensearch","number":"2.99.0"}}"#;
+        let req = Seen {
+            method,
+            target,
+            headers,
+            body,
+        };
+        let verdict = sigv4_secret.map(|secret| sigv4::verify(&req, secret));
+        seen.lock().expect("lock").push(req);
+        let (status, body) = match verdict {
+            Some(Err(why)) => (
+                "403 Forbidden",
+                serde_json::json!({ "message": why }).to_string(),
+            ),
+            _ => (
+                "200 OK",
+                r#"{"version":{"distribution":"opensearch","number":"2.99.0"},"acknowledged":true}"#
+                    .to_string(),
+            ),
+        };
         let reply = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
         let _ = s.write_all(reply.as_bytes()).await;
         let _ = s.shutdown().await;
+    }
+
+    /// An independent SigV4 verifier (what AWS does on receipt), written from
+    /// the published algorithm and checked against AWS's test vectors below.
+    mod sigv4 {
+        use hmac::{Hmac, Mac};
+        use sha2::{Digest, Sha256};
+
+        fn hex(bytes: &[u8]) -> String {
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        fn hmac(key: &[u8], data: &str) -> Vec<u8> {
+            let mut m = Hmac::<Sha256>::new_from_slice(key).expect("any key length");
+            m.update(data.as_bytes());
+            m.finalize().into_bytes().to_vec()
+        }
+
+        pub(super) fn sha256_hex(data: &[u8]) -> String {
+            hex(&Sha256::digest(data))
+        }
+
+        /// RFC 3986 encoding as SigV4 wants it (unreserved characters kept).
+        fn encode(s: &str) -> String {
+            s.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        }
+
+        fn decode(s: &str) -> String {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        }
+
+        /// The canonical request of `seen` over `signed` header names.
+        pub(super) fn canonical_request(
+            seen: &super::Seen,
+            signed: &[&str],
+            payload_hash: &str,
+        ) -> String {
+            let (path, query) = seen.target.split_once('?').unwrap_or((&seen.target, ""));
+            let path: String = path
+                .split('/')
+                .map(|seg| encode(&decode(seg)))
+                .collect::<Vec<_>>()
+                .join("/");
+            let mut pairs: Vec<(String, String)> = query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (encode(&decode(k)), encode(&decode(v)))
+                })
+                .collect();
+            pairs.sort();
+            let query = pairs
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&");
+            let headers: String = signed
+                .iter()
+                .map(|name| {
+                    let values: Vec<String> = seen
+                        .headers
+                        .iter()
+                        .filter(|(k, _)| k == name)
+                        .map(|(_, v)| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                        .collect();
+                    format!("{name}:{}\n", values.join(","))
+                })
+                .collect();
+            format!(
+                "{}\n{path}\n{query}\n{headers}\n{}\n{payload_hash}",
+                seen.method,
+                signed.join(";")
+            )
+        }
+
+        /// The signature of a canonical request.
+        pub(super) fn signature(
+            canonical: &str,
+            amz_date: &str,
+            scope: &str,
+            secret: &str,
+        ) -> Result<String, String> {
+            let mut parts = scope.split('/');
+            let (date, region, service) = match (parts.next(), parts.next(), parts.next()) {
+                (Some(d), Some(r), Some(s)) => (d, r, s),
+                _ => return Err(format!("malformed credential scope {scope:?}")),
+            };
+            let to_sign = format!(
+                "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+                sha256_hex(canonical.as_bytes())
+            );
+            let key = hmac(format!("AWS4{secret}").as_bytes(), date);
+            let key = hmac(&key, region);
+            let key = hmac(&key, service);
+            let key = hmac(&key, "aws4_request");
+            Ok(hex(&hmac(&key, &to_sign)))
+        }
+
+        /// Recomputes the signature of `seen` with `secret` and compares it
+        /// with the one sent; the body must match `x-amz-content-sha256`
+        /// (which must be signed, as OpenSearch Serverless requires).
+        pub(super) fn verify(seen: &super::Seen, secret: &str) -> Result<(), String> {
+            let auth = seen
+                .header("authorization")
+                .ok_or("no Authorization header")?;
+            let rest = auth
+                .strip_prefix("AWS4-HMAC-SHA256 ")
+                .ok_or("not an AWS4-HMAC-SHA256 signature")?;
+            let field = |name: &str| {
+                rest.split(',')
+                    .map(str::trim)
+                    .find_map(|f| f.strip_prefix(name))
+                    .ok_or(format!("no {name} in the Authorization header"))
+            };
+            let credential = field("Credential=")?;
+            let signed: Vec<&str> = field("SignedHeaders=")?.split(';').collect();
+            let sent = field("Signature=")?;
+            let scope = credential.split_once('/').ok_or("malformed Credential")?.1;
+            let amz_date = seen.header("x-amz-date").ok_or("no x-amz-date")?;
+            let payload_hash = seen
+                .header("x-amz-content-sha256")
+                .ok_or("no x-amz-content-sha256 (OpenSearch Serverless requires it)")?;
+            if payload_hash != sha256_hex(&seen.body) {
+                return Err("x-amz-content-sha256 is not the SHA-256 of the body".into());
+            }
+            for needed in ["host", "x-amz-date", "x-amz-content-sha256"] {
+                if !signed.contains(&needed) {
+                    return Err(format!("{needed} is not among the signed headers"));
+                }
+            }
+            if seen.header("x-amz-security-token").is_some()
+                && !signed.contains(&"x-amz-security-token")
+            {
+                return Err("x-amz-security-token is sent but not signed".into());
+            }
+            let canonical = canonical_request(seen, &signed, payload_hash);
+            let want = signature(&canonical, amz_date, scope, secret)?;
+            if want != sent {
+                return Err(format!(
+                    "the signature does not match (canonical request:\n{canonical})"
+                ));
+            }
+            Ok(())
+        }
     }
 
     fn basic(user: &str, password: &str) -> Option<String> {
@@ -969,39 +1385,257 @@ mod security_tests {
         assert!(e.contains("sink.ca_cert"), "{e}");
     }
 
-    #[cfg(not(feature = "aws"))]
+    /// AWS's published SigV4 test vectors (aws-signing-test-suite/v4:
+    /// get-vanilla, get-vanilla-query-order-key-case,
+    /// post-x-www-form-urlencoded) through the verifier the fake cluster uses.
     #[test]
-    fn aws_without_the_feature_says_how_to_get_it() {
-        let cfg = sink_config("https://127.0.0.1:9", "aws = { region = \"eu-west-1\" }");
-        let e = Sink::from_config(&cfg).expect_err("no aws").to_string();
-        assert!(e.contains("sink.aws") && e.contains("--features"), "{e}");
+    fn sigv4_verifier_reproduces_the_aws_test_vectors() {
+        const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+        const DATE: &str = "20150830T123600Z";
+        const SCOPE: &str = "20150830/us-east-1/service/aws4_request";
+        let empty = sigv4::sha256_hex(b"");
+        let form_hash = sigv4::sha256_hex(b"Param1=value1");
+        assert_eq!(
+            form_hash,
+            "9095672bbd1f56dfc5b65f3e153adc8731a4a654192329106275f4c7b24d0b6e"
+        );
+        let req = |method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]| Seen {
+            method: method.into(),
+            target: target.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        };
+        let cases = [
+            (
+                req(
+                    "GET",
+                    "/",
+                    &[("host", "example.amazonaws.com"), ("x-amz-date", DATE)],
+                    b"",
+                ),
+                vec!["host", "x-amz-date"],
+                empty.clone(),
+                "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
+            ),
+            (
+                req(
+                    "GET",
+                    "/?Param2=value2&Param1=value1",
+                    &[("host", "example.amazonaws.com"), ("x-amz-date", DATE)],
+                    b"",
+                ),
+                vec!["host", "x-amz-date"],
+                empty.clone(),
+                "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500",
+            ),
+            (
+                req(
+                    "POST",
+                    "/",
+                    &[
+                        ("content-type", "application/x-www-form-urlencoded"),
+                        ("host", "example.amazonaws.com"),
+                        ("content-length", "13"),
+                        ("x-amz-date", DATE),
+                        ("x-amz-content-sha256", &form_hash),
+                    ],
+                    b"Param1=value1",
+                ),
+                vec![
+                    "content-length",
+                    "content-type",
+                    "host",
+                    "x-amz-content-sha256",
+                    "x-amz-date",
+                ],
+                form_hash.clone(),
+                "d3875051da38690788ef43de4db0d8f280229d82040bfac253562e56c3f20e0b",
+            ),
+        ];
+        for (seen, signed, payload, want) in &cases {
+            let canonical = sigv4::canonical_request(seen, signed, payload);
+            let got = sigv4::signature(&canonical, DATE, SCOPE, SECRET).expect("scope");
+            assert_eq!(&got, want, "{} {}:\n{canonical}", seen.method, seen.target);
+        }
+        // The whole check, on the signed form of post-x-www-form-urlencoded.
+        let mut signed = cases[2].0.clone();
+        signed.headers.push((
+            "authorization".into(),
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/{SCOPE}, SignedHeaders=content-length;content-type;host;x-amz-content-sha256;x-amz-date, Signature={}",
+                cases[2].3
+            ),
+        ));
+        sigv4::verify(&signed, SECRET).expect("the published signed request verifies");
+        let e = sigv4::verify(&signed, "another-secret").expect_err("wrong secret");
+        assert!(e.contains("does not match"), "{e}");
+        signed.body = b"Param1=value2".to_vec();
+        let e = sigv4::verify(&signed, SECRET).expect_err("changed body");
+        assert!(e.contains("x-amz-content-sha256"), "{e}");
     }
 
-    #[cfg(feature = "aws")]
+    /// The only test that sets AWS_ variables (the environment is process-wide).
     #[tokio::test]
-    async fn aws_requests_are_signed_with_credentials_from_the_environment() {
-        // The only test that sets AWS_ variables.
-        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "ferry-test-secret-key");
-        let cluster = FakeCluster::start(None).await;
-        let cfg = sink_config(
-            &format!("http://127.0.0.1:{}", cluster.port),
-            "aws = { region = \"eu-west-1\", service = \"aoss\" }",
-        );
-        let sink = Sink::from_config(&cfg).expect("sink");
-        sink.version().await.expect("version");
-        sink.version()
-            .await
-            .expect("version again (cached credentials)");
-        let seen = cluster.auth_headers();
-        assert_eq!(seen.len(), 2);
-        for auth in seen {
-            let auth = auth.expect("signed");
+    async fn aws_sigv4_in_the_default_build_signs_what_a_verifying_fake_accepts() {
+        for v in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ] {
+            std::env::remove_var(v);
+        }
+        let cluster = FakeCluster::start_with(Demands {
+            sigv4_secret: Some("ferry-test-secret-key"),
+            ..Demands::default()
+        })
+        .await;
+        let url = format!("http://127.0.0.1:{}", cluster.port);
+        if !cfg!(feature = "aws") {
+            let cfg = sink_config(&url, "aws = { region = \"eu-west-1\" }");
+            let e = Sink::from_config(&cfg)
+                .expect_err("no credentials")
+                .to_string();
             assert!(
-                auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDFERRYTEST/")
-                    && auth.contains("/eu-west-1/aoss/aws4_request"),
-                "{auth}"
+                e.contains("sink.aws") && e.contains("AWS_ACCESS_KEY_ID"),
+                "{e}"
             );
         }
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "ferry-test-secret-key");
+        std::env::set_var("AWS_SESSION_TOKEN", "ferry-test-session-token");
+        for service in ["es", "aoss"] {
+            let cfg = sink_config(
+                &url,
+                &format!("aws = {{ region = \"eu-west-1\", service = \"{service}\" }}"),
+            );
+            let sink = Sink::from_config(&cfg).expect("sink");
+            sink.version().await.expect("signed GET / is accepted");
+            sink.json_request(
+                Method::Put,
+                "/ferry-users/_doc/1?refresh=true",
+                Some(serde_json::json!({ "name": "ä b/c", "n": 1 })),
+            )
+            .await
+            .expect("signed PUT with a body and a query is accepted");
+        }
+        let seen = cluster.requests();
+        assert_eq!(seen.len(), 4);
+        for (req, service) in seen.iter().zip(["es", "es", "aoss", "aoss"]) {
+            let auth = req.header("authorization").expect("signed");
+            assert!(
+                auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDFERRYTEST/")
+                    && auth.contains(&format!("/eu-west-1/{service}/aws4_request")),
+                "{auth}"
+            );
+            assert_eq!(
+                req.header("x-amz-security-token"),
+                Some("ferry-test-session-token")
+            );
+            sigv4::verify(req, "ferry-test-secret-key").expect("valid signature");
+        }
+        // The fake is no rubber stamp: a signature made with another secret is refused.
+        let strict = FakeCluster::start_with(Demands {
+            sigv4_secret: Some("the-real-secret"),
+            ..Demands::default()
+        })
+        .await;
+        let cfg = sink_config(
+            &format!("http://127.0.0.1:{}", strict.port),
+            "aws = { region = \"eu-west-1\" }",
+        );
+        let e = Sink::from_config(&cfg)
+            .expect("sink")
+            .version()
+            .await
+            .expect_err("wrong secret");
+        assert!(e.to_string().contains("403"), "{e}");
+        for v in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ] {
+            std::env::remove_var(v);
+        }
+    }
+
+    #[tokio::test]
+    async fn api_key_is_sent_as_the_cluster_issued_it() {
+        use base64::Engine as _;
+        let cluster = FakeCluster::start(None).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("api-key");
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode("VuaCfGcBCdbkQm-e5aOx:ui2lp2axTNmsyakw9tvNnw");
+        std::fs::write(&file, format!("{encoded}\n")).expect("write");
+        let url = format!("http://127.0.0.1:{}", cluster.port);
+        let cfg = sink_config(&url, &format!("api_key_file = \"{}\"", file.display()));
+        let sink = Sink::from_config(&cfg).expect("sink");
+        sink.version().await.expect("version");
+        assert_eq!(
+            cluster.auth_headers(),
+            vec![Some(format!("ApiKey {encoded}"))]
+        );
+        assert!(!format!("{sink:?}").contains(&encoded));
+
+        let cfg = sink_config(&url, "api_key_env = \"FERRY_TEST_UNSET_API_KEY\"");
+        let e = Sink::from_config(&cfg).expect_err("unset").to_string();
+        assert!(
+            e.contains("sink.api_key_env") && e.contains("FERRY_TEST_UNSET_API_KEY"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_certificate_is_presented_to_a_cluster_that_requires_one() {
+        let certs = make_certs();
+        let cluster = FakeCluster::start_with(Demands {
+            tls: Some(&certs),
+            client_cert: true,
+            ..Demands::default()
+        })
+        .await;
+        let url = format!("https://localhost:{}", cluster.port);
+        let ca = format!("ca_cert = \"{}\"", certs.path("ca.pem").display());
+        let without = Sink::from_config(&sink_config(&url, &ca)).expect("sink");
+        without
+            .version()
+            .await
+            .expect_err("the handshake needs a client certificate");
+        assert!(cluster.requests().is_empty(), "no request got through");
+
+        let pw = certs.path("os-password");
+        std::fs::write(&pw, "os-secret-2").expect("write");
+        let with = Sink::from_config(&sink_config(
+            &url,
+            &format!(
+                "{ca}\nclient_cert = \"{}\"\nclient_key = \"{}\"\nusername = \"ferry\"\npassword_file = \"{}\"",
+                certs.path("client.crt").display(),
+                certs.path("client.key").display(),
+                pw.display()
+            ),
+        ))
+        .expect("sink");
+        assert_eq!(with.version().await.expect("version"), "opensearch 2.99.0");
+        assert_eq!(
+            cluster.auth_headers(),
+            vec![basic("ferry", "os-secret-2")],
+            "basic auth rides along with the client certificate"
+        );
+
+        // A key file that holds no key is named.
+        let e = Sink::from_config(&sink_config(
+            &url,
+            &format!(
+                "{ca}\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+                certs.path("client.crt").display(),
+                certs.path("client.crt").display()
+            ),
+        ))
+        .expect_err("no key")
+        .to_string();
+        assert!(e.contains("sink.client_key"), "{e}");
     }
 }

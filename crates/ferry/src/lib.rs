@@ -5,6 +5,7 @@
 
 mod demo;
 mod ops;
+mod plan;
 mod preview;
 
 use std::io::Write;
@@ -48,6 +49,14 @@ pub enum Command {
     /// Check the configuration, the database and the cluster without changing anything.
     Check {
         /// The configuration file (TOML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Show what applying a configuration (start, restart, `systemctl reload`) will do to each
+    /// index, the publication and replica identities, without changing anything. Exit code 0:
+    /// nothing changes; 2: something changes; 1: the plan could not be made.
+    Plan {
+        /// The new configuration file (TOML); FERRY_* environment variables override keys.
         #[arg(long, short, env = "FERRY_CONFIG")]
         config: PathBuf,
     },
@@ -168,6 +177,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::Plan { config } => plan::plan(config).await,
             Command::Status { url, config, json } => status(url, config, json).await,
             Command::Demo { rows } => demo::run(rows).await,
             Command::DeadLetters {
