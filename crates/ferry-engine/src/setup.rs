@@ -68,8 +68,9 @@ fn index_plan(alias: &str, plan: &Node, ix: &ferry_config::IndexConfig) -> Index
 
 /// The config keys that choose which rows (and related rows) documents are
 /// built from, with their values: `where`, `soft_delete`, `order_by`,
-/// `limit` at every level and each count's `where`. Keyed by the relations'
-/// field paths, so reordering relations changes nothing.
+/// `limit` at every level, how each relation and count joins (`table`,
+/// `foreign_key`, `references`, `through`) and each count's `where`. Keyed
+/// by the relations' field paths, so reordering relations changes nothing.
 fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::Value;
     fn put(out: &mut serde_json::Map<String, Value>, key: String, v: Option<Value>) {
@@ -83,8 +84,23 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
         list: &[ferry_config::CountConfig],
     ) {
         for c in list {
-            let key = format!("{at}{}.where", c.field);
-            put(out, key, c.filter.clone().map(Value::from));
+            let at = format!("{at}{}.", c.field);
+            put(
+                out,
+                format!("{at}table"),
+                Some(Value::from(c.table.clone())),
+            );
+            put(
+                out,
+                format!("{at}foreign_key"),
+                Some(Value::from(c.foreign_key.clone())),
+            );
+            put(
+                out,
+                format!("{at}references"),
+                c.references.clone().map(Value::from),
+            );
+            put(out, format!("{at}where"), c.filter.clone().map(Value::from));
         }
     }
     fn relations(
@@ -94,6 +110,33 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
     ) {
         for r in list {
             let at = format!("{at}{}.", r.field);
+            put(
+                out,
+                format!("{at}table"),
+                Some(Value::from(r.table.clone())),
+            );
+            put(
+                out,
+                format!("{at}foreign_key"),
+                Some(Value::from(r.foreign_key.clone())),
+            );
+            put(
+                out,
+                format!("{at}references"),
+                r.references.clone().map(Value::from),
+            );
+            if let Some(t) = &r.through {
+                put(
+                    out,
+                    format!("{at}through.table"),
+                    Some(Value::from(t.table.clone())),
+                );
+                put(
+                    out,
+                    format!("{at}through.other_key"),
+                    Some(Value::from(t.other_key.clone())),
+                );
+            }
             put(out, format!("{at}where"), r.filter.clone().map(Value::from));
             put(
                 out,
@@ -400,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn row_selection_names_every_filter_by_its_relation_path() {
+    fn row_selection_names_every_filter_and_join_by_its_relation_path() {
         let ix = index(
             "[[index]]\nname = \"users\"\ntable = \"users\"\nwhere = \"active\"\n\
              [[index.has_many]]\nfield = \"orders\"\ntable = \"orders\"\nforeign_key = \"user_id\"\norder_by = \"id desc\"\nlimit = 5\n\
@@ -411,9 +454,28 @@ mod tests {
             got,
             serde_json::json!({
                 "where": "active",
+                "orders.table": "orders",
+                "orders.foreign_key": "user_id",
                 "orders.order_by": "id desc",
                 "orders.limit": 5,
+                "orders.n.table": "items",
+                "orders.n.foreign_key": "order_id",
                 "orders.n.where": "qty > 0",
+            })
+        );
+        let tags = index(
+            "[[index]]\nname = \"users\"\ntable = \"users\"\n\
+             [[index.has_many]]\nfield = \"tags\"\ntable = \"tags\"\nforeign_key = \"user_id\"\nreferences = \"uid\"\n\
+             through = { table = \"user_tags\", other_key = \"tag_id\" }\n",
+        );
+        assert_eq!(
+            serde_json::Value::Object(selection(&tags)),
+            serde_json::json!({
+                "tags.table": "tags",
+                "tags.foreign_key": "user_id",
+                "tags.references": "uid",
+                "tags.through.table": "user_tags",
+                "tags.through.other_key": "tag_id",
             })
         );
         let plain = index("[[index]]\nname = \"users\"\ntable = \"users\"\n");
