@@ -421,7 +421,7 @@ async fn relation_join_change_rebuilds_and_documents_hold_the_new_related_rows()
         "backfill_chunk_rows = 100",
         &index("author_id"),
     ));
-    let mut ferry = env.run_ferry(&cfg);
+    let ferry = env.run_ferry(&cfg);
     env.assert_converges_to("u", &expected("author_id"), CONVERGE)
         .await;
     let old = env.sink.alias_targets(&alias).await.expect("alias");
@@ -477,7 +477,7 @@ async fn root_truncate_during_the_first_copy_leaves_no_row_of_the_older_snapshot
     let alias = env.index("t");
     let cfg = env.write_config(&format!(
         "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n\
-         [sink]\nurl = \"{}\"\nrequest_timeout_secs = 5\n\n\
+         [sink]\nurl = \"{}\"\nrequest_timeout_secs = 30\n\n\
          [engine]\nmax_batch_delay_ms = 20\nbackfill_batch_rows = 100\nbackfill_chunk_rows = 500\n\n\
          [[index]]\nname = \"{alias}\"\ntable = \"t\"\n",
         env.pg.url("app"),

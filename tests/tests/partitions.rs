@@ -176,7 +176,7 @@ impl Held {
         let alias = env.index("events");
         let cfg = env.write_config(&format!(
             "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n\
-             [sink]\nurl = \"{}\"\nrequest_timeout_secs = 5\n\n\
+             [sink]\nurl = \"{}\"\nrequest_timeout_secs = 30\n\n\
              [engine]\nmax_batch_delay_ms = 20\nbackfill_batch_rows = 100\nbackfill_chunk_rows = 500\n\n\
              [[index]]\nname = \"{alias}\"\ntable = \"events\"\n",
             env.pg.url("app"),

@@ -78,6 +78,26 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
             out.insert(key, v);
         }
     }
+    /// How a relation or count joins: its table, foreign key and referenced column.
+    fn join(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        table: &str,
+        foreign_key: &str,
+        references: &Option<String>,
+    ) {
+        put(out, format!("{at}table"), Some(Value::from(table)));
+        put(
+            out,
+            format!("{at}foreign_key"),
+            Some(Value::from(foreign_key)),
+        );
+        put(
+            out,
+            format!("{at}references"),
+            references.clone().map(Value::from),
+        );
+    }
     fn counts(
         out: &mut serde_json::Map<String, Value>,
         at: &str,
@@ -85,21 +105,7 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
     ) {
         for c in list {
             let at = format!("{at}{}.", c.field);
-            put(
-                out,
-                format!("{at}table"),
-                Some(Value::from(c.table.clone())),
-            );
-            put(
-                out,
-                format!("{at}foreign_key"),
-                Some(Value::from(c.foreign_key.clone())),
-            );
-            put(
-                out,
-                format!("{at}references"),
-                c.references.clone().map(Value::from),
-            );
+            join(out, &at, &c.table, &c.foreign_key, &c.references);
             put(out, format!("{at}where"), c.filter.clone().map(Value::from));
         }
     }
@@ -110,21 +116,7 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
     ) {
         for r in list {
             let at = format!("{at}{}.", r.field);
-            put(
-                out,
-                format!("{at}table"),
-                Some(Value::from(r.table.clone())),
-            );
-            put(
-                out,
-                format!("{at}foreign_key"),
-                Some(Value::from(r.foreign_key.clone())),
-            );
-            put(
-                out,
-                format!("{at}references"),
-                r.references.clone().map(Value::from),
-            );
+            join(out, &at, &r.table, &r.foreign_key, &r.references);
             if let Some(t) = &r.through {
                 put(
                     out,

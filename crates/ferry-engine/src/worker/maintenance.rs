@@ -13,12 +13,12 @@ use crate::EngineError;
 impl Worker {
     /// TRUNCATE: a root table's index is emptied (its primary and the
     /// index its alias still serves); a related table's truncation rebuilds
-    /// the indexes that read it beside the ones searches use. Either way an
-    /// index this pipeline is still copying from a snapshot older than the
-    /// truncate is copied again (see [`Worker::mark_for_rebuild`]): rows of
-    /// that snapshot would otherwise land after the truncate. The pipeline
-    /// then starts again (so the other indexes stream on at once) and the
-    /// replayed TRUNCATE finds the new copy already past it.
+    /// the indexes that read it beside the ones searches use
+    /// ([`Worker::mark_for_rebuild`]): the pipeline starts again (so the
+    /// other indexes stream on at once) and the replayed TRUNCATE finds the
+    /// new copy already past it. A TRUNCATE never lands inside a copy of its
+    /// table (it waits for the copy's lock; see ARCHITECTURE.md), so a
+    /// root's copy needs no new copy.
     pub(super) async fn on_truncate(&mut self, rels: Vec<u32>) -> Result<(), EngineError> {
         let t = self.core.router().truncation(&rels);
         if t.empty.is_empty() && t.rebuild.is_empty() {
@@ -41,9 +41,6 @@ impl Worker {
                 self.core.sink.sink.delete_all(concrete).await?;
             }
             tracing::info!(index = %ix.alias, "root table truncated: removed every document");
-            if self.seeded_at[i].is_some() && self.mark_for_rebuild(i, Some(version)).await? {
-                rebuilding.push(self.core.rows.indexes[i].alias.clone());
-            }
         }
         for i in t.rebuild {
             if self.mark_for_rebuild(i, Some(version)).await? {
@@ -52,7 +49,7 @@ impl Worker {
         }
         if !rebuilding.is_empty() {
             return Err(EngineError::Restart(format!(
-                "a table was truncated: restarting the pipeline to rebuild {} beside the live index",
+                "a related table was truncated: restarting the pipeline to rebuild {} beside the live index",
                 rebuilding.join(", ")
             )));
         }
