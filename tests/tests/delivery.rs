@@ -284,6 +284,39 @@ async fn verify_walks_in_pages_and_finds_drift_on_every_page() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
+/// A document whose id cannot be any row's key (`foo` or `01` for an
+/// integer key, written outside ferry) is an extra document: `verify`
+/// reports it and `--repair` deletes it, rather than failing on the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_and_repairs_documents_whose_ids_cannot_be_keys() {
+    let (env, ferry, cfg_s) = indexed_table(50).await;
+    let name = env.index("t");
+    for id in ["foo", "01"] {
+        env.sink
+            .json_request(
+                Method::Put,
+                &format!("/{name}/_doc/{id}?refresh=true"),
+                Some(json!({"id": 9999, "v": "stray"})),
+            )
+            .await
+            .expect("stray");
+    }
+    let (code, out, err) = ferry_once(&["verify", "--config", &cfg_s]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("checked 50, missing 0, different 0, extra 2"),
+        "{out}{err}"
+    );
+    for line in ["extra\tfoo", "extra\t01"] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+    let (code, out, err) = ferry_once(&["verify", "--config", &cfg_s, "--repair"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("repaired 2, unrepairable 0"), "{out}");
+    env.assert_converges("t", "t", CONVERGE).await;
+    assert_eq!(ferry.stop(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_page_through_more_entries_than_a_page() {
     let env = TestEnv::start().await;

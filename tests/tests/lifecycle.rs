@@ -483,3 +483,120 @@ async fn an_ingest_pipeline_sees_every_write_and_verify_compares_only_ferrys_fie
     assert!(out.contains("different\t9"), "{out}");
     assert_eq!(ferry.stop(), Some(0));
 }
+/// Changing how a relation joins (`foreign_key` here; `table`, `references`
+/// and `through` likewise) rebuilds the index in the background like a
+/// mapping change: when the alias moves, every document holds the related
+/// rows of the new join, and searches are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relation_join_change_rebuilds_and_documents_hold_the_new_related_rows() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE u (id int PRIMARY KEY, name text);
+         CREATE TABLE notes (id int PRIMARY KEY, author_id int, editor_id int, body text);
+         INSERT INTO u SELECT g, 'user ' || g FROM generate_series(1, 500) g;
+         INSERT INTO notes SELECT g, 1 + g % 500, 1 + (g * 7) % 250, 'note ' || g FROM generate_series(1, 1500) g;",
+    )
+    .await
+    .expect("schema");
+    let alias = env.index("u");
+    let index = |fk: &str| {
+        format!(
+            "[[index]]\nname = \"{alias}\"\ntable = \"u\"\n\n\
+             [[index.has_many]]\nfield = \"notes\"\ntable = \"notes\"\nforeign_key = \"{fk}\"\n"
+        )
+    };
+    let expected = |fk: &str| {
+        format!(
+            "SELECT u.id::text, (to_jsonb(u) || jsonb_build_object('notes', coalesce((SELECT jsonb_agg(to_jsonb(n) ORDER BY n.id) \
+             FROM notes n WHERE n.{fk} = u.id), '[]'::jsonb)))::text FROM u"
+        )
+    };
+    let cfg = env.write_config(&config(
+        &env,
+        "backfill_chunk_rows = 100",
+        &index("author_id"),
+    ));
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges_to("u", &expected("author_id"), CONVERGE)
+        .await;
+    let old = env.sink.alias_targets(&alias).await.expect("alias");
+
+    std::fs::write(
+        &cfg,
+        config(&env, "backfill_chunk_rows = 100", &index("editor_id")),
+    )
+    .expect("write");
+    ferry.hangup();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        assert_eq!(hits_during_rebuild(&env, &alias).await, 500);
+        let now = env.sink.alias_targets(&alias).await.expect("alias");
+        assert_eq!(now.len(), 1, "the alias always points at exactly one index");
+        if now != old {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the alias never moved\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.assert_converges_to("u", &expected("editor_id"), CONVERGE)
+        .await;
+    db.batch_execute("UPDATE notes SET editor_id = 1 WHERE id IN (1, 2, 3)")
+        .await
+        .expect("live change");
+    env.assert_converges_to("u", &expected("editor_id"), CONVERGE)
+        .await;
+    assert_eq!(ferry.stop(), Some(0));
+}
+
+/// A root TRUNCATE while the first copy is still being made from a
+/// snapshot older than the truncate: that copy is discarded and the index
+/// copied again from a snapshot after it, so no row the truncate removed
+/// comes back from the old snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_truncate_during_the_first_copy_leaves_no_row_of_the_older_snapshot() {
+    let env = TestEnv::start().await;
+    let proxy = ferry_testkit::FaultProxy::start(env.os.url())
+        .await
+        .expect("start the fault proxy");
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 6000) g;",
+    )
+    .await
+    .expect("schema");
+    let alias = env.index("t");
+    let cfg = env.write_config(&format!(
+        "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n\
+         [sink]\nurl = \"{}\"\nrequest_timeout_secs = 30\n\n\
+         [engine]\nmax_batch_delay_ms = 20\nbackfill_batch_rows = 100\nbackfill_chunk_rows = 500\n\n\
+         [[index]]\nname = \"{alias}\"\ntable = \"t\"\n",
+        env.pg.url("app"),
+        proxy.url(),
+    ));
+    // A slow copy (each 100-row bulk waits 200 ms), truncated in its middle.
+    proxy.set(ferry_testkit::Fault::Delay(Duration::from_millis(200)));
+    let ferry = env.run_ferry(&cfg);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let n = env.count("t").await;
+        if n >= 1500 {
+            assert!(n < 6000, "the copy finished before the truncate");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress\n{}", env.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.batch_execute("TRUNCATE t; INSERT INTO t VALUES (1, 'after'), (7000, 'after');")
+        .await
+        .expect("truncate");
+    proxy.clear();
+    env.assert_converges("t", "t", CONVERGE).await;
+    assert_eq!(env.count("t").await, 2);
+    assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
+}

@@ -78,6 +78,29 @@ pub enum TypeKind {
 }
 
 impl TypeKind {
+    /// Whether `text` can be PostgreSQL's text output of a value of this
+    /// kind (a document id part that is not cannot be any row's key). Exact
+    /// for integers and uuid; true for every kind whose syntax ferry does
+    /// not model.
+    pub fn admits(&self, text: &str) -> bool {
+        fn int<T: std::str::FromStr + ToString>(text: &str) -> bool {
+            text.parse::<T>().is_ok_and(|n| n.to_string() == text)
+        }
+        match self {
+            TypeKind::Int16 => int::<i16>(text),
+            TypeKind::Int32 => int::<i32>(text),
+            TypeKind::Int64 => int::<i64>(text),
+            TypeKind::Uuid => {
+                text.len() == 36
+                    && text.char_indices().all(|(i, c)| match i {
+                        8 | 13 | 18 | 23 => c == '-',
+                        _ => matches!(c, '0'..='9' | 'a'..='f'),
+                    })
+            }
+            _ => true,
+        }
+    }
+
     /// The kind of a built-in type, from its OID, or `None` for a type that
     /// is not built in (the caller resolves enums, domains and composites
     /// from the catalog).
@@ -1135,6 +1158,25 @@ fn write_element(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admits_only_what_postgresql_prints_for_integer_and_uuid_keys() {
+        assert!(TypeKind::Int32.admits("-42"));
+        for bad in ["foo", "", "01", "+1", " 1", "1.0", "2147483648"] {
+            assert!(!TypeKind::Int32.admits(bad), "{bad:?}");
+        }
+        assert!(TypeKind::Int64.admits("2147483648"));
+        assert!(!TypeKind::Int16.admits("40000"));
+        assert!(TypeKind::Uuid.admits("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+        for bad in [
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "foo",
+        ] {
+            assert!(!TypeKind::Uuid.admits(bad), "{bad:?}");
+        }
+        assert!(TypeKind::Text.admits("anything at all"));
+    }
     use proptest::prelude::*;
     use serde_json::Value;
 

@@ -112,6 +112,9 @@ pub async fn run(
         }
         Ok::<u64, EngineError>(written)
     });
+    // A seeding stopped from outside (its copy may be discarded) takes its
+    // writer with it: no batch or checkpoint of that copy lands later.
+    let _writer_stops_with_us = AbortOnDrop(writer.abort_handle());
 
     let batch_rows = ctx.cfg.engine.backfill_batch_rows;
     let chunk_rows = ctx.cfg.engine.backfill_chunk_rows;
@@ -215,6 +218,15 @@ pub async fn run(
     let secs = started.elapsed().as_secs_f64().max(0.001);
     tracing::info!(index = %ix.alias, rows = written, seconds = secs, rate = (written as f64 / secs) as u64, "backfill finished");
     Ok(written)
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Whether backfills may draw a progress bar on a terminal stderr. The

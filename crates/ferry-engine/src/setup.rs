@@ -95,8 +95,9 @@ pub(crate) fn index_plan(
 
 /// The config keys that choose which rows (and related rows) documents are
 /// built from, with their values: `where`, `soft_delete`, `order_by`,
-/// `limit` at every level and each count's `where`. Keyed by the relations'
-/// field paths, so reordering relations changes nothing.
+/// `limit` at every level, how each relation and count joins (`table`,
+/// `foreign_key`, `references`, `through`) and each count's `where`. Keyed
+/// by the relations' field paths, so reordering relations changes nothing.
 fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::Value;
     fn put(out: &mut serde_json::Map<String, Value>, key: String, v: Option<Value>) {
@@ -104,14 +105,35 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
             out.insert(key, v);
         }
     }
+    /// How a relation or count joins: its table, foreign key and referenced column.
+    fn join(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        table: &str,
+        foreign_key: &str,
+        references: &Option<String>,
+    ) {
+        put(out, format!("{at}table"), Some(Value::from(table)));
+        put(
+            out,
+            format!("{at}foreign_key"),
+            Some(Value::from(foreign_key)),
+        );
+        put(
+            out,
+            format!("{at}references"),
+            references.clone().map(Value::from),
+        );
+    }
     fn counts(
         out: &mut serde_json::Map<String, Value>,
         at: &str,
         list: &[ferry_config::CountConfig],
     ) {
         for c in list {
-            let key = format!("{at}{}.where", c.field);
-            put(out, key, c.filter.clone().map(Value::from));
+            let at = format!("{at}{}.", c.field);
+            join(out, &at, &c.table, &c.foreign_key, &c.references);
+            put(out, format!("{at}where"), c.filter.clone().map(Value::from));
         }
     }
     fn relations(
@@ -121,6 +143,19 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
     ) {
         for r in list {
             let at = format!("{at}{}.", r.field);
+            join(out, &at, &r.table, &r.foreign_key, &r.references);
+            if let Some(t) = &r.through {
+                put(
+                    out,
+                    format!("{at}through.table"),
+                    Some(Value::from(t.table.clone())),
+                );
+                put(
+                    out,
+                    format!("{at}through.other_key"),
+                    Some(Value::from(t.other_key.clone())),
+                );
+            }
             put(out, format!("{at}where"), r.filter.clone().map(Value::from));
             put(
                 out,
@@ -453,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn row_selection_names_every_filter_by_its_relation_path() {
+    fn row_selection_names_every_filter_and_join_by_its_relation_path() {
         let ix = index(
             "[[index]]\nname = \"users\"\ntable = \"users\"\nwhere = \"active\"\n\
              [[index.has_many]]\nfield = \"orders\"\ntable = \"orders\"\nforeign_key = \"user_id\"\norder_by = \"id desc\"\nlimit = 5\n\
@@ -464,9 +499,28 @@ mod tests {
             got,
             serde_json::json!({
                 "where": "active",
+                "orders.table": "orders",
+                "orders.foreign_key": "user_id",
                 "orders.order_by": "id desc",
                 "orders.limit": 5,
+                "orders.n.table": "items",
+                "orders.n.foreign_key": "order_id",
                 "orders.n.where": "qty > 0",
+            })
+        );
+        let tags = index(
+            "[[index]]\nname = \"users\"\ntable = \"users\"\n\
+             [[index.has_many]]\nfield = \"tags\"\ntable = \"tags\"\nforeign_key = \"user_id\"\nreferences = \"uid\"\n\
+             through = { table = \"user_tags\", other_key = \"tag_id\" }\n",
+        );
+        assert_eq!(
+            serde_json::Value::Object(selection(&tags)),
+            serde_json::json!({
+                "tags.table": "tags",
+                "tags.foreign_key": "user_id",
+                "tags.references": "uid",
+                "tags.through.table": "user_tags",
+                "tags.through.other_key": "tag_id",
             })
         );
         let plain = index("[[index]]\nname = \"users\"\ntable = \"users\"\n");

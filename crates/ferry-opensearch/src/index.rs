@@ -18,8 +18,9 @@ pub struct IndexPlan {
     /// Index settings (may be empty).
     pub settings: Map<String, Value>,
     /// What selects the rows documents are built from and which related
-    /// rows they hold (`where`, `soft_delete`, `order_by`, `limit`, by config
-    /// key): part of the generation identity, so changing it rebuilds the
+    /// rows they hold (`where`, `soft_delete`, `order_by`, `limit`, and how
+    /// each relation joins: `table`, `foreign_key`, `references`, `through`,
+    /// by config key): part of the generation identity, so changing it rebuilds the
     /// index like a mapping change does. Empty leaves the hash as it was
     /// before this existed.
     pub selection: Map<String, Value>,
@@ -92,6 +93,13 @@ pub enum Standing {
 /// The concrete index name for a plan: `<alias>-<hash>`.
 pub fn concrete_name(plan: &IndexPlan) -> String {
     format!("{}-{}", plan.alias, plan.hash())
+}
+
+/// The completed backfill's LSN recorded in ferry's `_meta`.
+fn seeded_lsn(meta: &Value) -> Option<Lsn> {
+    meta["seeded_lsn"]
+        .as_str()
+        .and_then(|s| s.parse::<Lsn>().ok())
 }
 
 /// Where an index stands after [`Sink::prepare_index`].
@@ -194,10 +202,7 @@ impl Sink {
             .find(|t| **t == base || t.starts_with(&format!("{base}-g")))
         {
             concrete = cur.clone();
-            let m = self
-                .request_json(Method::Get, &format!("/{cur}/_mapping"), None)
-                .await?;
-            if m[cur.as_str()]["mappings"]["_meta"]["ferry"]["reindex_requested"] == json!(true) {
+            if self.ferry_meta(cur).await?["reindex_requested"] == json!(true) {
                 concrete = self.next_generation(&base, cur).await?;
                 tracing::info!(alias = %plan.alias, from = %cur, to = %concrete, "rebuild requested: building a new index");
             }
@@ -228,13 +233,8 @@ impl Sink {
         let mut seeded = None;
         let mut checkpoint = None;
         if exists {
-            let m = self
-                .request_json(Method::Get, &format!("/{concrete}/_mapping"), None)
-                .await?;
-            let meta = &m[&concrete]["mappings"]["_meta"]["ferry"];
-            seeded = meta["seeded_lsn"]
-                .as_str()
-                .and_then(|s| s.parse::<Lsn>().ok());
+            let meta = self.ferry_meta(&concrete).await?;
+            seeded = seeded_lsn(&meta);
             checkpoint = meta["backfill_after"].as_array().map(|a| {
                 a.iter()
                     .map(|v| v.as_str().unwrap_or_default().to_string())
@@ -260,6 +260,20 @@ impl Sink {
             previous,
             checkpoint,
         })
+    }
+
+    /// ferry's `_meta` of a concrete index's mapping (`Null` when none).
+    async fn ferry_meta(&self, concrete: &str) -> Result<Value, SinkError> {
+        let m = self
+            .request_json(Method::Get, &format!("/{concrete}/_mapping"), None)
+            .await?;
+        Ok(m[concrete]["mappings"]["_meta"]["ferry"].clone())
+    }
+
+    /// The LSN a concrete index's backfill completed at (`None`: it did not
+    /// complete).
+    pub async fn seeded_lsn(&self, concrete: &str) -> Result<Option<Lsn>, SinkError> {
+        Ok(seeded_lsn(&self.ferry_meta(concrete).await?))
     }
 
     /// The index to rebuild `cur` into: an unfinished earlier attempt if one
@@ -303,10 +317,7 @@ impl Sink {
             .ok_or_else(|| {
                 SinkError::Conflict(format!("there is no index {alias:?} to rebuild"))
             })?;
-        let m = self
-            .request_json(Method::Get, &format!("/{cur}/_mapping"), None)
-            .await?;
-        let mut meta = m[cur.as_str()]["mappings"]["_meta"]["ferry"].clone();
+        let mut meta = self.ferry_meta(&cur).await?;
         if !meta.is_object() {
             return Err(SinkError::Conflict(format!(
                 "index {cur:?} behind {alias:?} was not created by ferry"

@@ -57,6 +57,82 @@ pub struct Uncovered {
     pub table: String,
 }
 
+/// One table of a lookup's partition tree (names quoted for SQL).
+struct TreeTable {
+    /// The lookup's position.
+    lookup: usize,
+    table: String,
+    partitioned: bool,
+    column: String,
+    /// The table's schema.
+    schema: String,
+    /// The index ferry's advice names for this table (unqualified).
+    index: String,
+    /// The parent's index of that name (none for the lookup's own table).
+    parent_index: Option<String>,
+    /// A valid, non-partial index leads with the column.
+    indexed: bool,
+    /// An existing one-column index on it that can be attached to the parent's.
+    attachable: Option<String>,
+}
+
+impl TreeTable {
+    fn from_row(r: &tokio_postgres::Row) -> TreeTable {
+        let i: i64 = r.get(0);
+        TreeTable {
+            lookup: usize::try_from(i - 1).unwrap_or(0),
+            table: r.get(1),
+            partitioned: r.get(2),
+            column: r.get(3),
+            schema: r.get(4),
+            index: r.get(5),
+            parent_index: r.get(6),
+            indexed: r.get(7),
+            attachable: r.get(8),
+        }
+    }
+}
+
+/// The statements that index a lookup's column, given its partition tree
+/// (parents first); `None` when every table that holds rows has an index.
+fn index_advice(tree: &[TreeTable]) -> Option<(usize, String)> {
+    let root = tree.first()?;
+    if !root.partitioned {
+        return (!root.indexed).then(|| {
+            let sql = format!(
+                "CREATE INDEX CONCURRENTLY ON {} ({});",
+                root.table, root.column
+            );
+            (root.lookup, sql)
+        });
+    }
+    if tree.iter().all(|t| t.partitioned || t.indexed) {
+        return None;
+    }
+    let mut sql = Vec::new();
+    for t in tree {
+        let index = if t.partitioned {
+            sql.push(format!(
+                "CREATE INDEX {} ON ONLY {} ({});",
+                t.index, t.table, t.column
+            ));
+            format!("{}.{}", t.schema, t.index)
+        } else if let Some(existing) = &t.attachable {
+            existing.clone()
+        } else {
+            sql.push(format!(
+                "CREATE INDEX CONCURRENTLY {} ON {} ({});",
+                t.index, t.table, t.column
+            ));
+            format!("{}.{}", t.schema, t.index)
+        };
+        if let Some(parent) = &t.parent_index {
+            sql.push(format!("ALTER INDEX {parent} ATTACH PARTITION {index};"));
+        }
+    }
+    Some((root.lookup, sql.join("\n")))
+}
+
 fn oids_param(oids: &[u32]) -> Vec<i64> {
     let mut v: Vec<i64> = oids.iter().map(|o| i64::from(*o)).collect();
     v.sort_unstable();
@@ -157,35 +233,65 @@ impl Session {
     }
 
     /// The lookups among these that no valid, non-partial index leads with,
-    /// each as (its position in `lookups`, the `CREATE INDEX CONCURRENTLY`
-    /// statement that adds one).
+    /// each as (its position in `lookups`, the statements that add one).
+    /// A plain table gets `CREATE INDEX CONCURRENTLY`. PostgreSQL refuses
+    /// that on a partitioned table, whose lookups use each leaf's own
+    /// index: it counts as unindexed when a leaf lacks one, and gets an
+    /// invalid index `ON ONLY` the root (and each partitioned level), then
+    /// per leaf an index built concurrently, or an existing one-column
+    /// index, attached to its parent's with `ALTER INDEX … ATTACH
+    /// PARTITION` (the root's index turns valid with the last one).
     pub async fn unindexed_lookups(
         &self,
         lookups: &[Lookup],
     ) -> Result<Vec<(usize, String)>, SourceError> {
         let oids: Vec<i64> = lookups.iter().map(|l| i64::from(l.oid)).collect();
         let cols: Vec<&str> = lookups.iter().map(|l| l.column.as_str()).collect();
+        // One row per table of each lookup's partition tree (the table
+        // alone when it is not partitioned), parents before children.
         let rows = self
             .client
             .query(
-                "SELECT w.i, format('CREATE INDEX CONCURRENTLY ON %I.%I (%I);', n.nspname, c.relname, w.col) \
-                 FROM unnest($1::int8[], $2::text[]) WITH ORDINALITY AS w(oid, col, i) \
-                 JOIN pg_class c ON c.oid::int8 = w.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_index x \
-                   JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0] \
-                   WHERE x.indrelid = c.oid AND a.attname = w.col AND x.indisvalid AND x.indpred IS NULL) \
-                 ORDER BY w.i",
+                "SELECT w.i, format('%I.%I', n.nspname, c.relname), c.relkind = 'p', format('%I', w.col),
+                   format('%I', n.nspname), format('%I', left(c.relname || '_' || w.col, 59) || '_idx'),
+                   CASE WHEN pc.oid IS NOT NULL
+                     THEN format('%I.%I', pn.nspname, left(pc.relname || '_' || w.col, 59) || '_idx') END,
+                   EXISTS (SELECT 1 FROM pg_index x
+                     JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+                     WHERE x.indrelid = c.oid AND a.attname = w.col AND x.indisvalid AND x.indpred IS NULL),
+                   (SELECT format('%I.%I', n.nspname, ic.relname) FROM pg_index x
+                     JOIN pg_class ic ON ic.oid = x.indexrelid
+                     JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+                     WHERE x.indrelid = c.oid AND a.attname = w.col AND x.indnatts = 1 AND x.indisvalid
+                       AND NOT x.indisunique AND x.indpred IS NULL AND x.indexprs IS NULL
+                       AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = x.indexrelid)
+                     ORDER BY ic.relname LIMIT 1)
+                 FROM unnest($1::int8[], $2::text[]) WITH ORDINALITY AS w(oid, col, i)
+                 CROSS JOIN LATERAL (
+                   SELECT t.relid, t.parentrelid, t.level FROM pg_partition_tree(w.oid::oid) t
+                   UNION ALL SELECT w.oid::oid, NULL::oid, 0
+                     WHERE NOT EXISTS (SELECT 1 FROM pg_partition_tree(w.oid::oid))) t
+                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                 LEFT JOIN pg_class pc ON pc.oid = t.parentrelid AND t.level > 0
+                 LEFT JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                 ORDER BY w.i, t.level, c.relname",
                 &[&oids, &cols],
             )
             .await
             .map_err(|e| SourceError::from_pg("checking indexes on foreign keys", e))?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let i: i64 = r.get(0);
-                (usize::try_from(i - 1).unwrap_or(0), r.get(1))
-            })
-            .collect())
+        let mut out: Vec<(usize, String)> = Vec::new();
+        let mut tree: Vec<TreeTable> = Vec::new();
+        let mut at = None;
+        for r in rows.iter().map(TreeTable::from_row) {
+            if at.is_some_and(|i| i != r.lookup) {
+                out.extend(index_advice(&tree));
+                tree.clear();
+            }
+            at = Some(r.lookup);
+            tree.push(r);
+        }
+        out.extend(index_advice(&tree));
+        Ok(out)
     }
 
     /// Sets (with `manage`, else asks for) REPLICA IDENTITY FULL on each
@@ -501,5 +607,100 @@ impl Session {
     /// Ends the snapshot transaction a seeding session reads under.
     pub async fn end_snapshot(&self) {
         let _ = self.client.batch_execute("COMMIT").await;
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+    use ferry_testkit::PgCluster;
+
+    /// A plain table and a two-level partitioned one, no index on the
+    /// looked-up columns but one on a single leaf.
+    const DDL: &str = "
+CREATE TABLE plain (id int PRIMARY KEY, user_id int);
+CREATE TABLE events (id int, region text, account_id int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us') PARTITION BY RANGE (id);
+CREATE TABLE events_us_low PARTITION OF events_us FOR VALUES FROM (0) TO (1000);
+CREATE TABLE events_us_high PARTITION OF events_us FOR VALUES FROM (1000) TO (MAXVALUE);
+CREATE INDEX events_us_high_by_account ON events_us_high (account_id);";
+
+    #[tokio::test]
+    async fn unindexed_lookup_advice_runs_on_postgresql_for_plain_and_partitioned_tables() {
+        let pg = tokio::task::spawn_blocking(PgCluster::start)
+            .await
+            .expect("join")
+            .expect("start PostgreSQL");
+        let client = pg.client("postgres").await.expect("connect");
+        client.batch_execute(DDL).await.expect("schema");
+        let oid = |r: tokio_postgres::Row| -> u32 { r.get(0) };
+        let plain = oid(client
+            .query_one("SELECT 'plain'::regclass::oid", &[])
+            .await
+            .expect("oid"));
+        let events = oid(client
+            .query_one("SELECT 'events'::regclass::oid", &[])
+            .await
+            .expect("oid"));
+        let lookups = [
+            Lookup {
+                oid: plain,
+                column: "user_id".into(),
+                field: "a".into(),
+            },
+            Lookup {
+                oid: events,
+                column: "account_id".into(),
+                field: "b".into(),
+            },
+        ];
+        let session = Session { client };
+        let advice = session.unindexed_lookups(&lookups).await.expect("advice");
+        assert_eq!(
+            advice,
+            vec![
+                (0, "CREATE INDEX CONCURRENTLY ON public.plain (user_id);".to_string()),
+                (
+                    1,
+                    "CREATE INDEX events_account_id_idx ON ONLY public.events (account_id);\n\
+                     CREATE INDEX CONCURRENTLY events_eu_account_id_idx ON public.events_eu (account_id);\n\
+                     ALTER INDEX public.events_account_id_idx ATTACH PARTITION public.events_eu_account_id_idx;\n\
+                     CREATE INDEX events_us_account_id_idx ON ONLY public.events_us (account_id);\n\
+                     ALTER INDEX public.events_account_id_idx ATTACH PARTITION public.events_us_account_id_idx;\n\
+                     ALTER INDEX public.events_us_account_id_idx ATTACH PARTITION public.events_us_high_by_account;\n\
+                     CREATE INDEX CONCURRENTLY events_us_low_account_id_idx ON public.events_us_low (account_id);\n\
+                     ALTER INDEX public.events_us_account_id_idx ATTACH PARTITION public.events_us_low_account_id_idx;"
+                        .to_string()
+                ),
+            ]
+        );
+        // Run as advised, one statement at a time (CONCURRENTLY refuses a
+        // transaction block): PostgreSQL accepts every statement, the root's
+        // index turns valid, and nothing is left to advise.
+        for (_, statements) in &advice {
+            for statement in statements.lines() {
+                session
+                    .client
+                    .batch_execute(statement)
+                    .await
+                    .unwrap_or_else(|e| panic!("{statement}: {e:?}"));
+            }
+        }
+        let valid: bool = session
+            .client
+            .query_one(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = 'events_account_id_idx'::regclass",
+                &[],
+            )
+            .await
+            .expect("root index")
+            .get(0);
+        assert!(
+            valid,
+            "the partitioned root's index is valid once every leaf's is attached"
+        );
+        let left = session.unindexed_lookups(&lookups).await.expect("advice");
+        assert_eq!(left, Vec::<(usize, String)>::new());
     }
 }

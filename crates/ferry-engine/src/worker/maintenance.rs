@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use ferry_core::Lsn;
+
 use super::Worker;
 use crate::index::IndexId;
 use crate::EngineError;
@@ -11,10 +13,12 @@ use crate::EngineError;
 impl Worker {
     /// TRUNCATE: a root table's index is emptied (its primary and the
     /// index its alias still serves); a related table's truncation rebuilds
-    /// the indexes that read it beside the ones searches use: the pipeline
-    /// starts again (so the other indexes stream on at once) and seeds a new
-    /// copy from a snapshot taken after the truncate, which the replayed
-    /// TRUNCATE then finds already applied.
+    /// the indexes that read it beside the ones searches use
+    /// ([`Worker::mark_for_rebuild`]): the pipeline starts again (so the
+    /// other indexes stream on at once) and the replayed TRUNCATE finds the
+    /// new copy already past it. A TRUNCATE never lands inside a copy of its
+    /// table (it waits for the copy's lock; see ARCHITECTURE.md), so a
+    /// root's copy needs no new copy.
     pub(super) async fn on_truncate(&mut self, rels: Vec<u32>) -> Result<(), EngineError> {
         let t = self.core.router().truncation(&rels);
         if t.empty.is_empty() && t.rebuild.is_empty() {
@@ -22,30 +26,26 @@ impl Worker {
         }
         // Everything before the truncate must land first.
         self.core.barrier().await?;
+        let version = self.core.version();
+        let mut rebuilding = Vec::new();
         for i in t.empty {
-            let mut targets = vec![self.core.sink.primary(IndexId(i)).to_string()];
-            targets.extend(self.core.rows.indexes[i].shadow.clone());
+            let ix = &self.core.rows.indexes[i];
+            // A copy from a snapshot after the truncate already lacks the
+            // rows; emptying it would also delete rows inserted since.
+            let copied_after = self.seeded_at[i].is_some_and(|at| at >= version);
+            let mut targets: Vec<String> = ix.shadow.iter().cloned().collect();
+            if !copied_after {
+                targets.push(self.core.sink.primary(IndexId(i)).to_string());
+            }
             for concrete in &targets {
                 self.core.sink.sink.delete_all(concrete).await?;
             }
-            tracing::info!(index = %self.core.rows.indexes[i].alias, "root table truncated: removed every document");
+            tracing::info!(index = %ix.alias, "root table truncated: removed every document");
         }
-        let version = self.core.version();
-        let mut rebuilding = Vec::new();
         for i in t.rebuild {
-            let ix = &self.core.rows.indexes[i];
-            if self.seeded_at[i].is_some_and(|at| at >= version) {
-                // This pipeline copies it from a snapshot taken after the truncate.
-                continue;
+            if self.mark_for_rebuild(i, Some(version)).await? {
+                rebuilding.push(self.core.rows.indexes[i].alias.clone());
             }
-            if ix.shadow.is_some() {
-                // Its primary is still being copied and is not served: copy it again.
-                self.discard_on_exit.push(ix.concrete.clone());
-            } else {
-                let serving = self.core.sink.sink.request_reindex(&ix.alias).await?;
-                tracing::info!(index = %ix.alias, serving = %serving, "a related table was truncated: rebuilding the index beside the one searches use");
-            }
-            rebuilding.push(ix.alias.clone());
         }
         if !rebuilding.is_empty() {
             return Err(EngineError::Restart(format!(
@@ -54,6 +54,67 @@ impl Worker {
             )));
         }
         Ok(())
+    }
+
+    /// Index `i` no longer equals its rows after a change no row change
+    /// carries (a TRUNCATE at `at`, or a partition attached or detached,
+    /// whose position is unknown: `None`); the caller restarts the pipeline
+    /// when this returns true. A served, complete index is marked for a
+    /// rebuild beside it (as `ferry reindex` does). A copy this pipeline
+    /// makes from a snapshot taken after the change needs nothing (false).
+    /// A copy from an older snapshot must never go live nor be resumed from
+    /// its checkpoint: it is settled once the seeding stopped, by
+    /// [`Worker::discard_stale_copies`].
+    async fn mark_for_rebuild(&mut self, i: usize, at: Option<Lsn>) -> Result<bool, EngineError> {
+        match self.seeded_at[i] {
+            Some(copy) if at.is_some_and(|at| copy >= at) => Ok(false),
+            Some(_) => {
+                if !self.copy_again.contains(&i) {
+                    self.copy_again.push(i);
+                }
+                Ok(true)
+            }
+            None => {
+                let alias = &self.core.rows.indexes[i].alias;
+                let serving = self.core.sink.sink.request_reindex(alias).await?;
+                tracing::info!(index = %alias, serving = %serving, "rebuilding the index beside the one searches use");
+                Ok(true)
+            }
+        }
+    }
+
+    /// Runs when the pipeline ended, after its seeding stopped: each index
+    /// [`Worker::mark_for_rebuild`] found copied from a snapshot older than
+    /// a change is copied again by the next start. An unfinished copy (or a
+    /// finished one the alias did not move to yet) is deleted, so it is
+    /// neither resumed nor moved to; on a first start the alias goes with
+    /// it and the next start copies from scratch. The index the alias
+    /// serves is marked for a rebuild, so the next start builds a new copy
+    /// beside it even when nothing else would (a reseed after a lost slot,
+    /// `ferry reindex`). A copy that finished and went live is just marked.
+    pub(super) async fn discard_stale_copies(&self) {
+        let sink = &self.core.sink.sink;
+        for &i in &self.copy_again {
+            let ix = &self.core.rows.indexes[i];
+            let settled = async {
+                let served = sink.alias_targets(&ix.alias).await?;
+                let live = served.contains(&ix.concrete);
+                if live && sink.seeded_lsn(&ix.concrete).await?.is_some() {
+                    sink.request_reindex(&ix.alias).await?;
+                    tracing::info!(index = %ix.alias, "the copy went live before the change: rebuilding it beside");
+                    return Ok(());
+                }
+                sink.delete_index(&ix.concrete).await?;
+                tracing::info!(index = %ix.concrete, "deleted the copy taken before the change; the next start copies the index again");
+                if !live && !served.is_empty() {
+                    sink.request_reindex(&ix.alias).await?;
+                }
+                Ok::<(), ferry_opensearch::SinkError>(())
+            };
+            if let Err(e) = settled.await {
+                tracing::warn!(index = %ix.concrete, error = %e, "could not discard the copy taken before the change");
+            }
+        }
     }
 
     /// The alias of index `pos` moved off `old`: stop writing to it (after
@@ -93,9 +154,10 @@ impl Worker {
     /// partition's rows would never arrive and a detached one's would stay.
     /// A new leaf gets REPLICA IDENTITY FULL where old values are needed; a
     /// leaf that came or went with rows (or was dropped) marks every index
-    /// reading that table for a rebuild and restarts the pipeline, which
-    /// rebuilds them beside the served index and moves the alias. Empty
-    /// partitions (created ahead of time) change nothing.
+    /// reading that table for a rebuild ([`Worker::mark_for_rebuild`]: a copy
+    /// still being made from an older snapshot is discarded) and restarts
+    /// the pipeline, which rebuilds them beside the served index and moves
+    /// the alias. Empty partitions (created ahead of time) change nothing.
     pub(super) async fn check_partitions(&mut self) -> Result<(), EngineError> {
         let client = &self.core.rows.client;
         let indexes = &self.core.rows.indexes;
@@ -127,17 +189,25 @@ impl Worker {
             tracing::info!("partitions changed without rows: nothing to rebuild");
             return Ok(());
         }
+        let affected: Vec<usize> = indexes
+            .iter()
+            .enumerate()
+            .filter(|(_, ix)| {
+                ix.plan
+                    .usages()
+                    .iter()
+                    .any(|(oid, _)| moved_rows.contains(oid))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        // No write of this pipeline may land after a copy is discarded.
+        self.core.settle().await?;
         let mut rebuild = Vec::new();
-        for ix in indexes {
-            if ix
-                .plan
-                .usages()
-                .iter()
-                .any(|(oid, _)| moved_rows.contains(oid))
-            {
-                self.core.sink.sink.request_reindex(&ix.alias).await?;
-                rebuild.push(ix.alias.clone());
-            }
+        for i in affected {
+            // When the partition changed is unknown: any copy of this
+            // pipeline may predate it.
+            self.mark_for_rebuild(i, None).await?;
+            rebuild.push(self.core.rows.indexes[i].alias.clone());
         }
         Err(EngineError::Restart(format!(
             "a partition with rows was attached or detached: rebuilding {} in the background",

@@ -59,9 +59,10 @@ struct Worker {
     /// Per index position: the version of the snapshot this pipeline seeds
     /// it from (a TRUNCATE older than that is already in the copy).
     seeded_at: Vec<Option<ferry_core::Lsn>>,
-    /// Unserved concrete indexes to delete once seeding stopped, so the
-    /// next start copies them from scratch.
-    discard_on_exit: Vec<String>,
+    /// Index positions whose copy in this pipeline predates a change (see
+    /// `maintenance.rs`): settled once seeding stopped, so the next start
+    /// copies them again.
+    copy_again: Vec<usize>,
 }
 
 /// Streams changes until shutdown or a failure.
@@ -130,7 +131,7 @@ pub async fn stream(
         last_event: Instant::now(),
         partitions,
         seeded_at,
-        discard_on_exit: Vec::new(),
+        copy_again: Vec::new(),
     };
     tracing::info!("streaming changes");
     // Each index keeps the state set up for it (seeding, rebuilding or streaming).
@@ -207,16 +208,7 @@ pub async fn stream(
         t.abort();
         let _ = t.await;
     }
-    for concrete in &w.discard_on_exit {
-        match w.core.sink.sink.delete_index(concrete).await {
-            Ok(()) => {
-                tracing::info!(index = %concrete, "deleted the unfinished copy; the next start copies it from scratch")
-            }
-            Err(e) => {
-                tracing::warn!(index = %concrete, error = %e, "could not delete the unfinished copy")
-            }
-        }
-    }
+    w.discard_stale_copies().await;
     // Capture reports the last confirmed position to the server, then closes the stream.
     capture.stop();
     if !joined {
