@@ -15,6 +15,7 @@
 //! records without row data.
 
 mod client;
+pub mod control;
 mod metrics;
 mod routes;
 mod server;
@@ -27,7 +28,8 @@ use std::sync::Arc;
 
 use ferry_core::stats::Stats;
 
-pub use client::{fetch, Response};
+pub use client::{call, fetch, Response};
+pub use control::{Action, ControlApi, ControlError, ControlRequest};
 pub use metrics::Metrics;
 pub use server::AdminServer;
 pub use status::{admin_url, status_json, status_table};

@@ -28,19 +28,46 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: where the admin HTTP endpoint listens.
+/// `[admin]`: where the admin HTTP endpoint listens, and the token that
+/// turns its control API on.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Socket address, e.g. `127.0.0.1:9187` (the default); port 0 picks a free port.
     pub listen: String,
+    /// File holding the bearer token of the control API (`/control/…`);
+    /// the API is off unless this or `token_env` is set.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Environment variable holding the bearer token of the control API.
+    pub token_env: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9187".into(),
+            token_file: None,
+            token_env: None,
         }
+    }
+}
+
+impl AdminConfig {
+    /// The control API's bearer token, read from `token_file` or
+    /// `token_env`; `None` when neither is set (the API is off). The error
+    /// names the key and never holds the secret.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(path) = &self.token_file {
+            return read_secret_file(path)
+                .map(Some)
+                .map_err(|e| format!("admin.token_file {}: {e}", path.display()));
+        }
+        if let Some(name) = &self.token_env {
+            return read_secret_env(name)
+                .map(Some)
+                .map_err(|e| format!("admin.token_env: {e}"));
+        }
+        Ok(None)
     }
 }
 
@@ -831,6 +858,30 @@ impl Config {
                     self.admin.listen
                 ),
             );
+        }
+        if self.admin.token_file.is_some() && self.admin.token_env.is_some() {
+            bad(
+                "admin.token_file",
+                "and admin.token_env both give the control API token; keep one".into(),
+            );
+        }
+        if self
+            .admin
+            .token_file
+            .as_ref()
+            .is_some_and(|f| f.as_os_str().is_empty())
+        {
+            bad("admin.token_file", "must be a file path".into());
+        }
+        if let Some(name) = &self.admin.token_env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                bad(
+                    "admin.token_env",
+                    format!(
+                        "{name:?} is not an environment variable name (e.g. \"FERRY_ADMIN_TOKEN\")"
+                    ),
+                );
+            }
         }
         if self.indexes.is_empty() {
             bad(

@@ -18,6 +18,8 @@ pub enum IndexState {
     Streaming,
     /// Stopped (error or shutdown).
     Stopped,
+    /// Paused through the control API: not written until resumed.
+    Paused,
 }
 
 impl IndexState {
@@ -28,6 +30,7 @@ impl IndexState {
             IndexState::Backfilling => "backfilling",
             IndexState::Streaming => "streaming",
             IndexState::Stopped => "stopped",
+            IndexState::Paused => "paused",
         }
     }
 }

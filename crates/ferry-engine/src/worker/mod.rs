@@ -135,7 +135,7 @@ pub async fn stream(
     };
     tracing::info!("streaming changes");
     stats.streaming.store(true, Relaxed);
-    for i in 0..indexes.len() {
+    for i in (0..indexes.len()).filter(|&i| !indexes[i].paused) {
         if let Some(st) = stats.index(i) {
             st.set_state(IndexState::Streaming);
         }

@@ -53,7 +53,7 @@ impl Router {
     /// Derives every route from the index plans.
     pub fn new(indexes: &[IndexRuntime]) -> Router {
         let mut router = Router::default();
-        for ix in indexes {
+        for ix in indexes.iter().filter(|ix| !ix.paused) {
             if ix.fast {
                 router
                     .flat_roots
@@ -225,6 +225,7 @@ pub(super) mod tests {
             plan,
             fast: flat,
             shadow: None,
+            paused: false,
         }
     }
 
