@@ -7,6 +7,7 @@ mod control;
 mod demo;
 mod ops;
 mod remote;
+mod schema;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -135,6 +136,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         rows: u32,
     },
+    /// The configuration format: `ferry config schema` prints its JSON Schema.
+    Config {
+        /// schema.
+        #[command(subcommand)]
+        action: schema::ConfigAction,
+    },
     /// Commands of the control API (indexes, pause, resume).
     #[command(flatten)]
     Remote(remote::RemoteCommand),
@@ -171,6 +178,7 @@ pub fn main() -> ExitCode {
             } => ops::dead_letters(&config, action, index, page_size, direct).await,
             Command::Reindex { name, config } => ops::reindex(&config, &name, direct).await,
             Command::Remote(command) => remote::run(command).await,
+            Command::Config { action } => schema::run(action),
             Command::Slot { config, action } => ops::slot(&config, action).await,
             Command::Health { url, config } => health(url, config).await,
             Command::Verify {
