@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{ferry_bin, TestEnv};
+use ferry_e2e::{ferry_bin, output_of, wait_for, TestEnv};
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -15,6 +15,7 @@ const TOKEN: &str = "control-test-token-9d1c";
 /// A config with the control API on (token in a file) at a free port.
 struct Setup {
     cfg: PathBuf,
+    port: u16,
 }
 
 fn setup(env: &TestEnv, slot: &str, indexes: &str, sink_extra: &str) -> Setup {
@@ -30,24 +31,19 @@ fn setup(env: &TestEnv, slot: &str, indexes: &str, sink_extra: &str) -> Setup {
     );
     Setup {
         cfg: env.write_config(&text),
+        port,
     }
 }
 
 impl Setup {
     /// Runs `ferry <command> --config <cfg> <args…>`: (exit code, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(ferry_bin())
-            .arg(args[0])
-            .arg("--config")
-            .arg(&self.cfg)
-            .args(&args[1..])
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("run ferry");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        output_of(
+            Command::new(ferry_bin())
+                .arg(args[0])
+                .arg("--config")
+                .arg(&self.cfg)
+                .args(&args[1..]),
         )
     }
 
@@ -63,14 +59,6 @@ impl Setup {
             .iter()
             .find(|i| i["name"] == alias)
             .and_then(|i| i["state"].as_str().map(String::from))
-    }
-}
-
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -288,6 +276,39 @@ async fn dead_letters_are_listed_and_retried_through_the_control_api() {
         listed.contains("1 dead letter(s)") && listed.contains("\t52\t"),
         "{listed}"
     );
+    // A verify started through the API reports the one row whose document
+    // the cluster still refuses.
+    let base = format!("http://127.0.0.1:{}", s.port);
+    let http = reqwest::Client::new();
+    let started = http
+        .post(format!("{base}/control/verify"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("start verify");
+    assert_eq!(started.status().as_u16(), 200);
+    let mut report = Value::Null;
+    wait_for("the verify to finish", CONVERGE, async || {
+        let r = http
+            .get(format!("{base}/control/verify"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("verify status");
+        report = serde_json::from_str(&r.text().await.expect("body")).expect("json");
+        report["state"] != "running"
+    })
+    .await;
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["reports"][0]["missing"], 1, "{report}");
+    assert_eq!(report["reports"][0]["examples"][0]["id"], "52", "{report}");
+    let unauthenticated = http
+        .get(format!("{base}/control/verify"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(unauthenticated.status().as_u16(), 401);
+
     // The log names the actions done through the API.
     assert!(
         env.log().contains("control API: done"),

@@ -147,7 +147,7 @@ impl ControlApi {
         }
         match answer.await {
             Ok(Ok(doc)) => json(StatusCode::OK, &doc),
-            Ok(Err(e)) => json(e.status(), &serde_json::json!({"error": e.to_string()})),
+            Ok(Err(e)) => refused(&e),
             Err(_) => failed("the action was abandoned (ferry is shutting down)"),
         }
     }
@@ -230,7 +230,7 @@ async fn dead_letters(State(api): State<ControlApi>, RawQuery(q): RawQuery) -> R
     let q = Query::parse(q);
     let limit = match q.number("limit") {
         Ok(n) => n.unwrap_or(DEFAULT_LIST_LIMIT).min(MAX_LIST_LIMIT),
-        Err(r) => return r,
+        Err(e) => return refused(&e),
     };
     api.ask(Action::DeadLetters {
         index: q.get("index"),
@@ -252,7 +252,7 @@ async fn verify_start(State(api): State<ControlApi>, RawQuery(q): RawQuery) -> R
     let q = Query::parse(q);
     let sample = match q.number("sample") {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(e) => return refused(&e),
     };
     let repair = matches!(q.get("repair").as_deref(), Some("true" | "1"));
     api.ask(Action::StartVerify {
@@ -283,18 +283,20 @@ impl Query {
             .map(|(_, v)| v.clone())
     }
 
-    /// A non-negative integer parameter, or the `400` naming it.
-    fn number(&self, key: &str) -> Result<Option<usize>, Response> {
+    /// A non-negative integer parameter, or the error naming it.
+    fn number(&self, key: &str) -> Result<Option<usize>, ControlError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|_| {
-                json(
-                    StatusCode::BAD_REQUEST,
-                    &serde_json::json!({"error": format!("{key}={v:?} is not a non-negative integer")}),
-                )
+                ControlError::BadRequest(format!("{key}={v:?} is not a non-negative integer"))
             }),
         }
     }
+}
+
+/// The answer for an action refused with `e`.
+fn refused(e: &ControlError) -> Response {
+    json(e.status(), &serde_json::json!({"error": e.to_string()}))
 }
 
 fn failed(why: &str) -> Response {

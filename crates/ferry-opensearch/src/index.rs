@@ -259,24 +259,33 @@ impl Sink {
     /// index it serves; the rebuild starts when ferry restarts its pipeline
     /// (SIGHUP or a restart). Returns the index currently served.
     pub async fn request_reindex(&self, alias: &str) -> Result<String, SinkError> {
+        self.update_served_meta(alias, |meta| {
+            meta["reindex_requested"] = json!(true);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Rewrites `_meta.ferry` of the index `alias` serves with `change`;
+    /// returns that index.
+    async fn update_served_meta(
+        &self,
+        alias: &str,
+        change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
+    ) -> Result<String, SinkError> {
         let cur = self
             .alias_targets(alias)
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| {
-                SinkError::Conflict(format!("there is no index {alias:?} to rebuild"))
-            })?;
-        let m = self
-            .request_json(Method::Get, &format!("/{cur}/_mapping"), None)
-            .await?;
-        let mut meta = m[cur.as_str()]["mappings"]["_meta"]["ferry"].clone();
+            .ok_or_else(|| SinkError::Conflict(format!("there is no index {alias:?} yet")))?;
+        let mut meta = self.ferry_meta(&cur).await?;
         if !meta.is_object() {
             return Err(SinkError::Conflict(format!(
                 "index {cur:?} behind {alias:?} was not created by ferry"
             )));
         }
-        meta["reindex_requested"] = json!(true);
+        change(&mut meta)?;
         self.request_json(
             Method::Put,
             &format!("/{cur}/_mapping"),
@@ -300,46 +309,22 @@ impl Sink {
     /// which starts on resume, so the changes skipped while paused are read
     /// from the rows again. Returns the index served.
     pub async fn set_paused(&self, alias: &str, paused: bool) -> Result<String, SinkError> {
-        let cur = self
-            .alias_targets(alias)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| SinkError::Conflict(format!("there is no index {alias:?} yet")))?;
-        let mut meta = self.ferry_meta(&cur).await?;
-        if !meta.is_object() {
-            return Err(SinkError::Conflict(format!(
-                "index {cur:?} behind {alias:?} was not created by ferry"
-            )));
-        }
-        let was = meta["paused"] == json!(true);
-        if was == paused {
-            let state = if paused {
-                "already paused"
-            } else {
-                "not paused"
-            };
-            return Err(SinkError::Conflict(format!("index {alias:?} is {state}")));
-        }
-        meta["paused"] = json!(paused);
-        if paused {
-            meta["reindex_requested"] = json!(true);
-        }
-        self.request_json(
-            Method::Put,
-            &format!("/{cur}/_mapping"),
-            Some(json!({"_meta": {"ferry": meta}})),
-        )
-        .await?;
-        Ok(cur)
-    }
-
-    /// Whether the index `alias` serves is paused (`false` when there is none).
-    pub async fn is_paused(&self, alias: &str) -> Result<bool, SinkError> {
-        match self.alias_targets(alias).await?.first() {
-            Some(cur) => Ok(self.ferry_meta(cur).await?["paused"] == json!(true)),
-            None => Ok(false),
-        }
+        self.update_served_meta(alias, |meta| {
+            if (meta["paused"] == json!(true)) == paused {
+                let state = if paused {
+                    "already paused"
+                } else {
+                    "not paused"
+                };
+                return Err(SinkError::Conflict(format!("index {alias:?} is {state}")));
+            }
+            meta["paused"] = json!(paused);
+            if paused {
+                meta["reindex_requested"] = json!(true);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes every index ferry built for `alias` (`_meta.ferry.alias`)
