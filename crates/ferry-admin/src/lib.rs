@@ -1,5 +1,6 @@
-//! ferry's admin endpoint: a small read-only HTTP server over the engine's
-//! [`Stats`], and systemd readiness/watchdog notifications.
+//! ferry's admin endpoint: a small HTTP server over the engine's [`Stats`]
+//! (read-only routes, plus the bearer-guarded control API of [`control`]
+//! when a token is configured), and systemd readiness/watchdog notifications.
 //!
 //! Routes (GET or HEAD, served by axum on hyper; every response closes the
 //! connection):
@@ -10,7 +11,10 @@
 //! * `/metrics`: Prometheus text exposition format 0.0.4 (`prometheus-client`);
 //! * `/status`: a JSON summary (slot, positions, lag, per-index progress).
 //!
-//! Nothing served here contains row values, document ids or credentials:
+//! `/control/…` is the control API ([`control`]): `404` unless a token is
+//! configured, then `401` without the right bearer token.
+//!
+//! Nothing the read-only routes serve contains row values, document ids or credentials:
 //! only counters, index names, the slot name and error messages the engine
 //! records without row data.
 

@@ -375,6 +375,28 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_paused_index_gets_no_routes_and_no_truncation() {
+        let (mut ix, users, posts, _) = users_plan();
+        ix.paused = true;
+        let flat_users = index(1, node("", users.clone(), Link::Root), true);
+        let mut flat = flat_users.clone();
+        flat.paused = true;
+        let router = Router::new(&[ix, flat]);
+        assert!(!router.is_routed(users.oid));
+        assert!(!router.is_routed(posts.oid));
+        assert!(router.flat_indexes(users.oid).is_empty());
+        assert_eq!(
+            router.truncation(&[users.oid, posts.oid]),
+            Truncation::default()
+        );
+        // The same indexes unpaused are routed.
+        let (ix, ..) = users_plan();
+        let router = Router::new(&[ix, flat_users]);
+        assert!(router.is_routed(users.oid));
+        assert_eq!(router.flat_indexes(users.oid), [1]);
+    }
+
+    #[test]
     fn truncating_a_root_empties_its_index_and_a_related_table_rebuilds() {
         let (relational, ..) = users_plan();
         let flat = index(1, node("", shape("events", 20, &["id"]), Link::Root), true);
