@@ -428,18 +428,32 @@ impl Drop for FerryProcess {
 
 /// Runs `ferry <args…>` to completion; returns (exit code, stdout, stderr).
 pub fn ferry_once(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(ferry_bin())
-        .args(args)
-        // Parallel tests: never compete for the default admin port.
-        .env("FERRY_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run ferry");
+    output_of(
+        Command::new(ferry_bin())
+            .args(args)
+            // Parallel tests: never compete for the default admin port.
+            .env("FERRY_ADMIN__LISTEN", "127.0.0.1:0"),
+    )
+}
+
+/// Runs `cmd` (a `ferry` command line) to completion with `RUST_LOG=info`;
+/// returns (exit code, stdout, stderr).
+pub fn output_of(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.env("RUST_LOG", "info").output().expect("run ferry");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Polls `check` every 200 ms until it holds; panics naming `what` after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Delivery you can trust: poison documents follow their policy and heal
 //! from dead letters; `ferry verify` finds and repairs drift.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_e2e::{ferry_once, FerryProcess, TestEnv};
+use ferry_e2e::{ferry_once, wait_for, FerryProcess, TestEnv};
 use ferry_opensearch::Method;
 use serde_json::json;
 
@@ -17,14 +17,6 @@ fn cfg_text(env: &TestEnv, slot: &str, index: &str, policy: &str) -> String {
         env.index("dead-letters"),
         env.index(index),
     )
-}
-
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Documents expected in an index whose `code` maps as an integer: rows whose code is numeric.

@@ -21,6 +21,12 @@ pub struct Response {
 /// GETs a plain `http://` URL: no proxy, no redirects, 10 s limit, the
 /// first 16 MiB of the body.
 pub async fn fetch(url: &str) -> Result<Response, AdminError> {
+    call("GET", url, None).await
+}
+
+/// Like [`fetch`] with `method` (`GET` or `POST`) and, when given, an
+/// `Authorization: Bearer` token (the control API's).
+pub async fn call(method: &str, url: &str, bearer: Option<&str>) -> Result<Response, AdminError> {
     let bad = |reason: &str| AdminError::Url {
         url: url.to_string(),
         reason: reason.to_string(),
@@ -43,7 +49,12 @@ pub async fn fetch(url: &str) -> Result<Response, AdminError> {
         .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(failed)?;
-    let mut reply = client.get(parsed).send().await.map_err(failed)?;
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| bad("bad method"))?;
+    let mut request = client.request(method, parsed);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    let mut reply = request.send().await.map_err(failed)?;
     let status = reply.status().as_u16();
     let mut body = Vec::new();
     while let Some(chunk) = reply.chunk().await.map_err(failed)? {

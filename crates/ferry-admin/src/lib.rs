@@ -1,5 +1,6 @@
-//! ferry's admin endpoint: a small read-only HTTP server over the engine's
-//! [`Stats`], and systemd readiness/watchdog notifications.
+//! ferry's admin endpoint: a small HTTP server over the engine's [`Stats`]
+//! (read-only routes, plus the bearer-guarded control API of [`control`]
+//! when a token is configured), and systemd readiness/watchdog notifications.
 //!
 //! Routes (GET or HEAD, served by axum on hyper; every response closes the
 //! connection):
@@ -10,11 +11,15 @@
 //! * `/metrics`: Prometheus text exposition format 0.0.4 (`prometheus-client`);
 //! * `/status`: a JSON summary (slot, positions, lag, per-index progress).
 //!
-//! Nothing served here contains row values, document ids or credentials:
+//! `/control/…` is the control API ([`control`]): `404` unless a token is
+//! configured, then `401` without the right bearer token.
+//!
+//! Nothing the read-only routes serve contains row values, document ids or credentials:
 //! only counters, index names, the slot name and error messages the engine
 //! records without row data.
 
 mod client;
+pub mod control;
 mod metrics;
 mod routes;
 mod server;
@@ -28,7 +33,8 @@ use std::time::Duration;
 
 use ferry_core::stats::Stats;
 
-pub use client::{fetch, Response};
+pub use client::{call, fetch, Response};
+pub use control::{Action, ControlApi, ControlError, ControlRequest};
 pub use metrics::Metrics;
 pub use server::AdminServer;
 pub use status::{admin_url, status_json, status_table};

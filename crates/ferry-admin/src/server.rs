@@ -32,6 +32,8 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct AdminServer {
     listener: TcpListener,
     addr: SocketAddr,
+    /// The control API, when a token is configured.
+    control: Option<crate::ControlApi>,
 }
 
 impl AdminServer {
@@ -43,7 +45,18 @@ impl AdminServer {
         };
         let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
-        Ok(AdminServer { listener, addr })
+        Ok(AdminServer {
+            listener,
+            addr,
+            control: None,
+        })
+    }
+
+    /// Serves the control API (`/control/…`) too; without it those paths
+    /// answer `404`.
+    pub fn with_control(mut self, control: crate::ControlApi) -> AdminServer {
+        self.control = Some(control);
+        self
     }
 
     /// The address actually bound.
@@ -54,7 +67,8 @@ impl AdminServer {
     /// Serves the admin routes until the listener fails for good; runs
     /// until the task is aborted otherwise.
     pub async fn run(self, stats: Arc<Stats>, info: AdminInfo) -> Result<(), AdminError> {
-        let service = TowerToHyperService::new(crate::routes::router(stats, info));
+        let routes = crate::routes::router(stats, info).merge(crate::control::routes(self.control));
+        let service = TowerToHyperService::new(routes);
         let mut http = http1::Builder::new();
         http.keep_alive(false)
             .max_buf_size(MAX_HEAD)

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The PostgreSQL database changes come from.
@@ -28,9 +29,9 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: where the admin HTTP endpoint listens, and when its health
-/// checks fail.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// `[admin]`: where the admin HTTP endpoint listens, when its health
+/// checks fail, and the token that turns its control API on.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Socket address, e.g. `127.0.0.1:9187` (the default); port 0 picks a free port.
@@ -41,6 +42,11 @@ pub struct AdminConfig {
     /// `/healthz` fails, and the systemd watchdog stops being fed, once work
     /// has been pending this many seconds without progress (default 300).
     pub stall_timeout_secs: u64,
+    /// File holding the bearer token of the control API (`/control/…`);
+    /// the API is off unless this or `token_env` is set.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Environment variable holding the bearer token of the control API.
+    pub token_env: Option<String>,
 }
 
 impl Default for AdminConfig {
@@ -49,6 +55,8 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:9187".into(),
             flush_failure_secs: 30,
             stall_timeout_secs: 300,
+            token_file: None,
+            token_env: None,
         }
     }
 }
@@ -63,10 +71,27 @@ impl AdminConfig {
     pub fn stall_timeout(&self) -> Duration {
         Duration::from_secs(self.stall_timeout_secs)
     }
+
+    /// The control API's bearer token, read from `token_file` or
+    /// `token_env`; `None` when neither is set (the API is off). The error
+    /// names the key and never holds the secret.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(path) = &self.token_file {
+            return read_secret_file(path)
+                .map(Some)
+                .map_err(|e| format!("admin.token_file {}: {e}", path.display()));
+        }
+        if let Some(name) = &self.token_env {
+            return read_secret_env(name)
+                .map(Some)
+                .map_err(|e| format!("admin.token_env: {e}"));
+        }
+        Ok(None)
+    }
 }
 
 /// `[source]`: the PostgreSQL side.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// libpq-style URL, e.g. `postgres://ferry@127.0.0.1:5432/app`.
@@ -115,7 +140,8 @@ pub struct SourceConfig {
 ///
 /// Either way searches never see an empty or partial index: the index the
 /// alias serves stays untouched until a complete replacement exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[schemars(rename_all = "lowercase")]
 pub enum SlotLostPolicy {
     /// Recreate the slot and build every index anew beside the one the alias
     /// serves (which keeps answering and receiving changes), then move the
@@ -150,7 +176,7 @@ impl<'de> Deserialize<'de> for SlotLostPolicy {
 }
 
 /// How ferry protects its PostgreSQL connections, the values of libpq's `sslmode`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum SslMode {
     /// Plain TCP only.
@@ -210,7 +236,7 @@ impl SourceConfig {
 }
 
 /// `[sink]`: the search cluster.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     /// Base URL, e.g. `http://127.0.0.1:9200`.
@@ -261,7 +287,7 @@ pub struct SinkConfig {
 }
 
 /// `[sink.aws]`: SigV4 signing for Amazon OpenSearch Service.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// AWS region, e.g. `eu-west-1` (default: `AWS_REGION`, then `AWS_DEFAULT_REGION`).
@@ -273,7 +299,7 @@ pub struct AwsConfig {
 }
 
 /// Which AWS service signs the requests.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AwsService {
     /// Amazon OpenSearch Service (managed domains).
@@ -294,7 +320,7 @@ impl AwsService {
 }
 
 /// `[engine]`: how changes are batched between the stream and the sink.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Most changes in one batch (one bulk request per batch).
@@ -340,7 +366,7 @@ impl EngineConfig {
 }
 
 /// `[[index]]`: one search index fed by one root table.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IndexConfig {
     /// What users query: an alias over the concrete index ferry manages.
@@ -397,7 +423,7 @@ pub struct IndexConfig {
 /// records the rejected one durably, where `ferry dead-letters` lists and
 /// retries it: one bad row never stops the whole pipeline, and nothing is
 /// silently lost.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum PoisonPolicy {
     /// Stop ferry with the document id and the reason.
@@ -411,7 +437,7 @@ pub enum PoisonPolicy {
 
 /// A related table folded into the document (`[[index.has_many]]`,
 /// `[[index.belongs_to]]`, nestable to any depth).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RelationConfig {
     /// Document field holding the relation.
@@ -465,7 +491,7 @@ pub struct RelationConfig {
 }
 
 /// The join table of a many-to-many relation.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ThroughConfig {
     /// Join table, optionally schema-qualified.
@@ -475,7 +501,7 @@ pub struct ThroughConfig {
 }
 
 /// `[[index.count]]`: the number of related rows as an integer field.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CountConfig {
     /// Document field holding the count.
@@ -493,7 +519,7 @@ pub struct CountConfig {
 }
 
 /// How an embedded relation is mapped in OpenSearch.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum MappingType {
     /// Each element indexed as its own hidden document: queries match within one element.
@@ -774,6 +800,23 @@ fn secret_ref_problems(
     }
 }
 
+/// The JSON Schema of the configuration file, generated from these types
+/// (`ferry config schema`; committed as `config/ferry.schema.json` for TOML
+/// editors). It describes the keys and their types; the checks across keys
+/// (`Config::validate`) still run at load.
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default();
+    schema["title"] = "ferry configuration".into();
+    schema
+}
+
+/// [`json_schema`] as committed: pretty JSON ending in a line break.
+pub fn json_schema_text() -> String {
+    let mut text = serde_json::to_string_pretty(&json_schema()).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
 /// One thing wrong with the configuration, located by its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -940,6 +983,30 @@ impl Config {
                     self.admin.listen
                 ),
             );
+        }
+        if self.admin.token_file.is_some() && self.admin.token_env.is_some() {
+            bad(
+                "admin.token_file",
+                "and admin.token_env both give the control API token; keep one".into(),
+            );
+        }
+        if self
+            .admin
+            .token_file
+            .as_ref()
+            .is_some_and(|f| f.as_os_str().is_empty())
+        {
+            bad("admin.token_file", "must be a file path".into());
+        }
+        if let Some(name) = &self.admin.token_env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                bad(
+                    "admin.token_env",
+                    format!(
+                        "{name:?} is not an environment variable name (e.g. \"FERRY_ADMIN_TOKEN\")"
+                    ),
+                );
+            }
         }
         if self.indexes.is_empty() {
             bad(
@@ -1307,6 +1374,23 @@ columns = ["id", "email", "name", "company_id"]
         assert_eq!(c.source.sslmode, Some(SslMode::VerifyFull));
         assert_eq!(c.source.password_env.as_deref(), Some("PG_SECRET"));
         assert!(!c.sink.tls_verify);
+    }
+    #[test]
+    fn committed_json_schema_matches_the_config_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/ferry.schema.json"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == json_schema_text(),
+            "config/ferry.schema.json is out of date with the config types; regenerate it with\n  \
+             cargo run -p ferry -- config schema > config/ferry.schema.json"
+        );
+        let schema = json_schema();
+        let admin = &schema["$defs"]["AdminConfig"]["properties"];
+        assert!(admin["token_file"].is_object(), "{admin}");
+        assert_eq!(schema["additionalProperties"], serde_json::json!(false));
     }
 }
 

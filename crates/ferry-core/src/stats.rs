@@ -41,6 +41,8 @@ pub enum IndexState {
     Stopped,
     /// The pipeline failed: retrying after a backoff, or ended with an error.
     Failed,
+    /// Paused through the control API: not written until resumed.
+    Paused,
 }
 
 impl IndexState {
@@ -63,6 +65,7 @@ impl IndexState {
             IndexState::Streaming => "streaming",
             IndexState::Stopped => "stopped",
             IndexState::Failed => "failed",
+            IndexState::Paused => "paused",
         }
     }
 

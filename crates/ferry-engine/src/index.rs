@@ -36,6 +36,9 @@ pub struct IndexRuntime {
     /// The concrete index the alias serves while this one is rebuilt (its
     /// shadow target): it receives every write too, until the alias moves.
     pub shadow: Option<String>,
+    /// Paused through the control API: the worker routes none of its
+    /// changes (it is rebuilt on resume).
+    pub paused: bool,
 }
 
 impl IndexRuntime {

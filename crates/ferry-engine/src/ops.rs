@@ -56,6 +56,7 @@ async fn open(cfg: &Config) -> Result<Ops, EngineError> {
             fast: !ix.is_relational(),
             plan,
             shadow: None,
+            paused: false,
         });
     }
     let names = indexes.iter().map(|i| i.concrete.clone()).collect();

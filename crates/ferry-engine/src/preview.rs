@@ -67,6 +67,7 @@ pub async fn preview(cfg: &Config, name: &str, roots: Roots) -> Result<Preview, 
         fast: !ix.is_relational(),
         plan,
         shadow: None,
+        paused: false,
     };
     let mut writes = Vec::new();
     match roots {

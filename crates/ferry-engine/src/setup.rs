@@ -300,7 +300,12 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         let plan = index_plan(&ix.name, &doc_plan, ix, &owner);
         let prepared = sink.prepare_index(&plan, new_slot.is_some()).await?;
         let seeded = new_slot.is_none() && prepared.seeded.is_some();
-        if seeded {
+        if prepared.paused {
+            tracing::info!(index = %ix.name, concrete = %prepared.concrete, "index is paused: not written until resumed (then rebuilt)");
+            if let Some(st) = index_stats.get(pos) {
+                st.set_state(IndexState::Paused);
+            }
+        } else if seeded {
             tracing::info!(index = %ix.name, concrete = %prepared.concrete, seeded_at = ?prepared.seeded, "index is seeded");
             if let Some(st) = index_stats.get(pos) {
                 st.set_state(IndexState::Streaming);
@@ -323,8 +328,9 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
             } else {
                 prepared.previous.clone()
             },
+            paused: prepared.paused,
         });
-        if !seeded {
+        if !seeded && !prepared.paused {
             jobs.push(Job {
                 index: IndexId(pos),
                 plan,

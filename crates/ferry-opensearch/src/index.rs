@@ -113,6 +113,10 @@ pub struct PreparedIndex {
     pub previous: Option<String>,
     /// Primary key of the last row an interrupted backfill made durable.
     pub checkpoint: Option<Vec<String>>,
+    /// The index is paused (`_meta.ferry.paused`): nothing is written to
+    /// it, `concrete` is the index the alias serves, and it is rebuilt when
+    /// resumed.
+    pub paused: bool,
 }
 
 impl Sink {
@@ -194,6 +198,21 @@ impl Sink {
     ) -> Result<PreparedIndex, SinkError> {
         let base = concrete_name(plan);
         let targets = self.alias_targets(&plan.alias).await?;
+        if let Some(served) = targets.first() {
+            let meta = self.ferry_meta(served).await?;
+            if meta["paused"] == json!(true) {
+                // Paused: keep serving it as it is, and drop any copy being
+                // built, which lacks the changes skipped while paused.
+                self.discard_unserved(&plan.alias, &targets).await?;
+                return Ok(PreparedIndex {
+                    concrete: served.clone(),
+                    seeded: meta["seeded_lsn"].as_str().and_then(|s| s.parse().ok()),
+                    previous: None,
+                    checkpoint: None,
+                    paused: true,
+                });
+            }
+        }
         let mut concrete = base.clone();
         // The alias may serve a rebuilt generation of the same mapping
         // (`<alias>-<hash>-g<n>`, from `ferry reindex`).
@@ -259,6 +278,7 @@ impl Sink {
             seeded,
             previous,
             checkpoint,
+            paused: false,
         })
     }
 
@@ -309,21 +329,33 @@ impl Sink {
     /// index it serves; the rebuild starts when ferry restarts its pipeline
     /// (SIGHUP or a restart). Returns the index currently served.
     pub async fn request_reindex(&self, alias: &str) -> Result<String, SinkError> {
+        self.update_served_meta(alias, |meta| {
+            meta["reindex_requested"] = json!(true);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Rewrites `_meta.ferry` of the index `alias` serves with `change`;
+    /// returns that index.
+    async fn update_served_meta(
+        &self,
+        alias: &str,
+        change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
+    ) -> Result<String, SinkError> {
         let cur = self
             .alias_targets(alias)
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| {
-                SinkError::Conflict(format!("there is no index {alias:?} to rebuild"))
-            })?;
+            .ok_or_else(|| SinkError::Conflict(format!("there is no index {alias:?} yet")))?;
         let mut meta = self.ferry_meta(&cur).await?;
         if !meta.is_object() {
             return Err(SinkError::Conflict(format!(
                 "index {cur:?} behind {alias:?} was not created by ferry"
             )));
         }
-        meta["reindex_requested"] = json!(true);
+        change(&mut meta)?;
         self.request_json(
             Method::Put,
             &format!("/{cur}/_mapping"),
@@ -410,6 +442,59 @@ impl Sink {
         }
         owned.sort();
         Ok(owned)
+    }
+
+    /// Pauses (`true`) or resumes (`false`) `alias`, marking the index it
+    /// serves. A paused index is neither written nor rebuilt by the running
+    /// ferry once its pipeline restarts; pausing also requests a rebuild,
+    /// which starts on resume, so the changes skipped while paused are read
+    /// from the rows again. Returns the index served.
+    pub async fn set_paused(&self, alias: &str, paused: bool) -> Result<String, SinkError> {
+        self.update_served_meta(alias, |meta| {
+            if (meta["paused"] == json!(true)) == paused {
+                let state = if paused {
+                    "already paused"
+                } else {
+                    "not paused"
+                };
+                return Err(SinkError::Conflict(format!("index {alias:?} is {state}")));
+            }
+            meta["paused"] = json!(paused);
+            if paused {
+                meta["reindex_requested"] = json!(true);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes every index ferry built for `alias` (`_meta.ferry.alias`)
+    /// that the alias does not serve (`served`): unfinished copies.
+    async fn discard_unserved(&self, alias: &str, served: &[String]) -> Result<(), SinkError> {
+        let (status, body) = self
+            .request(
+                Method::Get,
+                &format!("/{alias}-*/_mapping"),
+                None,
+                "application/json",
+            )
+            .await?;
+        if !(200..300).contains(&status) {
+            return Ok(());
+        }
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let Some(all) = v.as_object() else {
+            return Ok(());
+        };
+        for (name, m) in all {
+            let mine = m["mappings"]["_meta"]["ferry"]["alias"] == json!(alias);
+            if mine && !served.contains(name) {
+                self.request_json(Method::Delete, &format!("/{name}"), None)
+                    .await?;
+                tracing::info!(index = %name, %alias, "index paused: deleted the unfinished copy, which lacks the skipped changes");
+            }
+        }
+        Ok(())
     }
 
     /// Records in the index's mapping metadata that its backfill completed at `lsn`.

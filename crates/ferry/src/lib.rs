@@ -3,10 +3,13 @@
 //! This is the only crate that names concrete backends; it wires the
 //! config, the PostgreSQL source and the OpenSearch sink into the engine.
 
+mod control;
 mod demo;
 mod ops;
 mod plan;
 mod preview;
+mod remote;
+mod schema;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +26,11 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FERRY_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// `reindex` and `dead-letters`: act on the database and the cluster
+    /// directly, not through the running ferry's control API (the default
+    /// when admin.token_file / admin.token_env is set).
+    #[arg(long, global = true)]
+    pub direct: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -155,6 +163,15 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         rows: u32,
     },
+    /// The configuration format: `ferry config schema` prints its JSON Schema.
+    Config {
+        /// schema.
+        #[command(subcommand)]
+        action: schema::ConfigAction,
+    },
+    /// Commands of the control API (indexes, pause, resume).
+    #[command(flatten)]
+    Remote(remote::RemoteCommand),
 }
 
 /// Entry point shared by the binary (and callable from tests).
@@ -173,6 +190,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let direct = cli.direct;
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run(config).await,
@@ -185,8 +203,10 @@ pub fn main() -> ExitCode {
                 index,
                 page_size,
                 action,
-            } => ops::dead_letters(&config, action, index, page_size).await,
-            Command::Reindex { name, config } => ops::reindex(&config, &name).await,
+            } => ops::dead_letters(&config, action, index, page_size, direct).await,
+            Command::Reindex { name, config } => ops::reindex(&config, &name, direct).await,
+            Command::Remote(command) => remote::run(command).await,
+            Command::Config { action } => schema::run(action),
             Command::Slot { config, action } => ops::slot(&config, action).await,
             Command::Health { url, config } => health(url, config).await,
             Command::Preview {
@@ -314,11 +334,30 @@ async fn run(path: PathBuf) -> ExitCode {
         address = %admin.local_addr(),
         "admin endpoint listening: /healthz /readyz /metrics /status"
     );
+    let token = match cfg.admin.token() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let shutdown = shutdown_signal();
     let stats = std::sync::Arc::new(ferry_engine::Stats::default());
     let limits = ferry_admin::HealthLimits {
         flush_failure: cfg.admin.flush_failure(),
         stall: cfg.admin.stall_timeout(),
+    };
+    let (config_tx, configs) = watch::channel(cfg.clone());
+    let config_tx = std::sync::Arc::new(config_tx);
+    let admin = match token {
+        Some(token) => {
+            let actions = control::spawn(configs.clone(), config_tx.clone(), stats.clone());
+            tracing::info!(
+                "control API on: /control/… (bearer token from admin.token_file / admin.token_env)"
+            );
+            admin.with_control(ferry_admin::ControlApi::new(&token, actions))
+        }
+        None => admin,
     };
     let info = ferry_admin::AdminInfo {
         slot: cfg.source.slot.clone(),
@@ -343,7 +382,7 @@ async fn run(path: PathBuf) -> ExitCode {
             limits,
         ))
     });
-    let configs = reload_on_sighup(path, cfg);
+    reload_on_sighup(path, config_tx);
     let result = ferry_engine::run_reloadable(configs, shutdown, stats).await;
     if let Some(n) = &notifier {
         // Also when the engine ended on its own (an error, not a signal).
@@ -369,8 +408,7 @@ async fn run(path: PathBuf) -> ExitCode {
 /// configuration is published only when it parses and validates as a whole
 /// and changes nothing that needs a process restart (`admin.listen`);
 /// otherwise the running one stays and the log says why.
-fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
-    let (tx, rx) = watch::channel(cfg);
+fn reload_on_sighup(path: PathBuf, tx: std::sync::Arc<watch::Sender<Config>>) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -388,7 +426,7 @@ fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
                     let _ = tx.send(new);
                 }
                 Ok(new) if new.admin != current.admin => tracing::error!(
-                    "SIGHUP: configuration reload refused: [admin] (listen, flush_failure_secs, stall_timeout_secs) cannot change while running; restart ferry to apply it"
+                    "SIGHUP: configuration reload refused: [admin] (listen, flush_failure_secs, stall_timeout_secs, token_file, token_env) cannot change while running; restart ferry to apply it"
                 ),
                 Ok(new) => match ferry_engine::check(&new).await {
                     // The new configuration must work against the database and
@@ -408,7 +446,8 @@ fn reload_on_sighup(path: PathBuf, cfg: Config) -> watch::Receiver<Config> {
             }
         }
     });
-    rx
+    #[cfg(not(unix))]
+    let _ = (path, tx);
 }
 
 /// The systemd notifier when started by systemd with `Type=notify`.

@@ -30,12 +30,23 @@ pub async fn dead_letters(
     action: DeadLetterAction,
     index: Option<String>,
     page_size: usize,
+    direct: bool,
 ) -> ExitCode {
     let cfg = match crate::load(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let index = index.as_deref();
+    if !direct && !matches!(action, DeadLetterAction::Purge) {
+        match crate::remote::Remote::from_config(&cfg) {
+            Err(code) => return code,
+            Ok(Some(remote)) if matches!(action, DeadLetterAction::List) => {
+                return crate::remote::dead_letters_list(&remote, index).await
+            }
+            Ok(Some(remote)) => return crate::remote::dead_letters_retry(&remote, index).await,
+            Ok(None) => {}
+        }
+    }
     let result = match action {
         DeadLetterAction::List => {
             // Entries are printed as they are paged in; the count comes last.
@@ -117,9 +128,11 @@ pub async fn slot(config: &Path, action: SlotAction) -> ExitCode {
     }
 }
 
-/// Runs `ferry reindex NAME`: marks the index for a rebuild that the
-/// running ferry performs on its next pipeline start (SIGHUP or restart).
-pub async fn reindex(config: &Path, name: &str) -> ExitCode {
+/// Runs `ferry reindex NAME`: through the running ferry's control API when
+/// a token is configured (the rebuild starts at once), else (or with
+/// `--direct`) marks the index for a rebuild that the running ferry
+/// performs on its next pipeline start (SIGHUP or restart).
+pub async fn reindex(config: &Path, name: &str, direct: bool) -> ExitCode {
     let cfg = match crate::load(config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -127,6 +140,13 @@ pub async fn reindex(config: &Path, name: &str) -> ExitCode {
     if !cfg.indexes.iter().any(|i| i.name == name) {
         tracing::error!("no [[index]] named {name:?} in the configuration");
         return ExitCode::from(2);
+    }
+    if !direct {
+        match crate::remote::Remote::from_config(&cfg) {
+            Err(code) => return code,
+            Ok(Some(remote)) => return crate::remote::reindex(&remote, name).await,
+            Ok(None) => {}
+        }
     }
     let sink = match ferry_opensearch::Sink::from_config(&cfg.sink) {
         Ok(s) => s,

@@ -53,7 +53,7 @@ impl Router {
     /// Derives every route from the index plans.
     pub fn new(indexes: &[IndexRuntime]) -> Router {
         let mut router = Router::default();
-        for ix in indexes {
+        for ix in indexes.iter().filter(|ix| !ix.paused) {
             if ix.fast {
                 router
                     .flat_roots
@@ -225,6 +225,7 @@ pub(super) mod tests {
             plan,
             fast: flat,
             shadow: None,
+            paused: false,
         }
     }
 
@@ -371,6 +372,28 @@ pub(super) mod tests {
             router.route(&other, &relation(&posts)).unwrap(),
             Routed::default()
         );
+    }
+
+    #[test]
+    fn a_paused_index_gets_no_routes_and_no_truncation() {
+        let (mut ix, users, posts, _) = users_plan();
+        ix.paused = true;
+        let flat_users = index(1, node("", users.clone(), Link::Root), true);
+        let mut flat = flat_users.clone();
+        flat.paused = true;
+        let router = Router::new(&[ix, flat]);
+        assert!(!router.is_routed(users.oid));
+        assert!(!router.is_routed(posts.oid));
+        assert!(router.flat_indexes(users.oid).is_empty());
+        assert_eq!(
+            router.truncation(&[users.oid, posts.oid]),
+            Truncation::default()
+        );
+        // The same indexes unpaused are routed.
+        let (ix, ..) = users_plan();
+        let router = Router::new(&[ix, flat_users]);
+        assert!(router.is_routed(users.oid));
+        assert_eq!(router.flat_indexes(users.oid), [1]);
     }
 
     #[test]
