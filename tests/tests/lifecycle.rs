@@ -490,10 +490,11 @@ async fn rows_changed_while_their_chunk_is_copied_end_right_and_no_snapshot_outl
         "seeding took only {seeding:?}: too short to tell a chunk from the whole copy"
     );
     assert!(rounds >= 40, "the writer ran only {rounds} transactions");
-    // 12 chunks of 500 keys, each its own transaction.
+    // 12 chunks of 500 keys, each its own transaction (sampling every
+    // 50 ms sees most of them), where one snapshot used to serve them all.
     assert!(
-        transactions.len() >= 8,
-        "saw {} snapshot transactions of ferry's sessions: {transactions:?}",
+        transactions.len() >= 4,
+        "saw {} snapshot transactions of ferry's sessions (longest {longest:.1} s): {transactions:?}",
         transactions.len()
     );
     assert!(

@@ -772,7 +772,9 @@ async fn a_delayed_bulk_overtaken_by_a_later_one_never_lets_the_slot_pass_it() {
     // B's documents are in the index while A is still held back.
     loop {
         let docs = rig.env.documents("docs").await;
-        let title = docs.get("1").and_then(|d| d["title"].as_str().map(str::to_owned));
+        let title = docs
+            .get("1")
+            .and_then(|d| d["title"].as_str().map(str::to_owned));
         if title.as_deref() == Some("overtook 1") && !docs.contains_key("151") {
             break;
         }

@@ -109,7 +109,9 @@ impl Pool {
 impl Lease {
     /// The connection.
     pub fn session(&self) -> &Session {
-        self.session.as_ref().expect("a lease holds its session until given back")
+        self.session
+            .as_ref()
+            .expect("a lease holds its session until given back")
     }
 
     /// Returns the connection (idle, outside any transaction) to the pool.

@@ -236,8 +236,7 @@ async fn seed_index(
     .await?;
     let _ = sink.refresh(&ix.concrete).await;
     if let Some(prev) = &job.previous {
-        sink.swap_alias(&ix.alias, &ix.concrete, Some(prev))
-            .await?;
+        sink.swap_alias(&ix.alias, &ix.concrete, Some(prev)).await?;
         tracing::info!(alias = %ix.alias, from = %prev, to = %ix.concrete, "moved the alias to the rebuilt index");
         let _ = swapped.send((job.index.0, prev.clone())).await;
     }

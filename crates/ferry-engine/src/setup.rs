@@ -403,7 +403,11 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
                 format!(" on database {}", s.database)
             },
             if s.active { "active" } else { "inactive" },
-            if s.wal_status.is_empty() { "-" } else { &s.wal_status },
+            if s.wal_status.is_empty() {
+                "-"
+            } else {
+                &s.wal_status
+            },
             s.retained_bytes,
             s.retained,
         );

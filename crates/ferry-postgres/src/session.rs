@@ -399,7 +399,11 @@ impl Session {
         let rows = self
             .client
             .query(
-                "SELECT slot_name::text, slot_type, coalesce(database::text, ''), active,                         coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8,                         coalesce(wal_status, '')                  FROM pg_replication_slots ORDER BY 5 DESC, 1",
+                "SELECT slot_name::text, slot_type, coalesce(database::text, ''), active, \
+                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8, \
+                        coalesce(wal_status, ''), \
+                        pg_size_pretty(coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)) \
+                 FROM pg_replication_slots ORDER BY 5 DESC, 1",
                 &[],
             )
             .await
@@ -587,7 +591,9 @@ impl Session {
         let row = self
             .client
             .query_one(
-                "SELECT pg_snapshot_xmax(pg_current_snapshot()) >= pg_snapshot_xmax($1::text::pg_snapshot)                  AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) AS x                                  WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot))",
+                "SELECT pg_snapshot_xmax(pg_current_snapshot()) >= pg_snapshot_xmax($1::text::pg_snapshot) \
+                 AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) AS x \
+                                 WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot))",
                 &[&floor],
             )
             .await

@@ -302,10 +302,7 @@ impl Shared {
             Fault::Delay(d) => Plan::Delay(d),
             Fault::DelayContaining { needle, delay, .. } => {
                 let body: &[u8] = &req.body;
-                if needle.is_empty()
-                    || !body
-                        .windows(needle.len())
-                        .any(|w| w == needle.as_bytes())
+                if needle.is_empty() || !body.windows(needle.len()).any(|w| w == needle.as_bytes())
                 {
                     return Plan::Forward;
                 }

@@ -414,7 +414,11 @@ async fn a_later_batch_landing_first_confirms_nothing_until_the_earlier_one_land
     );
     gate.add_permits(1);
     h.land().await.unwrap();
-    assert_eq!(h.confirmed(), [120], "both commits, once the earlier batch landed");
+    assert_eq!(
+        h.confirmed(),
+        [120],
+        "both commits, once the earlier batch landed"
+    );
     let flushed = h.sink.flushed.lock().unwrap();
     assert_eq!(flushed[0][0].version, Lsn(110));
     assert_eq!(flushed[1][0].version, Lsn(90));
