@@ -1403,62 +1403,6 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
     Ok(o)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashSet;
-
-    #[test]
-    fn paced_transactions_never_share_an_id() {
-        let k_total = 7_500;
-        let p = 5 * k_total + 1_000;
-        let mut seen = HashSet::new();
-        for k in 0..k_total {
-            for id in paced_ids(k, p) {
-                assert!(id > 0);
-                assert!(seen.insert(id), "id {id} changed twice");
-            }
-        }
-    }
-
-    #[test]
-    fn live_writers_own_disjoint_ids_and_start_above_the_preload() {
-        let n = 1_001;
-        let mut seen = HashSet::new();
-        for w in 0..LIVE_WRITERS {
-            let k = first_new_k(w, n);
-            assert!(live_id(w, k) > n);
-            assert!(live_id(w, k - 1) <= n);
-            for k in 0..k + 10 {
-                assert!(seen.insert(live_id(w, k)), "id shared by two writers");
-            }
-        }
-        // Every preloaded id belongs to some writer.
-        assert!((1..=n).all(|id| seen.contains(&id)));
-    }
-
-    #[test]
-    fn builds_row_inserts_and_finds_log_lines() {
-        assert_eq!(bigint_array(&[3, -1, 7]), "'{3,-1,7}'::bigint[]");
-        assert!(insert_narrow_ids(&[5]).ends_with("FROM unnest('{5}'::bigint[]) g"));
-        let log = "2024 INFO ferry_engine::backfill: backfill started x=1\n\
-                   2024 INFO ferry_engine::backfill: backfill finished index=bench rows=9\n";
-        assert_eq!(
-            log_line(log, BACKFILL_FINISHED).as_deref(),
-            Some("backfill finished index=bench rows=9")
-        );
-        assert_eq!(log_line(log, "nope"), None);
-    }
-
-    #[test]
-    fn workloads_round_trip_their_names() {
-        for w in Workload::ALL {
-            assert_eq!(Workload::parse(w.name()), Some(w));
-        }
-        assert_eq!(Workload::parse("nope"), None);
-    }
-}
-
 /// Rows of the production-size flat workloads.
 const PRODUCTION_ROWS: u64 = 10_000_000;
 /// Root documents of the production-size nested workload.
@@ -1624,4 +1568,60 @@ async fn stream_in_flight(ctx: &Ctx) -> Result<Outcome> {
     o.target_ratio("4 in flight / 1", ratio, TARGET_IN_FLIGHT_RATIO);
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn paced_transactions_never_share_an_id() {
+        let k_total = 7_500;
+        let p = 5 * k_total + 1_000;
+        let mut seen = HashSet::new();
+        for k in 0..k_total {
+            for id in paced_ids(k, p) {
+                assert!(id > 0);
+                assert!(seen.insert(id), "id {id} changed twice");
+            }
+        }
+    }
+
+    #[test]
+    fn live_writers_own_disjoint_ids_and_start_above_the_preload() {
+        let n = 1_001;
+        let mut seen = HashSet::new();
+        for w in 0..LIVE_WRITERS {
+            let k = first_new_k(w, n);
+            assert!(live_id(w, k) > n);
+            assert!(live_id(w, k - 1) <= n);
+            for k in 0..k + 10 {
+                assert!(seen.insert(live_id(w, k)), "id shared by two writers");
+            }
+        }
+        // Every preloaded id belongs to some writer.
+        assert!((1..=n).all(|id| seen.contains(&id)));
+    }
+
+    #[test]
+    fn builds_row_inserts_and_finds_log_lines() {
+        assert_eq!(bigint_array(&[3, -1, 7]), "'{3,-1,7}'::bigint[]");
+        assert!(insert_narrow_ids(&[5]).ends_with("FROM unnest('{5}'::bigint[]) g"));
+        let log = "2024 INFO ferry_engine::backfill: backfill started x=1\n\
+                   2024 INFO ferry_engine::backfill: backfill finished index=bench rows=9\n";
+        assert_eq!(
+            log_line(log, BACKFILL_FINISHED).as_deref(),
+            Some("backfill finished index=bench rows=9")
+        );
+        assert_eq!(log_line(log, "nope"), None);
+    }
+
+    #[test]
+    fn workloads_round_trip_their_names() {
+        for w in Workload::ALL {
+            assert_eq!(Workload::parse(w.name()), Some(w));
+        }
+        assert_eq!(Workload::parse("nope"), None);
+    }
 }

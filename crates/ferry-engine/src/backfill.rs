@@ -156,7 +156,7 @@ pub async fn copy_chunk(
     let mut tries = 0u32;
     while !db.begin_chunk(&copier.floor).await? {
         tries += 1;
-        if tries % 250 == 0 {
+        if tries.is_multiple_of(250) {
             tracing::warn!(index = %ix.alias, tries, "a backfill chunk is still waiting for transactions the seeding snapshot saw committed to leave the in-progress list (a synchronous standby not answering?)");
         }
         if *copier.shutdown.borrow() {

@@ -22,6 +22,9 @@ use crate::EngineError;
 /// What happened, in order: flushes, dead letters, confirmations.
 type Log = Arc<Mutex<Vec<String>>>;
 
+/// A body text and the gate flushes of such bodies wait at.
+type Hold = (String, Arc<Semaphore>);
+
 /// Refuses (400) every document whose body contains `bad`; can fail whole
 /// flushes or hold them until the test releases a permit.
 #[derive(Clone)]
@@ -31,7 +34,7 @@ struct FakeSink {
     fail: Arc<Mutex<bool>>,
     gate: Option<Arc<Semaphore>>,
     /// Holds every flush with a document body containing this text until a permit is added.
-    hold: Arc<Mutex<Option<(String, Arc<Semaphore>)>>>,
+    hold: Arc<Mutex<Option<Hold>>>,
 }
 
 impl DocSink for FakeSink {
