@@ -1165,21 +1165,7 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     create_ceiling_slots(&h).await?;
 
     let txs = planned.div_ceil(WRITERS as u64 * PER_TX) as i64;
-    let mut clients = Vec::new();
-    for _ in 0..WRITERS {
-        clients.push(h.connect().await?);
-    }
-    let start = Phase::read(&h).await;
-    let t0 = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(w, db)| tokio::spawn(unpaced_writer(db, w as i64, txs)))
-        .collect();
-    let mut written = 0u64;
-    for t in tasks {
-        written += t.await.context("joining a writer")??;
-    }
+    let (start, t0, written) = unpaced_writers(&h, txs).await?;
     let writers_done = t0.elapsed();
     h.db.batch_execute(&insert_narrow(0, 0)).await?;
     let changes = written + 1;
@@ -1210,6 +1196,28 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     o.target_rate(TARGET_STREAM_CHANGES_S);
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
+}
+
+/// Runs [`UNPACED_WRITERS`] unpaced writers of `txs` transactions each to
+/// the end: the readings at their start, their start time and the changes
+/// they made.
+async fn unpaced_writers(h: &Harness, txs: i64) -> Result<(Phase, Instant, u64)> {
+    let mut clients = Vec::new();
+    for _ in 0..UNPACED_WRITERS {
+        clients.push(h.connect().await?);
+    }
+    let start = Phase::read(h).await;
+    let t0 = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, db)| tokio::spawn(unpaced_writer(db, w as i64, txs)))
+        .collect();
+    let mut written = 0u64;
+    for t in tasks {
+        written += t.await.context("joining a writer")??;
+    }
+    Ok((start, t0, written))
 }
 
 /// Ids a paced transaction `k` changes, given the preloaded row count `p`:
@@ -1523,21 +1531,7 @@ async fn stream_in_flight(ctx: &Ctx) -> Result<Outcome> {
         ));
         h.start_ferry("items")?;
         h.probe_stream("items", &insert_narrow(-1, -1)).await?;
-        let mut clients = Vec::new();
-        for _ in 0..WRITERS {
-            clients.push(h.connect().await?);
-        }
-        let start = Phase::read(&h).await;
-        let t0 = Instant::now();
-        let tasks: Vec<_> = clients
-            .into_iter()
-            .enumerate()
-            .map(|(w, db)| tokio::spawn(unpaced_writer(db, w as i64, txs)))
-            .collect();
-        let mut written = 0u64;
-        for t in tasks {
-            written += t.await.context("joining a writer")??;
-        }
+        let (start, t0, written) = unpaced_writers(&h, txs).await?;
         h.db.batch_execute(&insert_narrow(0, 0)).await?;
         let changes = written + 1;
         let seen = h.wait_doc("0", limit(changes, 500.0)).await?;

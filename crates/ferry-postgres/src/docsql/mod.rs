@@ -145,13 +145,7 @@ fn literals(key: &[String]) -> String {
 }
 
 fn build(plan: &Node, roots: Roots<'_>) -> String {
-    let key_cols = plan
-        .table
-        .key
-        .iter()
-        .map(|k| format!("t0.{}", quote_ident(k)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let key_cols = key_list(plan);
     let mut r0 = format!("SELECT * FROM {} t0", source(plan));
     match roots {
         Roots::All => {}
@@ -160,8 +154,7 @@ fn build(plan: &Node, roots: Roots<'_>) -> String {
         }
         Roots::Chunk { after, limit } => {
             if let Some(after) = after {
-                let lits: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
-                let _ = write!(r0, " WHERE ({key_cols}) > ({})", lits.join(", "));
+                let _ = write!(r0, " WHERE ({key_cols}) > ({})", literals(after));
             }
             let _ = write!(r0, " ORDER BY {key_cols} LIMIT {limit}");
         }
