@@ -540,6 +540,16 @@ impl Ferry {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Freezes (`SIGSTOP`, `true`) or resumes (`SIGCONT`) the process, so a
+    /// backlog can build up in its slot and its drain be timed alone.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.pid, signal);
+        }
+    }
+
     /// User plus system CPU seconds used so far.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;

@@ -14,6 +14,11 @@
 //! `Connection: close`, and the whole answer is re-framed for the client
 //! with a `Content-Length`.
 //!
+//! [`Fault::DelayContaining`] holds back only the requests whose body holds
+//! a given text, so a later request overtakes the held one (reordering
+//! between concurrent bulk requests); [`FaultProxy::delayed_answered`] says
+//! when a held request got its answer.
+//!
 //! [`Fault::ItemStatus`] is the subtle one: the rejected items are removed
 //! from the body before it is forwarded, so they really are *not* applied
 //! upstream, and synthetic per-item errors are spliced into the upstream
@@ -1069,6 +1074,41 @@ mod tests {
             started.elapsed() < Duration::from_millis(400),
             "other paths are not delayed"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delay_containing_holds_only_requests_with_the_needle_so_others_overtake() {
+        let (_osmem, proxy) = setup().await;
+        proxy.set(Fault::DelayContaining {
+            needle: "\"n\":1}".into(),
+            delay: Duration::from_millis(600),
+            times: Some(1),
+        });
+        let held = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let mut c = connect(&proxy).await;
+                send(&mut c, "POST", "/_bulk", Some(&bulk("dc", &[1])))
+                    .await
+                    .expect("held bulk")
+                    .0
+            })
+        };
+        assert!(proxy.wait_for_injected(1, Duration::from_secs(2)).await);
+        let started = Instant::now();
+        let mut c = connect(&proxy).await;
+        let (status, _) = send(&mut c, "POST", "/_bulk", Some(&bulk("dc", &[2])))
+            .await
+            .expect("other bulk");
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "a request without the needle is not held"
+        );
+        assert_eq!(proxy.delayed_answered(), 0, "the held one is still held");
+        assert_eq!(held.await.expect("join"), 200);
+        assert_eq!(proxy.delayed_answered(), 1);
+        assert_eq!(proxy.fault(), None, "used up after one request");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
