@@ -1025,3 +1025,71 @@ async fn status_reads_starting_again_after_retrying_once_postgres_is_back() {
     );
     assert_eq!(ferry.stop(), Some(0), "{}", rig.log_text());
 }
+
+/// The bytes `ferry check`'s line for slot `name` says it retains.
+fn reported_retention(stderr: &str, name: &str) -> Option<i64> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(&format!("\"{name}\"")) && l.contains("retains"))?;
+    line.split("retains ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `ferry check` shows the operator what ferry's slot costs and which other
+/// slots share the server: each with the WAL it retains
+/// (`pg_current_wal_lsn() - restart_lsn`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_wal_every_slot_retains() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    // One statement each: a slot cannot be created in a transaction that wrote.
+    for sql in [
+        "CREATE TABLE docs (id int PRIMARY KEY, v text)",
+        "SELECT pg_create_logical_replication_slot('ferry_test', 'pgoutput')",
+        "SELECT pg_create_physical_replication_slot('some_standby', true)",
+    ] {
+        db.batch_execute(sql).await.expect(sql);
+    }
+    let start: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    // About 4 MB of WAL that neither slot has consumed.
+    db.batch_execute(
+        "INSERT INTO docs SELECT g, repeat('x', 200) FROM generate_series(1, 15000) g;",
+    )
+    .await
+    .expect("write WAL");
+    let generated: i64 = db
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+            &[&start],
+        )
+        .await
+        .expect("diff")
+        .get(0);
+    assert!(generated > 1_000_000, "only {generated} bytes of WAL");
+    let cfg = env.config("docs", "docs", "");
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        ferry_once(&["check", "--config", cfg.to_str().expect("utf8")])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "ferry check failed:\n{out}\n{err}");
+    let ours = reported_retention(&err, "ferry_test");
+    let other = reported_retention(&err, "some_standby");
+    assert!(
+        ours.is_some_and(|b| b >= generated) && err.contains("ferry's slot \"ferry_test\""),
+        "ferry's slot line missing or below the {generated} bytes written since it was created:\n{err}"
+    );
+    assert!(
+        other.is_some_and(|b| b >= generated)
+            && err.contains("other slot on this server \"some_standby\""),
+        "the other slot's line missing or below {generated} bytes:\n{err}"
+    );
+}

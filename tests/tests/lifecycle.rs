@@ -600,3 +600,121 @@ async fn root_truncate_during_the_first_copy_leaves_no_row_of_the_older_snapshot
     assert_eq!(env.count("t").await, 2);
     assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
 }
+
+/// One sample of the snapshot-holding transactions of ferry's sessions.
+async fn ferry_snapshots(db: &tokio_postgres::Client) -> Vec<(i32, String, f64)> {
+    db.query(
+        "SELECT pid, xact_start::text, extract(epoch FROM clock_timestamp() - xact_start)::float8
+         FROM pg_stat_activity
+         WHERE datname = 'app' AND application_name = 'ferry'
+           AND backend_xmin IS NOT NULL AND xact_start IS NOT NULL",
+        &[],
+    )
+    .await
+    .expect("sample pg_stat_activity")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Seeding copies key-range chunks in parallel, each in its own short
+/// snapshot transaction, while a writer keeps updating, deleting and
+/// inserting rows all over the table: every row changed while its chunk was
+/// being copied ends exactly right, and `pg_stat_activity` never shows a
+/// ferry transaction holding a snapshot for longer than about one chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_changed_while_their_chunk_is_copied_end_right_and_no_snapshot_outlives_a_chunk() {
+    use ferry_testkit::{Fault, FaultProxy};
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE seeded (id int PRIMARY KEY, v text, n int);
+         INSERT INTO seeded SELECT g, 'v' || g, 0 FROM generate_series(1, 6000) g;",
+    )
+    .await
+    .expect("schema");
+    // Each bulk request takes 250 ms more: a 500-row chunk (5 requests)
+    // takes over a second, and the whole copy several.
+    let proxy = FaultProxy::start(env.os.url()).await.expect("proxy");
+    proxy.set(Fault::Delay(Duration::from_millis(250)));
+    let text = format!(
+        "[source]\nurl = \"{}\"\nslot = \"ferry_test\"\npublication = \"ferry_test\"\n\n[sink]\nurl = \"{}\"\n\n\
+         [engine]\nmax_batch_delay_ms = 20\nbackfill_chunk_rows = 500\nbackfill_batch_rows = 100\nbackfill_parallelism = 2\n\n\
+         [[index]]\nname = \"{}\"\ntable = \"seeded\"\n",
+        env.pg.url("app"),
+        proxy.url(),
+        env.index("seeded")
+    );
+    let cfg = env.write_config(&text);
+    let ferry = env.run_ferry(&cfg);
+
+    // The writer: every 50 ms one transaction updating, deleting and
+    // inserting rows spread over the whole key range.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer_db = env.db().await;
+    let writer_stop = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut round = 0i32;
+        while !writer_stop.load(Ordering::Relaxed) {
+            round += 1;
+            let sql = format!(
+                "BEGIN;
+                 UPDATE seeded SET v = 'updated in round {round}', n = n + 1 WHERE id % 97 = {r97};
+                 DELETE FROM seeded WHERE id % 101 = {r101};
+                 INSERT INTO seeded SELECT 100000 + {round} * 10 + g, 'inserted', 0 FROM generate_series(1, 10) g;
+                 COMMIT;",
+                r97 = round % 97,
+                r101 = round % 101
+            );
+            writer_db.batch_execute(&sql).await.expect("writer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        round
+    });
+
+    // Sample ferry's snapshot transactions until the copy is done.
+    let started = Instant::now();
+    let deadline = started + CONVERGE;
+    let mut longest = 0.0f64;
+    let mut transactions: HashSet<(i32, String)> = HashSet::new();
+    while !env.log().contains("backfill finished") {
+        for (pid, xact_start, age) in ferry_snapshots(&db).await {
+            longest = longest.max(age);
+            transactions.insert((pid, xact_start));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never finished\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seeding = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let rounds = writer.await.expect("writer task");
+    proxy.clear();
+    env.assert_converges("seeded", "seeded", CONVERGE).await;
+
+    assert!(
+        seeding > Duration::from_secs(6),
+        "seeding took only {seeding:?}: too short to tell a chunk from the whole copy"
+    );
+    assert!(rounds >= 40, "the writer ran only {rounds} transactions");
+    // 12 chunks of 500 keys, each its own transaction (sampling every
+    // 50 ms sees most of them), where one snapshot used to serve them all.
+    assert!(
+        transactions.len() >= 4,
+        "saw {} snapshot transactions of ferry's sessions (longest {longest:.1} s): {transactions:?}",
+        transactions.len()
+    );
+    assert!(
+        longest < 4.0 && longest < seeding.as_secs_f64() / 2.0,
+        "a ferry transaction held its snapshot for {longest:.1} s of a {:.1} s seeding",
+        seeding.as_secs_f64()
+    );
+    assert_eq!(ferry.stop(), Some(0));
+}

@@ -713,3 +713,112 @@ async fn writes_resume_within_5_s_of_the_cluster_answering_after_a_long_outage()
     );
     rig.stop(ferry);
 }
+
+/// With several bulk requests in flight, a request held back by the proxy
+/// is overtaken by a later one writing the same documents: the documents
+/// end with the newer content (versions), and the slot is never confirmed
+/// past the held request's transaction until it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_bulk_overtaken_by_a_later_one_never_lets_the_slot_pass_it() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let db = rig.env.db().await;
+    create_docs(&db, 200).await;
+    let cfg = rig.config(
+        "docs",
+        "docs",
+        "",
+        "max_batch_delay_ms = 20\nmax_in_flight_bulks = 4",
+    );
+    let mut ferry = rig.env.run_ferry(&cfg);
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(60))
+        .await;
+
+    let hold = Duration::from_secs(8);
+    rig.proxy.set(Fault::DelayContaining {
+        needle: "held back".into(),
+        delay: hold,
+        times: Some(1),
+    });
+    let before = rig.proxy.injected();
+    // Transaction A: its bulk request is held back.
+    db.batch_execute("BEGIN; UPDATE docs SET title = 'held back ' || id WHERE id <= 50;")
+        .await
+        .expect("A");
+    let a_precommit = lsn(&db, "SELECT pg_current_wal_insert_lsn()::text").await;
+    db.batch_execute("COMMIT").await.expect("commit A");
+    assert!(
+        rig.proxy
+            .wait_for_injected(before + 1, Duration::from_secs(10))
+            .await,
+        "ferry never sent transaction A\n{}",
+        rig.env.log_tail()
+    );
+    let held_at = Instant::now();
+    // Transaction B: the same documents again (and deletes of others); its
+    // request passes at once and overtakes A's.
+    db.batch_execute(
+        "BEGIN;
+         UPDATE docs SET title = 'overtook ' || id, n = -1 WHERE id <= 50;
+         DELETE FROM docs WHERE id BETWEEN 151 AND 160;
+         COMMIT;",
+    )
+    .await
+    .expect("B");
+    let after_b = lsn(&db, "SELECT pg_current_wal_lsn()::text").await;
+
+    // B's documents are in the index while A is still held back.
+    loop {
+        let docs = rig.env.documents("docs").await;
+        let title = docs
+            .get("1")
+            .and_then(|d| d["title"].as_str().map(str::to_owned));
+        if title.as_deref() == Some("overtook 1") && !docs.contains_key("151") {
+            break;
+        }
+        assert!(
+            held_at.elapsed() < hold - Duration::from_secs(2),
+            "the later request did not land while the earlier one was held (title of 1: {title:?})\n{}",
+            rig.env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rig.proxy.delayed_answered(), 0, "A was still held");
+    // Until A lands, the slot stays before A's commit.
+    let mut samples = 0;
+    while rig.proxy.delayed_answered() == 0 {
+        let (confirmed, past_a) = slot_vs(&db, ">", &a_precommit).await;
+        assert!(
+            !past_a,
+            "the slot confirmed {confirmed} while transaction A (commit after {a_precommit}) was still in flight\n{}",
+            rig.env.log_tail()
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(samples >= 10, "only {samples} samples while A was held");
+
+    // A landed late and lost to B's newer versions: the index equals the table.
+    rig.env
+        .assert_converges("docs", "docs", Duration::from_secs(30))
+        .await;
+    let docs = rig.env.documents("docs").await;
+    assert_eq!(docs["50"]["title"], "overtook 50", "the newer write won");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (confirmed, past_all) = slot_vs(&db, ">=", &after_b).await;
+        if past_all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stays at {confirmed} after A landed, below {after_b}\n{}",
+            rig.env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    rig.assert_running(&mut ferry, "after the overtaking");
+    rig.stop(ferry);
+}

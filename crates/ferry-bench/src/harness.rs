@@ -54,6 +54,10 @@ pub struct Harness {
     log_filter: String,
     /// Port of ferry's admin endpoint (`/metrics`), chosen at start-up.
     admin_port: u16,
+    /// Lines of the `[engine]` section the next ferry gets.
+    engine_extra: String,
+    /// Where the next ferry writes instead of the sink (e.g. a delaying proxy).
+    sink_url: Option<String>,
 }
 
 impl Harness {
@@ -93,6 +97,8 @@ impl Harness {
             log_filter: "warn".to_owned(),
             admin_port: ferry_testkit::try_free_port()
                 .context("finding a port for ferry's admin endpoint")?,
+            engine_extra: String::new(),
+            sink_url: None,
         })
     }
 
@@ -105,6 +111,16 @@ impl Harness {
     /// passes (default `warn`).
     pub fn set_log_filter(&mut self, filter: &str) {
         self.log_filter = filter.to_owned();
+    }
+
+    /// `[engine]` keys (TOML lines) the next [`start_ferry`](Self::start_ferry) writes.
+    pub fn set_engine(&mut self, lines: &str) {
+        self.engine_extra = lines.to_owned();
+    }
+
+    /// The URL the next ferry writes to instead of the sink's own (a proxy in front of it).
+    pub fn set_sink_url(&mut self, url: &str) {
+        self.sink_url = Some(url.to_owned());
     }
 
     /// Everything ferry has logged so far (empty before it started).
@@ -134,11 +150,12 @@ impl Harness {
         };
         let config = format!(
             "[source]\nurl = \"{}\"\nslot = \"{SLOT}\"\npublication = \"{PUBLICATION}\"\n\n\
-             [sink]\nurl = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+             [sink]\nurl = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n[engine]\n{}\n\n\
              [[index]]\nname = \"{INDEX}\"\ntable = \"{table}\"\n{settings}{index_extra}",
             self.pg.url(DB),
-            self.sink.url(),
-            self.admin_port
+            self.sink_url.as_deref().unwrap_or(self.sink.url()),
+            self.admin_port,
+            self.engine_extra
         );
         let config_path = self.dir.path().join("ferry.toml");
         std::fs::write(&config_path, config)?;
@@ -521,6 +538,16 @@ impl Ferry {
     /// The exit status, once the process has ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Freezes (`SIGSTOP`, `true`) or resumes (`SIGCONT`) the process, so a
+    /// backlog can build up in its slot and its drain be timed alone.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.pid, signal);
+        }
     }
 
     /// User plus system CPU seconds used so far.

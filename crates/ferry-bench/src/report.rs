@@ -200,6 +200,15 @@ impl Outcome {
         }
     }
 
+    /// Adds the goal "`what` ≥ `min`" for a ratio measured in the same run.
+    pub fn target_ratio(&mut self, what: &str, ratio: f64, min: f64) {
+        self.targets.push(Target {
+            goal: format!("{what} >= {min:.1}x"),
+            measured: format!("{ratio:.2}x"),
+            met: ratio >= min,
+        });
+    }
+
     /// Adds the goal "peak RSS ≤ `max_mib`".
     pub fn target_rss(&mut self, max_mib: f64) {
         if let Some(rss) = self.peak_rss_mib {

@@ -67,11 +67,31 @@ pub enum Workload {
     NestedNofkBackfill,
     /// [`Workload::StreamRelational`] without any foreign-key index.
     NestedNofkStream,
+    /// [`Workload::Backfill`] with `engine.backfill_parallelism` 1, then 4,
+    /// in the same run; samples `pg_stat_activity` for ferry's longest
+    /// snapshot transaction.
+    BackfillParallel,
+    /// [`Workload::StreamSimple`] through a proxy adding 50 ms to every bulk
+    /// request, with `engine.max_in_flight_bulks` 1, then 4.
+    StreamInFlight,
+    /// Production size, never in a default run: 10,000,000 narrow rows.
+    Backfill10m,
+    /// Production size: 10,000,000 rows seeded while two writers change them.
+    BackfillLive10m,
+    /// Production size: 1,000,000 three-level nested documents.
+    Nested1m,
 }
 
 impl Workload {
     /// Every workload, in the order a default run uses.
-    pub const ALL: [Workload; 13] = [
+    /// Production-size workloads: run only when named (not in CI, not by default).
+    pub const PRODUCTION: [Workload; 3] = [
+        Workload::Backfill10m,
+        Workload::BackfillLive10m,
+        Workload::Nested1m,
+    ];
+
+    pub const ALL: [Workload; 15] = [
         Workload::SinkSelftest,
         Workload::Backfill,
         Workload::BackfillLive,
@@ -85,6 +105,8 @@ impl Workload {
         Workload::StreamRelational,
         Workload::NestedNofkBackfill,
         Workload::NestedNofkStream,
+        Workload::BackfillParallel,
+        Workload::StreamInFlight,
     ];
 
     /// The name used on the command line and in reports.
@@ -103,12 +125,20 @@ impl Workload {
             Workload::StreamRelational => "stream-relational",
             Workload::NestedNofkBackfill => "nested-nofk-backfill",
             Workload::NestedNofkStream => "nested-nofk-stream",
+            Workload::BackfillParallel => "backfill-parallel",
+            Workload::StreamInFlight => "stream-in-flight",
+            Workload::Backfill10m => "backfill-10m",
+            Workload::BackfillLive10m => "backfill-live-10m",
+            Workload::Nested1m => "nested-1m",
         }
     }
 
     /// The workload called `name`.
     pub fn parse(name: &str) -> Option<Workload> {
-        Workload::ALL.into_iter().find(|w| w.name() == name)
+        Workload::ALL
+            .into_iter()
+            .chain(Workload::PRODUCTION)
+            .find(|w| w.name() == name)
     }
 
     /// Whether the workload runs ferry (the self-test does not).
@@ -126,13 +156,21 @@ impl Workload {
                 | Workload::StreamSimple
                 | Workload::BackfillNested
                 | Workload::NestedNofkBackfill
+                | Workload::BackfillParallel
+                | Workload::Backfill10m
+                | Workload::Nested1m
         )
     }
 
     fn planned(self, s: &Sizes) -> (u64, &'static str) {
         match self {
             Workload::SinkSelftest => (s.selftest_docs, "docs"),
-            Workload::Backfill | Workload::BackfillLive => (s.backfill_rows, "rows"),
+            Workload::Backfill | Workload::BackfillLive | Workload::BackfillParallel => {
+                (s.backfill_rows, "rows")
+            }
+            Workload::Backfill10m | Workload::BackfillLive10m => (PRODUCTION_ROWS, "rows"),
+            Workload::Nested1m => (PRODUCTION_ROOTS, "docs"),
+            Workload::StreamInFlight => (s.stream_changes, "changes"),
             Workload::BackfillWide => (s.wide_rows, "rows"),
             Workload::StreamSimple => (s.stream_changes, "changes"),
             Workload::Stream1k => (1_000 * s.rate_seconds, "changes"),
@@ -240,6 +278,13 @@ async fn run_workload(w: Workload, ctx: &Ctx) -> Outcome {
         }
         Workload::StreamRelational | Workload::NestedNofkStream => {
             relational::stream_relational(ctx, w).await
+        }
+        Workload::BackfillParallel => backfill_parallel(ctx).await,
+        Workload::StreamInFlight => stream_in_flight(ctx).await,
+        Workload::Backfill10m => backfill(&production(ctx), false).await,
+        Workload::BackfillLive10m => backfill_live(&production(ctx)).await,
+        Workload::Nested1m => {
+            relational::backfill_nested(&production(ctx), Workload::BackfillNested).await
         }
     };
     result.unwrap_or_else(|e| {
@@ -1120,21 +1165,7 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     create_ceiling_slots(&h).await?;
 
     let txs = planned.div_ceil(WRITERS as u64 * PER_TX) as i64;
-    let mut clients = Vec::new();
-    for _ in 0..WRITERS {
-        clients.push(h.connect().await?);
-    }
-    let start = Phase::read(&h).await;
-    let t0 = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(w, db)| tokio::spawn(unpaced_writer(db, w as i64, txs)))
-        .collect();
-    let mut written = 0u64;
-    for t in tasks {
-        written += t.await.context("joining a writer")??;
-    }
+    let (start, t0, written) = unpaced_writers(&h, txs).await?;
     let writers_done = t0.elapsed();
     h.db.batch_execute(&insert_narrow(0, 0)).await?;
     let changes = written + 1;
@@ -1165,6 +1196,28 @@ async fn stream_simple(ctx: &Ctx) -> Result<Outcome> {
     o.target_rate(TARGET_STREAM_CHANGES_S);
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
+}
+
+/// Runs [`UNPACED_WRITERS`] unpaced writers of `txs` transactions each to
+/// the end: the readings at their start, their start time and the changes
+/// they made.
+async fn unpaced_writers(h: &Harness, txs: i64) -> Result<(Phase, Instant, u64)> {
+    let mut clients = Vec::new();
+    for _ in 0..UNPACED_WRITERS {
+        clients.push(h.connect().await?);
+    }
+    let start = Phase::read(h).await;
+    let t0 = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, db)| tokio::spawn(unpaced_writer(db, w as i64, txs)))
+        .collect();
+    let mut written = 0u64;
+    for t in tasks {
+        written += t.await.context("joining a writer")??;
+    }
+    Ok((start, t0, written))
 }
 
 /// Ids a paced transaction `k` changes, given the preloaded row count `p`:
@@ -1354,6 +1407,164 @@ async fn big_transaction(ctx: &Ctx) -> Result<Outcome> {
         );
     }
     finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+/// Rows of the production-size flat workloads.
+const PRODUCTION_ROWS: u64 = 10_000_000;
+/// Root documents of the production-size nested workload.
+const PRODUCTION_ROOTS: u64 = 1_000_000;
+
+/// `ctx` with production sizes (`--quick` divides them by 100).
+fn production(ctx: &Ctx) -> Ctx {
+    let scale = if ctx.sizes.backfill_rows < Sizes::full().backfill_rows {
+        100
+    } else {
+        1
+    };
+    let mut c = ctx.clone();
+    c.sizes.backfill_rows = PRODUCTION_ROWS / scale;
+    c.sizes.nested_users = PRODUCTION_ROOTS / scale;
+    c
+}
+
+/// Goal: parallelism 4 copies at least this many times faster than 1.
+const TARGET_PARALLEL_RATIO: f64 = 2.5;
+/// Goal: 4 bulk requests in flight stream at least this many times faster than 1.
+const TARGET_IN_FLIGHT_RATIO: f64 = 3.0;
+
+/// The longest a ferry session's transaction has held a snapshot, in seconds.
+async fn longest_ferry_snapshot(db: &tokio_postgres::Client) -> Result<f64> {
+    let row = db
+        .query_one(
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::float8
+             FROM pg_stat_activity
+             WHERE application_name = 'ferry' AND backend_xmin IS NOT NULL AND xact_start IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// `backfill-parallel`: the narrow backfill with parallelism 1, then 4,
+/// each on a fresh PostgreSQL and sink; the ratio of the two rates.
+async fn backfill_parallel(ctx: &Ctx) -> Result<Outcome> {
+    let name = Workload::BackfillParallel.name();
+    let n = ctx.sizes.backfill_rows;
+    let mut o = Outcome::new(name, n, "rows");
+    let mut rates = Vec::new();
+    for parallelism in [1usize, 4] {
+        let mut h = Harness::start(ctx, name).await?;
+        h.db.batch_execute(NARROW_DDL).await?;
+        h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
+        h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+        h.set_engine(&format!("backfill_parallelism = {parallelism}"));
+        let probe = h.connect().await?;
+        let start = Phase::before_ferry(&h).await;
+        let t0 = h.start_ferry("items")?;
+        let mut longest = 0.0f64;
+        let t1 = {
+            let waiting = h.wait_count(n as usize, limit(n, 2_000.0));
+            tokio::pin!(waiting);
+            loop {
+                tokio::select! {
+                    done = &mut waiting => break done?,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        longest = longest.max(longest_ferry_snapshot(&probe).await?);
+                    }
+                }
+            }
+        };
+        let end = Phase::read(&h).await;
+        let rate = n as f64 / (t1 - t0).as_secs_f64();
+        rates.push(rate);
+        o.notes.push(format!(
+            "backfill_parallelism = {parallelism}: {} rows/s in {:.2} s; the longest ferry snapshot transaction \
+             seen in pg_stat_activity (sampled every 100 ms) was open {longest:.2} s",
+            thousands(rate),
+            (t1 - t0).as_secs_f64()
+        ));
+        if parallelism == 4 {
+            o.seconds = Some((t1 - t0).as_secs_f64());
+            o.rate = Some(rate);
+            finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
+        } else {
+            h.stop_ferry();
+        }
+    }
+    let ratio = rates[1] / rates[0];
+    o.notes.push(format!(
+        "parallelism 4 / parallelism 1 = {ratio:.2} (same run; every process shares this machine's cores)"
+    ));
+    o.target_ratio("parallelism 4 / 1", ratio, TARGET_PARALLEL_RATIO);
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+/// Added to every bulk request by the proxy in `stream-in-flight`.
+const BULK_LATENCY: Duration = Duration::from_millis(50);
+/// Batch size of `stream-in-flight`: small enough that the added latency,
+/// not ferry's CPU, bounds one request at a time.
+const IN_FLIGHT_BATCH: usize = 500;
+
+/// `stream-in-flight`: the unpaced writers of `stream-simple`, with a
+/// FaultProxy adding [`BULK_LATENCY`] to every bulk request, at
+/// `max_in_flight_bulks` 1, then 4; the ratio of the two rates.
+async fn stream_in_flight(ctx: &Ctx) -> Result<Outcome> {
+    use ferry_testkit::{Fault, FaultProxy};
+    const WRITERS: i64 = UNPACED_WRITERS;
+    const PER_TX: u64 = UNPACED_PER_TX;
+    let name = Workload::StreamInFlight.name();
+    let planned = ctx.sizes.stream_changes;
+    let txs = planned.div_ceil(WRITERS as u64 * PER_TX) as i64;
+    let mut o = Outcome::new(name, planned, "changes");
+    let mut rates = Vec::new();
+    for in_flight in [1usize, 4] {
+        let mut h = Harness::start(ctx, name).await?;
+        h.db.batch_execute(NARROW_DDL).await?;
+        let proxy = FaultProxy::start(h.sink.url()).await?;
+        proxy.set(Fault::Delay(BULK_LATENCY));
+        h.set_sink_url(proxy.url());
+        h.set_engine(&format!(
+            "max_in_flight_bulks = {in_flight}\nmax_batch_changes = {IN_FLIGHT_BATCH}"
+        ));
+        h.start_ferry("items")?;
+        h.probe_stream("items", &insert_narrow(-1, -1)).await?;
+        // The writers fill the slot while ferry is frozen; then ferry drains
+        // the backlog alone, so the writers' speed is not what is measured.
+        h.ferry()?.freeze(true);
+        let (start, _, written) = unpaced_writers(&h, txs).await?;
+        h.db.batch_execute(&insert_narrow(0, 0)).await?;
+        let changes = written + 1;
+        let t0 = Instant::now();
+        h.ferry()?.freeze(false);
+        let seen = h.wait_doc("0", limit(changes, 500.0)).await?;
+        let arrived = h.sink.last_write(INDEX, "0").unwrap_or(seen);
+        let end = Phase::read(&h).await;
+        let secs = (arrived - t0).as_secs_f64();
+        let rate = changes as f64 / secs;
+        rates.push(rate);
+        o.notes.push(format!(
+            "max_in_flight_bulks = {in_flight}: {} changes/s ({changes} changes in {secs:.2} s)",
+            thousands(rate)
+        ));
+        if in_flight == 4 {
+            o.size = changes;
+            o.seconds = Some(secs);
+            o.rate = Some(rate);
+            finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
+        } else {
+            h.stop_ferry();
+        }
+    }
+    let ratio = rates[1] / rates[0];
+    o.notes.push(format!(
+        "every bulk request delayed {} ms by a FaultProxy in front of FastSink; max_batch_changes = {IN_FLIGHT_BATCH}; \
+         ferry frozen (SIGSTOP) while the writers fill the slot, then timed draining the backlog; in flight 4 / 1 = {ratio:.2}",
+        BULK_LATENCY.as_millis()
+    ));
+    o.target_ratio("4 in flight / 1", ratio, TARGET_IN_FLIGHT_RATIO);
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
 }

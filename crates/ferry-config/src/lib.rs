@@ -319,6 +319,9 @@ impl AwsService {
     }
 }
 
+/// Upper bound of `engine.backfill_parallelism` and `engine.max_in_flight_bulks`.
+pub const MAX_CONCURRENCY: usize = 32;
+
 /// `[engine]`: how changes are batched between the stream and the sink.
 #[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -333,8 +336,15 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Rows per bulk request during backfill.
     pub backfill_batch_rows: usize,
-    /// Rows per key-ordered backfill chunk; a checkpoint follows each chunk.
+    /// Rows per key-ordered backfill chunk: each chunk is read in its own
+    /// short snapshot transaction; a checkpoint follows the chunks done in key order.
     pub backfill_chunk_rows: usize,
+    /// Chunks copied at once, across tables and indexes; each holds one
+    /// PostgreSQL connection while seeding runs.
+    pub backfill_parallelism: usize,
+    /// Bulk requests of the streaming worker in flight at once; the slot
+    /// still confirms only transactions whose writes are all durable.
+    pub max_in_flight_bulks: usize,
     /// Longest a stop (SIGTERM) waits for the in-flight batch, in seconds.
     pub shutdown_timeout_secs: u64,
 }
@@ -347,7 +357,9 @@ impl Default for EngineConfig {
             max_batch_delay_ms: 20,
             queue_capacity: 20_000,
             backfill_batch_rows: 5_000,
-            backfill_chunk_rows: 250_000,
+            backfill_chunk_rows: 20_000,
+            backfill_parallelism: 2,
+            max_in_flight_bulks: 2,
             shutdown_timeout_secs: 30,
         }
     }
@@ -973,6 +985,25 @@ impl Config {
         ] {
             if v == 0 {
                 bad(key, "must be at least 1 (seconds)".into());
+            }
+        }
+        for (key, v, what) in [
+            (
+                "engine.backfill_parallelism",
+                e.backfill_parallelism,
+                "each is one PostgreSQL connection while seeding",
+            ),
+            (
+                "engine.max_in_flight_bulks",
+                e.max_in_flight_bulks,
+                "each is one bulk request of up to max_batch_bytes held in memory",
+            ),
+        ] {
+            if !(1..=MAX_CONCURRENCY).contains(&v) {
+                bad(
+                    key,
+                    format!("must be between 1 and {MAX_CONCURRENCY} ({what}); got {v}"),
+                );
             }
         }
         if let Err(e) = self.admin.listen.parse::<std::net::SocketAddr>() {

@@ -4,6 +4,7 @@
 //! Everything here is synchronous and deterministic so it can be unit- and
 //! property-tested without a database or a search cluster.
 
+pub mod ack;
 pub mod backoff;
 pub mod change;
 pub mod copytext;

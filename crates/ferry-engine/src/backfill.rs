@@ -1,153 +1,212 @@
-//! Backfill: copy a table's rows under a snapshot into its index.
+//! Backfill: copy one key range of a table (a *chunk*) into its index.
 //!
-//! Rows are read in primary-key order, in chunks
-//! (`COPY (SELECT … WHERE key > last ORDER BY key LIMIT n) TO STDOUT`, text
-//! format: the same value rendering as the replication stream), become
-//! documents, and go to the
-//! sink in bulk batches. A writer task sends one batch while the next is
-//! read, so PostgreSQL and OpenSearch work at the same time.
+//! A chunk is read in its own short `REPEATABLE READ` transaction
+//! (`COPY (SELECT … WHERE key > after AND key <= upto ORDER BY key) TO
+//! STDOUT`, text format: the same value rendering as the replication
+//! stream); its rows become documents and go to the sink in bulk batches. A
+//! writer runs beside the reader, so PostgreSQL and OpenSearch work at the
+//! same time. No snapshot outlives its chunk, so vacuum is never held back
+//! for a whole backfill.
 //!
-//! After each chunk's documents are durable, the last key is recorded in the
-//! index's `_meta` (a checkpoint): an interrupted backfill resumes after it
-//! instead of starting over. Rows before the checkpoint stay correct because
-//! the stream has been applying their changes all along.
+//! Every chunk's snapshot must contain the *floor*, the snapshot exported at
+//! the seeding's consistent point C ([`ferry_postgres::Session::begin_chunk`]
+//! checks it), and its documents carry C as their version: see
+//! ARCHITECTURE.md, "Parallel seeding", for why that is exact.
+//! `seed.rs` chooses the chunks, runs `engine.backfill_parallelism` of them
+//! at once over a [`Pool`] of connections, and records checkpoints.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use ferry_config::Config;
-use ferry_core::stats::IndexStats;
+use ferry_config::{Config, PoisonPolicy};
+use ferry_core::stats::{IndexStats, Stats};
 use ferry_core::{DocWrite, Lsn};
-use ferry_opensearch::{IndexPlan, Sink};
+use ferry_opensearch::Sink;
 use ferry_postgres::Session;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::index::IndexRuntime;
 use crate::{EngineError, Shutdown};
 
-/// What a backfill needs besides the table and the sink.
-pub struct Ctx<'a> {
-    /// The configuration (batch sizes).
-    pub cfg: &'a Config,
-    /// Stop early when this turns true.
-    pub shutdown: &'a Shutdown,
-    /// Progress figures to update.
-    pub stats: Option<&'a IndexStats>,
+/// What every chunk copy of one seeding shares.
+pub struct Copier {
+    /// The sink.
+    pub sink: Sink,
+    /// The configuration (batch sizes, poison policies).
+    pub cfg: Config,
     /// All figures (rejections are counted per index).
-    pub all_stats: std::sync::Arc<ferry_core::stats::Stats>,
-    /// Record checkpoints for this index plan (`None`: no checkpoints).
-    pub checkpoint: Option<&'a IndexPlan>,
-    /// Resume after this primary key.
-    pub resume_after: Option<Vec<String>>,
+    pub stats: Arc<Stats>,
+    /// Every index's concrete name, by position (the sink's write targets).
+    pub names: Vec<String>,
+    /// (alias, poison policy) per index position.
+    pub policies: Vec<(String, PoisonPolicy)>,
+    /// The snapshot every chunk snapshot must contain (`pg_snapshot` text).
+    pub floor: String,
+    /// The floor's consistent point: every copied document's version.
+    pub version: Lsn,
+    /// Stop early when this turns true.
+    pub shutdown: Shutdown,
 }
 
-enum Msg {
-    Batch(Vec<DocWrite>),
-    Checkpoint(Vec<String>),
+/// One key range of an index's root table: keys after `after` up to `upto`
+/// (`None`: unbounded on that side).
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// Exclusive lower bound.
+    pub after: Option<Vec<String>>,
+    /// Inclusive upper bound.
+    pub upto: Option<Vec<String>>,
 }
 
-/// Copies every row of `ix`'s table into its concrete index, versioned
-/// `version`; returns the documents written.
-pub async fn run(
-    client: &Session,
-    sink: &Sink,
-    ix: &IndexRuntime,
-    names: &[String],
-    version: Lsn,
-    ctx: &Ctx<'_>,
-) -> Result<u64, EngineError> {
-    let started = Instant::now();
-    let (shutdown, stats) = (ctx.shutdown, ctx.stats);
-    let estimate = client.estimate_rows(&ix.shape).await;
-    if let Some(st) = stats {
-        st.backfill_total.store(estimate, Relaxed);
-        st.backfill_rows.store(0, Relaxed);
-    }
-    match &ctx.resume_after {
-        Some(after) => {
-            tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate,
-            after = ?after, "backfill resumed after its last checkpoint (rows up to that key are not copied again)")
-        }
-        None => {
-            tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate, "backfill started")
-        }
+/// The connections chunks are copied on: one per concurrent chunk.
+pub struct Pool {
+    free: Mutex<Vec<Session>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A connection taken from the [`Pool`]; [`Lease::give_back`] returns it.
+/// Dropped without that (a failed or interrupted chunk, possibly in the
+/// middle of a transaction), the connection is closed and the pool shrinks.
+pub struct Lease {
+    session: Option<Session>,
+    pool: Arc<Pool>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Pool {
+    /// A pool over these connections.
+    pub fn new(sessions: Vec<Session>) -> Arc<Pool> {
+        Arc::new(Pool {
+            permits: Arc::new(Semaphore::new(sessions.len())),
+            free: Mutex::new(sessions),
+        })
     }
 
-    // The writer task: at most one batch in flight plus one waiting.
-    let (tx, mut rx) = mpsc::channel::<Msg>(1);
-    let sink2 = sink.clone();
-    let names2 = names.to_vec();
-    let cfg2 = ctx.cfg.clone();
-    let stats2 = ctx.all_stats.clone();
-    let plan2 = ctx.checkpoint.cloned();
-    let concrete = ix.concrete.clone();
-    let policies: Vec<(String, ferry_config::PoisonPolicy)> = ctx
-        .cfg
-        .indexes
-        .iter()
-        .map(|c| (c.name.clone(), c.on_poison))
-        .collect();
-    let writer = tokio::spawn(async move {
-        let mut written = 0u64;
-        while let Some(msg) = rx.recv().await {
-            match msg {
-                Msg::Batch(batch) => {
-                    let outcome = sink2.write(&batch, &names2).await?;
-                    stats2.progressed();
-                    written += batch.len() as u64 - outcome.rejected.len() as u64;
-                    if !outcome.rejected.is_empty() {
-                        // Backfill documents come from the current rows already.
-                        crate::poison::apply(&sink2, &cfg2, &stats2, &policies, outcome.rejected)
-                            .await?;
-                    }
-                }
-                // Every batch before it is durable: record the position.
-                Msg::Checkpoint(after) => {
-                    if let Some(plan) = &plan2 {
-                        sink2.set_checkpoint(plan, &concrete, &after).await?;
-                    }
-                }
+    /// Waits for a free connection (cancel-safe).
+    pub async fn take(self: &Arc<Self>) -> Result<Lease, EngineError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Stream("the backfill connection pool closed".into()))?;
+        let session = self
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .ok_or_else(|| EngineError::Stream("the backfill connection pool is empty".into()))?;
+        Ok(Lease {
+            session: Some(session),
+            pool: self.clone(),
+            permit: Some(permit),
+        })
+    }
+}
+
+impl Lease {
+    /// The connection.
+    pub fn session(&self) -> &Session {
+        self.session
+            .as_ref()
+            .expect("a lease holds its session until given back")
+    }
+
+    /// Returns the connection (idle, outside any transaction) to the pool.
+    pub fn give_back(mut self) {
+        if let Some(s) = self.session.take() {
+            self.pool
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s);
+        }
+        self.permit.take();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            // The connection goes with the lease: so does its permit.
+            if let Some(p) = self.permit.take() {
+                p.forget();
             }
         }
-        Ok::<u64, EngineError>(written)
-    });
-    // A seeding stopped from outside (its copy may be discarded) takes its
-    // writer with it: no batch or checkpoint of that copy lands later.
-    let _writer_stops_with_us = AbortOnDrop(writer.abort_handle());
+    }
+}
 
-    let batch_rows = ctx.cfg.engine.backfill_batch_rows;
-    let chunk_rows = ctx.cfg.engine.backfill_chunk_rows;
-    let mut batch = Vec::with_capacity(batch_rows);
-    let mut rows = 0u64;
-    let mut malformed = 0u64;
-    let mut last_log = Instant::now();
-    let mut send_failed = false;
-    let mut after = ctx.resume_after.clone();
-    let progress = Progress::new(&ix.alias, estimate);
-    'chunks: loop {
-        let mut rows_in = client
-            .copy_chunk(&ix.plan, after.as_deref(), chunk_rows)
+/// Copies `chunk` of `ix`'s table into its concrete index (and the index
+/// its alias still serves, through `names`) on `lease`'s connection;
+/// returns the documents written, or `None` when a shutdown interrupted it
+/// (nothing about the chunk may then be assumed).
+pub async fn copy_chunk(
+    lease: Lease,
+    shared: Arc<Copier>,
+    ix: IndexRuntime,
+    chunk: Chunk,
+    progress: Arc<Progress>,
+    index_stats: Option<Arc<IndexStats>>,
+) -> Result<Option<u64>, EngineError> {
+    let (copier, ix, chunk, progress) = (&*shared, &ix, &chunk, &*progress);
+    let index_stats = index_stats.as_deref();
+    let db = lease.session();
+    let mut tries = 0u32;
+    while !db.begin_chunk(&copier.floor).await? {
+        tries += 1;
+        if tries.is_multiple_of(250) {
+            tracing::warn!(index = %ix.alias, tries, "a backfill chunk is still waiting for transactions the seeding snapshot saw committed to leave the in-progress list (a synchronous standby not answering?)");
+        }
+        if *copier.shutdown.borrow() {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let batch_rows = copier.cfg.engine.backfill_batch_rows;
+    let (tx, mut rx) = mpsc::channel::<Vec<DocWrite>>(1);
+    let writer = async {
+        let mut written = 0u64;
+        while let Some(batch) = rx.recv().await {
+            let outcome = copier.sink.write(&batch, &copier.names).await?;
+            copier.stats.progressed();
+            written += batch.len() as u64 - outcome.rejected.len() as u64;
+            if !outcome.rejected.is_empty() {
+                // Backfill documents come from the current rows already.
+                crate::poison::apply(
+                    &copier.sink,
+                    &copier.cfg,
+                    &copier.stats,
+                    &copier.policies,
+                    outcome.rejected,
+                )
+                .await?;
+            }
+            if let Some(st) = index_stats {
+                st.backfill_rows.fetch_add(batch.len() as u64, Relaxed);
+            }
+            progress.add(batch.len() as u64);
+        }
+        Ok::<u64, EngineError>(written)
+    };
+    let reader = async move {
+        let mut rows = db
+            .copy_range(&ix.plan, chunk.after.as_deref(), chunk.upto.as_deref())
             .await?;
-        let mut in_chunk = 0usize;
-        // The key of the chunk's last row, once the chunk is full.
-        let mut last_key: Option<Vec<String>> = None;
+        let mut batch = Vec::with_capacity(batch_rows);
+        let mut malformed = 0u64;
         loop {
             let mut full_batches = Vec::new();
-            let more = rows_in
+            let more = rows
                 .read(|row| {
-                    in_chunk += 1;
-                    if in_chunk == chunk_rows {
-                        last_key = Some(ix.plan.row_key(|i| row.field(i)));
-                    }
-                    match ix.plan.document(|i| row.field(i), ix.pos, version) {
+                    match ix.plan.document(|i| row.field(i), ix.pos, copier.version) {
                         Some(w) => batch.push(w),
                         None => {
                             malformed += 1;
                             return;
                         }
                     }
-                    rows += 1;
                     if batch.len() >= batch_rows {
                         full_batches.push(std::mem::replace(
                             &mut batch,
@@ -156,77 +215,38 @@ pub async fn run(
                     }
                 })
                 .await?;
+            for full in full_batches {
+                if tx.send(full).await.is_err() {
+                    // The writer failed: its error is the one reported.
+                    return Ok(Some(malformed));
+                }
+            }
             if !more {
                 break;
             }
-            for full in full_batches {
-                if tx.send(Msg::Batch(full)).await.is_err() {
-                    send_failed = true;
-                    break 'chunks;
-                }
+            if *copier.shutdown.borrow() {
+                return Ok(None);
             }
-            if let Some(st) = stats {
-                st.backfill_rows.store(rows, Relaxed);
-            }
-            if *shutdown.borrow() {
-                break 'chunks;
-            }
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                last_log = Instant::now();
-                let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
-                tracing::info!(index = %ix.alias, rows, rows_estimate = estimate, rate = rate as u64, "backfill progress");
-            }
-            progress.show(rows);
         }
-        // A short chunk is the last one.
-        let Some(key) = last_key else {
-            break;
-        };
-        // The chunk is complete: its last key is the next chunk's start.
+        // Every row is read: the snapshot can go before the last batch lands.
+        db.end_chunk().await?;
         if !batch.is_empty() {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
-            if tx.send(Msg::Batch(full)).await.is_err() {
-                send_failed = true;
-                break;
-            }
+            let _ = tx.send(batch).await;
         }
-        if ctx.checkpoint.is_some() && tx.send(Msg::Checkpoint(key.clone())).await.is_err() {
-            send_failed = true;
-            break;
-        }
-        after = Some(key);
-    }
-    if !batch.is_empty() && !send_failed && !*shutdown.borrow() {
-        let _ = tx.send(Msg::Batch(batch)).await;
-    }
-    drop(tx);
-    progress.finish();
-    let written = match writer.await {
-        Ok(r) => r?,
-        Err(e) => {
+        if malformed > 0 {
             return Err(EngineError::Stream(format!(
-                "backfill writer task failed: {e}"
-            )))
+                "backfill of {}: {malformed} rows came back in an unexpected shape from the document query",
+                ix.alias
+            )));
         }
+        Ok::<Option<u64>, EngineError>(Some(malformed))
     };
-    if malformed > 0 {
-        return Err(EngineError::Stream(format!(
-            "backfill of {}: {malformed} rows came back in an unexpected shape from the document query",
-            ix.alias
-        )));
+    let (read, written) = tokio::try_join!(reader, writer)?;
+    if read.is_none() || *copier.shutdown.borrow() {
+        return Ok(None);
     }
-    let secs = started.elapsed().as_secs_f64().max(0.001);
-    tracing::info!(index = %ix.alias, rows = written, seconds = secs, rate = (written as f64 / secs) as u64, "backfill finished");
-    Ok(written)
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    lease.give_back();
+    Ok(Some(written))
 }
 
 /// Whether backfills may draw a progress bar on a terminal stderr. The
@@ -241,11 +261,13 @@ pub fn set_progress_bar(on: bool) {
 }
 
 /// A one-line progress bar on stderr when it is a terminal (a service's log
-/// gets the periodic `backfill progress` lines instead).
-struct Progress(ProgressBar);
+/// gets the periodic `backfill progress` lines instead), shared by the
+/// chunks of one index.
+pub struct Progress(ProgressBar);
 
 impl Progress {
-    fn new(name: &str, total: i64) -> Progress {
+    /// A bar for index `name` of about `total` rows (-1: unknown).
+    pub fn new(name: &str, total: i64) -> Progress {
         let target = if PROGRESS_BAR.load(Relaxed) {
             // Hidden by indicatif itself when stderr is not a terminal.
             ProgressDrawTarget::stderr()
@@ -274,12 +296,20 @@ impl Progress {
         Progress(bar)
     }
 
-    fn show(&self, rows: u64) {
+    /// `rows` more rows are durable; returns the rows so far.
+    pub fn add(&self, rows: u64) -> u64 {
         // Drawn at most 20 times a second by indicatif.
-        self.0.set_position(rows);
+        self.0.inc(rows);
+        self.0.position()
     }
 
-    fn finish(&self) {
+    /// Rows durable so far.
+    pub fn rows(&self) -> u64 {
+        self.0.position()
+    }
+
+    /// Stops drawing.
+    pub fn finish(&self) {
         self.0.finish();
     }
 }

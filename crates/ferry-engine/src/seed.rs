@@ -1,8 +1,12 @@
 //! Seeding indexes while the stream runs.
 //!
 //! Streaming starts at once for every index; an index that is new, was
-//! interrupted, or gets a new mapping is copied in the background under a
-//! snapshot whose consistent point is the copy's version. While it seeds:
+//! interrupted, or gets a new mapping is copied in the background. The copy
+//! is cut into key-range chunks (`engine.backfill_chunk_rows` keys each),
+//! `engine.backfill_parallelism` of them copied at once — within a table and
+//! across tables and indexes — each in its own short snapshot transaction
+//! (see `backfill.rs`) and versioned with the seeding's consistent point. While
+//! an index seeds:
 //!
 //! * the stream writes its changes to the new index too, with higher
 //!   versions than the copy, so a late copy never overwrites a live change;
@@ -11,19 +15,29 @@
 //!   default tombstone lifetime is 60 s), and refreshes are paused;
 //! * an older index the alias still serves keeps receiving every write, so
 //!   searches stay current until the alias moves atomically to the new one.
+//!
+//! Chunks finish in any order; the checkpoint recorded in the index is the
+//! upper key of the contiguous prefix of finished chunks
+//! (`ferry_core::ack::InOrder`), so a resumed seeding copies again at most
+//! the chunks that were in flight.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_config::Config;
+use ferry_core::ack::InOrder;
 use ferry_core::stats::{IndexState, Stats};
 use ferry_core::Lsn;
 use ferry_opensearch::{IndexPlan, Sink};
-use ferry_postgres::Session;
+use ferry_postgres::PgParams;
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
+use crate::backfill::{self, Chunk, Copier, Pool, Progress};
 use crate::index::{IndexId, IndexRuntime};
-use crate::{backfill, EngineError, Shutdown};
+use crate::{EngineError, Shutdown};
 
 /// One index to seed.
 #[derive(Debug, Clone)]
@@ -38,18 +52,22 @@ pub struct Job {
     pub resume_after: Option<Vec<String>>,
 }
 
-/// The indexes to seed and the snapshot to read.
+/// The indexes to seed and the snapshot the copy starts from.
 pub struct Seeding {
-    /// A session inside the snapshot transaction.
-    pub client: Session,
+    /// Where the chunk connections go.
+    pub params: PgParams,
+    /// The snapshot exported at the consistent point (`pg_snapshot` text):
+    /// every chunk's snapshot must contain it.
+    pub floor: String,
     /// The snapshot's consistent point: the copy's version.
     pub version: Lsn,
     /// What to seed.
     pub jobs: Vec<Job>,
 }
 
-/// Seeds every job in turn; after each, tells the worker (through
-/// `swapped`) that the alias moved so it stops writing to the old index.
+/// Seeds every job, `engine.backfill_parallelism` chunks at a time; after
+/// each index, tells the worker (through `swapped`) that its alias moved so
+/// it stops writing to the old index.
 pub async fn run(
     seeding: Seeding,
     sink: Sink,
@@ -59,44 +77,171 @@ pub async fn run(
     stats: Arc<Stats>,
     swapped: mpsc::Sender<(usize, String)>,
 ) -> Result<(), EngineError> {
-    let names: Vec<String> = indexes.iter().map(|i| i.concrete.clone()).collect();
-    for job in &seeding.jobs {
-        let ix = &indexes[job.index.0];
-        sink.update_settings(
-            &ix.concrete,
-            json!({"gc_deletes": "12h", "refresh_interval": "-1"}),
-        )
-        .await?;
-        let index_stats = stats.index(job.index.0);
-        let ctx = backfill::Ctx {
-            cfg: &cfg,
-            shutdown: &shutdown,
-            stats: index_stats.as_deref(),
-            all_stats: stats.clone(),
-            checkpoint: Some(&job.plan),
-            resume_after: job.resume_after.clone(),
-        };
-        backfill::run(&seeding.client, &sink, ix, &names, seeding.version, &ctx).await?;
-        if *shutdown.borrow() {
-            return Ok(());
-        }
-        sink.mark_seeded(&job.plan, &ix.concrete, seeding.version)
-            .await?;
-        sink.update_settings(
-            &ix.concrete,
-            json!({"gc_deletes": null, "refresh_interval": null}),
-        )
-        .await?;
-        let _ = sink.refresh(&ix.concrete).await;
-        if let Some(prev) = &job.previous {
-            sink.swap_alias(&ix.alias, &ix.concrete, Some(prev)).await?;
-            tracing::info!(alias = %ix.alias, from = %prev, to = %ix.concrete, "moved the alias to the rebuilt index");
-            let _ = swapped.send((job.index.0, prev.clone())).await;
-        }
-        if let Some(st) = &index_stats {
-            st.set_state(IndexState::Streaming);
+    let parallelism = cfg.engine.backfill_parallelism.max(1);
+    let mut sessions = Vec::with_capacity(parallelism);
+    for _ in 0..parallelism {
+        sessions.push(seeding.params.session().await?);
+    }
+    let pool = Pool::new(sessions);
+    let copier = Arc::new(Copier {
+        sink,
+        names: indexes.iter().map(|i| i.concrete.clone()).collect(),
+        policies: cfg
+            .indexes
+            .iter()
+            .map(|c| (c.name.clone(), c.on_poison))
+            .collect(),
+        cfg,
+        stats,
+        floor: seeding.floor,
+        version: seeding.version,
+        shutdown,
+    });
+    let mut jobs = JoinSet::new();
+    for job in seeding.jobs {
+        let ix = indexes[job.index.0].clone();
+        jobs.spawn(seed_index(
+            copier.clone(),
+            pool.clone(),
+            ix,
+            job,
+            swapped.clone(),
+        ));
+    }
+    while let Some(r) = jobs.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(EngineError::Stream(format!("seeding task failed: {e}"))),
         }
     }
-    seeding.client.end_snapshot().await;
+    Ok(())
+}
+
+/// Seeds one index: plans its chunks in key order, copies them on the
+/// pool's connections, checkpoints the finished prefix, then marks the
+/// index seeded and moves its alias.
+async fn seed_index(
+    copier: Arc<Copier>,
+    pool: Arc<Pool>,
+    ix: IndexRuntime,
+    job: Job,
+    swapped: mpsc::Sender<(usize, String)>,
+) -> Result<(), EngineError> {
+    let sink = &copier.sink;
+    sink.update_settings(
+        &ix.concrete,
+        json!({"gc_deletes": "12h", "refresh_interval": "-1"}),
+    )
+    .await?;
+    let index_stats = copier.stats.index(job.index.0);
+    let estimate = {
+        let lease = pool.take().await?;
+        let estimate = lease.session().estimate_rows(&ix.shape).await;
+        lease.give_back();
+        estimate
+    };
+    if let Some(st) = &index_stats {
+        st.backfill_total.store(estimate, Relaxed);
+        st.backfill_rows.store(0, Relaxed);
+    }
+    match &job.resume_after {
+        Some(after) => {
+            tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate,
+            after = ?after, "backfill resumed after its last checkpoint (rows up to that key are not copied again)")
+        }
+        None => {
+            tracing::info!(index = %ix.alias, table = %ix.shape.qualified(), rows_estimate = estimate, "backfill started")
+        }
+    }
+    let started = Instant::now();
+    let progress = Arc::new(Progress::new(&ix.alias, estimate));
+    let chunk_rows = copier.cfg.engine.backfill_chunk_rows;
+    // Value per chunk: its upper key (`None`: the last chunk).
+    let mut order: InOrder<Option<Vec<String>>> = InOrder::default();
+    let mut chunks = JoinSet::new();
+    let mut after = job.resume_after.clone();
+    let mut planning = true;
+    let mut complete = false;
+    let mut written = 0u64;
+    let mut last_log = Instant::now();
+    while planning || !chunks.is_empty() {
+        tokio::select! {
+            lease = pool.take(), if planning => {
+                let lease = lease?;
+                if *copier.shutdown.borrow() {
+                    lease.give_back();
+                    planning = false;
+                    continue;
+                }
+                let upto = lease
+                    .session()
+                    .chunk_end(&ix.plan, after.as_deref(), chunk_rows)
+                    .await?;
+                let seq = order.issue();
+                let chunk = Chunk { after: after.clone(), upto: upto.clone() };
+                let task = backfill::copy_chunk(
+                    lease,
+                    copier.clone(),
+                    ix.clone(),
+                    chunk,
+                    progress.clone(),
+                    index_stats.clone(),
+                );
+                let end = upto.clone();
+                chunks.spawn(async move { (seq, end, task.await) });
+                match upto {
+                    Some(key) => after = Some(key),
+                    None => planning = false,
+                }
+            }
+            Some(r) = chunks.join_next() => {
+                let (seq, upto, copied) = r.map_err(|e| {
+                    EngineError::Stream(format!("backfill chunk task failed: {e}"))
+                })?;
+                let Some(n) = copied? else {
+                    // Interrupted by a shutdown: nothing more is recorded.
+                    planning = false;
+                    continue;
+                };
+                written += n;
+                if let Some(reached) = order.complete(seq, upto).pop() {
+                    match reached {
+                        Some(key) => sink.set_checkpoint(&job.plan, &ix.concrete, &key).await?,
+                        None => complete = true,
+                    }
+                }
+                if last_log.elapsed() >= Duration::from_secs(5) {
+                    last_log = Instant::now();
+                    let rows = progress.rows();
+                    let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    tracing::info!(index = %ix.alias, rows, rows_estimate = estimate, rate = rate as u64, "backfill progress");
+                }
+            }
+            else => break,
+        }
+    }
+    progress.finish();
+    if !complete || *copier.shutdown.borrow() {
+        return Ok(());
+    }
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    tracing::info!(index = %ix.alias, rows = written, seconds = secs, rate = (written as f64 / secs) as u64, "backfill finished");
+    sink.mark_seeded(&job.plan, &ix.concrete, copier.version)
+        .await?;
+    sink.update_settings(
+        &ix.concrete,
+        json!({"gc_deletes": null, "refresh_interval": null}),
+    )
+    .await?;
+    let _ = sink.refresh(&ix.concrete).await;
+    if let Some(prev) = &job.previous {
+        sink.swap_alias(&ix.alias, &ix.concrete, Some(prev)).await?;
+        tracing::info!(alias = %ix.alias, from = %prev, to = %ix.concrete, "moved the alias to the rebuilt index");
+        let _ = swapped.send((job.index.0, prev.clone())).await;
+    }
+    if let Some(st) = &index_stats {
+        st.set_state(IndexState::Streaming);
+    }
     Ok(())
 }

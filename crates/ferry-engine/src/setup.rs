@@ -1,11 +1,12 @@
 //! Start-up: everything between reading the config and streaming.
 //!
 //! Order matters for consistency. The slot is created (exporting a
-//! snapshot) *before* any row is copied, and the copy reads under that
-//! snapshot, so every change after the copy's view is in the slot and every
-//! change before it is in the copy. Backfill writes carry the slot's
-//! consistent point as their version and streamed writes carry their commit
-//! LSN, which is higher, so a late copy never overwrites a streamed change.
+//! snapshot) *before* any row is copied, and every copied chunk reads a
+//! snapshot that contains that one, so every change after the slot's
+//! consistent point is in the slot and every change before it is in the
+//! copy. Backfill writes carry the consistent point as their version and
+//! streamed writes carry their commit LSN, which is higher, so a late copy
+//! never overwrites a streamed change (ARCHITECTURE.md, "Parallel seeding").
 
 use std::sync::Arc;
 
@@ -359,11 +360,17 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
                 (s, at)
             }
         };
+        // Import the exported snapshot only to read what it contains (the
+        // floor every chunk snapshot is checked against), then let it go:
+        // no snapshot is held longer than one chunk.
         let snap_client = catalog::open_snapshot(&params, Some(&snapshot_slot.snapshot)).await?;
-        // The snapshot is imported: the session that exported it may go.
+        let floor = snap_client.current_snapshot().await?;
+        snap_client.end_snapshot().await;
+        drop(snap_client);
         drop(snapshot_slot);
         seeding = Some(Seeding {
-            client: snap_client,
+            params: params.clone(),
+            floor,
             version,
             jobs,
         });
@@ -453,6 +460,32 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
         None => {
             tracing::info!(slot = %cfg.source.slot, "slot does not exist yet; ferry run creates it")
         }
+    }
+    // The WAL cost of ferry's slot and of every slot sharing the server.
+    for s in client.slots_wal().await? {
+        let whose = if s.name == cfg.source.slot {
+            "ferry's slot"
+        } else {
+            "other slot on this server"
+        };
+        tracing::info!(
+            "{whose} {:?} ({}{}, {}, wal_status {}) retains {} bytes ({}) of WAL",
+            s.name,
+            s.kind,
+            if s.database.is_empty() {
+                String::new()
+            } else {
+                format!(" on database {}", s.database)
+            },
+            if s.active { "active" } else { "inactive" },
+            if s.wal_status.is_empty() {
+                "-"
+            } else {
+                &s.wal_status
+            },
+            s.retained_bytes,
+            s.retained,
+        );
     }
     let sink = sink_for(cfg)?;
     match sink.version().await {

@@ -48,6 +48,25 @@ pub struct RowSecurityHides {
     pub forced: bool,
 }
 
+/// A replication slot on the server and the WAL it keeps from being removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotWal {
+    /// `slot_name`.
+    pub name: String,
+    /// `logical` or `physical`.
+    pub kind: String,
+    /// The database of a logical slot (empty for a physical one).
+    pub database: String,
+    /// Whether a consumer holds it now.
+    pub active: bool,
+    /// `pg_current_wal_lsn() - restart_lsn` in bytes (0 without a restart LSN).
+    pub retained_bytes: i64,
+    /// The same, as `pg_size_pretty` writes it.
+    pub retained: String,
+    /// `wal_status` (`reserved`, `extended`, `unreserved`, `lost`; empty if unknown).
+    pub wal_status: String,
+}
+
 /// A table a publication no longer covers, though an index reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uncovered {
@@ -481,6 +500,34 @@ impl Session {
         }))
     }
 
+    /// Every replication slot on the server with the WAL it retains, most first.
+    pub async fn slots_wal(&self) -> Result<Vec<SlotWal>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT slot_name::text, slot_type, coalesce(database::text, ''), active, \
+                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8, \
+                        coalesce(wal_status, ''), \
+                        pg_size_pretty(coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)) \
+                 FROM pg_replication_slots ORDER BY 5 DESC, 1",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("reading pg_replication_slots", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| SlotWal {
+                name: r.get(0),
+                kind: r.get(1),
+                database: r.get(2),
+                active: r.get(3),
+                retained_bytes: r.get(4),
+                wal_status: r.get(5),
+                retained: r.get(6),
+            })
+            .collect())
+    }
+
     /// Drops the replication slot `slot` (it must not be in use).
     pub async fn drop_slot(&self, slot: &str) -> Result<(), SourceError> {
         self.client
@@ -578,6 +625,95 @@ impl Session {
         .await
     }
 
+    /// The upper key of the next parallel backfill chunk: the key `rows`
+    /// keys after `after` (from the start when `None`), or `None` when fewer
+    /// rows follow (the last chunk is open-ended). Runs outside any snapshot:
+    /// chunk ranges only partition the key space.
+    pub async fn chunk_end(
+        &self,
+        plan: &Node,
+        after: Option<&[String]>,
+        rows: usize,
+    ) -> Result<Option<Vec<String>>, SourceError> {
+        let sql = crate::docsql::chunk_end_sql(plan, after, rows);
+        let width = plan.table.key.len();
+        let mut out = None;
+        CopyReader::start(
+            &self.client,
+            &sql,
+            &format!("splitting {} into chunks", plan.table.qualified()),
+        )
+        .await?
+        .read_all(|row| out = Some(row.texts(width)))
+        .await?;
+        Ok(out)
+    }
+
+    /// One parallel backfill chunk of `plan`'s documents: the roots after
+    /// `after` up to `upto` (inclusive), in key order. Run it inside
+    /// [`Session::begin_chunk`].
+    pub async fn copy_range(
+        &self,
+        plan: &Node,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+    ) -> Result<CopyReader, SourceError> {
+        let sql = crate::docsql::build_range_sql(plan, after, upto);
+        CopyReader::start(
+            &self.client,
+            &sql,
+            &format!("reading {}", plan.table.qualified()),
+        )
+        .await
+    }
+
+    /// The current transaction's snapshot as `pg_snapshot` text
+    /// (`xmin:xmax:xip,…`): read inside the seeding's exported snapshot, it is
+    /// the *floor* every chunk snapshot must contain (see [`Session::begin_chunk`]).
+    pub async fn current_snapshot(&self) -> Result<String, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(|e| SourceError::from_pg("reading the backfill snapshot", e))?;
+        Ok(row.get(0))
+    }
+
+    /// Opens a `REPEATABLE READ READ ONLY` transaction for one backfill
+    /// chunk and checks that its snapshot contains `floor` (the snapshot
+    /// exported at the seeding's consistent point): every transaction
+    /// `floor` sees must be visible here too. A transaction whose commit
+    /// record is written can still look in progress to a new snapshot for a
+    /// moment (it leaves the proc array after its WAL flush, and after a
+    /// synchronous standby's answer), so `false` (the transaction is
+    /// rolled back) means "try again shortly". End the chunk with
+    /// [`Session::end_snapshot`].
+    pub async fn begin_chunk(&self, floor: &str) -> Result<bool, SourceError> {
+        self.client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| SourceError::from_pg("opening a backfill chunk's snapshot", e))?;
+        // The first statement takes the transaction's snapshot.
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_snapshot_xmax(pg_current_snapshot()) >= pg_snapshot_xmax($1::text::pg_snapshot) \
+                 AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) AS x \
+                                 WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot))",
+                &[&floor],
+            )
+            .await
+            .map_err(|e| SourceError::from_pg("checking a backfill chunk's snapshot", e))?;
+        let contains: bool = row.get(0);
+        if !contains {
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| SourceError::from_pg("retrying a backfill chunk's snapshot", e))?;
+        }
+        Ok(contains)
+    }
+
     /// The root keys of `plan` whose documents read the parent rows that
     /// `probe` selects with `values` (one statement); `index` names the
     /// index in errors.
@@ -607,6 +743,15 @@ impl Session {
     /// Ends the snapshot transaction a seeding session reads under.
     pub async fn end_snapshot(&self) {
         let _ = self.client.batch_execute("COMMIT").await;
+    }
+
+    /// Ends a backfill chunk's transaction; an error means the session is
+    /// unusable.
+    pub async fn end_chunk(&self) -> Result<(), SourceError> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::from_pg("ending a backfill chunk's snapshot", e))
     }
 }
 

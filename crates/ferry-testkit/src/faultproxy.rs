@@ -14,6 +14,11 @@
 //! `Connection: close`, and the whole answer is re-framed for the client
 //! with a `Content-Length`.
 //!
+//! [`Fault::DelayContaining`] holds back only the requests whose body holds
+//! a given text, so a later request overtakes the held one (reordering
+//! between concurrent bulk requests); [`FaultProxy::delayed_answered`] says
+//! when a held request got its answer.
+//!
 //! [`Fault::ItemStatus`] is the subtle one: the rejected items are removed
 //! from the body before it is forwarded, so they really are *not* applied
 //! upstream, and synthetic per-item errors are spliced into the upstream
@@ -80,6 +85,17 @@ pub enum Fault {
     },
     /// Wait this long before forwarding each matching request.
     Delay(Duration),
+    /// Wait `delay` before forwarding a matching request whose body
+    /// contains `needle`; other requests pass at once, so a later request
+    /// can overtake the delayed one.
+    DelayContaining {
+        /// Bytes the body must contain, e.g. a value only one write carries.
+        needle: String,
+        /// How long to hold the request before forwarding it.
+        delay: Duration,
+        /// How many requests to delay (`None`: until cleared).
+        times: Option<u32>,
+    },
     /// Read the request, then close the client connection without answering.
     DropConnection {
         /// How many requests to drop (`None`: until cleared).
@@ -117,6 +133,7 @@ struct Shared {
     matched: AtomicU64,
     injected: AtomicU64,
     items_rejected: AtomicU64,
+    delayed_answered: AtomicU64,
 }
 
 struct Control {
@@ -163,6 +180,7 @@ impl FaultProxy {
             matched: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             items_rejected: AtomicU64::new(0),
+            delayed_answered: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(());
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stop_rx));
@@ -194,6 +212,7 @@ impl FaultProxy {
             fault,
             Fault::Status { times: Some(0), .. }
                 | Fault::ItemStatus { times: Some(0), .. }
+                | Fault::DelayContaining { times: Some(0), .. }
                 | Fault::DropConnection { times: Some(0) }
         );
         self.control().fault = if exhausted { None } else { Some(fault) };
@@ -231,6 +250,12 @@ impl FaultProxy {
     /// blackholed, or had items rejected).
     pub fn injected(&self) -> u64 {
         self.inner.shared.injected.load(Ordering::Relaxed)
+    }
+
+    /// Delayed requests ([`Fault::Delay`], [`Fault::DelayContaining`]) the
+    /// upstream has answered so far (the answer is on its way to the client).
+    pub fn delayed_answered(&self) -> u64 {
+        self.inner.shared.delayed_answered.load(Ordering::Relaxed)
     }
 
     /// Bulk items rejected so far by [`Fault::ItemStatus`].
@@ -280,6 +305,14 @@ impl Shared {
         let plan = match fault {
             Fault::Status { status, .. } => Plan::Respond(status),
             Fault::Delay(d) => Plan::Delay(d),
+            Fault::DelayContaining { needle, delay, .. } => {
+                let body: &[u8] = &req.body;
+                if needle.is_empty() || !body.windows(needle.len()).any(|w| w == needle.as_bytes())
+                {
+                    return Plan::Forward;
+                }
+                Plan::Delay(delay)
+            }
             Fault::DropConnection { .. } => Plan::Drop,
             Fault::Blackhole => Plan::Blackhole,
             Fault::ItemStatus {
@@ -324,6 +357,7 @@ fn use_once(fault: &mut Option<Fault>) {
         Some(
             Fault::Status { times, .. }
             | Fault::ItemStatus { times, .. }
+            | Fault::DelayContaining { times, .. }
             | Fault::DropConnection { times },
         ) => match times {
             Some(n) => {
@@ -417,7 +451,9 @@ async fn answer(
         Plan::Forward => forward(&shared.upstream, &req, req.body.clone()).await,
         Plan::Delay(d) => {
             tokio::time::sleep(d).await;
-            forward(&shared.upstream, &req, req.body.clone()).await
+            let answer = forward(&shared.upstream, &req, req.body.clone()).await;
+            shared.delayed_answered.fetch_add(1, Ordering::Relaxed);
+            answer
         }
         Plan::Respond(status) => injected_status(status),
         Plan::Drop => {
@@ -1038,6 +1074,42 @@ mod tests {
             started.elapsed() < Duration::from_millis(400),
             "other paths are not delayed"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delay_containing_holds_only_requests_with_the_needle_so_others_overtake() {
+        let (_osmem, proxy) = setup().await;
+        proxy.set(Fault::DelayContaining {
+            needle: "\"n\":1}".into(),
+            delay: Duration::from_secs(3),
+            times: Some(1),
+        });
+        let held = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let mut c = connect(&proxy).await;
+                send(&mut c, "POST", "/_bulk", Some(&bulk("dc", &[1])))
+                    .await
+                    .expect("held bulk")
+                    .0
+            })
+        };
+        assert!(proxy.wait_for_injected(1, Duration::from_secs(2)).await);
+        let started = Instant::now();
+        let mut c = connect(&proxy).await;
+        let (status, _) = send(&mut c, "POST", "/_bulk", Some(&bulk("dc", &[2])))
+            .await
+            .expect("other bulk");
+        assert_eq!(status, 200);
+        assert_eq!(
+            proxy.delayed_answered(),
+            0,
+            "a request without the needle overtook the held one ({:?})",
+            started.elapsed()
+        );
+        assert_eq!(held.await.expect("join"), 200);
+        assert_eq!(proxy.delayed_answered(), 1);
+        assert_eq!(proxy.fault(), None, "used up after one request");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,24 +1,15 @@
-//! What the worker gathers between two flushes, and the rule that turns
-//! finished flushes into positions PostgreSQL may forget.
-//!
-//! # Acknowledgements
-//!
-//! A commit's end LSN enters [`Acks`] as *pending* when its `Commit` is
-//! read. Closing a batch seals whatever is pending into a [`FlushTicket`];
-//! the ticket travels with the batch's writes into the sink and comes back
-//! only with a successful flush, and only [`Acks::flushed`] turns a ticket
-//! into a position. A batch cut before its transaction's `Commit` carries a
-//! ticket that confirms nothing, so a transaction split across batches is
-//! confirmed by the batch holding its commit. A keepalive's position is
-//! confirmable only when no transaction is open, nothing is pending and no
-//! ticket is outstanding.
+//! What the worker gathers between two flushes. The rule that turns
+//! finished flushes into positions PostgreSQL may forget ([`Acks`], with
+//! several batches in flight) is pure and lives in `ferry_core::ack`.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use ferry_core::plan::Probe;
-use ferry_core::{DocWrite, Lsn};
+use ferry_core::DocWrite;
+
+pub use ferry_core::ack::{Acks, FlushTicket};
 
 /// Root keys (primary-key texts) of documents to rebuild from the database.
 pub type RootKeys = HashSet<Vec<String>>;
@@ -125,71 +116,10 @@ impl Batch {
     }
 }
 
-/// Which positions may be confirmed to PostgreSQL (see the module docs).
-#[derive(Debug, Default)]
-pub struct Acks {
-    in_txn: bool,
-    /// End LSN of the newest commit whose batch is not sealed yet.
-    pending: Option<Lsn>,
-    /// Tickets issued and not yet redeemed.
-    outstanding: usize,
-}
-
-/// A sealed batch's claim: redeemed by [`Acks::flushed`] once its flush succeeded.
-#[derive(Debug)]
-#[must_use = "a ticket confirms its commit only when redeemed after the flush"]
-pub struct FlushTicket {
-    commit: Option<Lsn>,
-}
-
-impl FlushTicket {
-    /// True when the batch holds the last write of some transaction.
-    pub fn completes_commit(&self) -> bool {
-        self.commit.is_some()
-    }
-}
-
-impl Acks {
-    /// A transaction began.
-    pub fn begin(&mut self) {
-        self.in_txn = true;
-    }
-
-    /// A transaction's `Commit` was batched: `end_lsn` becomes pending.
-    pub fn pending(&mut self, end_lsn: Lsn) {
-        self.in_txn = false;
-        self.pending = Some(end_lsn);
-    }
-
-    /// True when a commit waits for its batch to be sealed.
-    pub fn has_pending(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Seals the current batch: its ticket carries the pending commit, if any.
-    pub fn seal(&mut self) -> FlushTicket {
-        self.outstanding += 1;
-        FlushTicket {
-            commit: self.pending.take(),
-        }
-    }
-
-    /// The batch of `ticket` is durable: the position it lets us confirm.
-    pub fn flushed(&mut self, ticket: FlushTicket) -> Option<Lsn> {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        ticket.commit
-    }
-
-    /// A keepalive's position, confirmable only when nothing is pending.
-    pub fn keepalive(&self, wal_end: Lsn) -> Option<Lsn> {
-        (!self.in_txn && self.pending.is_none() && self.outstanding == 0).then_some(wal_end)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_core::DocOp;
+    use ferry_core::{DocOp, Lsn};
 
     fn write(id: &str, body: &str) -> DocWrite {
         DocWrite {
@@ -221,30 +151,5 @@ mod tests {
         assert!(!b.is_full(usize::MAX, 96 + 1 + 2 + 65));
         let _ = b.take();
         assert!(!b.is_full(usize::MAX, 1));
-    }
-
-    #[test]
-    fn a_ticket_without_a_commit_confirms_nothing() {
-        let mut acks = Acks::default();
-        acks.begin();
-        let first = acks.seal();
-        acks.pending(Lsn(10));
-        let second = acks.seal();
-        assert_eq!(acks.flushed(first), None);
-        assert_eq!(acks.flushed(second), Some(Lsn(10)));
-    }
-
-    #[test]
-    fn keepalives_wait_for_open_transactions_pending_commits_and_outstanding_tickets() {
-        let mut acks = Acks::default();
-        assert_eq!(acks.keepalive(Lsn(5)), Some(Lsn(5)));
-        acks.begin();
-        assert_eq!(acks.keepalive(Lsn(6)), None);
-        acks.pending(Lsn(7));
-        assert_eq!(acks.keepalive(Lsn(8)), None);
-        let t = acks.seal();
-        assert_eq!(acks.keepalive(Lsn(9)), None);
-        assert_eq!(acks.flushed(t), Some(Lsn(7)));
-        assert_eq!(acks.keepalive(Lsn(10)), Some(Lsn(10)));
     }
 }

@@ -12,15 +12,15 @@ use ferry_core::schema::split_doc_id;
 use ferry_core::stats::Stats;
 use ferry_core::{DocOp, DocWrite, Lsn};
 use ferry_opensearch::{BulkOutcome, Rejected, SinkError};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 
 use super::batch::FlushTicket;
 use super::seams::{DocSink, RowSource};
 use crate::index::IndexRuntime;
 use crate::EngineError;
 
-/// A bulk write in flight.
-pub type Inflight = JoinHandle<Result<Flushed, SinkError>>;
+/// The bulk writes in flight (at most `engine.max_in_flight_bulks`).
+pub type Inflight = JoinSet<Result<Flushed, SinkError>>;
 
 /// A flush that succeeded: the ticket to redeem and the writes refused for good.
 pub struct Flushed {
@@ -30,17 +30,18 @@ pub struct Flushed {
     pub rejected: Vec<Rejected>,
 }
 
-/// Sends `writes` in the background. `commit_ts` is the commit time of the
-/// newest transaction in the batch, recorded as durable if the batch
-/// completes a commit.
+/// Sends `writes` in the background, into `inflight`. `commit_ts` is the
+/// commit time of the newest transaction in the batch, recorded as durable
+/// if the batch completes a commit.
 pub fn spawn<S: DocSink>(
+    inflight: &mut Inflight,
     sink: S,
     writes: Vec<DocWrite>,
     ticket: FlushTicket,
     stats: Arc<Stats>,
     commit_ts: i64,
-) -> Inflight {
-    tokio::spawn(async move {
+) {
+    inflight.spawn(async move {
         let started = Instant::now();
         let outcome = sink.write(&writes).await?;
         record(&stats, &writes, &outcome, started);
@@ -51,7 +52,7 @@ pub fn spawn<S: DocSink>(
             ticket,
             rejected: outcome.rejected,
         })
-    })
+    });
 }
 
 fn record(stats: &Stats, writes: &[DocWrite], outcome: &BulkOutcome, started: Instant) {

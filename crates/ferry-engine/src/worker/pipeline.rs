@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
+use ferry_core::ack::Overtaking;
 use ferry_core::change::{Change, ChangeOp, Relation};
 use ferry_core::stats::Stats;
 use ferry_core::{DocWrite, Lsn};
@@ -42,7 +43,12 @@ pub struct Pipeline<S: DocSink, R: RowSource> {
     version: Lsn,
     /// Commit time of the newest transaction in the current batch.
     commit_ts: i64,
-    inflight: Option<Inflight>,
+    /// Bulk writes in flight; they may land in any order.
+    inflight: Inflight,
+    /// What the in-flight writes hold, so a delete never overtakes a write.
+    overtaking: Overtaking,
+    /// Most bulk writes in flight at once (`engine.max_in_flight_bulks`).
+    max_in_flight: usize,
     confirm: Confirm,
     stats: Arc<Stats>,
     max_changes: usize,
@@ -71,7 +77,9 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             acks: Acks::default(),
             version: Lsn::ZERO,
             commit_ts: 0,
-            inflight: None,
+            inflight: Inflight::new(),
+            overtaking: Overtaking::default(),
+            max_in_flight: cfg.engine.max_in_flight_bulks.max(1),
             confirm,
             stats,
             max_changes: cfg.engine.max_batch_changes,
@@ -193,38 +201,47 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     /// Confirms a pending commit when no write is batched or in flight
     /// (every write of its transaction is durable, or it had none).
     async fn confirm_if_idle(&mut self) -> Result<(), EngineError> {
-        if !self.batch.has_work() && self.inflight.is_none() && self.acks.has_pending() {
+        if !self.batch.has_work() && self.inflight.is_empty() && self.acks.has_pending() {
             self.dispatch().await?;
         }
         Ok(())
     }
 
-    /// Closes the batch: waits for the previous flush (so writes reach the
-    /// sink in stream order), then sends this one in the background while
-    /// the next batch fills. Its ticket is redeemed when it lands.
+    /// Closes the batch and sends it in the background while the next
+    /// batch fills, once fewer than `max_in_flight` flushes are out and no
+    /// flush in flight writes a document this batch deletes (see
+    /// `ferry_core::ack::Overtaking`). Flushes may land in any order; its
+    /// ticket is redeemed when it lands, and `Acks` confirms only the
+    /// contiguous prefix of landed batches.
     pub async fn dispatch(&mut self) -> Result<(), EngineError> {
         let writes = self.prepare_writes().await?;
         self.batch.close();
         let ticket = self.acks.seal();
-        self.settle().await?;
+        while self.inflight.len() >= self.max_in_flight
+            || (!self.inflight.is_empty() && self.overtaking.blocks(&writes))
+        {
+            self.settle_one().await?;
+        }
         if writes.is_empty() {
             self.redeem(ticket);
             return Ok(());
         }
-        self.inflight = Some(flush::spawn(
+        self.overtaking.sent(ticket.seq(), &writes);
+        flush::spawn(
+            &mut self.inflight,
             self.sink.clone(),
             writes,
             ticket,
             self.stats.clone(),
             self.commit_ts,
-        ));
+        );
         Ok(())
     }
 
-    /// Waits for the flush in flight (pending forever when there is none).
+    /// Waits for the next flush to land (pending forever when none is out).
     pub async fn flush_done(&mut self) -> Result<Result<Flushed, SinkError>, JoinError> {
-        match &mut self.inflight {
-            Some(h) => h.await,
+        match self.inflight.join_next().await {
+            Some(r) => r,
             None => std::future::pending().await,
         }
     }
@@ -234,15 +251,21 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         &mut self,
         r: Result<Result<Flushed, SinkError>, JoinError>,
     ) -> Result<(), EngineError> {
-        self.inflight = None;
         self.settled(r).await?;
         self.confirm_if_idle().await
     }
 
-    /// Waits for the flush in flight, if any, and redeems its ticket.
+    /// Waits for every flush in flight and redeems their tickets.
     pub async fn settle(&mut self) -> Result<(), EngineError> {
-        if let Some(h) = self.inflight.take() {
-            let r = h.await;
+        while !self.inflight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next flush in flight to land, if any, and redeems its ticket.
+    async fn settle_one(&mut self) -> Result<(), EngineError> {
+        if let Some(r) = self.inflight.join_next().await {
             self.settled(r).await?;
         }
         Ok(())
@@ -274,9 +297,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
                     seconds = limit.as_secs(),
                     "could not flush within the shutdown timeout; unconfirmed changes will be replayed on restart"
                 );
-                if let Some(h) = self.inflight.take() {
-                    h.abort();
-                }
+                self.inflight.abort_all();
                 Ok(())
             }
         }
@@ -288,6 +309,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     ) -> Result<(), EngineError> {
         match r {
             Ok(Ok(Flushed { ticket, rejected })) => {
+                self.overtaking.landed(ticket.seq());
                 self.poison_path(rejected).await?;
                 self.redeem(ticket);
                 Ok(())

@@ -22,6 +22,9 @@ use crate::EngineError;
 /// What happened, in order: flushes, dead letters, confirmations.
 type Log = Arc<Mutex<Vec<String>>>;
 
+/// A body text and the gate flushes of such bodies wait at.
+type Hold = (String, Arc<Semaphore>);
+
 /// Refuses (400) every document whose body contains `bad`; can fail whole
 /// flushes or hold them until the test releases a permit.
 #[derive(Clone)]
@@ -30,12 +33,24 @@ struct FakeSink {
     flushed: Arc<Mutex<Vec<Vec<DocWrite>>>>,
     fail: Arc<Mutex<bool>>,
     gate: Option<Arc<Semaphore>>,
+    /// Holds every flush with a document body containing this text until a permit is added.
+    hold: Arc<Mutex<Option<Hold>>>,
 }
 
 impl DocSink for FakeSink {
     async fn write(&self, writes: &[DocWrite]) -> Result<BulkOutcome, SinkError> {
         if let Some(gate) = &self.gate {
             gate.acquire().await.expect("gate open").forget();
+        }
+        let held = self.hold.lock().unwrap().clone();
+        if let Some((needle, gate)) = held {
+            let holds = |b: &Vec<u8>| b.windows(needle.len()).any(|x| x == needle.as_bytes());
+            if writes
+                .iter()
+                .any(|w| matches!(&w.op, DocOp::Index(b) if holds(b)))
+            {
+                gate.acquire().await.expect("gate open").forget();
+            }
         }
         if *self.fail.lock().unwrap() {
             return Err(SinkError::Unreachable {
@@ -128,10 +143,15 @@ impl Harness {
     /// One flat index over `events(id, body)` (OID 20), with `on_poison`
     /// and `max_batch_changes` as given; `held` makes flushes wait for permits.
     fn new(on_poison: &str, max_changes: usize, held: bool) -> Harness {
+        Harness::in_flight(on_poison, max_changes, held, 1)
+    }
+
+    /// Like [`Harness::new`], with `engine.max_in_flight_bulks = in_flight`.
+    fn in_flight(on_poison: &str, max_changes: usize, held: bool, in_flight: usize) -> Harness {
         let cfg = Config::from_toml(&format!(
             "[source]\nurl = \"postgres://ferry@127.0.0.1:5432/app\"\nslot = \"s\"\npublication = \"p\"\n\
              [sink]\nurl = \"http://127.0.0.1:9200\"\n\
-             [engine]\nmax_batch_changes = {max_changes}\n\
+             [engine]\nmax_batch_changes = {max_changes}\nmax_in_flight_bulks = {in_flight}\n\
              [[index]]\nname = \"events\"\ntable = \"events\"\non_poison = \"{on_poison}\"\n"
         ))
         .expect("test config");
@@ -143,6 +163,7 @@ impl Harness {
             flushed: Arc::default(),
             fail: Arc::default(),
             gate: held.then(|| Arc::new(Semaphore::new(0))),
+            hold: Arc::default(),
         };
         let rows = FakeRows::default();
         let confirmed = log.clone();
@@ -180,6 +201,14 @@ impl Harness {
     async fn land(&mut self) -> Result<(), EngineError> {
         let r = self.pipeline.flush_done().await;
         self.pipeline.flush_finished(r).await
+    }
+
+    /// Holds flushes of a document body containing `needle` until the
+    /// returned gate gets a permit.
+    fn hold(&self, needle: &str) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.sink.hold.lock().unwrap() = Some((needle.to_string(), gate.clone()));
+        gate
     }
 
     fn release(&self) {
@@ -364,4 +393,70 @@ async fn a_poison_document_whose_row_was_fixed_heals_on_its_rebuild() {
     assert_eq!(flushed.len(), 2, "the first write, then the rebuilt one");
     assert_eq!(flushed[1][0].version, Lsn(200));
     assert_eq!(h.confirmed(), [210]);
+}
+
+#[tokio::test]
+async fn a_later_batch_landing_first_confirms_nothing_until_the_earlier_one_lands() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    let gate = h.hold("held");
+    h.pipeline.begin(Lsn(90));
+    h.insert("1", "held").await;
+    h.commit(100).await;
+    h.pipeline.dispatch().await.unwrap();
+    h.pipeline.begin(Lsn(110));
+    h.insert("1", "b").await;
+    h.insert("2", "b").await;
+    h.commit(120).await;
+    // The same document again: a newer write may overtake the held one.
+    h.pipeline.dispatch().await.unwrap();
+    h.land().await.unwrap();
+    assert_eq!(
+        *h.log.lock().unwrap(),
+        ["flush [\"1\", \"2\"]"],
+        "the later batch landed first and confirmed nothing"
+    );
+    gate.add_permits(1);
+    h.land().await.unwrap();
+    assert_eq!(
+        h.confirmed(),
+        [120],
+        "both commits, once the earlier batch landed"
+    );
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(flushed[0][0].version, Lsn(110));
+    assert_eq!(flushed[1][0].version, Lsn(90));
+}
+
+#[tokio::test]
+async fn a_delete_waits_for_an_in_flight_write_of_its_document() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    let gate = h.hold("held");
+    h.pipeline.begin(Lsn(90));
+    h.insert("1", "held").await;
+    h.commit(100).await;
+    h.pipeline.dispatch().await.unwrap();
+    h.pipeline.begin(Lsn(110));
+    let delete = change(20, ChangeOp::Delete, Some(&["1", "held"]), None);
+    h.pipeline.change(delete).unwrap();
+    h.commit(120).await;
+    let log = h.log.clone();
+    let (sent, ()) = tokio::join!(h.pipeline.dispatch(), async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        log.lock().unwrap().push("released".into());
+        gate.add_permits(1);
+    });
+    sent.unwrap();
+    h.land().await.unwrap();
+    assert_eq!(
+        *h.log.lock().unwrap(),
+        [
+            "released",
+            "flush [\"1\"]",
+            "confirm 100",
+            "flush [\"1\"]",
+            "confirm 120"
+        ],
+        "the delete was sent only after the write it would overtake landed"
+    );
+    assert_eq!(h.sink.flushed.lock().unwrap()[1][0].op, DocOp::Delete);
 }

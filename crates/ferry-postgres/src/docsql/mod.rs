@@ -56,6 +56,12 @@ enum Roots<'a> {
         after: Option<&'a [String]>,
         limit: usize,
     },
+    /// The roots whose key sorts after `after` and up to `upto` (both
+    /// optional), in key order.
+    Range {
+        after: Option<&'a [String]>,
+        upto: Option<&'a [String]>,
+    },
 }
 
 /// The `COPY … TO STDOUT` that builds documents: every root (`keys`
@@ -86,14 +92,60 @@ pub fn build_chunk_sql(plan: &Node, after: Option<&[String]>, limit: usize) -> S
     build(plan, Roots::Chunk { after, limit })
 }
 
-fn build(plan: &Node, roots: Roots<'_>) -> String {
-    let key_cols = plan
+/// Like [`build_chunk_sql`] for a key range: the roots whose primary key
+/// sorts after `after` and not after `upto` (`None`: unbounded), in key
+/// order. Parallel backfill chunks are such ranges, so every key falls in
+/// exactly one chunk whatever snapshot each chunk reads.
+pub fn build_range_sql(plan: &Node, after: Option<&[String]>, upto: Option<&[String]>) -> String {
+    build(plan, Roots::Range { after, upto })
+}
+
+/// The key `rows` keys after `after` in the root table (all its rows,
+/// whatever the index's filters), or nothing when fewer rows follow: the
+/// upper end of the next backfill chunk. An index-only walk of `rows`
+/// entries of the primary key, so its cost grows with the chunk, not with
+/// the table.
+pub fn chunk_end_sql(plan: &Node, after: Option<&[String]>, rows: usize) -> String {
+    let key_cols = key_list(plan);
+    let texts = plan
         .table
+        .key
+        .iter()
+        .map(|k| format!("t0.{}::text", quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = format!("COPY (SELECT {texts} FROM {} t0", plan.table.qualified());
+    if let Some(after) = after {
+        let _ = write!(sql, " WHERE ({key_cols}) > ({})", literals(after));
+    }
+    let _ = write!(
+        sql,
+        " ORDER BY {key_cols} OFFSET {} LIMIT 1) TO STDOUT",
+        rows.max(1) - 1
+    );
+    sql
+}
+
+/// `t0.k1, t0.k2, …`: the root's key columns.
+fn key_list(plan: &Node) -> String {
+    plan.table
         .key
         .iter()
         .map(|k| format!("t0.{}", quote_ident(k)))
         .collect::<Vec<_>>()
-        .join(", ");
+        .join(", ")
+}
+
+/// Key texts as SQL literals, comma-separated.
+fn literals(key: &[String]) -> String {
+    key.iter()
+        .map(|v| quote_literal(v))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn build(plan: &Node, roots: Roots<'_>) -> String {
+    let key_cols = key_list(plan);
     let mut r0 = format!("SELECT * FROM {} t0", source(plan));
     match roots {
         Roots::All => {}
@@ -102,10 +154,21 @@ fn build(plan: &Node, roots: Roots<'_>) -> String {
         }
         Roots::Chunk { after, limit } => {
             if let Some(after) = after {
-                let lits: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
-                let _ = write!(r0, " WHERE ({key_cols}) > ({})", lits.join(", "));
+                let _ = write!(r0, " WHERE ({key_cols}) > ({})", literals(after));
             }
             let _ = write!(r0, " ORDER BY {key_cols} LIMIT {limit}");
+        }
+        Roots::Range { after, upto } => {
+            let mut conds = Vec::new();
+            if let Some(after) = after {
+                conds.push(format!("({key_cols}) > ({})", literals(after)));
+            }
+            if let Some(upto) = upto {
+                conds.push(format!("({key_cols}) <= ({})", literals(upto)));
+            }
+            if !conds.is_empty() {
+                let _ = write!(r0, " WHERE {}", conds.join(" AND "));
+            }
         }
     }
     let mut g = Gen {
@@ -131,7 +194,7 @@ fn build(plan: &Node, roots: Roots<'_>) -> String {
         g.ctes.join(", "),
         cols.join(", ")
     );
-    if let Roots::Chunk { .. } = roots {
+    if let Roots::Chunk { .. } | Roots::Range { .. } = roots {
         let _ = write!(sql, " ORDER BY {key_cols}");
     }
     sql.push_str(") TO STDOUT");

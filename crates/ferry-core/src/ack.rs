@@ -1,0 +1,306 @@
+//! Which positions may be confirmed when work finishes out of order.
+//!
+//! # Acknowledgements
+//!
+//! A commit's end LSN enters [`Acks`] as *pending* when its `Commit` is
+//! read. Closing a batch seals whatever is pending into a [`FlushTicket`]
+//! numbered in stream order; the ticket travels with the batch's writes into
+//! the sink and comes back only with a successful flush, and only
+//! [`Acks::flushed`] turns a ticket into a position. Several batches may be
+//! in flight and land in any order: a ticket yields a position only once
+//! every ticket sealed before it has come back too, so the position
+//! confirmed is always the newest commit of the *contiguous prefix* of
+//! durable batches, never a commit with an earlier batch still out. A batch
+//! cut before its transaction's `Commit` carries a ticket that confirms
+//! nothing, so a transaction split across batches is confirmed by the batch
+//! holding its commit (and only once the batches before it landed). A
+//! keepalive's position is confirmable only when no transaction is open,
+//! nothing is pending and no ticket is outstanding.
+//!
+//! # Reordering between requests
+//!
+//! Every write carries its transaction's commit LSN as an external version
+//! (`external_gte`), so two writes of one document landing in the wrong
+//! order end with the newer one, and a delete overtaken by an older write
+//! of its document refuses that write (409) — except that the cluster
+//! remembers a deleted document's version only for `index.gc_deletes`
+//! (60 s by default). A delete must therefore never overtake an older write
+//! of its document that is still in flight (its retries may last longer
+//! than that): [`Overtaking`] says when a batch has to wait.
+//!
+//! [`InOrder`] is the rule underneath, also used by the backfill for its
+//! checkpoints (chunks copied in parallel finish in any order).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::{DocOp, DocWrite, Lsn};
+
+/// Work items numbered in issue order that complete in any order: tells
+/// which completed items now form the contiguous prefix.
+#[derive(Debug)]
+pub struct InOrder<T> {
+    /// Number of the next item issued.
+    next: u64,
+    /// Number of the first item not yet in the completed prefix.
+    head: u64,
+    /// Completed items waiting for an earlier one.
+    done: BTreeMap<u64, T>,
+}
+
+impl<T> Default for InOrder<T> {
+    fn default() -> Self {
+        InOrder {
+            next: 0,
+            head: 0,
+            done: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> InOrder<T> {
+    /// Numbers a new item.
+    pub fn issue(&mut self) -> u64 {
+        let n = self.next;
+        self.next += 1;
+        n
+    }
+
+    /// Item `n` completed with `value`: returns, in issue order, the values
+    /// of the items that joined the completed prefix (empty while an earlier
+    /// item is still out).
+    pub fn complete(&mut self, n: u64, value: T) -> Vec<T> {
+        if n < self.head || n >= self.next {
+            return Vec::new();
+        }
+        self.done.insert(n, value);
+        let mut out = Vec::new();
+        while let Some(v) = self.done.remove(&self.head) {
+            out.push(v);
+            self.head += 1;
+        }
+        out
+    }
+
+    /// Items issued and not yet in the completed prefix.
+    pub fn outstanding(&self) -> u64 {
+        self.next - self.head
+    }
+}
+
+/// Which positions may be confirmed to PostgreSQL (see the module docs).
+#[derive(Debug, Default)]
+pub struct Acks {
+    in_txn: bool,
+    /// End LSN of the newest commit whose batch is not sealed yet.
+    pending: Option<Lsn>,
+    /// Tickets issued, in stream order, and which came back.
+    tickets: InOrder<Option<Lsn>>,
+}
+
+/// A sealed batch's claim: redeemed by [`Acks::flushed`] once its flush succeeded.
+#[derive(Debug)]
+#[must_use = "a ticket confirms its commit only when redeemed after the flush"]
+pub struct FlushTicket {
+    seq: u64,
+    commit: Option<Lsn>,
+}
+
+impl FlushTicket {
+    /// True when the batch holds the last write of some transaction.
+    pub fn completes_commit(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    /// The batch's number in stream order.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Acks {
+    /// A transaction began.
+    pub fn begin(&mut self) {
+        self.in_txn = true;
+    }
+
+    /// A transaction's `Commit` was batched: `end_lsn` becomes pending.
+    pub fn pending(&mut self, end_lsn: Lsn) {
+        self.in_txn = false;
+        self.pending = Some(end_lsn);
+    }
+
+    /// True when a commit waits for its batch to be sealed.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Seals the current batch: its ticket carries the pending commit, if any.
+    pub fn seal(&mut self) -> FlushTicket {
+        FlushTicket {
+            seq: self.tickets.issue(),
+            commit: self.pending.take(),
+        }
+    }
+
+    /// The batch of `ticket` is durable: the position that may be confirmed
+    /// now — the newest commit among the batches that, with this one, form
+    /// the durable prefix — or `None` while an earlier batch is still out.
+    pub fn flushed(&mut self, ticket: FlushTicket) -> Option<Lsn> {
+        self.tickets
+            .complete(ticket.seq, ticket.commit)
+            .into_iter()
+            .flatten()
+            .last()
+    }
+
+    /// A keepalive's position, confirmable only when nothing is pending.
+    pub fn keepalive(&self, wal_end: Lsn) -> Option<Lsn> {
+        (!self.in_txn && self.pending.is_none() && self.tickets.outstanding() == 0)
+            .then_some(wal_end)
+    }
+}
+
+/// The documents each in-flight batch writes (not deletes), so that a batch
+/// deleting one of them waits for it (see the module docs).
+#[derive(Debug, Default)]
+pub struct Overtaking {
+    /// Ticket number → (index position, document id) it writes.
+    written: HashMap<u64, HashSet<(usize, String)>>,
+}
+
+impl Overtaking {
+    /// The batch of ticket `seq` was sent with `writes`.
+    pub fn sent(&mut self, seq: u64, writes: &[DocWrite]) {
+        let ids: HashSet<(usize, String)> = writes
+            .iter()
+            .filter(|w| matches!(w.op, DocOp::Index(_)))
+            .map(|w| (w.index, w.id.clone()))
+            .collect();
+        if !ids.is_empty() {
+            self.written.insert(seq, ids);
+        }
+    }
+
+    /// The batch of ticket `seq` landed (or failed: nothing waits for it then).
+    pub fn landed(&mut self, seq: u64) {
+        self.written.remove(&seq);
+    }
+
+    /// True when `writes` deletes a document that a batch in flight writes:
+    /// sending it now could let the delete land first.
+    pub fn blocks(&self, writes: &[DocWrite]) -> bool {
+        if self.written.is_empty() {
+            return false;
+        }
+        writes
+            .iter()
+            .filter(|w| matches!(w.op, DocOp::Delete))
+            .any(|w| {
+                let key = (w.index, w.id.clone());
+                self.written.values().any(|ids| ids.contains(&key))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_yields_only_the_contiguous_prefix() {
+        let mut o = InOrder::default();
+        let (a, b, c) = (o.issue(), o.issue(), o.issue());
+        assert_eq!(o.complete(c, 'c'), Vec::<char>::new());
+        assert_eq!(o.complete(b, 'b'), Vec::<char>::new());
+        assert_eq!(o.outstanding(), 3);
+        assert_eq!(o.complete(a, 'a'), vec!['a', 'b', 'c']);
+        assert_eq!(o.outstanding(), 0);
+        assert_eq!(o.complete(a, 'x'), Vec::<char>::new(), "no item twice");
+    }
+
+    #[test]
+    fn a_ticket_without_a_commit_confirms_nothing() {
+        let mut acks = Acks::default();
+        acks.begin();
+        let first = acks.seal();
+        acks.pending(Lsn(10));
+        let second = acks.seal();
+        assert_eq!(acks.flushed(first), None);
+        assert_eq!(acks.flushed(second), Some(Lsn(10)));
+    }
+
+    #[test]
+    fn a_later_batch_landing_first_confirms_nothing_until_the_earlier_one_lands() {
+        let mut acks = Acks::default();
+        acks.begin();
+        acks.pending(Lsn(10));
+        let first = acks.seal();
+        acks.begin();
+        acks.pending(Lsn(20));
+        let second = acks.seal();
+        acks.begin();
+        acks.pending(Lsn(30));
+        let third = acks.seal();
+        assert_eq!(acks.flushed(third), None, "10 and 20 are still out");
+        assert_eq!(acks.flushed(second), None, "10 is still out");
+        assert_eq!(acks.keepalive(Lsn(40)), None);
+        assert_eq!(acks.flushed(first), Some(Lsn(30)), "the whole prefix");
+        assert_eq!(acks.keepalive(Lsn(40)), Some(Lsn(40)));
+    }
+
+    #[test]
+    fn the_prefix_confirms_its_newest_commit_even_when_the_last_batch_has_none() {
+        let mut acks = Acks::default();
+        acks.begin();
+        acks.pending(Lsn(10));
+        let first = acks.seal();
+        acks.begin();
+        let split = acks.seal(); // a transaction cut before its commit
+        assert_eq!(acks.flushed(split), None);
+        assert_eq!(acks.flushed(first), Some(Lsn(10)));
+    }
+
+    #[test]
+    fn keepalives_wait_for_open_transactions_pending_commits_and_outstanding_tickets() {
+        let mut acks = Acks::default();
+        assert_eq!(acks.keepalive(Lsn(5)), Some(Lsn(5)));
+        acks.begin();
+        assert_eq!(acks.keepalive(Lsn(6)), None);
+        acks.pending(Lsn(7));
+        assert_eq!(acks.keepalive(Lsn(8)), None);
+        let t = acks.seal();
+        assert_eq!(acks.keepalive(Lsn(9)), None);
+        assert_eq!(acks.flushed(t), Some(Lsn(7)));
+        assert_eq!(acks.keepalive(Lsn(10)), Some(Lsn(10)));
+    }
+
+    fn write(id: &str) -> DocWrite {
+        DocWrite {
+            index: 0,
+            id: id.into(),
+            version: Lsn(1),
+            op: DocOp::Index(b"{}".to_vec()),
+        }
+    }
+
+    fn delete(id: &str) -> DocWrite {
+        DocWrite {
+            index: 0,
+            id: id.into(),
+            version: Lsn(2),
+            op: DocOp::Delete,
+        }
+    }
+
+    #[test]
+    fn a_delete_never_overtakes_an_in_flight_write_of_its_document() {
+        let mut o = Overtaking::default();
+        o.sent(0, &[write("1"), delete("9")]);
+        assert!(o.blocks(&[write("2"), delete("1")]));
+        assert!(!o.blocks(&[write("1")]), "a newer write may overtake");
+        assert!(!o.blocks(&[delete("9")]), "deletes do not block deletes");
+        assert!(!o.blocks(&[delete("2")]));
+        o.landed(0);
+        assert!(!o.blocks(&[delete("1")]));
+    }
+}
