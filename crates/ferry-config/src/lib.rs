@@ -1033,9 +1033,7 @@ impl Config {
             if name.is_empty() || name.contains('=') || name.contains('\0') {
                 bad(
                     "admin.token_env",
-                    format!(
-                        "{name:?} is not an environment variable name (e.g. \"FERRY_ADMIN_TOKEN\")"
-                    ),
+                    format!("{name:?} is not an environment variable name (e.g. \"ADMIN_TOKEN\")"),
                 );
             }
         }

@@ -47,13 +47,14 @@ pub enum IndexState {
 
 impl IndexState {
     /// Every state, in the order `/metrics` lists them.
-    pub const ALL: [IndexState; 6] = [
+    pub const ALL: [IndexState; 7] = [
         IndexState::Starting,
         IndexState::Seeding,
         IndexState::Rebuilding,
         IndexState::Streaming,
         IndexState::Stopped,
         IndexState::Failed,
+        IndexState::Paused,
     ];
 
     /// Lower-case name, as shown in `/status` and `/metrics`.

@@ -228,8 +228,6 @@ pub async fn copy_chunk(
                 return Ok(None);
             }
         }
-        // Every row is read: the snapshot can go before the last batch lands.
-        db.end_chunk().await?;
         if !batch.is_empty() {
             let _ = tx.send(batch).await;
         }
@@ -245,6 +243,11 @@ pub async fn copy_chunk(
     if read.is_none() || *copier.shutdown.borrow() {
         return Ok(None);
     }
+    // The snapshot transaction ends only once every batch of the chunk is
+    // durable: until then it holds its table's ACCESS SHARE lock, so a
+    // TRUNCATE or DETACH cannot commit between the read and the last write
+    // (the worker's reaction to it then finds every write of the chunk).
+    db.end_chunk().await?;
     lease.give_back();
     Ok(Some(written))
 }

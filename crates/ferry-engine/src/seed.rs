@@ -31,9 +31,9 @@ use ferry_core::stats::{IndexState, Stats};
 use ferry_core::Lsn;
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::PgParams;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
 use crate::backfill::{self, Chunk, Copier, Pool, Progress};
 use crate::index::{IndexId, IndexRuntime};
@@ -97,10 +97,13 @@ pub async fn run(
         version: seeding.version,
         shutdown,
     });
-    let mut jobs = JoinSet::new();
+    // Every index and chunk runs inside this one task (not spawned), so
+    // stopping the seeding (aborting its task and awaiting it) leaves no
+    // write, checkpoint or alias move of it to land afterwards.
+    let jobs = FuturesUnordered::new();
     for job in seeding.jobs {
         let ix = indexes[job.index.0].clone();
-        jobs.spawn(seed_index(
+        jobs.push(seed_index(
             copier.clone(),
             pool.clone(),
             ix,
@@ -108,12 +111,9 @@ pub async fn run(
             swapped.clone(),
         ));
     }
-    while let Some(r) = jobs.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(EngineError::Stream(format!("seeding task failed: {e}"))),
-        }
+    let mut jobs = jobs;
+    while let Some(r) = jobs.next().await {
+        r?;
     }
     Ok(())
 }
@@ -159,7 +159,7 @@ async fn seed_index(
     let chunk_rows = copier.cfg.engine.backfill_chunk_rows;
     // Value per chunk: its upper key (`None`: the last chunk).
     let mut order: InOrder<Option<Vec<String>>> = InOrder::default();
-    let mut chunks = JoinSet::new();
+    let mut chunks = FuturesUnordered::new();
     let mut after = job.resume_after.clone();
     let mut planning = true;
     let mut complete = false;
@@ -189,16 +189,13 @@ async fn seed_index(
                     index_stats.clone(),
                 );
                 let end = upto.clone();
-                chunks.spawn(async move { (seq, end, task.await) });
+                chunks.push(async move { (seq, end, task.await) });
                 match upto {
                     Some(key) => after = Some(key),
                     None => planning = false,
                 }
             }
-            Some(r) = chunks.join_next() => {
-                let (seq, upto, copied) = r.map_err(|e| {
-                    EngineError::Stream(format!("backfill chunk task failed: {e}"))
-                })?;
+            Some((seq, upto, copied)) = chunks.next() => {
                 let Some(n) = copied? else {
                     // Interrupted by a shutdown: nothing more is recorded.
                     planning = false;

@@ -504,12 +504,10 @@ impl Sink {
         concrete: &str,
         lsn: Lsn,
     ) -> Result<(), SinkError> {
-        let body = json!({"_meta": {"ferry": {
+        let ferry = json!({
             "alias": plan.alias, "hash": plan.hash(), "owner": plan.owner, "seeded_lsn": lsn.to_string()
-        }}});
-        self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
-            .await
-            .map(|_| ())
+        });
+        self.put_ferry_meta(concrete, ferry).await
     }
 
     /// Records that a backfill made every row up to primary key `after` durable.
@@ -519,9 +517,23 @@ impl Sink {
         concrete: &str,
         after: &[String],
     ) -> Result<(), SinkError> {
-        let body = json!({"_meta": {"ferry": {
+        let ferry = json!({
             "alias": plan.alias, "hash": plan.hash(), "owner": plan.owner, "backfill_after": after
-        }}});
+        });
+        self.put_ferry_meta(concrete, ferry).await
+    }
+
+    /// Writes `_meta.ferry` of `concrete` (the cluster replaces `_meta`
+    /// whole), keeping the operator's marks already there: a pause and a
+    /// requested rebuild, set through the control API or `ferry reindex`.
+    async fn put_ferry_meta(&self, concrete: &str, mut ferry: Value) -> Result<(), SinkError> {
+        let now = self.ferry_meta(concrete).await?;
+        for mark in ["paused", "reindex_requested"] {
+            if now[mark] == json!(true) {
+                ferry[mark] = json!(true);
+            }
+        }
+        let body = json!({"_meta": {"ferry": ferry}});
         self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
             .await
             .map(|_| ())

@@ -192,11 +192,14 @@ impl Worker {
         let affected: Vec<usize> = indexes
             .iter()
             .enumerate()
+            // A paused index is not written: its rebuild on resume reads the partitions anew.
             .filter(|(_, ix)| {
-                ix.plan
-                    .usages()
-                    .iter()
-                    .any(|(oid, _)| moved_rows.contains(oid))
+                !ix.paused
+                    && ix
+                        .plan
+                        .usages()
+                        .iter()
+                        .any(|(oid, _)| moved_rows.contains(oid))
             })
             .map(|(i, _)| i)
             .collect();
