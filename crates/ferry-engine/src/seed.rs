@@ -31,13 +31,39 @@ use ferry_core::stats::{IndexState, Stats};
 use ferry_core::Lsn;
 use ferry_opensearch::{IndexPlan, Sink};
 use ferry_postgres::PgParams;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::backfill::{self, Chunk, Copier, Pool, Progress};
 use crate::index::{IndexId, IndexRuntime};
 use crate::{EngineError, Shutdown};
+
+/// Held by every task of a seeding (its indexes and chunks run as tasks of
+/// their own, so a chunk's writes go on while another waits on a lock):
+/// once the seeding is stopped, [`stopped`] returns when the last of them
+/// is gone, so nothing of it — a write, a checkpoint, an alias move —
+/// lands afterwards.
+pub type Alive = mpsc::Sender<()>;
+
+/// A token for a seeding's tasks and the wait for all of them to end.
+pub fn alive() -> (Alive, mpsc::Receiver<()>) {
+    mpsc::channel(1)
+}
+
+/// Returns once every task holding a token of `gone` ended (aborted tasks
+/// drop theirs when their cancellation completes).
+pub async fn stopped(gone: &mut mpsc::Receiver<()>) {
+    while gone.recv().await.is_some() {}
+}
+
+/// What a seeding hands back to the worker while it runs.
+pub struct ToWorker {
+    /// Each alias moved, as (index position, the concrete index it left).
+    pub swapped: mpsc::Sender<(usize, String)>,
+    /// The token every task of the seeding holds.
+    pub alive: Alive,
+}
 
 /// One index to seed.
 #[derive(Debug, Clone)]
@@ -75,8 +101,9 @@ pub async fn run(
     cfg: Config,
     shutdown: Shutdown,
     stats: Arc<Stats>,
-    swapped: mpsc::Sender<(usize, String)>,
+    to_worker: ToWorker,
 ) -> Result<(), EngineError> {
+    let ToWorker { swapped, alive } = to_worker;
     let parallelism = cfg.engine.backfill_parallelism.max(1);
     let mut sessions = Vec::with_capacity(parallelism);
     for _ in 0..parallelism {
@@ -97,23 +124,29 @@ pub async fn run(
         version: seeding.version,
         shutdown,
     });
-    // Every index and chunk runs inside this one task (not spawned), so
-    // stopping the seeding (aborting its task and awaiting it) leaves no
-    // write, checkpoint or alias move of it to land afterwards.
-    let jobs = FuturesUnordered::new();
+    let mut jobs = JoinSet::new();
     for job in seeding.jobs {
         let ix = indexes[job.index.0].clone();
-        jobs.push(seed_index(
+        let task = seed_index(
             copier.clone(),
             pool.clone(),
             ix,
             job,
             swapped.clone(),
-        ));
+            alive.clone(),
+        );
+        let alive = alive.clone();
+        jobs.spawn(async move {
+            let _alive = alive;
+            task.await
+        });
     }
-    let mut jobs = jobs;
-    while let Some(r) = jobs.next().await {
-        r?;
+    while let Some(r) = jobs.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(EngineError::Stream(format!("seeding task failed: {e}"))),
+        }
     }
     Ok(())
 }
@@ -127,6 +160,7 @@ async fn seed_index(
     ix: IndexRuntime,
     job: Job,
     swapped: mpsc::Sender<(usize, String)>,
+    alive: Alive,
 ) -> Result<(), EngineError> {
     let sink = &copier.sink;
     sink.update_settings(
@@ -159,7 +193,7 @@ async fn seed_index(
     let chunk_rows = copier.cfg.engine.backfill_chunk_rows;
     // Value per chunk: its upper key (`None`: the last chunk).
     let mut order: InOrder<Option<Vec<String>>> = InOrder::default();
-    let mut chunks = FuturesUnordered::new();
+    let mut chunks = JoinSet::new();
     let mut after = job.resume_after.clone();
     let mut planning = true;
     let mut complete = false;
@@ -189,13 +223,20 @@ async fn seed_index(
                     index_stats.clone(),
                 );
                 let end = upto.clone();
-                chunks.push(async move { (seq, end, task.await) });
+                let alive = alive.clone();
+                chunks.spawn(async move {
+                    let _alive = alive;
+                    (seq, end, task.await)
+                });
                 match upto {
                     Some(key) => after = Some(key),
                     None => planning = false,
                 }
             }
-            Some((seq, upto, copied)) = chunks.next() => {
+            Some(r) = chunks.join_next() => {
+                let (seq, upto, copied) = r.map_err(|e| {
+                    EngineError::Stream(format!("backfill chunk task failed: {e}"))
+                })?;
                 let Some(n) = copied? else {
                     // Interrupted by a shutdown: nothing more is recorded.
                     planning = false;

@@ -104,6 +104,7 @@ pub async fn stream(
     }
     // Seeding runs beside streaming; it reports each alias it moves.
     let (swapped_tx, mut swapped_rx) = tokio::sync::mpsc::channel::<(usize, String)>(16);
+    let (alive, mut seeding_gone) = crate::seed::alive();
     let mut seeding_task = seeding.map(|s| {
         tokio::spawn(crate::seed::run(
             s,
@@ -112,7 +113,10 @@ pub async fn stream(
             cfg.clone(),
             shutdown.clone(),
             stats.clone(),
-            swapped_tx,
+            crate::seed::ToWorker {
+                swapped: swapped_tx,
+                alive,
+            },
         ))
     });
     let core = Pipeline::new(
@@ -208,6 +212,9 @@ pub async fn stream(
         t.abort();
         let _ = t.await;
     }
+    // Its index and chunk tasks too (also those of a seeding that ended in
+    // an error): nothing of it may land after this.
+    crate::seed::stopped(&mut seeding_gone).await;
     w.discard_stale_copies().await;
     // Capture reports the last confirmed position to the server, then closes the stream.
     capture.stop();
