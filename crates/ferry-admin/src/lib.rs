@@ -17,6 +17,8 @@
 //! Nothing the read-only routes serve contains row values, document ids or credentials:
 //! only counters, index names, the slot name and error messages the engine
 //! records without row data.
+//!
+//! [`telemetry`] exports the pipeline's trace spans over OTLP when configured.
 
 mod client;
 pub mod control;
@@ -25,6 +27,7 @@ mod routes;
 mod server;
 mod status;
 pub mod systemd;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;

@@ -27,6 +27,42 @@ pub struct Config {
     /// The admin HTTP endpoint (health, readiness, metrics, status).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// OpenTelemetry trace export (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry traces of the pipeline, sent over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP collector, e.g. `http://127.0.0.1:4318`;
+    /// spans go to its `/v1/traces`. Unset (the default): no traces.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` the spans carry (default `ferry`).
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "ferry".into(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The URL spans are posted to: `otlp_endpoint` with `/v1/traces`
+    /// appended unless it already ends so; `None` when tracing is off.
+    pub fn traces_url(&self) -> Option<String> {
+        let base = self.otlp_endpoint.as_deref()?.trim_end_matches('/');
+        Some(if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        })
+    }
 }
 
 /// `[admin]`: where the admin HTTP endpoint listens, when its health
@@ -967,6 +1003,21 @@ impl Config {
         if self.sink.request_timeout_secs == 0 {
             bad("sink.request_timeout_secs", "must be at least 1".into());
         }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            match url::Url::parse(endpoint) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => bad(
+                    "telemetry.otlp_endpoint",
+                    format!(
+                        "{endpoint:?} is not an http:// or https:// URL; expected an OTLP/HTTP \
+                         collector such as http://127.0.0.1:4318"
+                    ),
+                ),
+            }
+        }
+        if self.telemetry.service_name.trim().is_empty() {
+            bad("telemetry.service_name", "must not be empty".into());
+        }
         let e = &self.engine;
         for (key, v) in [
             ("engine.max_batch_changes", e.max_batch_changes),
@@ -1314,6 +1365,30 @@ columns = ["id", "email", "name", "company_id"]
             .expect_err("bad order_by")
             .to_string();
         assert!(err.contains("index[0].has_many[0].order_by"), "{err}");
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_its_endpoint_must_be_an_http_url() {
+        let c = Config::from_toml(REFERENCE).expect("reference config");
+        assert_eq!(c.telemetry.traces_url(), None);
+        assert_eq!(c.telemetry.service_name, "ferry");
+        for (endpoint, url) in [
+            ("http://otel:4318", "http://otel:4318/v1/traces"),
+            ("http://otel:4318/", "http://otel:4318/v1/traces"),
+            ("https://otel/v1/traces", "https://otel/v1/traces"),
+        ] {
+            let text = format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n{REFERENCE}");
+            let c = Config::from_toml(&text).expect("telemetry endpoint");
+            assert_eq!(c.telemetry.traces_url().as_deref(), Some(url));
+        }
+        let text = format!("[telemetry]\notlp_endpoint = \"otel:4318\"\n{REFERENCE}");
+        let err = Config::from_toml(&text).expect_err("no scheme").to_string();
+        assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+        let text = format!("[telemetry]\nservice_name = \" \"\n{REFERENCE}");
+        let err = Config::from_toml(&text)
+            .expect_err("blank name")
+            .to_string();
+        assert!(err.contains("telemetry.service_name"), "{err}");
     }
 
     #[test]

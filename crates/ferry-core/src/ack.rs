@@ -26,12 +26,16 @@
 //! remembers a deleted document's version only for `index.gc_deletes`
 //! (60 s by default). A delete must therefore never overtake an older write
 //! of its document that is still in flight (its retries may last longer
-//! than that): [`Overtaking`] says when a batch has to wait.
+//! than that): [`Overtaking`] picks out such deletes. The rest of their
+//! batch is sent at once (sealed with [`Acks::seal_part`]); the held deletes
+//! keep the batch's own ticket and follow once the write they wait for has
+//! landed, so the batch's commit is confirmed only when both parts are
+//! durable.
 //!
 //! [`InOrder`] is the rule underneath, also used by the backfill for its
 //! checkpoints (chunks copied in parallel finish in any order).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use crate::{DocOp, DocWrite, Lsn};
 
@@ -142,6 +146,16 @@ impl Acks {
         }
     }
 
+    /// Seals a first part of the current batch, sent ahead of the rest: its
+    /// ticket carries no commit, and the ticket sealed next (holding the
+    /// rest) can only be confirmed once this one came back too.
+    pub fn seal_part(&mut self) -> FlushTicket {
+        FlushTicket {
+            seq: self.tickets.issue(),
+            commit: None,
+        }
+    }
+
     /// The batch of `ticket` is durable: the position that may be confirmed
     /// now — the newest commit among the batches that, with this one, form
     /// the durable prefix — or `None` while an earlier batch is still out.
@@ -160,12 +174,12 @@ impl Acks {
     }
 }
 
-/// The documents each in-flight batch writes (not deletes), so that a batch
-/// deleting one of them waits for it (see the module docs).
+/// The documents each in-flight batch writes (not deletes), so that a
+/// delete of one of them is held back until it landed (see the module docs).
 #[derive(Debug, Default)]
 pub struct Overtaking {
     /// Ticket number → (index position, document id) it writes.
-    written: HashMap<u64, HashSet<(usize, String)>>,
+    written: BTreeMap<u64, HashSet<(usize, String)>>,
 }
 
 impl Overtaking {
@@ -186,19 +200,25 @@ impl Overtaking {
         self.written.remove(&seq);
     }
 
-    /// True when `writes` deletes a document that a batch in flight writes:
-    /// sending it now could let the delete land first.
-    pub fn blocks(&self, writes: &[DocWrite]) -> bool {
-        if self.written.is_empty() {
+    /// True when `w` deletes a document that an in-flight batch numbered
+    /// below `before` writes: sent now, the delete could land first.
+    pub fn holds(&self, w: &DocWrite, before: u64) -> bool {
+        if !matches!(w.op, DocOp::Delete) {
             return false;
         }
-        writes
-            .iter()
-            .filter(|w| matches!(w.op, DocOp::Delete))
-            .any(|w| {
-                let key = (w.index, w.id.clone());
-                self.written.values().any(|ids| ids.contains(&key))
-            })
+        let key = (w.index, w.id.clone());
+        self.written
+            .range(..before)
+            .any(|(_, ids)| ids.contains(&key))
+    }
+
+    /// Splits a batch's `writes` into what may be sent now and the deletes
+    /// that must wait for a batch in flight (every batch out is older).
+    pub fn split(&self, writes: Vec<DocWrite>) -> (Vec<DocWrite>, Vec<DocWrite>) {
+        if self.written.is_empty() {
+            return (writes, Vec::new());
+        }
+        writes.into_iter().partition(|w| !self.holds(w, u64::MAX))
     }
 }
 
@@ -295,12 +315,48 @@ mod tests {
     #[test]
     fn a_delete_never_overtakes_an_in_flight_write_of_its_document() {
         let mut o = Overtaking::default();
-        o.sent(0, &[write("1"), delete("9")]);
-        assert!(o.blocks(&[write("2"), delete("1")]));
-        assert!(!o.blocks(&[write("1")]), "a newer write may overtake");
-        assert!(!o.blocks(&[delete("9")]), "deletes do not block deletes");
-        assert!(!o.blocks(&[delete("2")]));
-        o.landed(0);
-        assert!(!o.blocks(&[delete("1")]));
+        o.sent(3, &[write("1"), delete("9")]);
+        let (now, held) = o.split(vec![write("2"), delete("1"), delete("2")]);
+        assert_eq!(ids(&now), ["2", "2"], "the rest of the batch goes at once");
+        assert_eq!(ids(&held), ["1"], "only the conflicting delete waits");
+        assert!(
+            !o.holds(&write("1"), u64::MAX),
+            "a newer write may overtake"
+        );
+        assert!(
+            !o.holds(&delete("9"), u64::MAX),
+            "deletes do not block deletes"
+        );
+        assert!(
+            !o.holds(&delete("1"), 3),
+            "a delete waits only for batches older than its own"
+        );
+        assert!(o.holds(&delete("1"), 4));
+        o.landed(3);
+        assert!(!o.holds(&delete("1"), u64::MAX));
+        assert_eq!(o.split(vec![delete("1")]).1.len(), 0);
+    }
+
+    #[test]
+    fn a_batch_sent_in_two_parts_confirms_only_when_both_landed() {
+        let mut acks = Acks::default();
+        acks.begin();
+        acks.pending(Lsn(10));
+        let first = acks.seal_part();
+        let rest = acks.seal();
+        acks.begin();
+        acks.pending(Lsn(20));
+        let next = acks.seal();
+        assert_eq!(
+            acks.flushed(first),
+            None,
+            "the commit travels with the rest"
+        );
+        assert_eq!(acks.flushed(next), None, "an earlier part is still out");
+        assert_eq!(acks.flushed(rest), Some(Lsn(20)));
+    }
+
+    fn ids(writes: &[DocWrite]) -> Vec<&str> {
+        writes.iter().map(|w| w.id.as_str()).collect()
     }
 }

@@ -19,3 +19,7 @@ pub use doc::{DocOp, DocWrite};
 pub use lsn::Lsn;
 pub use schema::{ColumnShape, TableShape};
 pub use value::TypeKind;
+
+/// The `tracing` target of the pipeline's trace spans (`batch`, `resolve`,
+/// `build`, `flush`), which `[telemetry]` exports over OTLP.
+pub const PIPELINE_TARGET: &str = "ferry::pipeline";

@@ -177,9 +177,52 @@ pub enum Command {
 /// Entry point shared by the binary (and callable from tests).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    // One TLS crypto provider for every client in the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Trace export is set up before the subscriber (it is one of its layers)
+    // and outside the async runtime (its HTTP client blocks).
+    let telemetry = match &cli.command {
+        Command::Run { config } => start_telemetry(config),
+        _ => Ok(None),
+    };
+    let (telemetry, telemetry_error, otel_layer) = match telemetry {
+        Ok(Some((t, layer))) => (Some(t), None, Some(layer)),
+        Ok(None) => (None, None, None),
+        Err(e) => (None, Some(e), None),
+    };
+    init_logging(cli.log_format, otel_layer);
+    if let Some(e) = telemetry_error {
+        tracing::error!("{e}");
+        return ExitCode::from(2);
+    }
+    let code = run_cli(cli);
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    code
+}
+
+/// A layer of the subscriber, boxed.
+type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// The OTLP exporter and its layer, when the configuration at `path` sets
+/// `telemetry.otlp_endpoint` (a configuration that does not load is
+/// reported by the command itself).
+fn start_telemetry(
+    path: &std::path::Path,
+) -> Result<
+    Option<(ferry_admin::telemetry::Telemetry, BoxedLayer)>,
+    ferry_admin::telemetry::TelemetryError,
+> {
+    let Ok(cfg) = Config::load(path) else {
+        return Ok(None);
+    };
+    let Some(url) = cfg.telemetry.traces_url() else {
+        return Ok(None);
+    };
+    let (t, layer) = ferry_admin::telemetry::Telemetry::start(&url, &cfg.telemetry.service_name)?;
+    Ok(Some((t, Box::new(layer))))
+}
+
+fn run_cli(cli: Cli) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -234,24 +277,28 @@ pub fn main() -> ExitCode {
     })
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, telemetry: Option<BoxedLayer>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(use_colour(
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
             std::env::var_os("NO_COLOR").as_deref(),
         ))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
+    let fmt: BoxedLayer = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => {
             // Machine-read output: no progress bar between the JSON lines.
             ferry_engine::set_progress_bar(false);
-            builder.json().init()
+            fmt.json().with_filter(filter).boxed()
         }
-    }
+    };
+    let layers: Vec<BoxedLayer> = std::iter::once(fmt).chain(telemetry).collect();
+    tracing_subscriber::registry().with(layers).init();
 }
 
 /// Colour codes in log lines only on a terminal, and never when `NO_COLOR`
@@ -427,6 +474,9 @@ fn reload_on_sighup(path: PathBuf, tx: std::sync::Arc<watch::Sender<Config>>) {
                 }
                 Ok(new) if new.admin != current.admin => tracing::error!(
                     "SIGHUP: configuration reload refused: [admin] (listen, flush_failure_secs, stall_timeout_secs, token_file, token_env) cannot change while running; restart ferry to apply it"
+                ),
+                Ok(new) if new.telemetry != current.telemetry => tracing::error!(
+                    "SIGHUP: configuration reload refused: [telemetry] (otlp_endpoint, service_name) cannot change while running; restart ferry to apply it"
                 ),
                 Ok(new) => match ferry_engine::check(&new).await {
                     // The new configuration must work against the database and

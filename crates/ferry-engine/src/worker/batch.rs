@@ -93,6 +93,11 @@ impl Batch {
         self.changes >= max_changes || self.bytes >= max_bytes
     }
 
+    /// Changes counted since the batch began.
+    pub fn changes(&self) -> usize {
+        self.changes
+    }
+
     /// True when something is waiting to be written.
     pub fn has_work(&self) -> bool {
         !self.writes.is_empty() || !self.rebuild.is_empty() || !self.probes.is_empty()

@@ -22,10 +22,11 @@ use crate::EngineError;
 /// The bulk writes in flight (at most `engine.max_in_flight_bulks`).
 pub type Inflight = JoinSet<Result<Flushed, SinkError>>;
 
-/// A flush that succeeded: the ticket to redeem and the writes refused for good.
+/// A flush that succeeded: the tickets to redeem and the writes refused for good.
 pub struct Flushed {
-    /// Redeemed once the rejected writes followed their policy.
-    pub ticket: FlushTicket,
+    /// Redeemed once the rejected writes followed their policy: the batch's
+    /// own, and those of held-back deletes that rode along.
+    pub tickets: Vec<FlushTicket>,
     /// Writes the cluster refused for good; every other write is durable.
     pub rejected: Vec<Rejected>,
 }
@@ -37,22 +38,35 @@ pub fn spawn<S: DocSink>(
     inflight: &mut Inflight,
     sink: S,
     writes: Vec<DocWrite>,
-    ticket: FlushTicket,
+    tickets: Vec<FlushTicket>,
     stats: Arc<Stats>,
     commit_ts: i64,
+    batch: tracing::Span,
 ) {
-    inflight.spawn(async move {
+    let span = tracing::info_span!(
+        target: ferry_core::PIPELINE_TARGET,
+        parent: &batch,
+        "flush",
+        documents = writes.len() as i64,
+        superseded = tracing::field::Empty,
+        rejected = tracing::field::Empty,
+    );
+    let fut = async move {
         let started = Instant::now();
         let outcome = sink.write(&writes).await?;
         record(&stats, &writes, &outcome, started);
-        if ticket.completes_commit() {
+        let current = tracing::Span::current();
+        current.record("superseded", outcome.superseded_writes.len() as i64);
+        current.record("rejected", outcome.rejected.len() as i64);
+        if tickets.iter().any(FlushTicket::completes_commit) {
             stats.last_durable_commit_us.fetch_max(commit_ts, Relaxed);
         }
         Ok(Flushed {
-            ticket,
+            tickets,
             rejected: outcome.rejected,
         })
-    });
+    };
+    inflight.spawn(tracing::Instrument::instrument(fut, span));
 }
 
 fn record(stats: &Stats, writes: &[DocWrite], outcome: &BulkOutcome, started: Instant) {

@@ -11,9 +11,10 @@ use ferry_config::Config;
 use ferry_core::ack::Overtaking;
 use ferry_core::change::{Change, ChangeOp, Relation};
 use ferry_core::stats::Stats;
-use ferry_core::{DocWrite, Lsn};
+use ferry_core::{DocOp, DocWrite, Lsn, PIPELINE_TARGET};
 use ferry_opensearch::SinkError;
 use tokio::task::JoinError;
+use tracing::{field, Instrument, Span};
 
 use super::batch::{Acks, Batch, FlushTicket};
 use super::flat::Projection;
@@ -47,10 +48,15 @@ pub struct Pipeline<S: DocSink, R: RowSource> {
     inflight: Inflight,
     /// What the in-flight writes hold, so a delete never overtakes a write.
     overtaking: Overtaking,
+    /// Deletes held back until the in-flight write of their document landed,
+    /// each group with the ticket of the batch it came from.
+    held: Vec<(FlushTicket, Vec<DocWrite>)>,
     /// Most bulk writes in flight at once (`engine.max_in_flight_bulks`).
     max_in_flight: usize,
     confirm: Confirm,
     stats: Arc<Stats>,
+    /// Index position → (alias, root table), for trace spans.
+    names: Vec<(String, String)>,
     max_changes: usize,
     max_bytes: usize,
     max_delay: Duration,
@@ -79,9 +85,11 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             commit_ts: 0,
             inflight: Inflight::new(),
             overtaking: Overtaking::default(),
+            held: Vec::new(),
             max_in_flight: cfg.engine.max_in_flight_bulks.max(1),
             confirm,
             stats,
+            names: names(indexes),
             max_changes: cfg.engine.max_batch_changes,
             max_bytes: cfg.engine.max_batch_bytes,
             max_delay: cfg.engine.max_batch_delay(),
@@ -105,7 +113,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
 
     /// True when nothing waits to be written or confirmed.
     pub fn is_idle(&self) -> bool {
-        !self.batch.has_work() && !self.acks.has_pending()
+        !self.batch.has_work() && !self.acks.has_pending() && self.held.is_empty()
     }
 
     /// A transaction began; its writes carry `final_lsn`.
@@ -208,34 +216,110 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     }
 
     /// Closes the batch and sends it in the background while the next
-    /// batch fills, once fewer than `max_in_flight` flushes are out and no
-    /// flush in flight writes a document this batch deletes (see
-    /// `ferry_core::ack::Overtaking`). Flushes may land in any order; its
-    /// ticket is redeemed when it lands, and `Acks` confirms only the
-    /// contiguous prefix of landed batches.
+    /// batch fills, once fewer than `max_in_flight` flushes are out. A
+    /// delete of a document that a flush in flight writes is held back (see
+    /// `ferry_core::ack::Overtaking`) and rides with a later flush once that
+    /// write landed; held deletes no longer blocked join this one. Flushes
+    /// may land in any order; each ticket is redeemed when its writes landed,
+    /// and `Acks` confirms only the contiguous prefix of landed tickets.
     pub async fn dispatch(&mut self) -> Result<(), EngineError> {
-        let writes = self.prepare_writes().await?;
+        let span = if self.batch.has_work() {
+            tracing::info_span!(
+                target: PIPELINE_TARGET,
+                "batch",
+                lsn = %self.version,
+                changes = self.batch.changes() as i64,
+                documents = field::Empty,
+                deletes = field::Empty,
+                deletes_held = field::Empty,
+            )
+        } else {
+            Span::none()
+        };
+        let writes = self.prepare_writes().instrument(span.clone()).await?;
         self.batch.close();
-        let ticket = self.acks.seal();
-        while self.inflight.len() >= self.max_in_flight
-            || (!self.inflight.is_empty() && self.overtaking.blocks(&writes))
-        {
+        while self.inflight.len() >= self.max_in_flight {
             self.settle_one().await?;
         }
-        if writes.is_empty() {
-            self.redeem(ticket);
-            return Ok(());
+        let (mut writes, held) = self.overtaking.split(writes);
+        let deletes = writes.iter().filter(|w| w.op == DocOp::Delete).count();
+        span.record("documents", (writes.len() - deletes) as i64);
+        span.record("deletes", deletes as i64);
+        span.record("deletes_held", held.len() as i64);
+        let mut tickets = Vec::new();
+        if held.is_empty() {
+            tickets.push(self.acks.seal());
+        } else {
+            tickets.push(self.acks.seal_part());
+            let rest = self.acks.seal();
+            self.held.push((rest, held));
         }
-        self.overtaking.sent(ticket.seq(), &writes);
+        self.release_held(&mut writes, &mut tickets);
+        self.send(writes, tickets, span);
+        Ok(())
+    }
+
+    /// Moves the held deletes no longer blocked by a flush in flight into
+    /// `writes`, with their tickets; a held delete of a document `writes`
+    /// already holds is dropped (that write is newer).
+    fn release_held(&mut self, writes: &mut Vec<DocWrite>, tickets: &mut Vec<FlushTicket>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let newer: std::collections::HashSet<(usize, String)> =
+            writes.iter().map(|w| (w.index, w.id.clone())).collect();
+        let overtaking = &self.overtaking;
+        let (free, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(t, ds)| !ds.iter().any(|d| overtaking.holds(d, t.seq())));
+        self.held = still;
+        for (ticket, deletes) in free {
+            writes.extend(
+                deletes
+                    .into_iter()
+                    .filter(|d| !newer.contains(&(d.index, d.id.clone()))),
+            );
+            tickets.push(ticket);
+        }
+    }
+
+    /// Sends `writes` in the background; with nothing to write, the
+    /// tickets are redeemed at once.
+    fn send(&mut self, writes: Vec<DocWrite>, tickets: Vec<FlushTicket>, batch: Span) {
+        if writes.is_empty() {
+            for t in tickets {
+                self.redeem(t);
+            }
+            return;
+        }
+        if let Some(first) = tickets.first() {
+            self.overtaking.sent(first.seq(), &writes);
+        }
         flush::spawn(
             &mut self.inflight,
             self.sink.clone(),
             writes,
-            ticket,
+            tickets,
             self.stats.clone(),
             self.commit_ts,
+            batch,
         );
-        Ok(())
+    }
+
+    /// Sends the held deletes whose writes landed, when the stream has
+    /// nothing batched that they could ride with.
+    fn send_released(&mut self) {
+        if self.held.is_empty()
+            || self.batch.has_work()
+            || self.inflight.len() >= self.max_in_flight
+        {
+            return;
+        }
+        let (mut writes, mut tickets) = (Vec::new(), Vec::new());
+        self.release_held(&mut writes, &mut tickets);
+        if !tickets.is_empty() {
+            self.send(writes, tickets, Span::none());
+        }
     }
 
     /// Waits for the next flush to land (pending forever when none is out).
@@ -252,15 +336,24 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         r: Result<Result<Flushed, SinkError>, JoinError>,
     ) -> Result<(), EngineError> {
         self.settled(r).await?;
+        self.send_released();
         self.confirm_if_idle().await
     }
 
-    /// Waits for every flush in flight and redeems their tickets.
+    /// Waits for every flush in flight, then for the deletes they held
+    /// back, and redeems their tickets.
     pub async fn settle(&mut self) -> Result<(), EngineError> {
-        while !self.inflight.is_empty() {
-            self.settle_one().await?;
+        loop {
+            while !self.inflight.is_empty() {
+                self.settle_one().await?;
+            }
+            if self.held.is_empty() {
+                return Ok(());
+            }
+            let (mut writes, mut tickets) = (Vec::new(), Vec::new());
+            self.release_held(&mut writes, &mut tickets);
+            self.send(writes, tickets, Span::none());
         }
-        Ok(())
     }
 
     /// Waits for the next flush in flight to land, if any, and redeems its ticket.
@@ -308,10 +401,14 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         r: Result<Result<Flushed, SinkError>, JoinError>,
     ) -> Result<(), EngineError> {
         match r {
-            Ok(Ok(Flushed { ticket, rejected })) => {
-                self.overtaking.landed(ticket.seq());
+            Ok(Ok(Flushed { tickets, rejected })) => {
+                for t in &tickets {
+                    self.overtaking.landed(t.seq());
+                }
                 self.poison_path(rejected).await?;
-                self.redeem(ticket);
+                for t in tickets {
+                    self.redeem(t);
+                }
                 Ok(())
             }
             Ok(Err(e)) => Err(e.into()),
@@ -344,20 +441,52 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         let mut writes = work.writes;
         let mut rebuild = work.rebuild;
         for ((index, probe), values) in work.probes {
-            let keys = self.rows.resolve(index, &probe, values).await?;
+            let span = tracing::info_span!(
+                target: PIPELINE_TARGET,
+                "resolve",
+                index = self.index_name(index),
+                column = %probe.column,
+                values = values.len() as i64,
+                roots = field::Empty,
+            );
+            let keys = self
+                .rows
+                .resolve(index, &probe, values)
+                .instrument(span.clone())
+                .await?;
+            span.record("roots", keys.len() as i64);
             rebuild.entry(index).or_default().extend(keys);
         }
         // The build reads the current rows, which reflect at least every
         // transaction of this batch: version them with the newest one.
         for (index, keys) in rebuild {
             let keys: Vec<Vec<String>> = keys.into_iter().collect();
-            for chunk in keys.chunks(1000) {
-                self.rows
-                    .build(index, chunk, self.version, &mut writes)
-                    .await?;
+            let before = writes.len();
+            let span = tracing::info_span!(
+                target: PIPELINE_TARGET,
+                "build",
+                index = self.index_name(index),
+                table = self.names.get(index).map_or("", |n| n.1.as_str()),
+                roots = keys.len() as i64,
+                documents = field::Empty,
+            );
+            async {
+                for chunk in keys.chunks(1000) {
+                    self.rows
+                        .build(index, chunk, self.version, &mut writes)
+                        .await?;
+                }
+                Ok::<(), EngineError>(())
             }
+            .instrument(span.clone())
+            .await?;
+            span.record("documents", (writes.len() - before) as i64);
         }
         Ok(writes)
+    }
+
+    fn index_name(&self, index: usize) -> &str {
+        self.names.get(index).map_or("", |n| n.0.as_str())
     }
 
     fn redeem(&mut self, ticket: FlushTicket) {
@@ -370,4 +499,15 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         (self.confirm)(lsn);
         self.stats.confirmed(lsn.0);
     }
+}
+
+/// Index position → (alias, qualified root table), for trace spans.
+/// (Counts in spans are `i64`: OTLP has no unsigned integers.)
+fn names(indexes: &[IndexRuntime]) -> Vec<(String, String)> {
+    let mut names =
+        vec![(String::new(), String::new()); indexes.iter().map(|i| i.pos + 1).max().unwrap_or(0)];
+    for i in indexes {
+        names[i.pos] = (i.alias.clone(), i.shape.qualified_plain());
+    }
+    names
 }

@@ -428,7 +428,7 @@ async fn a_later_batch_landing_first_confirms_nothing_until_the_earlier_one_land
 }
 
 #[tokio::test]
-async fn a_delete_waits_for_an_in_flight_write_of_its_document() {
+async fn a_delete_waits_for_an_in_flight_write_of_its_document_while_the_rest_of_its_batch_goes() {
     let mut h = Harness::in_flight("skip", 1000, false, 4);
     let gate = h.hold("held");
     h.pipeline.begin(Lsn(90));
@@ -438,25 +438,76 @@ async fn a_delete_waits_for_an_in_flight_write_of_its_document() {
     h.pipeline.begin(Lsn(110));
     let delete = change(20, ChangeOp::Delete, Some(&["1", "held"]), None);
     h.pipeline.change(delete).unwrap();
+    h.insert("2", "b").await;
     h.commit(120).await;
-    let log = h.log.clone();
-    let (sent, ()) = tokio::join!(h.pipeline.dispatch(), async {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        log.lock().unwrap().push("released".into());
-        gate.add_permits(1);
-    });
-    sent.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), h.pipeline.dispatch())
+        .await
+        .expect("the batch was sent without waiting for the held write")
+        .unwrap();
+    h.land().await.unwrap();
+    assert_eq!(
+        *h.log.lock().unwrap(),
+        ["flush [\"2\"]"],
+        "the rest of the batch went at once and confirmed nothing"
+    );
+    assert!(!h.pipeline.is_idle(), "a held delete is pending work");
+    gate.add_permits(1);
+    h.land().await.unwrap();
     h.land().await.unwrap();
     assert_eq!(
         *h.log.lock().unwrap(),
         [
-            "released",
+            "flush [\"2\"]",
             "flush [\"1\"]",
             "confirm 100",
             "flush [\"1\"]",
             "confirm 120"
         ],
-        "the delete was sent only after the write it would overtake landed"
+        "the delete was sent only after the write it would overtake landed, \
+         and its commit confirmed only after the delete landed"
     );
-    assert_eq!(h.sink.flushed.lock().unwrap()[1][0].op, DocOp::Delete);
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(flushed[2][0].op, DocOp::Delete);
+    assert_eq!(flushed[2][0].version, Lsn(110));
+}
+
+#[tokio::test]
+async fn held_deletes_ride_with_the_next_batch_and_a_newer_write_of_their_document_replaces_them() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    let gate = h.hold("held");
+    h.pipeline.begin(Lsn(90));
+    h.insert("1", "held").await;
+    h.insert("3", "held").await;
+    h.commit(100).await;
+    h.pipeline.dispatch().await.unwrap();
+    h.pipeline.begin(Lsn(110));
+    for id in ["1", "3"] {
+        let delete = change(20, ChangeOp::Delete, Some(&[id, "held"]), None);
+        h.pipeline.change(delete).unwrap();
+    }
+    h.commit(120).await;
+    h.pipeline.dispatch().await.unwrap();
+    // The next batch fills while the write they wait for is out: once it
+    // landed, the deletes ride with that batch, except the one its newer
+    // write of document 3 makes moot.
+    h.pipeline.begin(Lsn(130));
+    h.insert("3", "c").await;
+    h.commit(140).await;
+    gate.add_permits(1);
+    h.land().await.unwrap();
+    assert_eq!(h.confirmed(), [100]);
+    h.pipeline.dispatch().await.unwrap();
+    h.land().await.unwrap();
+    assert_eq!(h.confirmed(), [100, 140]);
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(
+        flushed.len(),
+        2,
+        "the held deletes took no request of their own"
+    );
+    let last: Vec<(&str, bool)> = flushed[1]
+        .iter()
+        .map(|w| (w.id.as_str(), w.op == DocOp::Delete))
+        .collect();
+    assert_eq!(last, [("3", false), ("1", true)]);
 }
