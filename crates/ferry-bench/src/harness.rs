@@ -506,6 +506,67 @@ impl Drop for Harness {
     }
 }
 
+/// A one-shot ferry command (`ferry verify`, …) that ran to its end.
+pub struct OnceRun {
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+    /// Peak resident set size of that process (`ru_maxrss`), in bytes.
+    pub peak_rss_bytes: u64,
+    /// Exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
+    /// Its standard output.
+    pub stdout: String,
+}
+
+impl Harness {
+    /// Runs `ferry ARGS --config <the last started configuration>` to its
+    /// end, measuring that process alone (`wait4`).
+    pub async fn run_once(&self, args: &[&str]) -> Result<OnceRun> {
+        let config = self.dir.path().join("ferry.toml");
+        let out = self.dir.path().join("once.out");
+        let mut cmd = Command::new(&self.ferry_bin);
+        cmd.args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", &self.log_filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(File::create(&out)?))
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(self.dir.path().join("ferry.log"))?,
+            ));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FERRY_") {
+                cmd.env_remove(key);
+            }
+        }
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.ferry_bin.display()))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        let (status, maxrss_kib) = tokio::task::spawn_blocking(move || {
+            let mut status = 0;
+            // SAFETY: zeroed rusage is a valid value; waiting for our own child.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            drop(child);
+            (if r == pid { Some(status) } else { None }, usage.ru_maxrss)
+        })
+        .await?;
+        let elapsed = started.elapsed();
+        let status = status.context("wait4 failed")?;
+        Ok(OnceRun {
+            elapsed,
+            peak_rss_bytes: u64::try_from(maxrss_kib).unwrap_or(0) * 1024,
+            code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        })
+    }
+}
+
 /// The ferry child process; killed on drop if still running.
 pub struct Ferry {
     child: Child,

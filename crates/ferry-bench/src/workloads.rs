@@ -80,15 +80,19 @@ pub enum Workload {
     BackfillLive10m,
     /// Production size: 1,000,000 three-level nested documents.
     Nested1m,
+    /// Production size: `ferry verify` over a 10,000,000-document index
+    /// (needs `--sink opensearch`: FastSink serves no scroll).
+    Verify10m,
 }
 
 impl Workload {
     /// Every workload, in the order a default run uses.
     /// Production-size workloads: run only when named (not in CI, not by default).
-    pub const PRODUCTION: [Workload; 3] = [
+    pub const PRODUCTION: [Workload; 4] = [
         Workload::Backfill10m,
         Workload::BackfillLive10m,
         Workload::Nested1m,
+        Workload::Verify10m,
     ];
 
     pub const ALL: [Workload; 15] = [
@@ -130,6 +134,7 @@ impl Workload {
             Workload::Backfill10m => "backfill-10m",
             Workload::BackfillLive10m => "backfill-live-10m",
             Workload::Nested1m => "nested-1m",
+            Workload::Verify10m => "verify-10m",
         }
     }
 
@@ -159,6 +164,7 @@ impl Workload {
                 | Workload::BackfillParallel
                 | Workload::Backfill10m
                 | Workload::Nested1m
+                | Workload::Verify10m
         )
     }
 
@@ -168,7 +174,9 @@ impl Workload {
             Workload::Backfill | Workload::BackfillLive | Workload::BackfillParallel => {
                 (s.backfill_rows, "rows")
             }
-            Workload::Backfill10m | Workload::BackfillLive10m => (PRODUCTION_ROWS, "rows"),
+            Workload::Backfill10m | Workload::BackfillLive10m | Workload::Verify10m => {
+                (PRODUCTION_ROWS, "rows")
+            }
             Workload::Nested1m => (PRODUCTION_ROOTS, "docs"),
             Workload::StreamInFlight => (s.stream_changes, "changes"),
             Workload::BackfillWide => (s.wide_rows, "rows"),
@@ -286,6 +294,7 @@ async fn run_workload(w: Workload, ctx: &Ctx) -> Outcome {
         Workload::Nested1m => {
             relational::backfill_nested(&production(ctx), Workload::BackfillNested).await
         }
+        Workload::Verify10m => verify_big(&production(ctx)).await,
     };
     result.unwrap_or_else(|e| {
         let (size, unit) = w.planned(&ctx.sizes);
@@ -1429,6 +1438,59 @@ fn production(ctx: &Ctx) -> Ctx {
     c
 }
 
+/// `verify-10m`: seeds the narrow table into the node, then times `ferry
+/// verify` over every document and measures its peak RSS (that process
+/// alone); the rate is rows compared per second.
+async fn verify_big(ctx: &Ctx) -> Result<Outcome> {
+    let name = Workload::Verify10m.name();
+    let n = ctx.sizes.backfill_rows;
+    let mut o = Outcome::new(name, n, "rows");
+    let mut h = Harness::start(ctx, name).await?;
+    if h.sink.node().is_none() {
+        anyhow::bail!(
+            "{name} needs a real node (ferry verify scrolls the index, which FastSink does not serve): \
+             run it with --sink opensearch"
+        );
+    }
+    h.db.batch_execute(NARROW_DDL).await?;
+    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
+    h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+    let t0 = h.start_ferry("items")?;
+    let t1 = h.wait_count(n as usize, limit(n, 2_000.0)).await?;
+    let seed_rss = h.ferry().ok().and_then(|f| f.peak_rss_bytes());
+    h.stop_ferry();
+    o.notes.push(format!(
+        "seeded {n} rows into the node in {:.1} s ({} rows/s, peak RSS {:.1} MiB) before verifying",
+        (t1 - t0).as_secs_f64(),
+        thousands(n as f64 / (t1 - t0).as_secs_f64()),
+        seed_rss.unwrap_or(0) as f64 / (1024.0 * 1024.0)
+    ));
+    let run = h.run_once(&["verify"]).await?;
+    let secs = run.elapsed.as_secs_f64();
+    o.seconds = Some(secs);
+    o.rate = Some(n as f64 / secs);
+    o.peak_rss_mib = Some(run.peak_rss_bytes as f64 / (1024.0 * 1024.0));
+    let summary: String = run
+        .stdout
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    o.notes.push(format!(
+        "ferry verify (every document, default page size) exited {:?} in {secs:.1} s: {summary}",
+        run.code
+    ));
+    if run.code == Some(0) {
+        o.ok = true;
+        o.check = format!("ferry verify found every document equal to its row: {summary}");
+    } else {
+        o.check = format!("FAIL: ferry verify exited {:?}: {summary}", run.code);
+    }
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
 /// Goal: parallelism 4 copies at least this many times faster than 1.
 const TARGET_PARALLEL_RATIO: f64 = 2.5;
 /// Goal: 4 bulk requests in flight stream at least this many times faster than 1.
@@ -1448,56 +1510,79 @@ async fn longest_ferry_snapshot(db: &tokio_postgres::Client) -> Result<f64> {
 }
 
 /// `backfill-parallel`: the narrow backfill with parallelism 1, then 4,
-/// each on a fresh PostgreSQL and sink; the ratio of the two rates.
+/// each on a fresh PostgreSQL and sink; the ratio of the two rates. Run
+/// twice: straight into the sink (every process shares this machine's
+/// cores), and with [`BULK_LATENCY`] added to every bulk request by a
+/// FaultProxy, as a remote cluster's round trip adds it.
 async fn backfill_parallel(ctx: &Ctx) -> Result<Outcome> {
+    use ferry_testkit::{Fault, FaultProxy};
     let name = Workload::BackfillParallel.name();
     let n = ctx.sizes.backfill_rows;
     let mut o = Outcome::new(name, n, "rows");
-    let mut rates = Vec::new();
-    for parallelism in [1usize, 4] {
-        let mut h = Harness::start(ctx, name).await?;
-        h.db.batch_execute(NARROW_DDL).await?;
-        h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
-        h.db.batch_execute("VACUUM (ANALYZE) items").await?;
-        h.set_engine(&format!("backfill_parallelism = {parallelism}"));
-        let probe = h.connect().await?;
-        let start = Phase::before_ferry(&h).await;
-        let t0 = h.start_ferry("items")?;
-        let mut longest = 0.0f64;
-        let t1 = {
-            let waiting = h.wait_count(n as usize, limit(n, 2_000.0));
-            tokio::pin!(waiting);
-            loop {
-                tokio::select! {
-                    done = &mut waiting => break done?,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                        longest = longest.max(longest_ferry_snapshot(&probe).await?);
+    for latency in [None, Some(BULK_LATENCY)] {
+        let mut rates = Vec::new();
+        let label = match latency {
+            None => "no added latency".to_string(),
+            Some(d) => format!("{} ms added per bulk request", d.as_millis()),
+        };
+        for parallelism in [1usize, 4] {
+            let mut h = Harness::start(ctx, name).await?;
+            h.db.batch_execute(NARROW_DDL).await?;
+            h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
+            h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+            h.set_engine(&format!("backfill_parallelism = {parallelism}"));
+            let _proxy = match latency {
+                Some(d) => {
+                    let proxy = FaultProxy::start(h.sink.url()).await?;
+                    proxy.set(Fault::Delay(d));
+                    h.set_sink_url(proxy.url());
+                    Some(proxy)
+                }
+                None => None,
+            };
+            let probe = h.connect().await?;
+            let start = Phase::before_ferry(&h).await;
+            let t0 = h.start_ferry("items")?;
+            let mut longest = 0.0f64;
+            let t1 = {
+                let waiting = h.wait_count(n as usize, limit(n, 2_000.0));
+                tokio::pin!(waiting);
+                loop {
+                    tokio::select! {
+                        done = &mut waiting => break done?,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                            longest = longest.max(longest_ferry_snapshot(&probe).await?);
+                        }
                     }
                 }
-            }
-        };
-        let end = Phase::read(&h).await;
-        let rate = n as f64 / (t1 - t0).as_secs_f64();
-        rates.push(rate);
-        o.notes.push(format!(
-            "backfill_parallelism = {parallelism}: {} rows/s in {:.2} s; the longest ferry snapshot transaction \
-             seen in pg_stat_activity (sampled every 100 ms) was open {longest:.2} s",
+            };
+            let end = Phase::read(&h).await;
+            let rate = n as f64 / (t1 - t0).as_secs_f64();
+            rates.push(rate);
+            o.notes.push(format!(
+            "{label}, backfill_parallelism = {parallelism}: {} rows/s in {:.2} s; the longest ferry snapshot \
+             transaction seen in pg_stat_activity (sampled every 100 ms) was open {longest:.2} s",
             thousands(rate),
             (t1 - t0).as_secs_f64()
         ));
-        if parallelism == 4 {
-            o.seconds = Some((t1 - t0).as_secs_f64());
-            o.rate = Some(rate);
-            finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
-        } else {
-            h.stop_ferry();
+            if parallelism == 4 && latency.is_none() {
+                o.seconds = Some((t1 - t0).as_secs_f64());
+                o.rate = Some(rate);
+                finish(&mut h, &mut o, Check::Rows("items"), &start, &end).await;
+            } else {
+                h.stop_ferry();
+            }
         }
-    }
-    let ratio = rates[1] / rates[0];
-    o.notes.push(format!(
-        "parallelism 4 / parallelism 1 = {ratio:.2} (same run; every process shares this machine's cores)"
+        let ratio = rates[1] / rates[0];
+        o.notes.push(format!(
+        "{label}: parallelism 4 / parallelism 1 = {ratio:.2} (same run; every process shares this machine's cores)"
     ));
-    o.target_ratio("parallelism 4 / 1", ratio, TARGET_PARALLEL_RATIO);
+        o.target_ratio(
+            &format!("parallelism 4 / 1, {label}"),
+            ratio,
+            TARGET_PARALLEL_RATIO,
+        );
+    }
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
 }

@@ -26,16 +26,20 @@
 //! remembers a deleted document's version only for `index.gc_deletes`
 //! (60 s by default). A delete must therefore never overtake an older write
 //! of its document that is still in flight (its retries may last longer
-//! than that): [`Overtaking`] picks out such deletes. The rest of their
-//! batch is sent at once (sealed with [`Acks::seal_part`]); the held deletes
-//! keep the batch's own ticket and follow once the write they wait for has
-//! landed, so the batch's commit is confirmed only when both parts are
-//! durable.
+//! than that). And two operations of one document with the *same* version
+//! (one transaction split across batches: deleted, then inserted again) are
+//! ordered by nothing but their arrival, so a write must not overtake an
+//! in-flight delete of the same version either. [`Overtaking`] picks out
+//! such operations. The rest of their batch is sent at once (sealed with
+//! [`Acks::seal_part`]); the held operations keep the batch's own ticket and
+//! follow once what they wait for has landed (or are dropped when a newer
+//! batch operates on their document), so the batch's commit is confirmed
+//! only when both parts are durable.
 //!
 //! [`InOrder`] is the rule underneath, also used by the backfill for its
 //! checkpoints (chunks copied in parallel finish in any order).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::{DocOp, DocWrite, Lsn};
 
@@ -174,52 +178,107 @@ impl Acks {
     }
 }
 
-/// The documents each in-flight batch writes (not deletes), so that a
-/// delete of one of them is held back until it landed (see the module docs).
+/// The document operations in flight, so that an operation that must not
+/// overtake an older one of its document is held back (see the module
+/// docs): a delete waits for any write of its document, a write for a
+/// delete of the same version (one transaction split across batches).
 #[derive(Debug, Default)]
 pub struct Overtaking {
-    /// Ticket number → (index position, document id) it writes.
-    written: BTreeMap<u64, HashSet<(usize, String)>>,
+    /// (index position, document id) → its operations in flight.
+    ops: HashMap<(usize, String), Vec<Flying>>,
+    /// Flush number → the documents it carries.
+    flights: HashMap<u64, Vec<(usize, String)>>,
+}
+
+/// One operation in flight.
+#[derive(Debug)]
+struct Flying {
+    flush: u64,
+    /// Ticket number of the batch the operation came from.
+    origin: u64,
+    delete: bool,
+    version: Lsn,
 }
 
 impl Overtaking {
-    /// The batch of ticket `seq` was sent with `writes`.
-    pub fn sent(&mut self, seq: u64, writes: &[DocWrite]) {
-        let ids: HashSet<(usize, String)> = writes
-            .iter()
-            .filter(|w| matches!(w.op, DocOp::Index(_)))
-            .map(|w| (w.index, w.id.clone()))
-            .collect();
-        if !ids.is_empty() {
-            self.written.insert(seq, ids);
+    /// Flush `flush` (a number no other flush has) was sent carrying `ops`,
+    /// each with the ticket number of the batch it came from.
+    pub fn sent<'a>(&mut self, flush: u64, ops: impl IntoIterator<Item = (u64, &'a DocWrite)>) {
+        let mut keys = Vec::new();
+        for (origin, w) in ops {
+            let key = (w.index, w.id.clone());
+            self.ops.entry(key.clone()).or_default().push(Flying {
+                flush,
+                origin,
+                delete: w.op == DocOp::Delete,
+                version: w.version,
+            });
+            keys.push(key);
+        }
+        if !keys.is_empty() {
+            self.flights.insert(flush, keys);
         }
     }
 
-    /// The batch of ticket `seq` landed (or failed: nothing waits for it then).
-    pub fn landed(&mut self, seq: u64) {
-        self.written.remove(&seq);
+    /// Flush `flush` landed (or failed: nothing waits for it then).
+    pub fn landed(&mut self, flush: u64) {
+        for key in self.flights.remove(&flush).unwrap_or_default() {
+            if let Some(v) = self.ops.get_mut(&key) {
+                v.retain(|f| f.flush != flush);
+                if v.is_empty() {
+                    self.ops.remove(&key);
+                }
+            }
+        }
     }
 
-    /// True when `w` deletes a document that an in-flight batch numbered
-    /// below `before` writes: sent now, the delete could land first.
-    pub fn holds(&self, w: &DocWrite, before: u64) -> bool {
-        if !matches!(w.op, DocOp::Delete) {
+    /// True when `w`, from the batch numbered `origin`, must wait for an
+    /// operation in flight from an older batch: a delete for any write of
+    /// its document, a write for a delete of its document with the same
+    /// version (versions cannot order those two).
+    pub fn holds(&self, w: &DocWrite, origin: u64) -> bool {
+        let Some(flying) = self.ops.get(&(w.index, w.id.clone())) else {
             return false;
-        }
-        let key = (w.index, w.id.clone());
-        self.written
-            .range(..before)
-            .any(|(_, ids)| ids.contains(&key))
+        };
+        let delete = w.op == DocOp::Delete;
+        flying.iter().any(|f| {
+            f.origin < origin
+                && match (delete, f.delete) {
+                    (true, false) => true,
+                    (false, true) => f.version >= w.version,
+                    _ => false,
+                }
+        })
     }
 
-    /// Splits a batch's `writes` into what may be sent now and the deletes
-    /// that must wait for a batch in flight (every batch out is older).
+    /// Splits a new batch's `writes` into what may be sent now and what
+    /// must wait for an operation in flight (every batch out is older).
     pub fn split(&self, writes: Vec<DocWrite>) -> (Vec<DocWrite>, Vec<DocWrite>) {
-        if self.written.is_empty() {
+        if self.ops.is_empty() {
             return (writes, Vec::new());
         }
         writes.into_iter().partition(|w| !self.holds(w, u64::MAX))
     }
+}
+
+/// Keeps only the last operation per document of a batch's `writes` (in
+/// stream order, the last one is the newest state: a rebuild reads the
+/// current rows), so no two operations of one document ever share a request.
+pub fn last_per_document(writes: Vec<DocWrite>) -> Vec<DocWrite> {
+    let mut last: HashMap<(usize, &str), usize> = HashMap::with_capacity(writes.len());
+    for (i, w) in writes.iter().enumerate() {
+        last.insert((w.index, w.id.as_str()), i);
+    }
+    if last.len() == writes.len() {
+        return writes;
+    }
+    let keep: HashSet<usize> = last.into_values().collect();
+    writes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, w)| w)
+        .collect()
 }
 
 #[cfg(test)]
@@ -315,12 +374,13 @@ mod tests {
     #[test]
     fn a_delete_never_overtakes_an_in_flight_write_of_its_document() {
         let mut o = Overtaking::default();
-        o.sent(3, &[write("1"), delete("9")]);
+        let (w1, d9) = (write("1"), delete("9"));
+        o.sent(3, [(3, &w1), (3, &d9)]);
         let (now, held) = o.split(vec![write("2"), delete("1"), delete("2")]);
         assert_eq!(ids(&now), ["2", "2"], "the rest of the batch goes at once");
         assert_eq!(ids(&held), ["1"], "only the conflicting delete waits");
         assert!(
-            !o.holds(&write("1"), u64::MAX),
+            !o.holds(&at(write("1"), 5), u64::MAX),
             "a newer write may overtake"
         );
         assert!(
@@ -329,12 +389,36 @@ mod tests {
         );
         assert!(
             !o.holds(&delete("1"), 3),
-            "a delete waits only for batches older than its own"
+            "an operation waits only for batches older than its own"
         );
         assert!(o.holds(&delete("1"), 4));
         o.landed(3);
         assert!(!o.holds(&delete("1"), u64::MAX));
-        assert_eq!(o.split(vec![delete("1")]).1.len(), 0);
+        assert!(o.split(vec![delete("1")]).1.is_empty());
+    }
+
+    #[test]
+    fn a_write_never_overtakes_an_in_flight_delete_of_the_same_version() {
+        let mut o = Overtaking::default();
+        let gone = at(delete("1"), 7);
+        o.sent(0, [(0, &gone)]);
+        assert!(
+            o.holds(&at(write("1"), 7), 1),
+            "same transaction: order unknown to the cluster"
+        );
+        assert!(
+            !o.holds(&at(write("1"), 8), 1),
+            "a newer write wins by its version"
+        );
+        o.landed(0);
+        assert!(!o.holds(&at(write("1"), 7), 1));
+    }
+
+    #[test]
+    fn only_the_last_operation_of_a_document_in_a_batch_is_kept() {
+        let kept = last_per_document(vec![delete("1"), write("2"), write("1")]);
+        assert_eq!(ids(&kept), ["2", "1"]);
+        assert_eq!(kept[1].op, DocOp::Index(b"{}".to_vec()));
     }
 
     #[test]
@@ -354,6 +438,11 @@ mod tests {
         );
         assert_eq!(acks.flushed(next), None, "an earlier part is still out");
         assert_eq!(acks.flushed(rest), Some(Lsn(20)));
+    }
+
+    fn at(mut w: DocWrite, version: u64) -> DocWrite {
+        w.version = Lsn(version);
+        w
     }
 
     fn ids(writes: &[DocWrite]) -> Vec<&str> {

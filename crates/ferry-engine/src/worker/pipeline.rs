@@ -3,12 +3,12 @@
 //! come from a [`RowSource`]), and positions are confirmed through
 //! [`Acks`] only after the flush that made them durable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_config::Config;
-use ferry_core::ack::Overtaking;
+use ferry_core::ack::{last_per_document, Overtaking};
 use ferry_core::change::{Change, ChangeOp, Relation};
 use ferry_core::stats::Stats;
 use ferry_core::{DocOp, DocWrite, Lsn, PIPELINE_TARGET};
@@ -48,8 +48,8 @@ pub struct Pipeline<S: DocSink, R: RowSource> {
     inflight: Inflight,
     /// What the in-flight writes hold, so a delete never overtakes a write.
     overtaking: Overtaking,
-    /// Deletes held back until the in-flight write of their document landed,
-    /// each group with the ticket of the batch it came from.
+    /// Operations held back until the in-flight one of their document they
+    /// must not overtake landed, each group with its batch's ticket.
     held: Vec<(FlushTicket, Vec<DocWrite>)>,
     /// Most bulk writes in flight at once (`engine.max_in_flight_bulks`).
     max_in_flight: usize,
@@ -216,12 +216,14 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     }
 
     /// Closes the batch and sends it in the background while the next
-    /// batch fills, once fewer than `max_in_flight` flushes are out. A
-    /// delete of a document that a flush in flight writes is held back (see
-    /// `ferry_core::ack::Overtaking`) and rides with a later flush once that
-    /// write landed; held deletes no longer blocked join this one. Flushes
-    /// may land in any order; each ticket is redeemed when its writes landed,
-    /// and `Acks` confirms only the contiguous prefix of landed tickets.
+    /// batch fills, once fewer than `max_in_flight` flushes are out. An
+    /// operation that must not overtake one of its document in flight (see
+    /// `ferry_core::ack::Overtaking`) is held back and rides with a later
+    /// flush once that one landed; held operations on documents this batch
+    /// writes are dropped (this batch's are newer), and held groups no
+    /// longer blocked join this flush. Flushes may land in any order; each
+    /// ticket is redeemed when its writes landed, and `Acks` confirms only
+    /// the contiguous prefix of landed tickets.
     pub async fn dispatch(&mut self) -> Result<(), EngineError> {
         let span = if self.batch.has_work() {
             tracing::info_span!(
@@ -231,21 +233,23 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
                 changes = self.batch.changes() as i64,
                 documents = field::Empty,
                 deletes = field::Empty,
-                deletes_held = field::Empty,
+                held = field::Empty,
             )
         } else {
             Span::none()
         };
         let writes = self.prepare_writes().instrument(span.clone()).await?;
+        let writes = last_per_document(writes);
         self.batch.close();
         while self.inflight.len() >= self.max_in_flight {
             self.settle_one().await?;
         }
+        self.drop_superseded(&writes);
         let (mut writes, held) = self.overtaking.split(writes);
         let deletes = writes.iter().filter(|w| w.op == DocOp::Delete).count();
         span.record("documents", (writes.len() - deletes) as i64);
         span.record("deletes", deletes as i64);
-        span.record("deletes_held", held.len() as i64);
+        span.record("held", held.len() as i64);
         let mut tickets = Vec::new();
         if held.is_empty() {
             tickets.push(self.acks.seal());
@@ -254,38 +258,58 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             let rest = self.acks.seal();
             self.held.push((rest, held));
         }
-        self.release_held(&mut writes, &mut tickets);
-        self.send(writes, tickets, span);
+        let mut origins = vec![tickets[0].seq(); writes.len()];
+        self.release_held(&mut writes, &mut origins, &mut tickets);
+        self.send(writes, origins, tickets, span);
         Ok(())
     }
 
-    /// Moves the held deletes no longer blocked by a flush in flight into
-    /// `writes`, with their tickets; a held delete of a document `writes`
-    /// already holds is dropped (that write is newer).
-    fn release_held(&mut self, writes: &mut Vec<DocWrite>, tickets: &mut Vec<FlushTicket>) {
+    /// Drops the held operations on documents `writes` (a newer batch)
+    /// operates on; a group left empty is released with the next flush.
+    fn drop_superseded(&mut self, writes: &[DocWrite]) {
         if self.held.is_empty() {
             return;
         }
-        let newer: std::collections::HashSet<(usize, String)> =
-            writes.iter().map(|w| (w.index, w.id.clone())).collect();
+        let newer: HashSet<(usize, &str)> =
+            writes.iter().map(|w| (w.index, w.id.as_str())).collect();
+        for (_, ops) in &mut self.held {
+            ops.retain(|w| !newer.contains(&(w.index, w.id.as_str())));
+        }
+    }
+
+    /// Moves the held groups no longer blocked by a flush in flight into
+    /// `writes` (with the number of their batch in `origins`), and their
+    /// tickets into `tickets`.
+    fn release_held(
+        &mut self,
+        writes: &mut Vec<DocWrite>,
+        origins: &mut Vec<u64>,
+        tickets: &mut Vec<FlushTicket>,
+    ) {
+        if self.held.is_empty() {
+            return;
+        }
         let overtaking = &self.overtaking;
         let (free, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
-            .partition(|(t, ds)| !ds.iter().any(|d| overtaking.holds(d, t.seq())));
+            .partition(|(t, ops)| !ops.iter().any(|w| overtaking.holds(w, t.seq())));
         self.held = still;
-        for (ticket, deletes) in free {
-            writes.extend(
-                deletes
-                    .into_iter()
-                    .filter(|d| !newer.contains(&(d.index, d.id.clone()))),
-            );
+        for (ticket, ops) in free {
+            origins.extend(std::iter::repeat_n(ticket.seq(), ops.len()));
+            writes.extend(ops);
             tickets.push(ticket);
         }
     }
 
-    /// Sends `writes` in the background; with nothing to write, the
-    /// tickets are redeemed at once.
-    fn send(&mut self, writes: Vec<DocWrite>, tickets: Vec<FlushTicket>, batch: Span) {
+    /// Sends `writes` (from the batches numbered in `origins`) in the
+    /// background; with nothing to write, the tickets are redeemed at once.
+    fn send(
+        &mut self,
+        writes: Vec<DocWrite>,
+        origins: Vec<u64>,
+        tickets: Vec<FlushTicket>,
+        batch: Span,
+    ) {
         if writes.is_empty() {
             for t in tickets {
                 self.redeem(t);
@@ -293,7 +317,8 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             return;
         }
         if let Some(first) = tickets.first() {
-            self.overtaking.sent(first.seq(), &writes);
+            self.overtaking
+                .sent(first.seq(), origins.into_iter().zip(writes.iter()));
         }
         flush::spawn(
             &mut self.inflight,
@@ -306,7 +331,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         );
     }
 
-    /// Sends the held deletes whose writes landed, when the stream has
+    /// Sends the held groups no longer blocked, when the stream has
     /// nothing batched that they could ride with.
     fn send_released(&mut self) {
         if self.held.is_empty()
@@ -315,10 +340,10 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         {
             return;
         }
-        let (mut writes, mut tickets) = (Vec::new(), Vec::new());
-        self.release_held(&mut writes, &mut tickets);
+        let (mut writes, mut origins, mut tickets) = (Vec::new(), Vec::new(), Vec::new());
+        self.release_held(&mut writes, &mut origins, &mut tickets);
         if !tickets.is_empty() {
-            self.send(writes, tickets, Span::none());
+            self.send(writes, origins, tickets, Span::none());
         }
     }
 
@@ -340,8 +365,8 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         self.confirm_if_idle().await
     }
 
-    /// Waits for every flush in flight, then for the deletes they held
-    /// back, and redeems their tickets.
+    /// Waits for every flush in flight, then for the operations held back
+    /// behind them, and redeems their tickets.
     pub async fn settle(&mut self) -> Result<(), EngineError> {
         loop {
             while !self.inflight.is_empty() {
@@ -350,9 +375,9 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             if self.held.is_empty() {
                 return Ok(());
             }
-            let (mut writes, mut tickets) = (Vec::new(), Vec::new());
-            self.release_held(&mut writes, &mut tickets);
-            self.send(writes, tickets, Span::none());
+            let (mut writes, mut origins, mut tickets) = (Vec::new(), Vec::new(), Vec::new());
+            self.release_held(&mut writes, &mut origins, &mut tickets);
+            self.send(writes, origins, tickets, Span::none());
         }
     }
 

@@ -33,7 +33,8 @@ struct FakeSink {
     flushed: Arc<Mutex<Vec<Vec<DocWrite>>>>,
     fail: Arc<Mutex<bool>>,
     gate: Option<Arc<Semaphore>>,
-    /// Holds every flush with a document body containing this text until a permit is added.
+    /// Holds every flush with a document body containing this text (or,
+    /// for `delete ID`, deleting that document) until a permit is added.
     hold: Arc<Mutex<Option<Hold>>>,
 }
 
@@ -44,11 +45,11 @@ impl DocSink for FakeSink {
         }
         let held = self.hold.lock().unwrap().clone();
         if let Some((needle, gate)) = held {
-            let holds = |b: &Vec<u8>| b.windows(needle.len()).any(|x| x == needle.as_bytes());
-            if writes
-                .iter()
-                .any(|w| matches!(&w.op, DocOp::Index(b) if holds(b)))
-            {
+            let holds = |w: &DocWrite| match &w.op {
+                DocOp::Index(b) => b.windows(needle.len()).any(|x| x == needle.as_bytes()),
+                DocOp::Delete => needle == format!("delete {}", w.id),
+            };
+            if writes.iter().any(holds) {
                 gate.acquire().await.expect("gate open").forget();
             }
         }
@@ -510,4 +511,71 @@ async fn held_deletes_ride_with_the_next_batch_and_a_newer_write_of_their_docume
         .map(|w| (w.id.as_str(), w.op == DocOp::Delete))
         .collect();
     assert_eq!(last, [("3", false), ("1", true)]);
+}
+
+#[tokio::test]
+async fn a_held_delete_is_dropped_when_its_transaction_writes_the_document_again() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    let gate = h.hold("held");
+    h.pipeline.begin(Lsn(90));
+    h.insert("1", "held").await;
+    h.commit(100).await;
+    h.pipeline.dispatch().await.unwrap();
+    // One transaction deletes document 1 and inserts it again, cut into
+    // two batches between the two: the delete is held behind the write in
+    // flight, the insert (same version) goes at once.
+    h.pipeline.begin(Lsn(110));
+    let delete = change(20, ChangeOp::Delete, Some(&["1", "held"]), None);
+    h.pipeline.change(delete).unwrap();
+    h.pipeline.dispatch().await.unwrap();
+    h.insert("1", "again").await;
+    h.commit(120).await;
+    h.pipeline.dispatch().await.unwrap();
+    h.land().await.unwrap();
+    gate.add_permits(1);
+    h.pipeline.settle().await.unwrap();
+    let flushed: Vec<(String, Lsn, bool)> = h
+        .sink
+        .flushed
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|w| (w.id.clone(), w.version, w.op == DocOp::Delete))
+        .collect();
+    assert_eq!(
+        flushed,
+        [("1".into(), Lsn(110), false), ("1".into(), Lsn(90), false)],
+        "the held delete never followed the newer insert of its document"
+    );
+    assert_eq!(h.confirmed(), [120]);
+}
+
+#[tokio::test]
+async fn a_write_waits_for_an_in_flight_delete_of_the_same_version() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    let gate = h.hold("delete 1");
+    h.pipeline.begin(Lsn(110));
+    let delete = change(20, ChangeOp::Delete, Some(&["1", "a"]), None);
+    h.pipeline.change(delete).unwrap();
+    // The batch is cut inside the transaction: the delete is in flight ...
+    h.pipeline.dispatch().await.unwrap();
+    // ... when the same transaction inserts the document again.
+    h.insert("1", "b").await;
+    h.commit(120).await;
+    h.pipeline.dispatch().await.unwrap();
+    let early = tokio::time::timeout(std::time::Duration::from_millis(100), h.land()).await;
+    assert!(early.is_err(), "nothing lands while the delete is held up");
+    gate.add_permits(1);
+    h.land().await.unwrap();
+    assert!(h.confirmed().is_empty(), "the insert is not durable yet");
+    h.land().await.unwrap();
+    assert_eq!(
+        *h.log.lock().unwrap(),
+        ["flush [\"1\"]", "flush [\"1\"]", "confirm 120"],
+    );
+    let flushed = h.sink.flushed.lock().unwrap();
+    assert_eq!(flushed[0][0].op, DocOp::Delete);
+    assert_eq!(flushed[1][0].version, Lsn(110));
+    assert!(matches!(flushed[1][0].op, DocOp::Index(_)));
 }
