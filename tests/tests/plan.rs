@@ -168,7 +168,7 @@ async fn plan_names_each_kind_of_change_exits_2_for_changes_0_for_none_and_chang
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains(&format!("index {a}: rebuild in the background"))
-            && out.contains("row selection (where, soft_delete, order_by, limit) changed"),
+            && out.contains("the row selection (where, soft_delete, order_by, limit) changed"),
         "{out}"
     );
     assert!(out.contains(&format!("index {b}: nothing to do")), "{out}");

@@ -1515,7 +1515,6 @@ async fn longest_ferry_snapshot(db: &tokio_postgres::Client) -> Result<f64> {
 /// cores), and with [`BULK_LATENCY`] added to every bulk request by a
 /// FaultProxy, as a remote cluster's round trip adds it.
 async fn backfill_parallel(ctx: &Ctx) -> Result<Outcome> {
-    use ferry_testkit::{Fault, FaultProxy};
     let name = Workload::BackfillParallel.name();
     let n = ctx.sizes.backfill_rows;
     let mut o = Outcome::new(name, n, "rows");
@@ -1532,12 +1531,7 @@ async fn backfill_parallel(ctx: &Ctx) -> Result<Outcome> {
             h.db.batch_execute("VACUUM (ANALYZE) items").await?;
             h.set_engine(&format!("backfill_parallelism = {parallelism}"));
             let _proxy = match latency {
-                Some(d) => {
-                    let proxy = FaultProxy::start(h.sink.url()).await?;
-                    proxy.set(Fault::Delay(d));
-                    h.set_sink_url(proxy.url());
-                    Some(proxy)
-                }
+                Some(d) => Some(delayed(&mut h, d).await?),
                 None => None,
             };
             let probe = h.connect().await?;
@@ -1587,7 +1581,17 @@ async fn backfill_parallel(ctx: &Ctx) -> Result<Outcome> {
     Ok(o)
 }
 
-/// Added to every bulk request by the proxy in `stream-in-flight`.
+/// Puts a FaultProxy adding `latency` to every request in front of the
+/// sink for the next ferry; it works as long as the proxy lives.
+async fn delayed(h: &mut Harness, latency: Duration) -> Result<ferry_testkit::FaultProxy> {
+    let proxy = ferry_testkit::FaultProxy::start(h.sink.url()).await?;
+    proxy.set(ferry_testkit::Fault::Delay(latency));
+    h.set_sink_url(proxy.url());
+    Ok(proxy)
+}
+
+/// Added to every bulk request by the proxy in `stream-in-flight` and
+/// in the second half of `backfill-parallel`.
 const BULK_LATENCY: Duration = Duration::from_millis(50);
 /// Batch size of `stream-in-flight`: small enough that the added latency,
 /// not ferry's CPU, bounds one request at a time.
@@ -1597,7 +1601,6 @@ const IN_FLIGHT_BATCH: usize = 500;
 /// FaultProxy adding [`BULK_LATENCY`] to every bulk request, at
 /// `max_in_flight_bulks` 1, then 4; the ratio of the two rates.
 async fn stream_in_flight(ctx: &Ctx) -> Result<Outcome> {
-    use ferry_testkit::{Fault, FaultProxy};
     const WRITERS: i64 = UNPACED_WRITERS;
     const PER_TX: u64 = UNPACED_PER_TX;
     let name = Workload::StreamInFlight.name();
@@ -1608,9 +1611,7 @@ async fn stream_in_flight(ctx: &Ctx) -> Result<Outcome> {
     for in_flight in [1usize, 4] {
         let mut h = Harness::start(ctx, name).await?;
         h.db.batch_execute(NARROW_DDL).await?;
-        let proxy = FaultProxy::start(h.sink.url()).await?;
-        proxy.set(Fault::Delay(BULK_LATENCY));
-        h.set_sink_url(proxy.url());
+        let _proxy = delayed(&mut h, BULK_LATENCY).await?;
         h.set_engine(&format!(
             "max_in_flight_bulks = {in_flight}\nmax_batch_changes = {IN_FLIGHT_BATCH}"
         ));

@@ -74,9 +74,11 @@ pub struct AdminConfig {
     pub listen: String,
     /// `/readyz` fails once bulk writes have failed (and been retried) for
     /// this many seconds in a row (default 30).
+    #[schemars(range(min = 1))]
     pub flush_failure_secs: u64,
     /// `/healthz` fails, and the systemd watchdog stops being fed, once work
     /// has been pending this many seconds without progress (default 300).
+    #[schemars(range(min = 1))]
     pub stall_timeout_secs: u64,
     /// File holding the bearer token of the control API (`/control/…`);
     /// the API is off unless this or `token_env` is set.
@@ -282,6 +284,7 @@ pub struct SinkConfig {
     pub dead_letter_index: String,
     /// Timeout of one bulk request in seconds (default 60).
     #[serde(default = "default_request_timeout")]
+    #[schemars(range(min = 1))]
     pub request_timeout_secs: u64,
     /// HTTP basic-auth user (a user in `url` works too, but not both).
     #[serde(default)]
@@ -363,23 +366,30 @@ pub const MAX_CONCURRENCY: usize = 32;
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Most changes in one batch (one bulk request per batch).
+    #[schemars(range(min = 1))]
     pub max_batch_changes: usize,
     /// Most bytes of documents in one bulk request.
+    #[schemars(range(min = 1))]
     pub max_batch_bytes: usize,
     /// Longest a change waits for its batch to fill, in milliseconds.
     pub max_batch_delay_ms: u64,
     /// Capacity of the queue between capture and worker, in changes.
+    #[schemars(range(min = 1))]
     pub queue_capacity: usize,
     /// Rows per bulk request during backfill.
+    #[schemars(range(min = 1))]
     pub backfill_batch_rows: usize,
     /// Rows per key-ordered backfill chunk: each chunk is read in its own
     /// short snapshot transaction; a checkpoint follows the chunks done in key order.
+    #[schemars(range(min = 1))]
     pub backfill_chunk_rows: usize,
     /// Chunks copied at once, across tables and indexes; each holds one
     /// PostgreSQL connection while seeding runs.
+    #[schemars(range(min = 1))]
     pub backfill_parallelism: usize,
     /// Bulk requests of the streaming worker in flight at once; the slot
     /// still confirms only transactions whose writes are all durable.
+    #[schemars(range(min = 1))]
     pub max_in_flight_bulks: usize,
     /// Longest a stop (SIGTERM) waits for the in-flight batch, in seconds.
     pub shutdown_timeout_secs: u64,
