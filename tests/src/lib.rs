@@ -155,6 +155,21 @@ impl TestEnv {
         out
     }
 
+    /// The `properties` of `index`'s mapping (through its alias).
+    pub async fn mapping_properties(&self, index: &str) -> Value {
+        let name = self.index(index);
+        let mapping = self
+            .sink
+            .json_request(Method::Get, &format!("/{name}/_mapping"), None)
+            .await
+            .expect("mapping");
+        mapping
+            .as_object()
+            .and_then(|m| m.values().next())
+            .map(|v| v["mappings"]["properties"].clone())
+            .unwrap_or_default()
+    }
+
     /// Document count of `index` after a refresh.
     pub async fn count(&self, index: &str) -> u64 {
         let name = self.index(index);

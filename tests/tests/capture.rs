@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use ferry_e2e::TestEnv;
-use ferry_opensearch::Method;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -150,17 +149,7 @@ async fn added_columns_join_documents_and_the_mapping() {
     .await
     .expect("ddl");
     env.assert_converges("p", "p", CONVERGE).await;
-    let name = env.index("p");
-    let mapping = env
-        .sink
-        .json_request(Method::Get, &format!("/{name}/_mapping"), None)
-        .await
-        .expect("mapping");
-    let props = mapping
-        .as_object()
-        .and_then(|m| m.values().next())
-        .map(|v| v["mappings"]["properties"].clone())
-        .unwrap_or_default();
+    let props = env.mapping_properties("p").await;
     assert_eq!(props["price"]["type"], "double", "{props}");
     assert_eq!(props["title"]["type"], "text", "{props}");
     assert_eq!(props["tags"]["type"], "text", "{props}");

@@ -458,6 +458,9 @@ pub struct IndexConfig {
     /// Counts of related rows, as integers.
     #[serde(default)]
     pub count: Vec<CountConfig>,
+    /// Fields computed by SQL expressions over the root table's columns.
+    #[serde(default)]
+    pub computed: Vec<ComputedConfig>,
     /// What to do with a document the cluster rejects for good.
     #[serde(default)]
     pub on_poison: PoisonPolicy,
@@ -546,6 +549,26 @@ pub struct RelationConfig {
     /// Counts of rows related to the related table.
     #[serde(default)]
     pub count: Vec<CountConfig>,
+    /// Fields computed by SQL expressions over the related table's columns.
+    #[serde(default)]
+    pub computed: Vec<ComputedConfig>,
+}
+
+/// `[[index.computed]]` (also in relations): a document field whose value
+/// is an SQL expression over the block's own table, e.g.
+/// `sql = "first_name || ' ' || last_name"`.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ComputedConfig {
+    /// Document field holding the value; not a column name of the table.
+    pub field: String,
+    /// SQL expression over the table's columns (trusted text, placed in
+    /// ferry's queries as written).
+    pub sql: String,
+    /// Mapping type of the field (e.g. `keyword`); default: derived from
+    /// the expression's PostgreSQL type.
+    #[serde(default, rename = "type")]
+    pub mapping_type: Option<String>,
 }
 
 /// The join table of a many-to-many relation.
@@ -598,6 +621,7 @@ impl IndexConfig {
             || self.filter.is_some()
             || self.soft_delete.is_some()
             || !self.rename.is_empty()
+            || !self.computed.is_empty()
     }
 
     /// The root table split into (schema, table); schema defaults to `public`.
@@ -1158,6 +1182,7 @@ impl Config {
                 &ix.has_many,
                 &ix.belongs_to,
                 &ix.count,
+                &ix.computed,
                 &mut fields,
                 &mut relation_problems,
             );
@@ -1177,6 +1202,7 @@ fn validate_relations(
     has_many: &[RelationConfig],
     belongs_to: &[RelationConfig],
     count: &[CountConfig],
+    computed: &[ComputedConfig],
     fields: &mut std::collections::HashSet<String>,
     p: &mut Vec<Problem>,
 ) {
@@ -1236,9 +1262,31 @@ fn validate_relations(
             );
         }
     }
+    for (j, c) in computed.iter().enumerate() {
+        if c.field.is_empty() || !fields.insert(c.field.clone()) {
+            bad(
+                format!("{at}.computed[{j}].field"),
+                format!("{:?} is empty or used twice at this level", c.field),
+            );
+        }
+        if c.sql.trim().is_empty() {
+            bad(
+                format!("{at}.computed[{j}].sql"),
+                "must be an SQL expression over the table's columns, e.g. \"first_name || ' ' || last_name\"".into(),
+            );
+        }
+    }
     for (key, r) in nested {
         let mut inner = std::collections::HashSet::new();
-        validate_relations(&key, &r.has_many, &r.belongs_to, &r.count, &mut inner, p);
+        validate_relations(
+            &key,
+            &r.has_many,
+            &r.belongs_to,
+            &r.count,
+            &r.computed,
+            &mut inner,
+            p,
+        );
     }
 }
 

@@ -1,10 +1,10 @@
 //! Turns an `[[index]]` (with its relations) into a document plan, reading
 //! every table it touches from the catalog and checking every key it names.
 
-use ferry_config::{CountConfig, IndexConfig, MappingType, RelationConfig};
+use ferry_config::{ComputedConfig, CountConfig, IndexConfig, MappingType, RelationConfig};
 use ferry_core::plan::{CountNode, Link, Node};
 use ferry_core::schema::quote_ident;
-use ferry_core::{TableShape, TypeKind};
+use ferry_core::{ColumnShape, TableShape, TypeKind};
 use ferry_postgres::catalog::{self, TableInfo, TypeResolver};
 use ferry_postgres::{Session, SourceError};
 use serde_json::Map;
@@ -91,10 +91,50 @@ pub async fn build(
         mapping: to_map(&ix.mapping),
         children: Vec::new(),
         counts: Vec::new(),
+        computed: Vec::new(),
     };
+    computed(client, types, &at, &info, &ix.computed, &mut root).await?;
     root.children = children(client, types, &at, &info, &ix.has_many, &ix.belongs_to).await?;
     root.counts = counts(client, types, &at, &info, &ix.count).await?;
     Ok(root)
+}
+
+/// Adds the computed fields of a block to its node: each expression is
+/// checked against the table, its type read (and resolved) from the
+/// prepared statement, and it becomes a column of the node named after its
+/// field (with the configured mapping type, if any).
+async fn computed(
+    client: &Session,
+    types: &mut TypeResolver,
+    at: &str,
+    info: &TableInfo,
+    list: &[ComputedConfig],
+    node: &mut Node,
+) -> Result<(), SourceError> {
+    for (j, c) in list.iter().enumerate() {
+        let key = format!("{at}.computed[{j}]");
+        if info.column(&c.field).is_some() || node.fields.contains(&c.field) {
+            return Err(SourceError::Operator(format!(
+                "{key}.field: {:?} is already a column or field of {}.{}; name the computed field differently",
+                c.field, info.shape.schema, info.shape.name
+            )));
+        }
+        let type_oid = client.expression_type(&key, &info.shape, &c.sql).await?;
+        let kind = types.resolve(client, type_oid).await?;
+        node.table.columns.push(ColumnShape {
+            name: c.field.clone(),
+            type_oid,
+            kind,
+        });
+        node.fields.push(c.field.clone());
+        node.computed.push((c.field.clone(), c.sql.clone()));
+        if let Some(t) = &c.mapping_type {
+            node.mapping
+                .entry(c.field.clone())
+                .or_insert_with(|| serde_json::json!({ "type": t }));
+        }
+    }
+    Ok(())
 }
 
 async fn counts(
@@ -249,7 +289,9 @@ fn children<'a>(
                     mapping: to_map(&r.mapping),
                     children: Vec::new(),
                     counts: Vec::new(),
+                    computed: Vec::new(),
                 };
+                computed(client, types, &key, &info, &r.computed, &mut node).await?;
                 node.children =
                     children(client, types, &key, &info, &r.has_many, &r.belongs_to).await?;
                 node.counts = counts(client, types, &key, &info, &r.count).await?;

@@ -97,7 +97,8 @@ pub(crate) fn index_plan(
 /// The config keys that choose which rows (and related rows) documents are
 /// built from, with their values: `where`, `soft_delete`, `order_by`,
 /// `limit` at every level, how each relation and count joins (`table`,
-/// `foreign_key`, `references`, `through`) and each count's `where`. Keyed
+/// `foreign_key`, `references`, `through`), each count's `where`, and each
+/// computed field's SQL. Keyed
 /// by the relations' field paths, so reordering relations changes nothing.
 fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::Value;
@@ -137,6 +138,19 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
             put(out, format!("{at}where"), c.filter.clone().map(Value::from));
         }
     }
+    fn computed(
+        out: &mut serde_json::Map<String, Value>,
+        at: &str,
+        list: &[ferry_config::ComputedConfig],
+    ) {
+        for c in list {
+            put(
+                out,
+                format!("{at}computed.{}", c.field),
+                Some(Value::from(c.sql.clone())),
+            );
+        }
+    }
     fn relations(
         out: &mut serde_json::Map<String, Value>,
         at: &str,
@@ -169,6 +183,7 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
                 r.order_by.clone().map(Value::from),
             );
             put(out, format!("{at}limit"), r.limit.map(Value::from));
+            computed(out, &at, &r.computed);
             relations(out, &at, &r.has_many);
             relations(out, &at, &r.belongs_to);
             counts(out, &at, &r.count);
@@ -181,6 +196,7 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
         "soft_delete".into(),
         ix.soft_delete.clone().map(Value::from),
     );
+    computed(&mut out, "", &ix.computed);
     relations(&mut out, "", &ix.has_many);
     relations(&mut out, "", &ix.belongs_to);
     counts(&mut out, "", &ix.count);

@@ -251,6 +251,35 @@ impl Session {
         Ok(())
     }
 
+    /// The type OID of computed field `sql`, an expression over `table`'s
+    /// columns (checked by preparing `SELECT (sql) FROM table`); an error
+    /// names `key` and what PostgreSQL said.
+    pub async fn expression_type(
+        &self,
+        key: &str,
+        table: &TableShape,
+        sql: &str,
+    ) -> Result<u32, SourceError> {
+        let stmt = format!("SELECT ({sql}) FROM {}", table.qualified());
+        match self.client.prepare(&stmt).await {
+            Ok(s) => match s.columns() {
+                [one] => Ok(one.type_().oid()),
+                _ => Err(SourceError::Operator(format!(
+                    "{key}.sql: {sql:?} is not one expression (on table {}); fix {key}.sql",
+                    table.qualified_plain()
+                ))),
+            },
+            Err(e) => match e.as_db_error() {
+                Some(db) => Err(SourceError::Operator(format!(
+                    "{key}.sql: {} (in {sql:?}, on table {}); fix {key}.sql",
+                    db.message(),
+                    table.qualified_plain()
+                ))),
+                None => Err(SourceError::from_pg("checking computed fields", e)),
+            },
+        }
+    }
+
     /// The lookups among these that no valid, non-partial index leads with,
     /// each as (its position in `lookups`, the statements that add one).
     /// A plain table gets `CREATE INDEX CONCURRENTLY`. PostgreSQL refuses

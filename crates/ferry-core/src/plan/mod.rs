@@ -101,6 +101,10 @@ pub struct Node {
     pub children: Vec<Node>,
     /// Counts, after the children.
     pub counts: Vec<CountNode>,
+    /// Computed fields: (name, SQL expression over the table's columns).
+    /// The build reads each as an extra column of the table under its name,
+    /// and its shape is among `table.columns` (after the real ones).
+    pub computed: Vec<(String, String)>,
 }
 
 impl Node {
@@ -175,6 +179,7 @@ pub fn sample_node(field: &str, t: TableShape, link: Link) -> Node {
         mapping: Map::new(),
         children: vec![],
         counts: vec![],
+        computed: vec![],
     }
 }
 

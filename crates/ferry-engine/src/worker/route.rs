@@ -213,6 +213,7 @@ pub(super) mod tests {
             mapping: Default::default(),
             children: Vec::new(),
             counts: Vec::new(),
+            computed: Vec::new(),
         }
     }
 

@@ -25,7 +25,8 @@ fn soft_clause(n: &Node) -> Option<String> {
     })
 }
 
-/// `(SELECT * FROM table WHERE filter AND not-deleted)`, or the bare table.
+/// `(SELECT *, computed AS field… FROM table WHERE filter AND
+/// not-deleted)`, or the bare table when there is nothing to add.
 fn source(n: &Node) -> String {
     let mut conds: Vec<String> = Vec::new();
     if let Some(f) = &n.filter {
@@ -34,15 +35,19 @@ fn source(n: &Node) -> String {
     if let Some(s) = soft_clause(n) {
         conds.push(s);
     }
-    if conds.is_empty() {
-        n.table.qualified()
-    } else {
-        format!(
-            "(SELECT * FROM {} WHERE {})",
-            n.table.qualified(),
-            conds.join(" AND ")
-        )
+    if conds.is_empty() && n.computed.is_empty() {
+        return n.table.qualified();
     }
+    let mut select = "*".to_string();
+    for (field, sql) in &n.computed {
+        let _ = write!(select, ", ({sql}) AS {}", quote_ident(field));
+    }
+    let mut out = format!("(SELECT {select} FROM {}", n.table.qualified());
+    if !conds.is_empty() {
+        let _ = write!(out, " WHERE {}", conds.join(" AND "));
+    }
+    out.push(')');
+    out
 }
 
 /// Which roots a build statement reads.
@@ -489,6 +494,20 @@ mod tests {
         assert!(sql.contains("ORDER BY t2.\"sku\" desc"), "{sql}");
         assert_eq!(sql.matches("json_agg").count(), 2, "{sql}");
         assert!(sql.ends_with(") TO STDOUT"), "{sql}");
+    }
+
+    #[test]
+    fn computed_fields_are_read_as_columns_of_their_table() {
+        let mut plan = sample_users_plan();
+        plan.computed = vec![("domain".into(), "split_part(email, '@', 2)".into())];
+        plan.filter = Some("id > 0".into());
+        let sql = build_sql(&plan, None);
+        assert!(
+            sql.contains(
+                "(SELECT *, (split_part(email, '@', 2)) AS \"domain\" FROM \"public\".\"users\" WHERE (id > 0)) t0"
+            ),
+            "{sql}"
+        );
     }
 
     #[test]
