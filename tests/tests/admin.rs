@@ -656,7 +656,16 @@ async fn metrics_show_seeding_queue_depth_and_5xx_bulks_as_they_happen() {
     // 30 backfill requests of 20 rows, each held 250 ms by the proxy.
     rig.proxy
         .set(ferry_testkit::Fault::Delay(Duration::from_millis(250)));
-    let cfg = rig.config("ferry_metrics", "items", "", "backfill_batch_rows = 20", "");
+    // Streaming batches of 50 changes, one bulk request at a time: under
+    // the load below the worker waits for the cluster while changes keep
+    // arriving, however fast the machine.
+    let cfg = rig.config(
+        "ferry_metrics",
+        "items",
+        "",
+        "backfill_batch_rows = 20\nmax_batch_changes = 50\nmax_in_flight_bulks = 1",
+        "",
+    );
     let _ferry = Ferry::start(&cfg, &rig.log(), &[]);
 
     let state = |m: &str, st: &str| {
@@ -694,13 +703,14 @@ async fn metrics_show_seeding_queue_depth_and_5xx_bulks_as_they_happen() {
         rig.log_text()
     );
 
-    // Load while every bulk request takes 250 ms: 2,000 one-row transactions.
+    // Load while every bulk request takes 250 ms: 2,000 one-row
+    // transactions over at least 2 s.
     let load = tokio::spawn({
         let db = rig.env.db().await;
         async move {
             db.batch_execute(
                 "DO $$ BEGIN FOR i IN 1001..3000 LOOP \
-                 INSERT INTO items VALUES (i, 'load'); COMMIT; END LOOP; END $$",
+                 INSERT INTO items VALUES (i, 'load'); COMMIT; PERFORM pg_sleep(0.001); END LOOP; END $$",
             )
             .await
             .expect("load")
@@ -715,7 +725,12 @@ async fn metrics_show_seeding_queue_depth_and_5xx_bulks_as_they_happen() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     load.await.expect("load task");
-    assert!(deepest > 0.0, "the queue never held an event under load");
+    assert!(
+        deepest > 0.0,
+        "the queue never held an event under load\n{}\n{}",
+        rig.log_text(),
+        rig.metrics().await
+    );
     rig.proxy.clear();
     rig.env
         .assert_converges("items", "items", Duration::from_secs(120))

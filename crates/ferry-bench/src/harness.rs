@@ -510,7 +510,8 @@ impl Drop for Harness {
 pub struct OnceRun {
     /// Wall time from spawn to exit.
     pub elapsed: Duration,
-    /// Peak resident set size of that process (`ru_maxrss`), in bytes.
+    /// Peak resident set size of that process (`VmHWM`, polled every
+    /// 50 ms), in bytes.
     pub peak_rss_bytes: u64,
     /// Exit code (`None` when killed by a signal).
     pub code: Option<i32>,
@@ -520,7 +521,7 @@ pub struct OnceRun {
 
 impl Harness {
     /// Runs `ferry ARGS --config <the last started configuration>` to its
-    /// end, measuring that process alone (`wait4`).
+    /// end, measuring that process alone.
     pub async fn run_once(&self, args: &[&str]) -> Result<OnceRun> {
         let config = self.dir.path().join("ferry.toml");
         let out = self.dir.path().join("once.out");
@@ -543,25 +544,27 @@ impl Harness {
             }
         }
         let started = Instant::now();
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.ferry_bin.display()))?;
-        let pid = i32::try_from(child.id()).context("pid out of range")?;
-        let (status, maxrss_kib) = tokio::task::spawn_blocking(move || {
-            let mut status = 0;
-            // SAFETY: zeroed rusage is a valid value; waiting for our own child.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-            drop(child);
-            (if r == pid { Some(status) } else { None }, usage.ru_maxrss)
-        })
-        .await?;
+        // The peak RSS of the ferry process itself: `VmHWM` of its own
+        // address space, polled until it exits (rusage's ru_maxrss would
+        // also count the bench process it was spawned from).
+        let mut peak = 0u64;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+                peak = peak.max(vm_field_bytes(&text, "VmHWM:").unwrap_or(0));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let elapsed = started.elapsed();
-        let status = status.context("wait4 failed")?;
         Ok(OnceRun {
             elapsed,
-            peak_rss_bytes: u64::try_from(maxrss_kib).unwrap_or(0) * 1024,
-            code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            peak_rss_bytes: peak,
+            code: status.code(),
             stdout: std::fs::read_to_string(&out).unwrap_or_default(),
         })
     }
