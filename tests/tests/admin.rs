@@ -247,6 +247,24 @@ async fn admin_endpoint_reports_health_metrics_and_status() {
         env.log_tail()
     );
 
+    // Ready means streaming; the copy may still be running beside the
+    // stream. Let it finish first, so it copies exactly the 40 rows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let streaming = format!("ferry_index_state{{index=\"{index}\",state=\"streaming\"}}");
+    loop {
+        if let Ok((200, _, body)) = get(port, "/metrics").await {
+            if sample(&body, &streaming) == Some(1.0) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the index never finished seeding\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Live changes: 25 inserts (one transaction of 20, five single ones),
     // 5 updates, 3 deletes.
     db.batch_execute(&format!(
