@@ -147,6 +147,20 @@ async fn check_refuses_a_computed_field_its_table_cannot_evaluate() {
         err.contains("index[0].computed[0].sql") && err.contains("surname"),
         "names the key and what PostgreSQL said: {err}"
     );
+    for (sql, refused) in [
+        ("count(*)", "aggregate"),
+        ("rank() OVER (ORDER BY id)", "window"),
+        ("unnest(ARRAY[first_name, last_name])", "set-returning"),
+    ] {
+        let config = env.config("people", "people", &relations(sql));
+        let (code, out, err) = ferry_once(&["check", "--config", config.to_str().expect("utf-8")]);
+        let err = format!("{out}{err}");
+        assert_ne!(code, 0, "{sql}: {err}");
+        assert!(
+            err.contains("index[0].computed[0].sql") && err.contains(refused),
+            "{sql} is refused as not one value per row: {err}"
+        );
+    }
     let config = env.config(
         "people",
         "people",

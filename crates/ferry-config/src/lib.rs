@@ -611,7 +611,8 @@ pub enum MappingType {
 
 impl IndexConfig {
     /// True when documents need more than the root row's own columns as
-    /// they are (relations, a filter, a soft-delete column or renames), so
+    /// they are (relations, a filter, a soft-delete column, renames or
+    /// computed fields), so
     /// they are built by querying PostgreSQL rather than from the replicated
     /// row alone.
     pub fn is_relational(&self) -> bool {
@@ -1269,6 +1270,15 @@ fn validate_relations(
                 format!("{:?} is empty or used twice at this level", c.field),
             );
         }
+        if c.field.starts_with("ferry_") {
+            bad(
+                format!("{at}.computed[{j}].field"),
+                format!(
+                    "{:?}: names starting with ferry_ are ferry's own in its queries",
+                    c.field
+                ),
+            );
+        }
         if c.sql.trim().is_empty() {
             bad(
                 format!("{at}.computed[{j}].sql"),
@@ -1473,6 +1483,22 @@ columns = ["id", "email", "name", "company_id"]
             .expect_err("unknown key")
             .to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn computed_fields_need_a_free_name_and_an_expression() {
+        let base = "[source]\nurl = \"postgres://u@h/d\"\nslot = \"s\"\npublication = \"p\"\n\
+                    [sink]\nurl = \"http://127.0.0.1:9200\"\n[[index]]\nname = \"users\"\ntable = \"users\"\n";
+        let ok = format!("{base}[[index.computed]]\nfield = \"full_name\"\nsql = \"a || b\"\n");
+        assert!(Config::from_toml(&ok).is_ok());
+        for (field, sql, key) in [
+            ("ferry_k", "a", "index[0].computed[0].field"),
+            ("x", " ", "index[0].computed[0].sql"),
+        ] {
+            let text = format!("{base}[[index.computed]]\nfield = \"{field}\"\nsql = \"{sql}\"\n");
+            let err = Config::from_toml(&text).expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub struct IndexRuntime {
     /// How documents are built (root, relations, filters).
     pub plan: Node,
     /// Documents come straight from the replicated root row (no relations,
-    /// filter, soft delete or renames); otherwise they are built by query.
+    /// filter, soft delete, renames or computed fields); otherwise they are
+    /// built by query.
     pub fast: bool,
     /// The concrete index the alias serves while this one is rebuilt (its
     /// shadow target): it receives every write too, until the alias moves.

@@ -146,7 +146,7 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
         for c in list {
             put(
                 out,
-                format!("{at}computed.{}", c.field),
+                format!("{at}computed[{}]", c.field),
                 Some(Value::from(c.sql.clone())),
             );
         }

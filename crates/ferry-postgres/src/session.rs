@@ -252,14 +252,29 @@ impl Session {
     }
 
     /// The type OID of computed field `sql`, an expression over `table`'s
-    /// columns (checked by preparing `SELECT (sql) FROM table`); an error
-    /// names `key` and what PostgreSQL said.
+    /// columns, giving one value per row: it is prepared in a `WHERE`
+    /// first, where PostgreSQL refuses aggregates, window functions and
+    /// set-returning functions (each would change the rows a build reads),
+    /// then as `SELECT (sql) FROM table` for its type. An error names `key`
+    /// and what PostgreSQL said.
     pub async fn expression_type(
         &self,
         key: &str,
         table: &TableShape,
         sql: &str,
     ) -> Result<u32, SourceError> {
+        let per_row = format!("SELECT 1 FROM {} WHERE ({sql}) IS NULL", table.qualified());
+        if let Err(e) = self.client.prepare(&per_row).await {
+            return Err(match e.as_db_error() {
+                Some(db) => SourceError::Operator(format!(
+                    "{key}.sql: {} (in {sql:?}, on table {}); a computed field must be one value \
+                     per row of its table (no aggregate, window or set-returning function); fix {key}.sql",
+                    db.message(),
+                    table.qualified_plain()
+                )),
+                None => SourceError::from_pg("checking computed fields", e),
+            });
+        }
         let stmt = format!("SELECT ({sql}) FROM {}", table.qualified());
         match self.client.prepare(&stmt).await {
             Ok(s) => match s.columns() {
