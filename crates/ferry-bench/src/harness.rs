@@ -506,6 +506,15 @@ impl Drop for Harness {
     }
 }
 
+/// Keeps the user's own `FERRY_…` overrides out of a ferry the bench starts.
+fn without_ferry_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FERRY_") {
+            cmd.env_remove(key);
+        }
+    }
+}
+
 /// A one-shot ferry command (`ferry verify`, …) that ran to its end.
 pub struct OnceRun {
     /// Wall time from spawn to exit.
@@ -538,11 +547,7 @@ impl Harness {
                     .create(true)
                     .open(self.dir.path().join("ferry.log"))?,
             ));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("FERRY_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_ferry_env(&mut cmd);
         let started = Instant::now();
         let mut child = cmd
             .spawn()
@@ -586,12 +591,7 @@ impl Ferry {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));
-        // The user's own FERRY_… overrides must not leak into the benchmark.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("FERRY_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_ferry_env(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;

@@ -427,8 +427,9 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     ) -> Result<(), EngineError> {
         match r {
             Ok(Ok(Flushed { tickets, rejected })) => {
-                for t in &tickets {
-                    self.overtaking.landed(t.seq());
+                // A flush is known by its first ticket (see `send`).
+                if let Some(first) = tickets.first() {
+                    self.overtaking.landed(first.seq());
                 }
                 self.poison_path(rejected).await?;
                 for t in tickets {

@@ -198,6 +198,17 @@ impl Harness {
         self.pipeline.step().await.unwrap();
     }
 
+    /// One transaction (final LSN `begin`, end `end`) inserting `ids` with
+    /// `body`, dispatched as a batch of its own.
+    async fn send_transaction(&mut self, begin: u64, ids: &[&str], body: &str, end: u64) {
+        self.pipeline.begin(Lsn(begin));
+        for id in ids {
+            self.insert(id, body).await;
+        }
+        self.commit(end).await;
+        self.pipeline.dispatch().await.unwrap();
+    }
+
     /// Waits for the flush in flight and handles its outcome.
     async fn land(&mut self) -> Result<(), EngineError> {
         let r = self.pipeline.flush_done().await;
@@ -400,10 +411,7 @@ async fn a_poison_document_whose_row_was_fixed_heals_on_its_rebuild() {
 async fn a_later_batch_landing_first_confirms_nothing_until_the_earlier_one_lands() {
     let mut h = Harness::in_flight("skip", 1000, false, 4);
     let gate = h.hold("held");
-    h.pipeline.begin(Lsn(90));
-    h.insert("1", "held").await;
-    h.commit(100).await;
-    h.pipeline.dispatch().await.unwrap();
+    h.send_transaction(90, &["1"], "held", 100).await;
     h.pipeline.begin(Lsn(110));
     h.insert("1", "b").await;
     h.insert("2", "b").await;
@@ -432,10 +440,7 @@ async fn a_later_batch_landing_first_confirms_nothing_until_the_earlier_one_land
 async fn a_delete_waits_for_an_in_flight_write_of_its_document_while_the_rest_of_its_batch_goes() {
     let mut h = Harness::in_flight("skip", 1000, false, 4);
     let gate = h.hold("held");
-    h.pipeline.begin(Lsn(90));
-    h.insert("1", "held").await;
-    h.commit(100).await;
-    h.pipeline.dispatch().await.unwrap();
+    h.send_transaction(90, &["1"], "held", 100).await;
     h.pipeline.begin(Lsn(110));
     let delete = change(20, ChangeOp::Delete, Some(&["1", "held"]), None);
     h.pipeline.change(delete).unwrap();
@@ -476,11 +481,7 @@ async fn a_delete_waits_for_an_in_flight_write_of_its_document_while_the_rest_of
 async fn held_deletes_ride_with_the_next_batch_and_a_newer_write_of_their_document_replaces_them() {
     let mut h = Harness::in_flight("skip", 1000, false, 4);
     let gate = h.hold("held");
-    h.pipeline.begin(Lsn(90));
-    h.insert("1", "held").await;
-    h.insert("3", "held").await;
-    h.commit(100).await;
-    h.pipeline.dispatch().await.unwrap();
+    h.send_transaction(90, &["1", "3"], "held", 100).await;
     h.pipeline.begin(Lsn(110));
     for id in ["1", "3"] {
         let delete = change(20, ChangeOp::Delete, Some(&[id, "held"]), None);
@@ -517,10 +518,7 @@ async fn held_deletes_ride_with_the_next_batch_and_a_newer_write_of_their_docume
 async fn a_held_delete_is_dropped_when_its_transaction_writes_the_document_again() {
     let mut h = Harness::in_flight("skip", 1000, false, 4);
     let gate = h.hold("held");
-    h.pipeline.begin(Lsn(90));
-    h.insert("1", "held").await;
-    h.commit(100).await;
-    h.pipeline.dispatch().await.unwrap();
+    h.send_transaction(90, &["1"], "held", 100).await;
     // One transaction deletes document 1 and inserts it again, cut into
     // two batches between the two: the delete is held behind the write in
     // flight, the insert (same version) goes at once.
