@@ -475,6 +475,15 @@ pub struct IndexConfig {
     /// exist in the cluster; changing it rebuilds the index in the background.
     #[serde(default)]
     pub pipeline: Option<String>,
+    /// A column of the root table whose value becomes each document's
+    /// `_routing` (e.g. `routing = "tenant_id"`), so one tenant's documents
+    /// share a shard. When a row's value changes, the copy under the old
+    /// routing is deleted; the column must be in the primary key or the
+    /// table must log whole old rows (REPLICA IDENTITY FULL, which ferry
+    /// sets under `source.manage_replica_identity`). A NULL value routes
+    /// by id.
+    #[serde(default)]
+    pub routing: Option<String>,
 }
 
 /// What happens to a document the cluster rejects for good (a 4xx other

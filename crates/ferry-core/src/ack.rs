@@ -41,6 +41,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::doc::DocKey;
 use crate::{DocOp, DocWrite, Lsn};
 
 /// Work items numbered in issue order that complete in any order: tells
@@ -184,10 +185,17 @@ impl Acks {
 /// delete of the same version (one transaction split across batches).
 #[derive(Debug, Default)]
 pub struct Overtaking {
-    /// (index position, document id) → its operations in flight.
-    ops: HashMap<(usize, String), Vec<Flying>>,
+    /// (index position, document id, routing) → its operations in flight.
+    ops: HashMap<Owned, Vec<Flying>>,
     /// Flush number → the documents it carries.
-    flights: HashMap<u64, Vec<(usize, String)>>,
+    flights: HashMap<u64, Vec<Owned>>,
+}
+
+/// A [`crate::doc::DocKey`] that owns its strings.
+type Owned = (usize, String, Option<String>);
+
+fn owned(w: &DocWrite) -> Owned {
+    (w.index, w.id.clone(), w.routing.clone())
 }
 
 /// One operation in flight.
@@ -206,7 +214,7 @@ impl Overtaking {
     pub fn sent<'a>(&mut self, flush: u64, ops: impl IntoIterator<Item = (u64, &'a DocWrite)>) {
         let mut keys = Vec::new();
         for (origin, w) in ops {
-            let key = (w.index, w.id.clone());
+            let key = owned(w);
             self.ops.entry(key.clone()).or_default().push(Flying {
                 flush,
                 origin,
@@ -237,7 +245,7 @@ impl Overtaking {
     /// its document, a write for a delete of its document with the same
     /// version (versions cannot order those two).
     pub fn holds(&self, w: &DocWrite, origin: u64) -> bool {
-        let Some(flying) = self.ops.get(&(w.index, w.id.clone())) else {
+        let Some(flying) = self.ops.get(&owned(w)) else {
             return false;
         };
         let delete = w.op == DocOp::Delete;
@@ -265,9 +273,9 @@ impl Overtaking {
 /// stream order, the last one is the newest state: a rebuild reads the
 /// current rows), so no two operations of one document ever share a request.
 pub fn last_per_document(writes: Vec<DocWrite>) -> Vec<DocWrite> {
-    let mut last: HashMap<(usize, &str), usize> = HashMap::with_capacity(writes.len());
+    let mut last: HashMap<DocKey<'_>, usize> = HashMap::with_capacity(writes.len());
     for (i, w) in writes.iter().enumerate() {
-        last.insert((w.index, w.id.as_str()), i);
+        last.insert(w.key(), i);
     }
     if last.len() == writes.len() {
         return writes;
@@ -359,6 +367,7 @@ mod tests {
             id: id.into(),
             version: Lsn(1),
             op: DocOp::Index(b"{}".to_vec()),
+            routing: None,
         }
     }
 
@@ -368,6 +377,7 @@ mod tests {
             id: id.into(),
             version: Lsn(2),
             op: DocOp::Delete,
+            routing: None,
         }
     }
 
@@ -422,6 +432,20 @@ mod tests {
     }
 
     #[test]
+    fn one_id_under_two_routings_is_two_documents() {
+        // A routing move in one batch: the copy at "a" goes, "b" is written.
+        let moved = vec![routed(delete("1"), "a"), routed(write("1"), "b")];
+        assert_eq!(last_per_document(moved.clone()), moved, "both are kept");
+        let mut o = Overtaking::default();
+        o.sent(0, [(0, &routed(write("1"), "b"))]);
+        assert!(
+            !o.holds(&routed(delete("1"), "a"), 1),
+            "the write in flight is another document"
+        );
+        assert!(o.holds(&routed(delete("1"), "b"), 1));
+    }
+
+    #[test]
     fn a_batch_sent_in_two_parts_confirms_only_when_both_landed() {
         let mut acks = Acks::default();
         acks.begin();
@@ -442,6 +466,11 @@ mod tests {
 
     fn at(mut w: DocWrite, version: u64) -> DocWrite {
         w.version = Lsn(version);
+        w
+    }
+
+    fn routed(mut w: DocWrite, routing: &str) -> DocWrite {
+        w.routing = Some(routing.into());
         w
     }
 

@@ -84,6 +84,8 @@ pub async fn build_docs(
             id,
             version,
             op: DocOp::Delete,
+            // Unknown here: the pipeline completes it for routed indexes.
+            routing: None,
         });
     }
     Ok(())

@@ -154,7 +154,7 @@ pub async fn plan(cfg: &Config) -> Result<Vec<Step>, EngineError> {
             } => {
                 let mut why = field_changes(&fields, &plan.properties);
                 if why.is_empty() {
-                    why = "index settings, the ingest pipeline, relation joins or the row selection (where, soft_delete, order_by, limit) changed".into();
+                    why = "index settings, the ingest pipeline, relation joins, the routing column or the row selection (where, soft_delete, order_by, limit) changed".into();
                 }
                 if building {
                     why.push_str("; the unfinished rebuild resumes");

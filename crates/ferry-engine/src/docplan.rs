@@ -92,6 +92,12 @@ pub async fn build(
         children: Vec::new(),
         counts: Vec::new(),
         computed: Vec::new(),
+        routing: match &ix.routing {
+            None => None,
+            // A real column: the WAL's row images carry it, a computed field they do not.
+            Some(r) if info.column(r).is_some() => Some(r.clone()),
+            Some(r) => return Err(info.missing(&format!("{at}.routing"), r)),
+        },
     };
     computed(client, types, &at, &info, &ix.computed, &mut root).await?;
     root.children = children(client, types, &at, &info, &ix.has_many, &ix.belongs_to).await?;
@@ -290,6 +296,7 @@ fn children<'a>(
                     children: Vec::new(),
                     counts: Vec::new(),
                     computed: Vec::new(),
+                    routing: None,
                 };
                 computed(client, types, &key, &info, &r.computed, &mut node).await?;
                 node.children =

@@ -7,13 +7,13 @@
 //! consistent point of the snapshot it read the rows in. Either way a newer
 //! streamed write wins over the tool's.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use ferry_config::Config;
 use ferry_core::schema::{doc_id, split_doc_id};
 use ferry_core::{DocOp, DocWrite, Lsn};
-use ferry_opensearch::{DeadLetter, Sink};
+use ferry_opensearch::{DeadLetter, DocRef, Hit, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, Session};
 use serde_json::{json, Value};
@@ -355,8 +355,9 @@ struct Check<'a> {
     ix: &'a IndexRuntime,
     opts: VerifyOptions,
     report: VerifyReport,
-    /// Ids that differed at first sight, at most about a page of them.
-    suspects: Vec<String>,
+    /// Stored documents (id, routing) that differed at first sight, at
+    /// most about a page of them.
+    suspects: Vec<DocRef>,
     /// When the oldest suspect was found.
     since: Option<std::time::Instant>,
 }
@@ -447,9 +448,16 @@ impl Check<'_> {
                 .collect();
             let mut rebuilt = Vec::new();
             build::build_docs(&self.ops.client, self.ix, &keys, Lsn::ZERO, &mut rebuilt).await?;
-            for w in rebuilt {
-                if matches!(w.op, DocOp::Delete) {
-                    self.suspect(w.id);
+            let expected: HashMap<&str, &DocWrite> =
+                rebuilt.iter().map(|w| (w.id.as_str(), w)).collect();
+            // A document whose row is gone (or filtered out), or stored
+            // under a routing its row no longer gives, is extra.
+            for h in &hits {
+                let placed = expected
+                    .get(h.id.as_str())
+                    .is_some_and(|w| matches!(w.op, DocOp::Index(_)) && w.routing == h.routing);
+                if !placed {
+                    self.suspect(h.doc_ref());
                 }
             }
             self.settle(false).await?;
@@ -501,20 +509,33 @@ impl Check<'_> {
         Ok(())
     }
 
-    fn suspect(&mut self, id: String) {
+    fn suspect(&mut self, doc: DocRef) {
         if self.suspects.is_empty() {
             self.since = Some(std::time::Instant::now());
         }
-        self.suspects.push(id);
+        self.suspects.push(doc);
+    }
+
+    /// The stored documents the writes `of` address (by id and routing).
+    async fn stored(&self, of: &[DocWrite]) -> Result<BTreeMap<DocRef, Hit>, EngineError> {
+        let docs: Vec<(&str, Option<&str>)> = of
+            .iter()
+            .map(|w| (w.id.as_str(), w.routing.as_deref()))
+            .collect();
+        Ok(self
+            .ops
+            .sink
+            .get_documents(&self.ix.concrete, &docs)
+            .await?)
     }
 
     /// Marks the documents of `expected` that differ from the cluster.
     async fn compare(&mut self, expected: &[DocWrite]) -> Result<(), EngineError> {
-        let ids: Vec<&str> = expected.iter().map(|w| w.id.as_str()).collect();
-        let actual = self.ops.sink.get_documents(&self.ix.concrete, &ids).await?;
+        let actual = self.stored(expected).await?;
         for w in expected {
-            if differs(w, actual.get(&w.id).map(|h| &h.source), self.piped()) {
-                self.suspect(w.id.clone());
+            let doc = (w.id.clone(), w.routing.clone());
+            if differs(w, actual.get(&doc).map(|h| &h.source), self.piped()) {
+                self.suspect(doc);
             }
         }
         Ok(())
@@ -530,16 +551,17 @@ impl Check<'_> {
         if let Some(since) = self.since.take() {
             tokio::time::sleep(SETTLE.saturating_sub(since.elapsed())).await;
         }
-        let ids = std::mem::take(&mut self.suspects);
-        self.recheck(&ids).await
+        let docs = std::mem::take(&mut self.suspects);
+        self.recheck(&docs).await
     }
 
     /// Rebuilds the suspects and compares them again; what still differs is
     /// drift, and with `repair` it is rewritten (or deleted) and read back.
-    async fn recheck(&mut self, ids: &[String]) -> Result<(), EngineError> {
+    async fn recheck(&mut self, docs: &[DocRef]) -> Result<(), EngineError> {
         let width = self.ix.plan.table.key.len();
+        let ids: BTreeSet<&str> = docs.iter().map(|(id, _)| id.as_str()).collect();
         let keys: Vec<Vec<String>> = ids.iter().map(|id| split_doc_id(id, width)).collect();
-        let mut again = Vec::new();
+        let mut built = Vec::new();
         // A repair is written with the consistent point of a snapshot the
         // rows are read in (a temporary slot's): every change in the
         // snapshot has a version at most that point, every change after it
@@ -558,27 +580,45 @@ impl Check<'_> {
             // The snapshot is imported: the session that exported it may go.
             drop(slot);
             for chunk in keys.chunks(1000) {
-                build::build_docs(&snap, self.ix, chunk, at, &mut again).await?;
+                build::build_docs(&snap, self.ix, chunk, at, &mut built).await?;
             }
             snap.end_snapshot().await;
             at
         } else {
             let at = current_lsn(&self.ops.client).await?;
             for chunk in keys.chunks(1000) {
-                build::build_docs(&self.ops.client, self.ix, chunk, at, &mut again).await?;
+                build::build_docs(&self.ops.client, self.ix, chunk, at, &mut built).await?;
             }
             at
         };
-        let again_ids: Vec<&str> = again.iter().map(|w| w.id.as_str()).collect();
-        let actual = self
-            .ops
-            .sink
-            .get_documents(&self.ix.concrete, &again_ids)
-            .await?;
+        // What each suspect copy should be: the built document when it
+        // belongs at the copy's routing, else a delete of that copy (its
+        // row is gone, or routes the document elsewhere).
+        let built: HashMap<&str, &DocWrite> = built.iter().map(|w| (w.id.as_str(), w)).collect();
+        let mut again: Vec<DocWrite> = Vec::with_capacity(docs.len());
+        let mut checked = HashSet::new();
+        for (id, routing) in docs {
+            if !checked.insert((id, routing)) {
+                continue;
+            }
+            match built.get(id.as_str()) {
+                Some(w) if matches!(w.op, DocOp::Index(_)) && w.routing == *routing => {
+                    again.push((*w).clone())
+                }
+                _ => again.push(DocWrite {
+                    index: self.ix.pos,
+                    id: id.clone(),
+                    version,
+                    op: DocOp::Delete,
+                    routing: routing.clone(),
+                }),
+            }
+        }
+        let actual = self.stored(&again).await?;
         let now = current_lsn(&self.ops.client).await?;
         let mut fixes = Vec::new();
         for w in again {
-            let have = actual.get(&w.id);
+            let have = actual.get(&(w.id.clone(), w.routing.clone()));
             let seen = have.map(|h| h.version).unwrap_or(0);
             // ferry's own writes carry LSNs no later than `now`; a document
             // newer than our read but not from the future is a live write
@@ -612,15 +652,10 @@ impl Check<'_> {
         self.ops.sink.write(&fixes, &self.ops.names).await?;
         // Read the repairs back: a version the write could not beat (a
         // tombstone or document from the future) leaves the drift in place.
-        let fixed_ids: Vec<&str> = fixes.iter().map(|w| w.id.as_str()).collect();
-        let after = self
-            .ops
-            .sink
-            .get_documents(&self.ix.concrete, &fixed_ids)
-            .await?;
+        let after = self.stored(&fixes).await?;
         let now = current_lsn(&self.ops.client).await?;
         for w in &fixes {
-            let have = after.get(&w.id);
+            let have = after.get(&(w.id.clone(), w.routing.clone()));
             let overtaken = have.is_some_and(|h| h.version > version.0 && h.version <= now.0);
             if overtaken || !differs(w, have.map(|h| &h.source), self.piped()) {
                 self.report.repaired += 1;

@@ -97,8 +97,8 @@ pub(crate) fn index_plan(
 /// The config keys that choose which rows (and related rows) documents are
 /// built from, with their values: `where`, `soft_delete`, `order_by`,
 /// `limit` at every level, how each relation and count joins (`table`,
-/// `foreign_key`, `references`, `through`), each count's `where`, and each
-/// computed field's SQL. Keyed
+/// `foreign_key`, `references`, `through`), each count's `where`, each
+/// computed field's SQL, and the routing column. Keyed
 /// by the relations' field paths, so reordering relations changes nothing.
 fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::Value;
@@ -195,6 +195,11 @@ fn selection(ix: &ferry_config::IndexConfig) -> serde_json::Map<String, serde_js
         &mut out,
         "soft_delete".into(),
         ix.soft_delete.clone().map(Value::from),
+    );
+    put(
+        &mut out,
+        "routing".into(),
+        ix.routing.clone().map(Value::from),
     );
     computed(&mut out, "", &ix.computed);
     relations(&mut out, "", &ix.has_many);

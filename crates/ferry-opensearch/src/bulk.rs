@@ -51,7 +51,8 @@ pub struct Rejected {
 /// Encodes writes as a `_bulk` NDJSON body, one action line (+ source line) per write.
 ///
 /// Every action carries `version_type=external_gte` with the write's LSN, so
-/// replays of the same write are harmless and older writes lose.
+/// replays of the same write are harmless and older writes lose; a routed
+/// write carries its `routing`.
 pub fn encode_bulk(writes: &[&DocWrite], index_names: &[String], out: &mut Vec<u8>) {
     for w in writes {
         let name = index_names.get(w.index).map(String::as_str).unwrap_or("");
@@ -64,6 +65,10 @@ pub fn encode_bulk(writes: &[&DocWrite], index_names: &[String], out: &mut Vec<u
         write_json_str(w.id.as_bytes(), out);
         out.extend_from_slice(b",\"version\":");
         out.extend_from_slice(w.version.0.to_string().as_bytes());
+        if let Some(r) = &w.routing {
+            out.extend_from_slice(b",\"routing\":");
+            write_json_str(r.as_bytes(), out);
+        }
         out.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
         if let DocOp::Index(body) = &w.op {
             out.extend_from_slice(body);
@@ -446,12 +451,14 @@ mod tests {
             id: "1".into(),
             version: Lsn(42),
             op: DocOp::Index(b"{\"a\":1}".to_vec()),
+            routing: None,
         };
         let b = DocWrite {
             index: 0,
             id: "x\"y".into(),
             version: Lsn(43),
             op: DocOp::Delete,
+            routing: Some("t\"1".into()),
         };
         let mut out = Vec::new();
         encode_bulk(&[&a, &b], &["users-1".to_string()], &mut out);
@@ -467,7 +474,7 @@ mod tests {
         );
         assert_eq!(
             lines[2],
-            r#"{"delete":{"_index":"users-1","_id":"x\"y","version":43,"version_type":"external_gte"}}"#
+            r#"{"delete":{"_index":"users-1","_id":"x\"y","version":43,"routing":"t\"1","version_type":"external_gte"}}"#
         );
     }
 }

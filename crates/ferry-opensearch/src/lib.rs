@@ -24,7 +24,7 @@ pub use bulk::{
 pub use deadletter::DeadLetter;
 pub use index::{concrete_name, IndexPlan, PreparedIndex, Standing};
 pub use opensearch::http::Method;
-pub use scan::{Hit, Scroll};
+pub use scan::{DocRef, Hit, Scroll};
 
 use std::sync::Arc;
 use std::time::Duration;

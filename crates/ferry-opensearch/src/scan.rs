@@ -29,7 +29,12 @@ pub struct Hit {
     pub version: u64,
     /// Its `_source` (`Null` when not asked for).
     pub source: Value,
+    /// Its `_routing`, if it was written with one.
+    pub routing: Option<String>,
 }
+
+/// A stored document's identity within an index: its id and routing.
+pub type DocRef = (String, Option<String>);
 
 impl Hit {
     fn from_json(h: &Value) -> Option<Hit> {
@@ -37,7 +42,13 @@ impl Hit {
             id: h["_id"].as_str()?.to_string(),
             version: h["_version"].as_u64().unwrap_or(0),
             source: h.get("_source").cloned().unwrap_or(Value::Null),
+            routing: h["_routing"].as_str().map(str::to_string),
         })
+    }
+
+    /// Its id and routing.
+    pub fn doc_ref(&self) -> DocRef {
+        (self.id.clone(), self.routing.clone())
     }
 }
 
@@ -67,26 +78,34 @@ fn hits_of(v: &Value) -> Vec<Hit> {
 }
 
 impl Sink {
-    /// `_source` and version of these documents, by id (absent ones left
-    /// out); one `_mget` per 1,000 ids. Real-time: no refresh needed.
+    /// `_source` and version of these documents (by id and routing;
+    /// absent ones left out); one `_mget` per 1,000. Real-time: no refresh
+    /// needed.
     pub async fn get_documents(
         &self,
         concrete: &str,
-        ids: &[&str],
-    ) -> Result<BTreeMap<String, Hit>, SinkError> {
+        docs: &[(&str, Option<&str>)],
+    ) -> Result<BTreeMap<DocRef, Hit>, SinkError> {
         let mut out = BTreeMap::new();
-        for chunk in ids.chunks(1000) {
+        for chunk in docs.chunks(1000) {
+            let wanted: Vec<Value> = chunk
+                .iter()
+                .map(|(id, routing)| match routing {
+                    Some(r) => json!({"_id": id, "routing": r}),
+                    None => json!({"_id": id}),
+                })
+                .collect();
             let v = self
                 .request_json(
                     Method::Post,
                     &format!("/{concrete}/_mget"),
-                    Some(json!({ "ids": chunk })),
+                    Some(json!({ "docs": wanted })),
                 )
                 .await?;
             for d in v["docs"].as_array().map(Vec::as_slice).unwrap_or_default() {
                 if d["found"].as_bool() == Some(true) {
                     if let Some(hit) = Hit::from_json(d) {
-                        out.insert(hit.id.clone(), hit);
+                        out.insert(hit.doc_ref(), hit);
                     }
                 }
             }

@@ -12,6 +12,12 @@ use crate::{DocOp, DocWrite, Lsn};
 impl Node {
     /// Number of fields the build query returns per root.
     pub fn field_count(&self) -> usize {
+        self.routing_position() + usize::from(self.routing.is_some())
+    }
+
+    /// Position of the routing text among a build row's fields (when the
+    /// index is routed): after the columns, key texts, children and counts.
+    fn routing_position(&self) -> usize {
         self.table.columns.len() + self.table.key.len() + self.children.len() + self.counts.len()
     }
 
@@ -30,7 +36,7 @@ impl Node {
 
     /// The write indexing the document of one build row (`field(i)` gives
     /// field `i`) into index `index` at `version`; its id is the root key's
-    /// [`doc_id`]. `None` if a nested value is not the JSON the build query
+    /// [`doc_id`], its routing the routing column's text (none when NULL). `None` if a nested value is not the JSON the build query
     /// produces (the row came back in an unexpected shape).
     pub fn document<'a>(
         &self,
@@ -46,11 +52,15 @@ impl Node {
             .key_positions()
             .map(|p| field(p).unwrap_or(b""))
             .collect();
+        let routing = self.routing.as_ref().and_then(|_| {
+            field(self.routing_position()).map(|r| String::from_utf8_lossy(r).into_owned())
+        });
         Some(DocWrite {
             index,
             id: doc_id(&parts),
             version,
             op: DocOp::Index(body),
+            routing,
         })
     }
 
@@ -261,5 +271,25 @@ mod tests {
             .expect("document");
         assert_eq!(w.id, "1,a\\,b");
         assert_eq!(plan.field_count(), 4);
+    }
+
+    #[test]
+    fn a_routed_document_takes_the_last_build_field_as_its_routing() {
+        let mut plan = sample_users_plan();
+        plan.children.clear();
+        plan.counts.clear();
+        plan.routing = Some("email".into());
+        assert_eq!(plan.field_count(), 4);
+        let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"a@x"), Some(b"1"), Some(b"t7")];
+        let w = plan
+            .document(|i| row.get(i).copied().flatten(), 0, Lsn(1))
+            .expect("document");
+        assert_eq!(w.routing.as_deref(), Some("t7"));
+        assert_eq!(body(&w.op), json!({"id": 1, "email": "a@x"}));
+        let null: Vec<Option<&[u8]>> = vec![Some(b"1"), None, Some(b"1"), None];
+        let w = plan
+            .document(|i| null.get(i).copied().flatten(), 0, Lsn(1))
+            .expect("document");
+        assert_eq!(w.routing, None, "a NULL routing column routes by id");
     }
 }

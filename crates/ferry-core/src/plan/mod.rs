@@ -105,6 +105,9 @@ pub struct Node {
     /// The build reads each as an extra column of the table under its name,
     /// and its shape is among `table.columns` (after the real ones).
     pub computed: Vec<(String, String)>,
+    /// The root's routing column (`routing = "…"`): its text is each
+    /// document's `_routing`. Always `None` below the root.
+    pub routing: Option<String>,
 }
 
 impl Node {
@@ -180,6 +183,7 @@ pub fn sample_node(field: &str, t: TableShape, link: Link) -> Node {
         children: vec![],
         counts: vec![],
         computed: vec![],
+        routing: None,
     }
 }
 

@@ -211,9 +211,16 @@ impl Node {
     }
 
     /// Columns whose old values resolution needs (beyond the primary key):
-    /// tables listed here need `REPLICA IDENTITY FULL`.
+    /// tables listed here need `REPLICA IDENTITY FULL`. A routing column
+    /// outside the key is one: a delete or a move must name the shard
+    /// holding the old copy.
     pub fn needs_full_identity(&self) -> Vec<(u32, String)> {
         let mut out = Vec::new();
+        if let Some(r) = &self.routing {
+            if !self.table.key.contains(r) {
+                out.push((self.table.oid, r.clone()));
+            }
+        }
         for (oid, usage) in self.usages() {
             if let Some((col, _)) = self.probe(&usage) {
                 let is_pk = self
@@ -265,6 +272,16 @@ mod tests {
         assert!(full.contains(&2), "{full:?}");
         assert!(full.contains(&4), "{full:?}");
         assert!(!full.contains(&3), "{full:?}");
+        assert!(!full.contains(&1), "{full:?}");
+    }
+
+    #[test]
+    fn a_routing_column_outside_the_key_needs_old_rows_whole() {
+        let mut plan = sample_users_plan();
+        plan.routing = Some("email".into());
+        assert!(plan.needs_full_identity().contains(&(1, "email".into())));
+        plan.routing = Some("id".into());
+        assert!(!plan.needs_full_identity().iter().any(|(o, _)| *o == 1));
     }
 
     #[test]

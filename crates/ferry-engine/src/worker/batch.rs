@@ -6,6 +6,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use ferry_core::doc::SeenRoutings;
 use ferry_core::plan::Probe;
 use ferry_core::DocWrite;
 
@@ -21,13 +22,15 @@ const PENDING_KEY_BYTES: usize = 64;
 /// Only the last write per document is kept.
 #[derive(Default)]
 pub struct Batch {
-    /// (index, document id) → position in `writes`.
-    slots: HashMap<(usize, String), usize>,
+    /// (index, document id, routing) → position in `writes`.
+    slots: HashMap<(usize, String, Option<String>), usize>,
     writes: Vec<DocWrite>,
     /// Per index: roots whose documents are rebuilt by query.
     rebuild: HashMap<usize, RootKeys>,
     /// Per index and probe: values selecting parent rows whose roots are rebuilt.
     probes: HashMap<(usize, Probe), HashSet<String>>,
+    /// Routings the documents of routed indexes had in the row images.
+    routings: SeenRoutings,
     changes: usize,
     bytes: usize,
     opened: Option<Instant>,
@@ -42,13 +45,15 @@ pub struct Work {
     pub rebuild: HashMap<usize, RootKeys>,
     /// Per index and probe: values to resolve to roots first.
     pub probes: HashMap<(usize, Probe), HashSet<String>>,
+    /// Routings seen, which complete the rebuilt documents of routed indexes.
+    pub routings: SeenRoutings,
 }
 
 impl Batch {
     /// Adds a write, replacing an earlier write of the same document.
     pub fn push(&mut self, w: DocWrite) {
         self.bytes += w.weight();
-        match self.slots.entry((w.index, w.id.clone())) {
+        match self.slots.entry((w.index, w.id.clone(), w.routing.clone())) {
             Entry::Occupied(at) => self.writes[*at.get()] = w,
             Entry::Vacant(slot) => {
                 slot.insert(self.writes.len());
@@ -61,6 +66,12 @@ impl Batch {
     pub fn rebuild(&mut self, index: usize, key: Vec<String>) {
         self.bytes += PENDING_KEY_BYTES;
         self.rebuild.entry(index).or_default().insert(key);
+    }
+
+    /// Notes that document `id` of routed index `index` had `routing` in a
+    /// row image of this batch (see [`SeenRoutings`]).
+    pub fn saw_routing(&mut self, index: usize, id: String, routing: Option<String>) {
+        self.routings.note(index, id, routing);
     }
 
     /// Asks for the roots selected by `values` through `probe` to be rebuilt.
@@ -111,6 +122,7 @@ impl Batch {
             writes: std::mem::take(&mut self.writes),
             rebuild: std::mem::take(&mut self.rebuild),
             probes: std::mem::take(&mut self.probes),
+            routings: std::mem::take(&mut self.routings),
         }
     }
 
@@ -132,6 +144,7 @@ mod tests {
             id: id.into(),
             version: Lsn(1),
             op: DocOp::Index(body.as_bytes().to_vec()),
+            routing: None,
         }
     }
 

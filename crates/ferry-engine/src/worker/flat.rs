@@ -19,15 +19,18 @@ pub struct Projection {
     cols: Vec<usize>,
     /// Tuple positions of the primary-key columns.
     key: Vec<usize>,
+    /// Tuple position of the routing column, when the index is routed.
+    routing: Option<usize>,
 }
 
 impl Projection {
-    /// Maps `shape`'s columns onto `rel`'s tuple layout. `kind(oid)` gives
-    /// the kind of a column whose type differs from the shape's (the caller
-    /// resolved those beforehand).
+    /// Maps `shape`'s columns (and the routing column, if any) onto
+    /// `rel`'s tuple layout. `kind(oid)` gives the kind of a column whose
+    /// type differs from the shape's (the caller resolved those beforehand).
     pub fn new(
         index: usize,
         shape: &TableShape,
+        routing: Option<&str>,
         rel: &Relation,
         kind: impl Fn(u32) -> TypeKind,
     ) -> Result<Projection, EngineError> {
@@ -61,39 +64,73 @@ impl Projection {
             };
             key.push(at);
         }
+        let routing =
+            match routing {
+                None => None,
+                Some(r) => Some(rel.columns.iter().position(|rc| rc.name == r).ok_or_else(
+                    || {
+                        EngineError::Stream(format!(
+                            "routing column {r:?} of {} is missing from the replication stream; \
+                     restart ferry so it re-reads the table's shape",
+                            shape.qualified()
+                        ))
+                    },
+                )?),
+            };
         Ok(Projection {
             index,
             writer: DocumentWriter::new(&columns),
             cols,
             key,
+            routing,
         })
+    }
+
+    /// The routing a row image gives its document (`None` for an
+    /// unrouted index or a NULL value).
+    fn routing_of(&self, t: &Tuple) -> Option<String> {
+        self.routing
+            .and_then(|r| text(t, r))
+            .map(|b| String::from_utf8_lossy(b).into_owned())
     }
 
     /// Adds what `change` does to this index's documents, versioned `version`.
     pub fn apply(&self, change: &Change, version: Lsn, batch: &mut Batch) {
-        let write = |id, op| DocWrite {
+        let write = |id, op, routing| DocWrite {
             index: self.index,
             id,
             version,
             op,
+            routing,
         };
         match change.op {
             ChangeOp::Insert | ChangeOp::Update => {
                 let Some(new) = &change.new else { return };
                 let id = key_id(new, &self.key);
+                let routing = self.routing_of(new);
                 if let Some(old) = &change.old {
                     let old_id = key_id(&old.tuple, &self.key);
-                    if old_id != id {
-                        // The primary key changed: the old document goes.
-                        batch.push(write(old_id, DocOp::Delete));
+                    let old_routing = self.routing_of(&old.tuple);
+                    if old_id != id || old_routing != routing {
+                        // The primary key or the routing changed: the old document goes.
+                        batch.push(write(old_id, DocOp::Delete, old_routing));
                     }
                 }
                 let unchanged = self
                     .cols
                     .iter()
+                    .chain(&self.routing)
                     .any(|c| matches!(new.0.get(*c), Some(Datum::Unchanged)));
                 if unchanged {
-                    // A TOASTed value was not sent: rebuild from the table.
+                    // A TOASTed value was not sent: rebuild from the table
+                    // (which writes under the routing the row has then).
+                    // A routing value sent unchanged is the one the document has.
+                    if self
+                        .routing
+                        .is_some_and(|r| !matches!(new.0.get(r), Some(Datum::Unchanged)))
+                    {
+                        batch.saw_routing(self.index, id.clone(), routing);
+                    }
                     let key = self
                         .key
                         .iter()
@@ -105,11 +142,12 @@ impl Projection {
                 let mut body = Vec::with_capacity(128);
                 self.writer
                     .write(|i| self.cols.get(i).and_then(|c| text(new, *c)), &mut body);
-                batch.push(write(id, DocOp::Index(body)));
+                batch.push(write(id, DocOp::Index(body), routing));
             }
             ChangeOp::Delete => {
                 let Some(old) = &change.old else { return };
-                batch.push(write(key_id(&old.tuple, &self.key), DocOp::Delete));
+                let id = key_id(&old.tuple, &self.key);
+                batch.push(write(id, DocOp::Delete, self.routing_of(&old.tuple)));
             }
         }
     }

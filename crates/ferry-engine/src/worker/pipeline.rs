@@ -57,6 +57,8 @@ pub struct Pipeline<S: DocSink, R: RowSource> {
     stats: Arc<Stats>,
     /// Index position → (alias, root table), for trace spans.
     names: Vec<(String, String)>,
+    /// Positions of the indexes with a routing column.
+    routed: HashSet<usize>,
     max_changes: usize,
     max_bytes: usize,
     max_delay: Duration,
@@ -90,6 +92,11 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             confirm,
             stats,
             names: names(indexes),
+            routed: indexes
+                .iter()
+                .filter(|ix| ix.plan.routing.is_some())
+                .map(|ix| ix.pos)
+                .collect(),
             max_changes: cfg.engine.max_batch_changes,
             max_bytes: cfg.engine.max_batch_bytes,
             max_delay: cfg.engine.max_batch_delay(),
@@ -171,6 +178,9 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             }
             for (index, probe, values) in routed.probes {
                 self.batch.probe(index, probe, values);
+            }
+            for (index, id, routing) in routed.routings {
+                self.batch.saw_routing(index, id, routing);
             }
         }
         match self.projections.get(&change.rel) {
@@ -485,6 +495,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         }
         // The build reads the current rows, which reflect at least every
         // transaction of this batch: version them with the newest one.
+        let built_from = writes.len();
         for (index, keys) in rebuild {
             let keys: Vec<Vec<String>> = keys.into_iter().collect();
             let before = writes.len();
@@ -507,6 +518,17 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             .instrument(span.clone())
             .await?;
             span.record("documents", (writes.len() - before) as i64);
+        }
+        if !self.routed.is_empty() {
+            let built = writes.split_off(built_from);
+            let (built, unplaced) = work.routings.settle(built, |i| self.routed.contains(&i));
+            if unplaced > 0 {
+                tracing::debug!(
+                    unplaced,
+                    "roots found gone through related rows only: their own changes delete them"
+                );
+            }
+            writes.extend(built);
         }
         Ok(writes)
     }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use ferry_core::change::{Change, Datum, Relation, Tuple};
 use ferry_core::plan::Probe;
+use ferry_core::schema::doc_id;
 
 use crate::index::IndexRuntime;
 use crate::EngineError;
@@ -13,8 +14,13 @@ use crate::EngineError;
 /// How one index built by query finds the documents a row of one table feeds.
 #[derive(Debug, Clone)]
 enum Target {
-    /// The index's root table: the row's primary key is the document's.
-    Root { key: Vec<String>, table: String },
+    /// The index's root table: the row's primary key is the document's
+    /// (and its routing column, if any, the document's routing).
+    Root {
+        key: Vec<String>,
+        table: String,
+        routing: Option<String>,
+    },
     /// A related table: `column`'s old and new values select parent rows via `probe`.
     Related { column: String, probe: Probe },
     /// A use of the table no single row change can be traced through
@@ -38,6 +44,9 @@ pub struct Routed {
     pub roots: Vec<(usize, Vec<String>)>,
     /// (index, probe, values): values to resolve to root keys.
     pub probes: Vec<(usize, Probe, Vec<String>)>,
+    /// (index, document id, routing): where each image of a routed root
+    /// row puts its document.
+    pub routings: Vec<(usize, String, Option<String>)>,
 }
 
 /// What a TRUNCATE means, per index position.
@@ -67,6 +76,7 @@ impl Router {
                     Target::Root {
                         key: ix.plan.table.key.clone(),
                         table: ix.plan.table.qualified(),
+                        routing: ix.plan.routing.clone(),
                     }
                 } else {
                     match ix.plan.probe(&usage) {
@@ -105,19 +115,37 @@ impl Router {
         let column = |name: &str| rel.columns.iter().position(|c| c.name == name);
         for (index, target) in routes {
             match target {
-                Target::Root { key, table } => {
+                Target::Root {
+                    key,
+                    table,
+                    routing,
+                } => {
+                    let missing = |what: &str| {
+                        EngineError::Stream(format!(
+                            "{what} of {table} is missing from the replication stream; restart ferry"
+                        ))
+                    };
                     let Some(key_pos) = key.iter().map(|k| column(k)).collect::<Option<Vec<_>>>()
                     else {
-                        return Err(EngineError::Stream(format!(
-                            "primary key of {table} is missing from the replication stream; restart ferry"
-                        )));
+                        return Err(missing("primary key"));
+                    };
+                    let routing_pos = match routing {
+                        None => None,
+                        Some(r) => Some(column(r).ok_or_else(|| missing("routing column"))?),
                     };
                     for t in &images {
                         let key: Option<Vec<String>> =
                             key_pos.iter().map(|p| text(t, *p).map(lossy)).collect();
-                        if let Some(key) = key {
-                            out.roots.push((*index, key));
+                        let Some(key) = key else { continue };
+                        // An unchanged (TOASTed) routing value is the old image's.
+                        if let Some(r) =
+                            routing_pos.filter(|r| !matches!(t.0.get(*r), Some(Datum::Unchanged)))
+                        {
+                            let parts: Vec<&[u8]> = key.iter().map(|k| k.as_bytes()).collect();
+                            out.routings
+                                .push((*index, doc_id(&parts), text(t, r).map(lossy)));
                         }
+                        out.roots.push((*index, key));
                     }
                 }
                 Target::Related { column: col, probe } => {
@@ -214,6 +242,7 @@ pub(super) mod tests {
             children: Vec::new(),
             counts: Vec::new(),
             computed: Vec::new(),
+            routing: None,
         }
     }
 

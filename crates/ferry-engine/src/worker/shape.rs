@@ -22,7 +22,8 @@ impl Worker {
         }
         let mut projections = Vec::with_capacity(positions.len());
         for pos in positions {
-            let shape = &self.core.rows.indexes[pos].shape;
+            let ix = &self.core.rows.indexes[pos];
+            let (shape, routing) = (&ix.shape, ix.plan.routing.as_deref());
             // Learn the kinds of retyped columns first; the projection reads them.
             for c in &shape.columns {
                 if let Some(rc) = rel.columns.iter().find(|rc| rc.name == c.name) {
@@ -34,7 +35,9 @@ impl Worker {
                 }
             }
             let types = &self.types;
-            projections.push(Projection::new(pos, shape, &rel, |oid| types.get(oid))?);
+            projections.push(Projection::new(pos, shape, routing, &rel, |oid| {
+                types.get(oid)
+            })?);
         }
         self.core.set_relation(rel, projections);
         Ok(())

@@ -93,6 +93,8 @@ impl DocSink for FakeSink {
 #[derive(Clone, Default)]
 struct FakeRows {
     rows: Arc<Mutex<HashMap<(usize, String), String>>>,
+    /// The routing of a row's document (none when absent).
+    routings: Arc<Mutex<HashMap<(usize, String), String>>>,
     built: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
@@ -122,11 +124,21 @@ impl RowSource for FakeRows {
                 Some(body) => DocOp::Index(body.clone().into_bytes()),
                 None => DocOp::Delete,
             };
+            let routing = match op {
+                DocOp::Index(_) => self
+                    .routings
+                    .lock()
+                    .unwrap()
+                    .get(&(index, id.clone()))
+                    .cloned(),
+                DocOp::Delete => None,
+            };
             out.push(DocWrite {
                 index,
                 id,
                 version,
                 op,
+                routing,
             });
         }
         Ok(())
@@ -177,7 +189,7 @@ impl Harness {
             Box::new(move |lsn| confirmed.lock().unwrap().push(format!("confirm {}", lsn.0))),
         );
         let rel = relation(&events);
-        let projection = Projection::new(0, &events, &rel, |_| TypeKind::Text).unwrap();
+        let projection = Projection::new(0, &events, None, &rel, |_| TypeKind::Text).unwrap();
         pipeline.set_relation(rel, vec![projection]);
         Harness {
             pipeline,
@@ -350,6 +362,7 @@ async fn unchanged_toast_values_are_refilled_from_the_row() {
             id,
             version: Lsn(110),
             op: DocOp::Index(b"{\"id\":\"7\",\"body\":\"long\"}".to_vec()),
+            routing: None,
         }]
     );
     assert_eq!(h.confirmed(), [120]);
@@ -576,4 +589,124 @@ async fn a_write_waits_for_an_in_flight_delete_of_the_same_version() {
     assert_eq!(flushed[0][0].op, DocOp::Delete);
     assert_eq!(flushed[1][0].version, Lsn(110));
     assert!(matches!(flushed[1][0].op, DocOp::Index(_)));
+}
+
+/// A pipeline over `docs(id, tenant, body)` (OID 30) routed by `tenant`:
+/// flat (documents from the WAL tuple) or built by query.
+fn routed_pipeline(flat: bool) -> (Pipeline<FakeSink, FakeRows>, FakeSink, FakeRows) {
+    let cfg = Config::from_toml(
+        "[source]\nurl = \"postgres://ferry@127.0.0.1:5432/app\"\nslot = \"s\"\npublication = \"p\"\n\
+         [sink]\nurl = \"http://127.0.0.1:9200\"\n\
+         [[index]]\nname = \"docs\"\ntable = \"docs\"\nrouting = \"tenant\"\n",
+    )
+    .expect("test config");
+    let docs = shape("docs", 30, &["id", "tenant", "body"]);
+    let mut plan = node("", docs.clone(), Link::Root);
+    plan.routing = Some("tenant".into());
+    let ix = index(0, plan, flat);
+    let sink = FakeSink {
+        log: Log::default(),
+        flushed: Arc::default(),
+        fail: Arc::default(),
+        gate: None,
+        hold: Arc::default(),
+    };
+    let rows = FakeRows::default();
+    let mut pipeline = Pipeline::new(
+        sink.clone(),
+        rows.clone(),
+        std::slice::from_ref(&ix),
+        &cfg,
+        Arc::new(Stats::default()),
+        Box::new(|_| {}),
+    );
+    let rel = relation(&docs);
+    let projections = if flat {
+        vec![Projection::new(0, &docs, Some("tenant"), &rel, |_| TypeKind::Text).unwrap()]
+    } else {
+        Vec::new()
+    };
+    pipeline.set_relation(rel, projections);
+    (pipeline, sink, rows)
+}
+
+/// (operation, id, routing) of each write of each flush, in order.
+fn placed(sink: &FakeSink) -> Vec<Vec<(&'static str, String, Option<String>)>> {
+    let flushed = sink.flushed.lock().unwrap();
+    flushed
+        .iter()
+        .map(|f| {
+            let mut v: Vec<_> = f
+                .iter()
+                .map(|w| {
+                    let op = if w.op == DocOp::Delete {
+                        "delete"
+                    } else {
+                        "index"
+                    };
+                    (op, w.id.clone(), w.routing.clone())
+                })
+                .collect();
+            v.sort();
+            v
+        })
+        .collect()
+}
+
+async fn run(p: &mut Pipeline<FakeSink, FakeRows>, lsn: u64, c: ferry_core::change::Change) {
+    p.begin(Lsn(lsn));
+    p.change(c).unwrap();
+    p.commit(Lsn(lsn + 1), 0);
+    p.dispatch().await.unwrap();
+    let r = p.flush_done().await;
+    p.flush_finished(r).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_routing_change_moves_the_document_and_leaves_no_copy_under_the_old_routing() {
+    for flat in [true, false] {
+        let (mut p, sink, rows) = routed_pipeline(flat);
+        let at = (0, "1".to_string());
+        rows.rows.lock().unwrap().insert(at.clone(), "{}".into());
+        rows.routings.lock().unwrap().insert(at.clone(), "b".into());
+        let moved = change(
+            30,
+            ChangeOp::Update,
+            Some(&["1", "a", "x"]),
+            Some(&["1", "b", "x"]),
+        );
+        run(&mut p, 10, moved).await;
+        rows.rows.lock().unwrap().clear();
+        run(
+            &mut p,
+            20,
+            change(30, ChangeOp::Delete, Some(&["1", "b", "x"]), None),
+        )
+        .await;
+        let some = |r: &str| Some(r.to_string());
+        assert_eq!(
+            placed(&sink),
+            [
+                vec![
+                    ("delete", "1".into(), some("a")),
+                    ("index", "1".into(), some("b"))
+                ],
+                vec![("delete", "1".into(), some("b"))],
+            ],
+            "flat: {flat}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_routed_root_found_gone_is_deleted_under_the_routing_its_row_image_gave() {
+    let (mut p, sink, _rows) = routed_pipeline(false);
+    // The row was deleted again before the build read it.
+    let insert = change(30, ChangeOp::Insert, None, Some(&["2", "c", "x"]));
+    run(&mut p, 10, insert).await;
+    assert_eq!(
+        placed(&sink),
+        [vec![("delete", "2".into(), Some("c".into()))]],
+        "the image's routing places the delete"
+    );
 }

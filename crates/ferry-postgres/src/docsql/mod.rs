@@ -72,7 +72,8 @@ enum Roots<'a> {
 /// The `COPY … TO STDOUT` that builds documents: every root (`keys`
 /// `None`, for backfill and verify) or the roots with these primary-key
 /// texts. Output columns: the root's selected columns, then its key
-/// columns, then one JSON value per child and one count per count.
+/// columns, then one JSON value per child and one count per count, then
+/// the routing column's text when the index is routed.
 ///
 /// The statement is set-based: the roots are read first (`ferry_r0`),
 /// then every related table once for the whole batch, restricted to the
@@ -194,6 +195,9 @@ fn build(plan: &Node, roots: Roots<'_>) -> String {
             .map(|k| format!("t0.{}::text", quote_ident(k))),
     );
     cols.extend(values);
+    if let Some(r) = &plan.routing {
+        cols.push(format!("t0.{}::text", quote_ident(r)));
+    }
     let mut sql = format!(
         "COPY (WITH {} SELECT {} FROM ferry_r0 t0{joins}",
         g.ctes.join(", "),
@@ -494,6 +498,17 @@ mod tests {
         assert!(sql.contains("ORDER BY t2.\"sku\" desc"), "{sql}");
         assert_eq!(sql.matches("json_agg").count(), 2, "{sql}");
         assert!(sql.ends_with(") TO STDOUT"), "{sql}");
+    }
+
+    #[test]
+    fn a_routed_build_returns_the_routing_text_last() {
+        let mut plan = sample_users_plan();
+        plan.routing = Some("email".into());
+        let sql = build_sql(&plan, None);
+        assert!(
+            sql.contains(", t0.\"email\"::text FROM ferry_r0 t0"),
+            "{sql}"
+        );
     }
 
     #[test]
