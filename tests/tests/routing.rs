@@ -2,7 +2,8 @@
 //! `_routing`, in a flat index (documents from the WAL tuple) and in one
 //! built by query; a routing value change moves the document and leaves no
 //! copy under the old routing; `verify` finds and repairs a copy stored
-//! under a routing its row does not give; `check` names a bad column.
+//! under a routing its row does not give; dropping the routing rebuilds the
+//! index; `check` names a bad column.
 
 use std::time::Duration;
 
@@ -121,7 +122,8 @@ async fn a_routing_change_moves_the_document_and_verify_repairs_a_stray_copy() {
         "BEGIN; UPDATE docs SET tenant = '{b}', body = 'moved' WHERE id = 1;
          UPDATE notes SET note = 'edited' WHERE id = 100; COMMIT;
          DELETE FROM docs WHERE id = 2;
-         UPDATE docs SET tenant = NULL WHERE id = 3;"
+         UPDATE docs SET tenant = NULL WHERE id = 3;
+         UPDATE docs SET tenant = '' WHERE id = 5;"
     ))
     .await
     .expect("changes");
@@ -129,6 +131,8 @@ async fn a_routing_change_moves_the_document_and_verify_repairs_a_stray_copy() {
         wait_copies(&env, index, "1", &[Some(&b)]).await;
         wait_copies(&env, index, "2", &[]).await;
         wait_copies(&env, index, "3", &[None]).await;
+        // The cluster treats an empty routing as none.
+        wait_copies(&env, index, "5", &[None]).await;
     }
     let built = env.documents("built").await;
     assert_eq!(built["1"]["body"], "moved");
@@ -166,10 +170,37 @@ async fn a_routing_change_moves_the_document_and_verify_repairs_a_stray_copy() {
     let (code, out, _) = ferry_once(&["verify", "--config", &cfg_s, "--index", &name]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("extra\t1"), "{out}");
+    // A sample as large as the index sees the stray copy too.
+    let (code, out, _) = ferry_once(&[
+        "verify", "--config", &cfg_s, "--index", &name, "--sample", "1000",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("extra\t1"), "{out}");
     let (code, out, _) = ferry_once(&["verify", "--config", &cfg_s, "--repair"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("repaired 1, unrepairable 0"), "{out}");
     assert_eq!(copies(&env, "flat", "1").await, [Some(b.clone())]);
+    assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
+
+    // Dropping the routing rebuilds the index beside the served one, which
+    // gets no copies of new writes meanwhile (they would be placed by id
+    // next to its routed documents), and the alias moves to the new one.
+    let text =
+        std::fs::read_to_string(&config)
+            .expect("config")
+            .replacen("routing = \"tenant\"\n", "", 1);
+    let config = env.write_config(&text);
+    let ferry = env.run_ferry(&config);
+    wait_copies(&env, "flat", "1", &[None]).await;
+    wait_for("the rebuilt index serves every row", WAIT, async || {
+        env.count("flat").await == 29
+    })
+    .await;
+    assert!(
+        env.log().contains("the routing changed"),
+        "{}",
+        env.log_tail()
+    );
     assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
 }
 

@@ -34,6 +34,13 @@ pub struct DocWrite {
     pub routing: Option<String>,
 }
 
+/// The routing a routing column's text gives: `None` (by id) for NULL and
+/// for an empty value, which the cluster treats as no routing.
+pub fn routing_of(text: Option<&[u8]>) -> Option<String> {
+    text.filter(|t| !t.is_empty())
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+}
+
 /// A document as the cluster stores it: (index position, id, routing).
 pub type DocKey<'a> = (usize, &'a str, Option<&'a str>);
 
@@ -168,6 +175,13 @@ mod tests {
         let (out, dropped) = seen.settle(built, |_| true);
         assert_eq!(out, vec![write("1", DocOp::Delete, Some("a"))]);
         assert_eq!(dropped, 1, "no routing of 2 was seen");
+    }
+
+    #[test]
+    fn an_empty_routing_value_routes_by_id_like_null() {
+        assert_eq!(routing_of(Some(b"")), None);
+        assert_eq!(routing_of(None), None);
+        assert_eq!(routing_of(Some(b"t1")), Some("t1".into()));
     }
 
     #[test]

@@ -448,18 +448,8 @@ impl Check<'_> {
                 .collect();
             let mut rebuilt = Vec::new();
             build::build_docs(&self.ops.client, self.ix, &keys, Lsn::ZERO, &mut rebuilt).await?;
-            let expected: HashMap<&str, &DocWrite> =
-                rebuilt.iter().map(|w| (w.id.as_str(), w)).collect();
-            // A document whose row is gone (or filtered out), or stored
-            // under a routing its row no longer gives, is extra.
-            for h in &hits {
-                let placed = expected
-                    .get(h.id.as_str())
-                    .is_some_and(|w| matches!(w.op, DocOp::Index(_)) && w.routing == h.routing);
-                if !placed {
-                    self.suspect(h.doc_ref());
-                }
-            }
+            let stored: Vec<DocRef> = hits.iter().map(Hit::doc_ref).collect();
+            self.suspect_unplaced(&stored, &rebuilt);
             self.settle(false).await?;
             if logged.elapsed() >= PROGRESS_EVERY {
                 logged = std::time::Instant::now();
@@ -483,10 +473,10 @@ impl Check<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        let doc_ids = self
+        let docs = self
             .ops
             .sink
-            .sample_ids(&self.ix.concrete, n.min(10_000), seed)
+            .sample_docs(&self.ix.concrete, n.min(10_000), seed)
             .await?;
         let width = self.ix.plan.table.key.len();
         let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -494,9 +484,9 @@ impl Check<'_> {
             let parts: Vec<&[u8]> = k.iter().map(|p| p.as_bytes()).collect();
             keys.insert(doc_id(&parts), k);
         }
-        for id in doc_ids {
-            let k = split_doc_id(&id, width);
-            keys.entry(id).or_insert(k);
+        for (id, _) in &docs {
+            keys.entry(id.clone())
+                .or_insert_with(|| split_doc_id(id, width));
         }
         self.report.checked = keys.len() as u64;
         let keys: Vec<Vec<String>> = keys.into_values().collect();
@@ -504,9 +494,32 @@ impl Check<'_> {
             let mut expected = Vec::new();
             build::build_docs(&self.ops.client, self.ix, chunk, Lsn::ZERO, &mut expected).await?;
             self.compare(&expected).await?;
+            // The sampled documents of this chunk, as stored.
+            let ids: HashSet<&str> = expected.iter().map(|w| w.id.as_str()).collect();
+            let stored: Vec<DocRef> = docs
+                .iter()
+                .filter(|(id, _)| ids.contains(id.as_str()))
+                .cloned()
+                .collect();
+            self.suspect_unplaced(&stored, &expected);
             self.settle(false).await?;
         }
         Ok(())
+    }
+
+    /// Suspects each `stored` document that `built` (the writes its rows
+    /// give) does not place: its row is gone (or filtered out), or it is
+    /// stored under a routing its row does not give.
+    fn suspect_unplaced(&mut self, stored: &[DocRef], built: &[DocWrite]) {
+        let expected: HashMap<&str, &DocWrite> = built.iter().map(|w| (w.id.as_str(), w)).collect();
+        for (id, routing) in stored {
+            let placed = expected
+                .get(id.as_str())
+                .is_some_and(|w| matches!(w.op, DocOp::Index(_)) && w.routing == *routing);
+            if !placed {
+                self.suspect((id.clone(), routing.clone()));
+            }
+        }
     }
 
     fn suspect(&mut self, doc: DocRef) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use ferry_config::{Config, SlotLostPolicy};
 use ferry_core::plan::Node;
 use ferry_core::stats::{IndexState, Stats};
-use ferry_opensearch::{IndexPlan, Sink};
+use ferry_opensearch::{IndexPlan, PreparedIndex, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, Session, SourceError};
 
@@ -67,6 +67,26 @@ pub(crate) fn owner(cfg: &Config) -> String {
         Err(_) => String::new(),
     };
     format!("{}@{source}", cfg.source.slot)
+}
+
+/// The index the alias serves during a rebuild, which gets a copy of every
+/// write, if the copies can be placed there: a copy carries the routing of
+/// the index being built, so an index the alias serves that was routed
+/// otherwise (or by id) would get a second copy of a moved document and
+/// miss deletes. It is then left as it is until the alias moves.
+fn shadow_of(alias: &str, prepared: &PreparedIndex, routing: Option<&str>) -> Option<String> {
+    let previous = prepared.previous.clone()?;
+    if prepared.previous_routing.as_deref() == routing {
+        return Some(previous);
+    }
+    tracing::warn!(
+        index = %alias,
+        serving = %previous,
+        from = prepared.previous_routing.as_deref().unwrap_or("the document id"),
+        to = routing.unwrap_or("the document id"),
+        "the routing changed: the index searches use now is not updated while its replacement seeds; searches see changes again when the alias moves"
+    );
+    None
 }
 
 /// What ferry wants index `alias`'s concrete index to look like.
@@ -338,6 +358,11 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
                 None => IndexState::Seeding,
             });
         }
+        let shadow = if seeded {
+            None
+        } else {
+            shadow_of(&ix.name, &prepared, doc_plan.routing.as_deref())
+        };
         indexes.push(IndexRuntime {
             pos,
             alias: ix.name.clone(),
@@ -345,11 +370,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
             shape: doc_plan.table.clone(),
             fast: !ix.is_relational(),
             plan: doc_plan,
-            shadow: if seeded {
-                None
-            } else {
-                prepared.previous.clone()
-            },
+            shadow,
             paused: prepared.paused,
         });
         if !seeded && !prepared.paused {

@@ -48,15 +48,26 @@ impl IndexPlan {
     }
 
     /// The body the concrete index is created with: settings, and the
-    /// mapping with ferry's `_meta` (alias and generation hash).
+    /// mapping with ferry's `_meta` (alias, generation hash, owner, and the
+    /// routing column when the index is routed).
     pub fn create_body(&self) -> Value {
         json!({
             "settings": self.settings,
             "mappings": {
-                "_meta": {"ferry": {"alias": self.alias, "hash": self.hash(), "owner": self.owner}},
+                "_meta": {"ferry": self.meta()},
                 "properties": self.properties,
             }
         })
+    }
+
+    /// ferry's `_meta` identifying the generation: alias, hash, owner, and
+    /// the routing column when the index is routed.
+    fn meta(&self) -> Value {
+        let mut meta = json!({"alias": self.alias, "hash": self.hash(), "owner": self.owner});
+        if let Some(r) = self.selection.get("routing") {
+            meta["routing"] = r.clone();
+        }
+        meta
     }
 }
 
@@ -111,6 +122,9 @@ pub struct PreparedIndex {
     pub seeded: Option<Lsn>,
     /// Another concrete index the alias points at now (an older mapping).
     pub previous: Option<String>,
+    /// The routing column `previous` was written with (from its `_meta`;
+    /// `None`: routed by id, as every index from before routing existed).
+    pub previous_routing: Option<String>,
     /// Primary key of the last row an interrupted backfill made durable.
     pub checkpoint: Option<Vec<String>>,
     /// The index is paused (`_meta.ferry.paused`): nothing is written to
@@ -208,6 +222,7 @@ impl Sink {
                     concrete: served.clone(),
                     seeded: meta["seeded_lsn"].as_str().and_then(|s| s.parse().ok()),
                     previous: None,
+                    previous_routing: None,
                     checkpoint: None,
                     paused: true,
                 });
@@ -269,6 +284,12 @@ impl Sink {
             tracing::info!(index = %concrete, alias = %plan.alias, "created index");
         }
         let previous = targets.iter().find(|t| **t != concrete).cloned();
+        let previous_routing = match &previous {
+            Some(p) => self.ferry_meta(p).await?["routing"]
+                .as_str()
+                .map(str::to_string),
+            None => None,
+        };
         if targets.is_empty() {
             // First index for this name: let searches reach it at once.
             self.swap_alias(&plan.alias, &concrete, None).await?;
@@ -277,6 +298,7 @@ impl Sink {
             concrete,
             seeded,
             previous,
+            previous_routing,
             checkpoint,
             paused: false,
         })
@@ -504,9 +526,8 @@ impl Sink {
         concrete: &str,
         lsn: Lsn,
     ) -> Result<(), SinkError> {
-        let ferry = json!({
-            "alias": plan.alias, "hash": plan.hash(), "owner": plan.owner, "seeded_lsn": lsn.to_string()
-        });
+        let mut ferry = plan.meta();
+        ferry["seeded_lsn"] = json!(lsn.to_string());
         self.put_ferry_meta(concrete, ferry).await
     }
 
@@ -517,9 +538,8 @@ impl Sink {
         concrete: &str,
         after: &[String],
     ) -> Result<(), SinkError> {
-        let ferry = json!({
-            "alias": plan.alias, "hash": plan.hash(), "owner": plan.owner, "backfill_after": after
-        });
+        let mut ferry = plan.meta();
+        ferry["backfill_after"] = json!(after);
         self.put_ferry_meta(concrete, ferry).await
     }
 

@@ -190,15 +190,15 @@ impl Sink {
         Ok(Some(hits))
     }
 
-    /// The ids of up to `n` documents of `index` chosen at random (a
-    /// seeded `random_score`; the cluster scores every document, only `n`
-    /// ids travel).
-    pub async fn sample_ids(
+    /// The ids and routings of up to `n` documents of `index` chosen at
+    /// random (a seeded `random_score`; the cluster scores every document,
+    /// only `n` ids travel).
+    pub async fn sample_docs(
         &self,
         index: &str,
         n: usize,
         seed: u64,
-    ) -> Result<Vec<String>, SinkError> {
+    ) -> Result<Vec<DocRef>, SinkError> {
         self.refresh(index).await?;
         let v = self
             .request_json(
@@ -214,6 +214,6 @@ impl Sink {
                 })),
             )
             .await?;
-        Ok(hits_of(&v).into_iter().map(|h| h.id).collect())
+        Ok(hits_of(&v).iter().map(Hit::doc_ref).collect())
     }
 }

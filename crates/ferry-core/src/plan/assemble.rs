@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::{Link, Node};
+use crate::doc::routing_of;
 use crate::schema::doc_id;
 use crate::value::{write_json_str, write_value};
 use crate::{DocOp, DocWrite, Lsn};
@@ -36,7 +37,8 @@ impl Node {
 
     /// The write indexing the document of one build row (`field(i)` gives
     /// field `i`) into index `index` at `version`; its id is the root key's
-    /// [`doc_id`], its routing the routing column's text (none when NULL). `None` if a nested value is not the JSON the build query
+    /// [`doc_id`], its routing the routing column's text (none when NULL
+    /// or empty). `None` if a nested value is not the JSON the build query
     /// produces (the row came back in an unexpected shape).
     pub fn document<'a>(
         &self,
@@ -52,9 +54,10 @@ impl Node {
             .key_positions()
             .map(|p| field(p).unwrap_or(b""))
             .collect();
-        let routing = self.routing.as_ref().and_then(|_| {
-            field(self.routing_position()).map(|r| String::from_utf8_lossy(r).into_owned())
-        });
+        let routing = self
+            .routing
+            .as_ref()
+            .and_then(|_| routing_of(field(self.routing_position())));
         Some(DocWrite {
             index,
             id: doc_id(&parts),

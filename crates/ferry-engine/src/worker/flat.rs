@@ -3,6 +3,7 @@
 //! the row through the build query instead.
 
 use ferry_core::change::{Change, ChangeOp, Datum, Relation, Tuple};
+use ferry_core::doc::routing_of;
 use ferry_core::schema::{doc_id, DocumentWriter};
 use ferry_core::{ColumnShape, DocOp, DocWrite, Lsn, TableShape, TypeKind};
 
@@ -87,11 +88,9 @@ impl Projection {
     }
 
     /// The routing a row image gives its document (`None` for an
-    /// unrouted index or a NULL value).
+    /// unrouted index or a NULL or empty value).
     fn routing_of(&self, t: &Tuple) -> Option<String> {
-        self.routing
-            .and_then(|r| text(t, r))
-            .map(|b| String::from_utf8_lossy(b).into_owned())
+        routing_of(self.routing.and_then(|r| text(t, r)))
     }
 
     /// Adds what `change` does to this index's documents, versioned `version`.

@@ -171,10 +171,19 @@ pub async fn handle_rejected<S: DocSink, R: RowSource>(
             .unwrap_or(fallback_version);
         let mut writes = Vec::new();
         rows.build(index, &keys, version, &mut writes).await?;
-        let outcome = sink.write(&writes).await?;
-        // Report a document still refused with the reason it was first refused for.
         let first: HashMap<&str, &Rejected> =
             list.iter().map(|r| (r.write.id.as_str(), r)).collect();
+        // A root found gone is deleted where the refused write went (the
+        // build does not know a routing for it).
+        for w in &mut writes {
+            if w.op == DocOp::Delete && w.routing.is_none() {
+                w.routing = first
+                    .get(w.id.as_str())
+                    .and_then(|r| r.write.routing.clone());
+            }
+        }
+        let outcome = sink.write(&writes).await?;
+        // Report a document still refused with the reason it was first refused for.
         for r in outcome.rejected {
             still.push(match first.get(r.write.id.as_str()) {
                 Some(f) => Rejected {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ferry_config::Config;
 use ferry_core::ack::{last_per_document, Overtaking};
 use ferry_core::change::{Change, ChangeOp, Relation};
+use ferry_core::doc::DocKey;
 use ferry_core::stats::Stats;
 use ferry_core::{DocOp, DocWrite, Lsn, PIPELINE_TARGET};
 use ferry_opensearch::SinkError;
@@ -280,10 +281,11 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         if self.held.is_empty() {
             return;
         }
-        let newer: HashSet<(usize, &str)> =
-            writes.iter().map(|w| (w.index, w.id.as_str())).collect();
+        // By (index, id, routing): a delete of a copy under an old routing
+        // is not superseded by writes under the new one.
+        let newer: HashSet<DocKey<'_>> = writes.iter().map(DocWrite::key).collect();
         for (_, ops) in &mut self.held {
-            ops.retain(|w| !newer.contains(&(w.index, w.id.as_str())));
+            ops.retain(|w| !newer.contains(&w.key()));
         }
     }
 

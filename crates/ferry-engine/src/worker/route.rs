@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use ferry_core::change::{Change, Datum, Relation, Tuple};
+use ferry_core::doc::routing_of;
 use ferry_core::plan::Probe;
 use ferry_core::schema::doc_id;
 
@@ -143,7 +144,7 @@ impl Router {
                         {
                             let parts: Vec<&[u8]> = key.iter().map(|k| k.as_bytes()).collect();
                             out.routings
-                                .push((*index, doc_id(&parts), text(t, r).map(lossy)));
+                                .push((*index, doc_id(&parts), routing_of(text(t, r))));
                         }
                         out.roots.push((*index, key));
                     }

@@ -596,7 +596,7 @@ async fn a_write_waits_for_an_in_flight_delete_of_the_same_version() {
 fn routed_pipeline(flat: bool) -> (Pipeline<FakeSink, FakeRows>, FakeSink, FakeRows) {
     let cfg = Config::from_toml(
         "[source]\nurl = \"postgres://ferry@127.0.0.1:5432/app\"\nslot = \"s\"\npublication = \"p\"\n\
-         [sink]\nurl = \"http://127.0.0.1:9200\"\n\
+         [sink]\nurl = \"http://127.0.0.1:9200\"\n[engine]\nmax_in_flight_bulks = 4\n\
          [[index]]\nname = \"docs\"\ntable = \"docs\"\nrouting = \"tenant\"\n",
     )
     .expect("test config");
@@ -653,11 +653,17 @@ fn placed(sink: &FakeSink) -> Vec<Vec<(&'static str, String, Option<String>)>> {
         .collect()
 }
 
-async fn run(p: &mut Pipeline<FakeSink, FakeRows>, lsn: u64, c: ferry_core::change::Change) {
+/// One transaction of the change `c`, dispatched as a batch of its own.
+async fn send(p: &mut Pipeline<FakeSink, FakeRows>, lsn: u64, c: ferry_core::change::Change) {
     p.begin(Lsn(lsn));
     p.change(c).unwrap();
     p.commit(Lsn(lsn + 1), 0);
     p.dispatch().await.unwrap();
+}
+
+/// Like [`send`], then waits for its flush to land.
+async fn run(p: &mut Pipeline<FakeSink, FakeRows>, lsn: u64, c: ferry_core::change::Change) {
+    send(p, lsn, c).await;
     let r = p.flush_done().await;
     p.flush_finished(r).await.unwrap();
 }
@@ -709,4 +715,42 @@ async fn a_routed_root_found_gone_is_deleted_under_the_routing_its_row_image_gav
         [vec![("delete", "2".into(), Some("c".into()))]],
         "the image's routing places the delete"
     );
+}
+
+#[tokio::test]
+async fn a_held_delete_under_an_old_routing_survives_newer_writes_under_the_new_one() {
+    let (mut p, sink, _rows) = routed_pipeline(true);
+    let gate = Arc::new(Semaphore::new(0));
+    *sink.hold.lock().unwrap() = Some(("first".into(), gate.clone()));
+    // The first write of (1, a) stays in flight; the move's delete of
+    // (1, a) is held behind it; a later edit writes (1, b) again.
+    send(
+        &mut p,
+        10,
+        change(30, ChangeOp::Insert, None, Some(&["1", "a", "first"])),
+    )
+    .await;
+    let moved = change(
+        30,
+        ChangeOp::Update,
+        Some(&["1", "a", "first"]),
+        Some(&["1", "b", "moved"]),
+    );
+    send(&mut p, 20, moved).await;
+    let edited = change(
+        30,
+        ChangeOp::Update,
+        Some(&["1", "b", "moved"]),
+        Some(&["1", "b", "edited"]),
+    );
+    send(&mut p, 30, edited).await;
+    gate.add_permits(1);
+    p.settle().await.unwrap();
+    let deletes: Vec<(String, Option<String>)> = placed(&sink)
+        .into_iter()
+        .flatten()
+        .filter(|(op, ..)| *op == "delete")
+        .map(|(_, id, r)| (id, r))
+        .collect();
+    assert_eq!(deletes, [("1".to_string(), Some("a".to_string()))]);
 }
