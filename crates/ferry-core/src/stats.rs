@@ -15,7 +15,10 @@
 //! index still seeding or rebuilding ([`Stats::has_pending_work`]). The
 //! pipeline is *stalled* when work has been pending without progress
 //! ([`Stats::stalled_for`], counted from the later of the last progress and
-//! the moment work arrived on an idle pipeline); outside streaming (starting,
+//! the moment work arrived on an idle pipeline, or from when the oldest bulk
+//! flush still in flight was sent if that is earlier: with several flushes
+//! in flight, later ones landing are no progress past one that hangs);
+//! outside streaming (starting,
 //! retrying, standby) nothing is pending: the restart loop is what runs.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -195,6 +198,9 @@ pub struct Stats {
     pub progress_at: AtomicU64,
     /// When work last arrived on a pipeline that had none pending (monotonic µs).
     busy_since: AtomicU64,
+    /// When the oldest bulk flush still in flight was sent (monotonic µs);
+    /// 0 when none is.
+    oldest_flush_at: AtomicU64,
     /// Why the pipeline last waited instead of running (`standby: …`,
     /// `retrying: …`); cleared when the restart loop tries again.
     pub waiting: Mutex<Option<String>>,
@@ -291,6 +297,7 @@ impl Stats {
     pub fn set_streaming(&self, on: bool) {
         self.streaming.store(on, Relaxed);
         self.open_transaction.store(false, Relaxed);
+        self.oldest_flush_at.store(0, Relaxed);
         lock(&self.unconfirmed).clear();
         if on {
             self.standby.store(false, Relaxed);
@@ -353,11 +360,22 @@ impl Stats {
         if !self.has_pending_work() {
             return None;
         }
-        let since = self
+        let mut since = self
             .progress_at
             .load(Relaxed)
             .max(self.busy_since.load(Relaxed));
+        // Later flushes landing are no progress past one that hangs.
+        let oldest = self.oldest_flush_at.load(Relaxed);
+        if oldest != 0 {
+            since = since.min(oldest);
+        }
         Some(Duration::from_micros(now.saturating_sub(since)))
+    }
+
+    /// The oldest bulk flush in flight was sent at `at` (monotonic µs,
+    /// [`mono_us`]); `None` when none is in flight.
+    pub fn set_oldest_flush(&self, at: Option<u64>) {
+        self.oldest_flush_at.store(at.unwrap_or(0), Relaxed);
     }
 
     /// The search cluster answered a request (any HTTP status).
@@ -514,6 +532,22 @@ mod tests {
         s.confirmed(120);
         assert!(!s.has_pending_work());
         assert_eq!(s.oldest_unconfirmed_commit_us(), None);
+    }
+
+    #[test]
+    fn a_flush_in_flight_since_before_the_last_progress_stalls_from_when_it_was_sent() {
+        let s = streaming();
+        s.transaction_began(100);
+        s.set_oldest_flush(Some(1_000_000));
+        s.progress_at.store(50_000_000, Relaxed); // later flushes landed
+        s.busy_since.store(0, Relaxed);
+        assert_eq!(
+            s.stalled_for(61_000_000),
+            Some(Duration::from_secs(60)),
+            "stalled since the hanging flush was sent"
+        );
+        s.set_oldest_flush(None);
+        assert_eq!(s.stalled_for(61_000_000), Some(Duration::from_secs(11)));
     }
 
     #[test]

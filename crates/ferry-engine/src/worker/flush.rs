@@ -69,7 +69,9 @@ pub fn spawn<S: DocSink>(
     inflight.spawn(tracing::Instrument::instrument(fut, span));
 }
 
-fn record(stats: &Stats, writes: &[DocWrite], outcome: &BulkOutcome, started: Instant) {
+/// Counts a finished flush in `stats`: its latency, and per index the
+/// documents written, deleted and superseded.
+pub fn record(stats: &Stats, writes: &[DocWrite], outcome: &BulkOutcome, started: Instant) {
     stats.record_flush(writes.len() as u64, started.elapsed().as_micros() as u64);
     // Per index: (written, deleted, superseded), one stats look-up per index.
     // Superseded and refused writes are not counted as written or deleted.

@@ -3,7 +3,7 @@
 //! come from a [`RowSource`]), and positions are confirmed through
 //! [`Acks`] only after the flush that made them durable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use ferry_config::Config;
 use ferry_core::ack::{last_per_document, Overtaking};
 use ferry_core::change::{Change, ChangeOp, Relation};
 use ferry_core::doc::DocKey;
-use ferry_core::stats::Stats;
+use ferry_core::stats::{mono_us, Stats};
 use ferry_core::{DocOp, DocWrite, Lsn, PIPELINE_TARGET};
 use ferry_opensearch::SinkError;
 use tokio::task::JoinError;
@@ -49,6 +49,8 @@ pub struct Pipeline<S: DocSink, R: RowSource> {
     inflight: Inflight,
     /// What the in-flight writes hold, so a delete never overtakes a write.
     overtaking: Overtaking,
+    /// Flush number → when it was sent (monotonic µs), for the stall check.
+    sent_at: BTreeMap<u64, u64>,
     /// Operations held back until the in-flight one of their document they
     /// must not overtake landed, each group with its batch's ticket.
     held: Vec<(FlushTicket, Vec<DocWrite>)>,
@@ -88,6 +90,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             commit_ts: 0,
             inflight: Inflight::new(),
             overtaking: Overtaking::default(),
+            sent_at: BTreeMap::new(),
             held: Vec::new(),
             max_in_flight: cfg.engine.max_in_flight_bulks.max(1),
             confirm,
@@ -331,6 +334,8 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         if let Some(first) = tickets.first() {
             self.overtaking
                 .sent(first.seq(), origins.into_iter().zip(writes.iter()));
+            self.sent_at.insert(first.seq(), mono_us());
+            self.note_oldest_flush();
         }
         flush::spawn(
             &mut self.inflight,
@@ -407,7 +412,9 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         let writes = self.prepare_writes().await?;
         self.settle().await?;
         if !writes.is_empty() {
+            let started = Instant::now();
             let outcome = self.sink.write(&writes).await?;
+            flush::record(&self.stats, &writes, &outcome, started);
             self.poison_path(outcome.rejected).await?;
         }
         Ok(())
@@ -442,6 +449,8 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
                 // A flush is known by its first ticket (see `send`).
                 if let Some(first) = tickets.first() {
                     self.overtaking.landed(first.seq());
+                    self.sent_at.remove(&first.seq());
+                    self.note_oldest_flush();
                 }
                 self.poison_path(rejected).await?;
                 for t in tickets {
@@ -533,6 +542,12 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             writes.extend(built);
         }
         Ok(writes)
+    }
+
+    /// Tells the stall check when the oldest flush in flight was sent.
+    fn note_oldest_flush(&self) {
+        self.stats
+            .set_oldest_flush(self.sent_at.values().min().copied());
     }
 
     fn index_name(&self, index: usize) -> &str {

@@ -150,6 +150,7 @@ struct Harness {
     log: Log,
     sink: FakeSink,
     rows: FakeRows,
+    stats: Arc<Stats>,
 }
 
 impl Harness {
@@ -180,12 +181,13 @@ impl Harness {
         };
         let rows = FakeRows::default();
         let confirmed = log.clone();
+        let stats = Arc::new(Stats::default());
         let mut pipeline = Pipeline::new(
             sink.clone(),
             rows.clone(),
             std::slice::from_ref(&flat),
             &cfg,
-            Arc::new(Stats::default()),
+            stats.clone(),
             Box::new(move |lsn| confirmed.lock().unwrap().push(format!("confirm {}", lsn.0))),
         );
         let rel = relation(&events);
@@ -196,6 +198,7 @@ impl Harness {
             log,
             sink,
             rows,
+            stats,
         }
     }
 
@@ -753,4 +756,58 @@ async fn a_held_delete_under_an_old_routing_survives_newer_writes_under_the_new_
         .map(|(_, id, r)| (id, r))
         .collect();
     assert_eq!(deletes, [("1".to_string(), Some("a".to_string()))]);
+}
+
+#[tokio::test]
+async fn a_flush_before_a_truncate_counts_as_a_flush_and_as_progress() {
+    let mut h = Harness::new("skip", 1000, false);
+    h.pipeline.begin(Lsn(90));
+    h.insert("1", "a").await;
+    h.insert("2", "b").await;
+    let before = h
+        .stats
+        .progress_at
+        .load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    h.pipeline.barrier().await.unwrap();
+    assert!(
+        h.stats
+            .progress_at
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > before
+    );
+    assert_eq!(h.sink.flushed.lock().unwrap().len(), 1);
+    let counted = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(counted(&h.stats.flushes), 1);
+    assert_eq!(counted(&h.stats.flush_docs), 2);
+}
+
+#[tokio::test]
+async fn a_hanging_flush_counts_as_a_stall_while_later_flushes_land() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    h.stats.set_streaming(true);
+    let gate = h.hold("hangs");
+    h.send_transaction(90, &["1"], "hangs", 100).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    h.send_transaction(110, &["2"], "lands", 120).await;
+    h.land().await.unwrap();
+    assert_eq!(
+        h.sink.flushed.lock().unwrap().len(),
+        1,
+        "the later flush landed"
+    );
+    let now = ferry_core::stats::mono_us();
+    let stalled = h.stats.stalled_for(now).expect("work is pending");
+    assert!(
+        stalled >= std::time::Duration::from_millis(300),
+        "stalled since the hanging flush was sent, not since the later one landed: {stalled:?}"
+    );
+    gate.add_permits(1);
+    h.land().await.unwrap();
+    let now = ferry_core::stats::mono_us();
+    assert_eq!(
+        h.stats.stalled_for(now),
+        None,
+        "all confirmed: nothing pending"
+    );
 }
