@@ -104,11 +104,8 @@ pub async fn run(
         stats
             .standby
             .store(disposition == Disposition::Standby, Relaxed);
-        stats.set_all_states(match disposition {
-            // Another ferry maintains the indexes.
-            Disposition::Standby => IndexState::Stopped,
-            _ => IndexState::Failed,
-        });
+        stats.set_all_states(state_while_restarting(&e, disposition));
+        let deliberate = matches!(e, EngineError::Restart(_));
         if disposition == Disposition::Retry && matches!(e, EngineError::Source(_)) {
             stats.source_ok.store(false, Relaxed);
         }
@@ -138,6 +135,8 @@ pub async fn run(
                     // The next start recreates the slot and builds every
                     // index beside the one its alias serves.
                     tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
+                } else if deliberate {
+                    tracing::info!(reason = %e, retry_in_ms = backoff.as_millis() as u64, "restarting the pipeline");
                 } else {
                     stats.reconnects.fetch_add(1, Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
@@ -169,6 +168,19 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(3);
 /// same server do not all come back at the same instant.
 fn restart_delays() -> ExponentialBackoff {
     ferry_core::backoff::jittered(FIRST_RESTART_DELAY, MAX_RESTART_DELAY)
+}
+
+/// The state every index shows while the restart loop handles `e`: a
+/// restart ferry asked for itself (`EngineError::Restart`: a rebuild to
+/// start, a table's new shape) is no failure, and is not counted as a
+/// reconnect either.
+fn state_while_restarting(e: &EngineError, d: Disposition) -> IndexState {
+    match (e, d) {
+        // Another ferry maintains the indexes.
+        (_, Disposition::Standby) => IndexState::Stopped,
+        (EngineError::Restart(_), _) => IndexState::Starting,
+        _ => IndexState::Failed,
+    }
 }
 
 /// Records why the pipeline waits (the systemd `STATUS=` line shows it
@@ -210,6 +222,24 @@ mod tests {
             );
             step = (step * 2).min(MAX_RESTART_DELAY);
         }
+    }
+
+    #[test]
+    fn a_restart_ferry_asks_for_itself_shows_no_index_as_failed() {
+        let restart = EngineError::Restart("a related table was truncated".into());
+        assert_eq!(
+            state_while_restarting(&restart, restart.disposition()),
+            IndexState::Starting
+        );
+        let lost = EngineError::Stream("the stream ended".into());
+        assert_eq!(
+            state_while_restarting(&lost, Disposition::Retry),
+            IndexState::Failed
+        );
+        assert_eq!(
+            state_while_restarting(&lost, Disposition::Standby),
+            IndexState::Stopped
+        );
     }
 
     #[test]
