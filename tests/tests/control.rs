@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{ferry_bin, output_of, wait_for, TestEnv};
+use ferry_e2e::{ferry_bin, ferry_once, output_of, wait_for, TestEnv};
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -139,6 +139,20 @@ async fn a_paused_index_is_not_written_yet_loses_nothing_once_resumed() {
         env.documents("x").await,
         frozen,
         "a paused index receives no writes"
+    );
+    // `ferry plan` says the paused index waits for its resume, even with a
+    // configuration that would rebuild it.
+    let changed = std::fs::read_to_string(&s.cfg)
+        .expect("config")
+        .replace("table = \"x\"\n", "table = \"x\"\ncolumns = [\"id\"]\n");
+    let changed = env.write_config(&changed);
+    let (code, out, err) = ferry_once(&["plan", "--config", changed.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "nothing happens to a paused index: {out}{err}");
+    assert!(
+        out.contains(&format!(
+            "index {alias}: paused; nothing to do until it is resumed"
+        )),
+        "{out}"
     );
 
     // A pause survives a restart.

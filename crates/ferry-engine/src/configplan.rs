@@ -47,6 +47,14 @@ pub enum Step {
         /// What differs.
         why: String,
     },
+    /// Paused through the control API: nothing happens to it until it is
+    /// resumed, which rebuilds it from the tables with this configuration.
+    Paused {
+        /// Configured index name (alias).
+        index: String,
+        /// The concrete index served, as it is.
+        concrete: String,
+    },
     /// An index that is not ferry's holds the name: start-up stops.
     Blocked {
         /// Configured index name.
@@ -69,7 +77,7 @@ pub enum Step {
 impl Step {
     /// Whether applying the configuration changes anything for this step.
     pub fn changes(&self) -> bool {
-        !matches!(self, Step::Unchanged { .. })
+        !matches!(self, Step::Unchanged { .. } | Step::Paused { .. })
     }
 }
 
@@ -79,6 +87,10 @@ impl std::fmt::Display for Step {
             Step::Unchanged { index, concrete } => {
                 write!(f, "index {index}: nothing to do (serves {concrete})")
             }
+            Step::Paused { index, concrete } => write!(
+                f,
+                "index {index}: paused; nothing to do until it is resumed (searches use {concrete} as it is), then it is rebuilt from the tables with this configuration"
+            ),
             Step::Create { index, concrete } => write!(
                 f,
                 "index {index}: create and seed {concrete} (copies every row, then streams)"
@@ -130,6 +142,7 @@ pub async fn plan(cfg: &Config) -> Result<Vec<Step>, EngineError> {
                 concrete: concrete_name(&plan),
             },
             Standing::Foreign => Step::Blocked { index },
+            Standing::Paused { concrete } => Step::Paused { index, concrete },
             Standing::Current {
                 concrete,
                 seeded: false,

@@ -78,6 +78,13 @@ pub enum Standing {
     Missing,
     /// An index that is not a ferry alias holds the name.
     Foreign,
+    /// The index is paused through the control API: the alias keeps
+    /// serving `concrete` as it is, and ferry neither writes nor rebuilds it
+    /// until it is resumed (then it is rebuilt from the tables).
+    Paused {
+        /// The concrete index served.
+        concrete: String,
+    },
     /// The alias serves the generation the plan describes.
     Current {
         /// The concrete index served.
@@ -397,6 +404,11 @@ impl Sink {
                 return Ok(Standing::Foreign);
             }
             return Ok(Standing::Missing);
+        }
+        if self.ferry_meta(&targets[0]).await?["paused"] == json!(true) {
+            return Ok(Standing::Paused {
+                concrete: targets[0].clone(),
+            });
         }
         let current = targets
             .iter()
