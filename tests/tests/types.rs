@@ -875,3 +875,67 @@ async fn json_with_duplicate_keys_keeps_the_last_key_like_jsonb() {
 async fn int2vector_is_indexed() {
     lone_value_is_indexed("int2vector", "'1 2 3'", Value::from("1 2 3")).await;
 }
+
+/// A key whose text PostgreSQL prints differently from its cast to `text`
+/// (`char(n)` keeps its padding, `boolean` prints `t`): the backfill and
+/// the stream must give its document the same id, flat and built by query,
+/// or one row becomes two documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padded_and_boolean_keys_give_one_document_from_backfill_and_stream() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE codes (id char(4) PRIMARY KEY, v text);
+         CREATE TABLE code_notes (nid int PRIMARY KEY, code char(4), n text);
+         CREATE TABLE flags (id boolean PRIMARY KEY, v text);
+         INSERT INTO codes VALUES ('ab', 'backfilled');
+         INSERT INTO flags VALUES (true, 'backfilled');",
+    )
+    .await
+    .expect("schema");
+    // `documents()` sorts by id: char(n) maps as text, which cannot sort.
+    let keyword = "mapping = { id = { type = \"keyword\" } }\n";
+    let extra = format!(
+        "{keyword}\n[[index]]\nname = \"{}\"\ntable = \"codes\"\n{keyword}\
+         [[index.has_many]]\nfield = \"notes\"\ntable = \"code_notes\"\nforeign_key = \"code\"\n\n\
+         [[index]]\nname = \"{}\"\ntable = \"flags\"\n",
+        env.index("codes_rel"),
+        env.index("flags"),
+    );
+    let cfg = env.config("codes", "codes", &extra);
+    let mut ferry = env.run_ferry(&cfg);
+    for index in ["codes", "codes_rel", "flags"] {
+        wait_for_count(&env, &mut ferry, index, 1, Duration::from_secs(60)).await;
+    }
+    db.batch_execute(
+        "UPDATE codes SET v = 'streamed' WHERE id = 'ab';
+         INSERT INTO code_notes VALUES (1, 'ab', 'note');
+         UPDATE flags SET v = 'streamed';",
+    )
+    .await
+    .expect("streamed changes");
+    for index in ["codes", "codes_rel", "flags"] {
+        ferry_e2e::wait_for(
+            &format!("{index}: the streamed change on the backfilled document"),
+            Duration::from_secs(60),
+            async || {
+                env.documents(index)
+                    .await
+                    .values()
+                    .any(|d| d["v"] == "streamed")
+            },
+        )
+        .await;
+        let docs = env.documents(index).await;
+        assert_eq!(docs.len(), 1, "{index}: one row, one document: {docs:?}");
+    }
+    assert_eq!(
+        env.documents("codes_rel")
+            .await
+            .values()
+            .next()
+            .expect("a document")["notes"][0]["n"],
+        "note"
+    );
+    assert_eq!(ferry.stop(), Some(0), "clean stop\n{}", env.log_tail());
+}

@@ -607,7 +607,7 @@ impl Session {
         let keys = table
             .key
             .iter()
-            .map(|k| format!("{}::text", quote_ident(k)))
+            .map(|k| quote_ident(k))
             .collect::<Vec<_>>()
             .join(", ");
         let estimate = self.estimate_rows(table).await;

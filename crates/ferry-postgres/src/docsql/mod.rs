@@ -117,7 +117,7 @@ pub fn chunk_end_sql(plan: &Node, after: Option<&[String]>, rows: usize) -> Stri
         .table
         .key
         .iter()
-        .map(|k| format!("t0.{}::text", quote_ident(k)))
+        .map(|k| format!("t0.{}", quote_ident(k)))
         .collect::<Vec<_>>()
         .join(", ");
     let mut sql = format!("COPY (SELECT {texts} FROM {} t0", plan.table.qualified());
@@ -192,11 +192,11 @@ fn build(plan: &Node, roots: Roots<'_>) -> String {
         plan.table
             .key
             .iter()
-            .map(|k| format!("t0.{}::text", quote_ident(k))),
+            .map(|k| format!("t0.{}", quote_ident(k))),
     );
     cols.extend(values);
     if let Some(r) = &plan.routing {
-        cols.push(format!("t0.{}::text", quote_ident(r)));
+        cols.push(format!("t0.{}", quote_ident(r)));
     }
     let mut sql = format!(
         "COPY (WITH {} SELECT {} FROM ferry_r0 t0{joins}",
@@ -417,7 +417,7 @@ pub fn resolve_sql(plan: &Node, probe: &Probe, values: &[String]) -> Option<Stri
         .table
         .key
         .iter()
-        .map(|k| format!("t0.{}::text", quote_ident(k)))
+        .map(|k| format!("t0.{}", quote_ident(k)))
         .collect::<Vec<_>>()
         .join(", ");
     Some(format!(
@@ -492,7 +492,7 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains(" SELECT t0.\"id\", t0.\"email\", t0.\"id\"::text, "),
+            sql.contains(" SELECT t0.\"id\", t0.\"email\", t0.\"id\", "),
             "{sql}"
         );
         assert!(sql.contains("ORDER BY t2.\"sku\" desc"), "{sql}");
@@ -506,7 +506,7 @@ mod tests {
         plan.routing = Some("email".into());
         let sql = build_sql(&plan, None);
         assert!(
-            sql.contains(", t0.\"email\"::text FROM ferry_r0 t0"),
+            sql.contains(", t0.\"email\" FROM ferry_r0 t0"),
             "{sql}"
         );
     }
@@ -571,7 +571,7 @@ mod tests {
         let sql = resolve_sql(&plan, &probe, &["10".into()]).expect("sql");
         assert_eq!(
             sql,
-            "COPY (SELECT DISTINCT t0.\"id\"::text FROM \"public\".\"users\" t0 JOIN \"public\".\"orders\" t1 ON t1.\"user_id\" = t0.\"id\" WHERE t1.\"id\" IN ('10')) TO STDOUT"
+            "COPY (SELECT DISTINCT t0.\"id\" FROM \"public\".\"users\" t0 JOIN \"public\".\"orders\" t1 ON t1.\"user_id\" = t0.\"id\" WHERE t1.\"id\" IN ('10')) TO STDOUT"
         );
     }
 }
