@@ -70,6 +70,19 @@ async fn shard_of(env: &TestEnv, index: &str, routing: &str) -> i64 {
     res["shards"][0][0]["shard"].as_i64().expect("a shard")
 }
 
+/// Two routing values on different shards of `index`: a copy left under
+/// the old one would be a second document, not overwritten.
+async fn two_shards(env: &TestEnv, index: &str) -> (String, String) {
+    let mut by_shard = std::collections::BTreeMap::new();
+    for i in 0..64 {
+        let t = format!("t{i}");
+        by_shard.entry(shard_of(env, index, &t).await).or_insert(t);
+    }
+    assert!(by_shard.len() >= 2, "routing spreads over shards");
+    let mut v = by_shard.into_values();
+    (v.next().unwrap(), v.next().unwrap())
+}
+
 async fn wait_copies(env: &TestEnv, index: &str, id: &str, want: &[Option<&str>]) {
     let want: Vec<Option<String>> = want.iter().map(|r| r.map(str::to_string)).collect();
     wait_for(
@@ -96,20 +109,7 @@ async fn a_routing_change_moves_the_document_and_verify_repairs_a_stray_copy() {
         // Seeding writes each document under its row's routing.
         assert_eq!(copies(&env, index, "4").await, [Some("seed1".into())]);
     }
-    // Two routing values on different shards: a copy left under the old
-    // one would be a second document, not overwritten.
-    let (a, b) = {
-        let mut by_shard = std::collections::BTreeMap::new();
-        for i in 0..64 {
-            let t = format!("t{i}");
-            by_shard
-                .entry(shard_of(&env, "flat", &t).await)
-                .or_insert(t);
-        }
-        assert!(by_shard.len() >= 2, "routing spreads over shards");
-        let mut v = by_shard.into_values();
-        (v.next().unwrap(), v.next().unwrap())
-    };
+    let (a, b) = two_shards(&env, "flat").await;
     db.batch_execute(&format!("UPDATE docs SET tenant = '{a}' WHERE id = 1"))
         .await
         .expect("move to a");
@@ -230,4 +230,48 @@ async fn check_names_a_routing_column_the_table_lacks_and_the_sql_for_old_rows()
         err.contains("ALTER TABLE \"public\".\"docs\" REPLICA IDENTITY FULL"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_column_in_the_primary_key_needs_no_full_replica_identity() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE items (tenant text, id int, v text, PRIMARY KEY (tenant, id));
+         INSERT INTO items VALUES ('a', 1, 'x'), ('a', 2, 'y');",
+    )
+    .await
+    .expect("schema");
+    let config = env.config(
+        "items",
+        "items",
+        "routing = \"tenant\"\nsettings = { number_of_shards = 4, number_of_replicas = 0 }\n",
+    );
+    let ferry = env.run_ferry(&config);
+    wait_for("items seeded", WAIT, async || env.count("items").await == 2).await;
+    let (a, b) = two_shards(&env, "items").await;
+    // Moving a row to another tenant changes its key: the old-key tuple
+    // (replica identity DEFAULT) names the old routing.
+    db.batch_execute(&format!(
+        "UPDATE items SET tenant = '{a}' WHERE id = 1;
+         UPDATE items SET tenant = '{b}' WHERE id = 1;
+         DELETE FROM items WHERE id = 2;"
+    ))
+    .await
+    .expect("moves");
+    wait_copies(&env, "items", &format!("{b},1"), &[Some(&b)]).await;
+    for gone in ["a,1", "a,2", &format!("{a},1")] {
+        wait_copies(&env, "items", gone, &[]).await;
+    }
+    assert_eq!(env.count("items").await, 1);
+    let ident: String = db
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'items'::regclass",
+            &[],
+        )
+        .await
+        .expect("replica identity")
+        .get(0);
+    assert_eq!(ident, "d", "ferry left the replica identity alone");
+    assert_eq!(ferry.stop(), Some(0), "{}", env.log_tail());
 }

@@ -505,10 +505,7 @@ mod tests {
         let mut plan = sample_users_plan();
         plan.routing = Some("email".into());
         let sql = build_sql(&plan, None);
-        assert!(
-            sql.contains(", t0.\"email\" FROM ferry_r0 t0"),
-            "{sql}"
-        );
+        assert!(sql.contains(", t0.\"email\" FROM ferry_r0 t0"), "{sql}");
     }
 
     #[test]
