@@ -886,7 +886,7 @@ async fn padded_and_boolean_keys_give_one_document_from_backfill_and_stream() {
     let db = env.db().await;
     db.batch_execute(
         "CREATE TABLE codes (id char(4) PRIMARY KEY, v text);
-         CREATE TABLE code_notes (nid int PRIMARY KEY, code char(4), n text);
+         CREATE TABLE code_notes (nid int PRIMARY KEY, code char(4), n text, flag boolean, tag char(4), addr inet);
          CREATE TABLE flags (id boolean PRIMARY KEY, v text);
          INSERT INTO codes VALUES ('ab', 'backfilled');
          INSERT INTO flags VALUES (true, 'backfilled');",
@@ -909,7 +909,7 @@ async fn padded_and_boolean_keys_give_one_document_from_backfill_and_stream() {
     }
     db.batch_execute(
         "UPDATE codes SET v = 'streamed' WHERE id = 'ab';
-         INSERT INTO code_notes VALUES (1, 'ab', 'note');
+         INSERT INTO code_notes VALUES (1, 'ab', 'note', true, 'x', '10.0.0.1');
          UPDATE flags SET v = 'streamed';",
     )
     .await
@@ -929,13 +929,13 @@ async fn padded_and_boolean_keys_give_one_document_from_backfill_and_stream() {
         let docs = env.documents(index).await;
         assert_eq!(docs.len(), 1, "{index}: one row, one document: {docs:?}");
     }
-    assert_eq!(
-        env.documents("codes_rel")
-            .await
-            .values()
-            .next()
-            .expect("a document")["notes"][0]["n"],
-        "note"
-    );
+    // Related rows render each value as the root and the stream do (their
+    // text output), not as a cast to text would.
+    let doc = env.documents("codes_rel").await;
+    let note = &doc.values().next().expect("a document")["notes"][0];
+    assert_eq!(note["n"], "note");
+    assert_eq!(note["flag"], Value::Bool(true), "{note}");
+    assert_eq!(note["tag"], "x   ", "{note}");
+    assert_eq!(note["addr"], "10.0.0.1", "{note}");
     assert_eq!(ferry.stop(), Some(0), "clean stop\n{}", env.log_tail());
 }

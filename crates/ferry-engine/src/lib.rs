@@ -141,7 +141,8 @@ pub async fn run(
                     stats.reconnects.fetch_add(1, Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline failed; restarting it");
                 }
-                set_waiting(&stats, Some(format!("retrying: {e}")));
+                let phase = if deliberate { "restarting" } else { "retrying" };
+                set_waiting(&stats, Some(format!("{phase}: {e}")));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),

@@ -110,7 +110,15 @@ pub(crate) fn index_plan(
                     .map(|p| ("index.default_pipeline".to_string(), p.clone().into())),
             )
             .collect(),
-        selection: selection(ix),
+        selection: {
+            let mut s = selection(ix);
+            if plan.reads_cast_sensitive_text() {
+                // Built before values were read in their output form, its
+                // documents hold other ids or values: rebuild it once.
+                s.insert("text".into(), "output".into());
+            }
+            s
+        },
     }
 }
 

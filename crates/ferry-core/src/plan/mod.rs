@@ -110,7 +110,38 @@ pub struct Node {
     pub routing: Option<String>,
 }
 
+/// Types whose cast to text differs from their text output: `boolean`
+/// (`true` / `t`), `char(n)` (padding dropped), `inet` and `cidr` (`/32`
+/// added to an `inet` host).
+const CAST_DIFFERS: [u32; 4] = [16, 1042, 869, 650];
+
 impl Node {
+    /// True when the documents of this tree hold text read in two forms by
+    /// ferry versions before every statement read values in their output
+    /// form: a root key or routing column (document id and `_routing`), or
+    /// a related table's column, of a type in [`CAST_DIFFERS`]. The
+    /// generation identity records it, so such an index is rebuilt once.
+    pub fn reads_cast_sensitive_text(&self) -> bool {
+        let sensitive = |n: &Node, name: &str| {
+            n.table
+                .columns
+                .iter()
+                .any(|c| c.name == name && CAST_DIFFERS.contains(&c.type_oid))
+        };
+        fn related(n: &Node) -> bool {
+            n.children.iter().any(|c| {
+                c.table
+                    .columns
+                    .iter()
+                    .any(|col| CAST_DIFFERS.contains(&col.type_oid))
+                    || related(c)
+            })
+        }
+        self.table.key.iter().any(|k| sensitive(self, k))
+            || self.routing.as_ref().is_some_and(|r| sensitive(self, r))
+            || related(self)
+    }
+
     /// Looks up the node at `path`.
     pub fn at(&self, path: &[usize]) -> Option<&Node> {
         let mut n = self;
@@ -253,4 +284,26 @@ pub fn sample_users_plan() -> Node {
         filter: None,
     });
     root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boolean_char_or_inet_key_routing_or_related_value_is_cast_sensitive() {
+        let plan = sample_users_plan(); // type OIDs are 0 in samples
+        assert!(!plan.reads_cast_sensitive_text());
+        let mut key = plan.clone();
+        key.table.columns[0].type_oid = 1042; // users.id char(n)
+        assert!(key.reads_cast_sensitive_text());
+        let mut value = plan.clone();
+        value.table.columns[1].type_oid = 16; // users.email, a root value: read raw always
+        assert!(!value.reads_cast_sensitive_text());
+        value.routing = Some("email".into());
+        assert!(value.reads_cast_sensitive_text(), "the routing column");
+        let mut nested = plan.clone();
+        nested.children[0].children[0].table.columns[1].type_oid = 869; // line_items.sku inet
+        assert!(nested.reads_cast_sensitive_text());
+    }
 }

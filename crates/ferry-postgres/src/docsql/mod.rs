@@ -332,7 +332,14 @@ impl Gen {
             .table
             .columns
             .iter()
-            .map(|col| format!("{a}.{}::text", quote_ident(&col.name)))
+            // Each value's own text output, as the root's columns and the
+            // stream give it (a cast to text differs for some types:
+            // `char(n)` drops its padding, `boolean` prints `true`, `inet`
+            // adds `/32`); concat() prints with the output function.
+            .map(|col| {
+                let c = format!("{a}.{}", quote_ident(&col.name));
+                format!("CASE WHEN {c} IS NULL THEN NULL ELSE concat({c}) END")
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let mut parts = vec![format!("ARRAY[{cols}]::text[]")];
