@@ -268,10 +268,14 @@ impl Stats {
         self.indexes.lock().ok().and_then(|g| g.get(pos).cloned())
     }
 
-    /// Sets the state of every registered index.
+    /// Sets the state of every registered index; a paused index stays
+    /// paused (a restart or a failure changes nothing about it) unless the
+    /// process stops.
     pub fn set_all_states(&self, state: IndexState) {
         for ix in self.indexes.lock().map(|g| g.clone()).unwrap_or_default() {
-            ix.set_state(state);
+            if ix.state() != IndexState::Paused || state == IndexState::Stopped {
+                ix.set_state(state);
+            }
         }
     }
 
@@ -548,6 +552,23 @@ mod tests {
         );
         s.set_oldest_flush(None);
         assert_eq!(s.stalled_for(61_000_000), Some(Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn a_paused_index_stays_paused_through_restarts_and_failures_until_ferry_stops() {
+        let s = Stats::default();
+        let ix = s.register(&["a".into(), "b".into()]);
+        ix[0].set_state(IndexState::Paused);
+        ix[1].set_state(IndexState::Streaming);
+        s.set_all_states(IndexState::Failed);
+        assert_eq!(
+            (ix[0].state(), ix[1].state()),
+            (IndexState::Paused, IndexState::Failed)
+        );
+        s.set_all_states(IndexState::Starting);
+        assert_eq!(ix[0].state(), IndexState::Paused);
+        s.set_all_states(IndexState::Stopped);
+        assert_eq!(ix[0].state(), IndexState::Stopped);
     }
 
     #[test]
