@@ -231,6 +231,7 @@ pub(crate) mod testutil {
         s.bulk_requests[2].store(1, Relaxed);
         s.retries.store(2, Relaxed);
         s.reconnects.store(1, Relaxed);
+        s.restarts_requested.store(4, Relaxed);
         s.set_queue_probe(Some(Box::new(|| 5)));
         s.confirmed_lsn.store(0x1_0000_0100, Relaxed);
         s.last_durable_commit_us.store(900_000_000, Relaxed);

@@ -163,6 +163,12 @@ impl Collector for StatsCollector {
         )?;
         single(
             &mut enc,
+            "ferry_restarts_requested",
+            "Pipeline restarts ferry asked for itself (a rebuild to start, a table's new shape); not failures.",
+            counter(s.restarts_requested.load(Relaxed)),
+        )?;
+        single(
+            &mut enc,
             "ferry_queue_depth",
             "Changes waiting between capture and the worker.",
             gauge(s.queue_depth()),
@@ -430,6 +436,7 @@ mod tests {
         );
         assert_eq!(value(&t, "ferry_retries_total"), Some(2.0));
         assert_eq!(value(&t, "ferry_reconnects_total"), Some(1.0));
+        assert_eq!(value(&t, "ferry_restarts_requested_total"), Some(4.0));
         assert_eq!(value(&t, "ferry_queue_depth"), Some(5.0));
         assert_eq!(value(&t, "ferry_confirmed_lsn"), Some(4_294_967_552.0));
         assert_eq!(value(&t, "ferry_replication_lag_bytes"), Some(128.0));

@@ -158,6 +158,9 @@ pub struct Stats {
     pub sql_statements: AtomicU64,
     /// Pipeline rebuilds after a retryable failure.
     pub reconnects: AtomicU64,
+    /// Pipeline restarts ferry asked for itself (a rebuild to start after a
+    /// related TRUNCATE or a partition change, a table's new shape).
+    pub restarts_requested: AtomicU64,
     /// Reads the capture queue's depth (installed while streaming).
     queue: Mutex<Option<QueueProbe>>,
     /// LSN confirmed to PostgreSQL.

@@ -136,6 +136,7 @@ pub async fn run(
                     // index beside the one its alias serves.
                     tracing::warn!(error = %e, slot = %cfg.source.slot, "replication slot lost; source.on_slot_lost = \"reseed\": recreating it and rebuilding every index beside the live one");
                 } else if deliberate {
+                    stats.restarts_requested.fetch_add(1, Relaxed);
                     tracing::info!(reason = %e, retry_in_ms = backoff.as_millis() as u64, "restarting the pipeline");
                 } else {
                     stats.reconnects.fetch_add(1, Relaxed);
