@@ -513,10 +513,10 @@ impl Check<'_> {
     fn suspect_unplaced(&mut self, stored: &[DocRef], built: &[DocWrite]) {
         let expected: HashMap<&str, &DocWrite> = built.iter().map(|w| (w.id.as_str(), w)).collect();
         for (id, routing) in stored {
-            let placed = expected
+            if !expected
                 .get(id.as_str())
-                .is_some_and(|w| matches!(w.op, DocOp::Index(_)) && w.routing == *routing);
-            if !placed {
+                .is_some_and(|w| places(w, routing))
+            {
                 self.suspect((id.clone(), routing.clone()));
             }
         }
@@ -546,7 +546,7 @@ impl Check<'_> {
     async fn compare(&mut self, expected: &[DocWrite]) -> Result<(), EngineError> {
         let actual = self.stored(expected).await?;
         for w in expected {
-            let doc = (w.id.clone(), w.routing.clone());
+            let doc = doc_ref(w);
             if differs(w, actual.get(&doc).map(|h| &h.source), self.piped()) {
                 self.suspect(doc);
             }
@@ -615,9 +615,7 @@ impl Check<'_> {
                 continue;
             }
             match built.get(id.as_str()) {
-                Some(w) if matches!(w.op, DocOp::Index(_)) && w.routing == *routing => {
-                    again.push((*w).clone())
-                }
+                Some(w) if places(w, routing) => again.push((*w).clone()),
                 _ => again.push(DocWrite {
                     index: self.ix.pos,
                     id: id.clone(),
@@ -631,7 +629,7 @@ impl Check<'_> {
         let now = current_lsn(&self.ops.client).await?;
         let mut fixes = Vec::new();
         for w in again {
-            let have = actual.get(&(w.id.clone(), w.routing.clone()));
+            let have = actual.get(&doc_ref(&w));
             let seen = have.map(|h| h.version).unwrap_or(0);
             // ferry's own writes carry LSNs no later than `now`; a document
             // newer than our read but not from the future is a live write
@@ -668,7 +666,7 @@ impl Check<'_> {
         let after = self.stored(&fixes).await?;
         let now = current_lsn(&self.ops.client).await?;
         for w in &fixes {
-            let have = after.get(&(w.id.clone(), w.routing.clone()));
+            let have = after.get(&doc_ref(w));
             let overtaken = have.is_some_and(|h| h.version > version.0 && h.version <= now.0);
             if overtaken || !differs(w, have.map(|h| &h.source), self.piped()) {
                 self.report.repaired += 1;
@@ -680,7 +678,17 @@ impl Check<'_> {
     }
 }
 
-/// Whether the cluster's document (`None`: absent) differs from what `w` says it should be.
+/// The stored document `w` addresses.
+fn doc_ref(w: &DocWrite) -> DocRef {
+    (w.id.clone(), w.routing.clone())
+}
+
+/// Whether `w` writes the document stored under `routing` (rather than its
+/// row being gone, or routing it elsewhere).
+fn places(w: &DocWrite, routing: &Option<String>) -> bool {
+    matches!(w.op, DocOp::Index(_)) && w.routing == *routing
+}
+
 /// Whether the stored document `have` differs from the write ferry would
 /// make. With `own_fields_only` (an index with an ingest pipeline, which
 /// may add fields) fields ferry does not write are not compared.
