@@ -471,6 +471,50 @@ pub async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut()
     }
 }
 
+/// One `_bulk` action and its source (none for a delete).
+#[derive(Debug)]
+pub struct BulkAction {
+    /// `index` or `delete`.
+    pub op: String,
+    /// `_index`.
+    pub index: String,
+    /// `_id`.
+    pub id: String,
+    /// The external version.
+    pub version: u64,
+    /// The document, for `index`.
+    pub source: Option<Value>,
+}
+
+/// Parses a `_bulk` body as ferry encodes it; panics on anything else.
+pub fn parse_bulk(body: &str) -> Vec<BulkAction> {
+    let mut lines = body.lines();
+    let mut out = Vec::new();
+    while let Some(line) = lines.next() {
+        let action: Value = serde_json::from_str(line).expect("action line is JSON");
+        let (op, meta) = action
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .expect("one action per line");
+        let source = match op.as_str() {
+            "index" => Some(
+                serde_json::from_str(lines.next().expect("source line")).expect("source is JSON"),
+            ),
+            "delete" => None,
+            other => panic!("unexpected action {other}"),
+        };
+        assert_eq!(meta["version_type"], "external_gte", "{line}");
+        out.push(BulkAction {
+            op: op.clone(),
+            index: meta["_index"].as_str().expect("_index").to_string(),
+            id: meta["_id"].as_str().expect("_id").to_string(),
+            version: meta["version"].as_u64().expect("version"),
+            source,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

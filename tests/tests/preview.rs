@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_e2e::{ferry_once, TestEnv};
+use ferry_e2e::{ferry_once, parse_bulk, TestEnv};
 use ferry_opensearch::Method;
 use ferry_testkit::relational::{self, EXPECTED, INDEX};
 use serde_json::Value;
@@ -14,45 +14,6 @@ const CONVERGE: Duration = Duration::from_secs(90);
 /// The relational fixture with 30 users, user 7 soft-deleted.
 fn schema() -> String {
     relational::schema(30) + "UPDATE users SET deleted_at = now() WHERE id = 7;"
-}
-
-/// One `_bulk` action and its source (none for a delete).
-#[derive(Debug)]
-struct Action {
-    op: String,
-    index: String,
-    id: String,
-    version: u64,
-    source: Option<Value>,
-}
-
-/// Parses a `_bulk` body as ferry encodes it.
-fn parse_bulk(body: &str) -> Vec<Action> {
-    let mut lines = body.lines();
-    let mut out = Vec::new();
-    while let Some(line) = lines.next() {
-        let action: Value = serde_json::from_str(line).expect("action line is JSON");
-        let (op, meta) = action
-            .as_object()
-            .and_then(|o| o.iter().next())
-            .expect("one action per line");
-        let source = match op.as_str() {
-            "index" => Some(
-                serde_json::from_str(lines.next().expect("source line")).expect("source is JSON"),
-            ),
-            "delete" => None,
-            other => panic!("unexpected action {other}"),
-        };
-        assert_eq!(meta["version_type"], "external_gte", "{line}");
-        out.push(Action {
-            op: op.clone(),
-            index: meta["_index"].as_str().expect("_index").to_string(),
-            id: meta["_id"].as_str().expect("_id").to_string(),
-            version: meta["version"].as_u64().expect("version"),
-            source,
-        });
-    }
-    out
 }
 
 /// A mapping without `"type": "object"`, which the cluster leaves out.

@@ -273,12 +273,19 @@ impl SourceConfig {
     }
 }
 
-/// `[sink]`: the search cluster.
+/// `[sink]`: the search cluster, or a file or stdout log of bulk requests.
 #[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// Base URL, e.g. `http://127.0.0.1:9200`.
+    /// Base URL, e.g. `http://127.0.0.1:9200`; or `file:///path/to/log.ndjson`
+    /// (bulk requests appended and fsynced before the ack) or `stdout:`.
     pub url: String,
+    /// A `file://` log is rotated when the next request would take it past
+    /// this many bytes (default 256 MiB): the full file becomes
+    /// `<file>.<n>`, numbered upwards, and a new one starts.
+    #[serde(default)]
+    #[schemars(range(min = 4096))]
+    pub rotate_bytes: Option<u64>,
     /// Index where rejected documents are recorded (default `ferry-dead-letters`).
     #[serde(default = "default_dead_letter_index")]
     pub dead_letter_index: String,
@@ -647,6 +654,47 @@ fn yes() -> bool {
     true
 }
 
+/// Where `[sink]` writes, read from `sink.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkTarget {
+    /// A search cluster at an `http://` or `https://` URL.
+    Cluster,
+    /// A log of bulk requests appended to this file (`file:///…`).
+    File(std::path::PathBuf),
+    /// A log of bulk requests written to standard output (`stdout:`).
+    Stdout,
+}
+
+/// The default of `sink.rotate_bytes`: 256 MiB.
+pub const DEFAULT_ROTATE_BYTES: u64 = 256 << 20;
+
+impl SinkConfig {
+    /// Where the sink writes. A URL that is none of the three forms reads
+    /// as a cluster; [`Config::validate`] refuses it with the fix.
+    pub fn target(&self) -> SinkTarget {
+        if self.url == "stdout:" {
+            return SinkTarget::Stdout;
+        }
+        match url::Url::parse(&self.url) {
+            Ok(u) if u.scheme() == "file" => match u.to_file_path() {
+                Ok(path) => SinkTarget::File(path),
+                Err(()) => SinkTarget::Cluster,
+            },
+            _ => SinkTarget::Cluster,
+        }
+    }
+
+    /// Whether the sink is a file or stdout log rather than a cluster.
+    pub fn is_log(&self) -> bool {
+        self.target() != SinkTarget::Cluster
+    }
+
+    /// `sink.rotate_bytes`, or its default.
+    pub fn rotate_bytes(&self) -> u64 {
+        self.rotate_bytes.unwrap_or(DEFAULT_ROTATE_BYTES)
+    }
+}
+
 fn default_dead_letter_index() -> String {
     "ferry-dead-letters".into()
 }
@@ -657,6 +705,52 @@ fn default_heartbeat() -> u64 {
 
 fn default_request_timeout() -> u64 {
     60
+}
+
+/// Keys that mean nothing for the kind of sink `sink.url` names: the
+/// cluster's credentials and TLS for a file or stdout log, and rotation for
+/// anything but a file.
+fn log_sink_problems(sink: &SinkConfig) -> Vec<Problem> {
+    let target = sink.target();
+    let mut p = Vec::new();
+    if target != SinkTarget::Cluster {
+        let set = [
+            ("sink.username", sink.username.is_some()),
+            ("sink.password_file", sink.password_file.is_some()),
+            ("sink.password_env", sink.password_env.is_some()),
+            ("sink.api_key_file", sink.api_key_file.is_some()),
+            ("sink.api_key_env", sink.api_key_env.is_some()),
+            ("sink.ca_cert", sink.ca_cert.is_some()),
+            ("sink.tls_verify", !sink.tls_verify),
+            ("sink.client_cert", sink.client_cert.is_some()),
+            ("sink.client_key", sink.client_key.is_some()),
+            ("sink.aws", sink.aws.is_some()),
+        ];
+        for (key, _) in set.iter().filter(|(_, on)| *on) {
+            p.push(Problem {
+                key: (*key).to_string(),
+                message:
+                    "is for a search cluster, and sink.url names a file or stdout log: remove it"
+                        .into(),
+            });
+        }
+    }
+    if let Some(bytes) = sink.rotate_bytes {
+        if !matches!(target, SinkTarget::File(_)) {
+            p.push(Problem {
+                key: "sink.rotate_bytes".into(),
+                message: "rotates a file:// log only; remove it or set sink.url to file:///path/to/log.ndjson".into(),
+            });
+        } else if bytes < 4096 {
+            p.push(Problem {
+                key: "sink.rotate_bytes".into(),
+                message: format!(
+                    "{bytes} is too small: use at least 4096 (the default is 268435456, 256 MiB)"
+                ),
+            });
+        }
+    }
+    p
 }
 
 /// Conflicts between the ways of giving credentials and TLS settings. Files
@@ -1035,9 +1129,30 @@ impl Config {
         }
         match url::Url::parse(&self.sink.url) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ if self.sink.url == "stdout:" => {}
+            Ok(u) if u.scheme() == "file" => {
+                let file = self.sink.target();
+                if u.host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                    || u.path().ends_with('/')
+                    || matches!(&file, SinkTarget::File(p) if p.file_name().is_none())
+                    || file == SinkTarget::Cluster
+                {
+                    bad(
+                        "sink.url",
+                        format!(
+                            "{:?} does not name a local file: use file:/// and an absolute path \
+                             (e.g. file:///var/lib/ferry/users.ndjson)",
+                            self.sink.url
+                        ),
+                    );
+                }
+            }
             Ok(_) => bad(
                 "sink.url",
-                "must start with http:// or https:// (e.g. http://127.0.0.1:9200)".into(),
+                "must start with http:// or https:// (e.g. http://127.0.0.1:9200), \
+                 or be file:///path/to/log.ndjson or stdout:"
+                    .into(),
             ),
             Err(e) => bad(
                 "sink.url",
@@ -1152,6 +1267,14 @@ impl Config {
                     ),
                 );
             }
+            if ix.pipeline.is_some() && self.sink.is_log() {
+                bad(
+                    &format!("index[{i}].pipeline"),
+                    "needs a search cluster, which runs ingest pipelines; sink.url names a file or stdout log, which \
+                     gets the documents as ferry builds them: remove the key or send the index to a cluster"
+                        .into(),
+                );
+            }
             if ix.pipeline.is_some()
                 && ["index.default_pipeline", "default_pipeline"]
                     .iter()
@@ -1199,6 +1322,7 @@ impl Config {
         }
         p.append(&mut relation_problems);
         p.extend(secret_problems(&self.source, &self.sink));
+        p.extend(log_sink_problems(&self.sink));
         if p.is_empty() {
             Ok(())
         } else {
@@ -1706,6 +1830,45 @@ table = "users"
         }
         assert_eq!(SslMode::parse("allow"), Some(SslMode::Prefer));
         assert_eq!(SslMode::parse("verify_full"), None);
+    }
+
+    #[test]
+    fn file_and_stdout_urls_name_logs_and_reject_cluster_only_keys() {
+        let file = BASE.replace(
+            "https://search.example:9200",
+            "file:///var/lib/ferry/users.ndjson",
+        );
+        let c = Config::from_toml(&file).expect("a file log");
+        assert_eq!(
+            c.sink.target(),
+            SinkTarget::File("/var/lib/ferry/users.ndjson".into())
+        );
+        assert_eq!(c.sink.rotate_bytes(), DEFAULT_ROTATE_BYTES);
+        let c = Config::from_toml(&BASE.replace("https://search.example:9200", "stdout:"))
+            .expect("stdout");
+        assert_eq!(c.sink.target(), SinkTarget::Stdout);
+
+        let e = err(&file.replace(
+            "[[index]]",
+            "username = \"u\"\npassword_env = \"P\"\n\n[[index]]",
+        ));
+        assert!(
+            e.contains("sink.username") && e.contains("file or stdout log"),
+            "{e}"
+        );
+        let e = err(&format!("{file}pipeline = \"p\"\n"));
+        assert!(e.contains("index[0].pipeline"), "{e}");
+        let e = err(&file.replace("[[index]]", "rotate_bytes = 100\n\n[[index]]"));
+        assert!(e.contains("sink.rotate_bytes") && e.contains("4096"), "{e}");
+        let e = err(&BASE.replace("[[index]]", "rotate_bytes = 1000000\n\n[[index]]"));
+        assert!(
+            e.contains("sink.rotate_bytes") && e.contains("file://"),
+            "{e}"
+        );
+        for bad in ["file://host/x.ndjson", "file:///var/lib/ferry/", "ftp://x"] {
+            let e = err(&BASE.replace("https://search.example:9200", bad));
+            assert!(e.contains("sink.url"), "{bad}: {e}");
+        }
     }
 
     #[test]

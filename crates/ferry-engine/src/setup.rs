@@ -271,7 +271,11 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     let index_stats = stats.register(&names);
     let sink = sink_for(cfg)?.observed_by(stats.clone());
     let version = sink.version().await?;
-    tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
+    if sink.is_log() {
+        tracing::info!(sink = %sink.url(), "writing bulk requests to a log, not to a search cluster");
+    } else {
+        tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
+    }
     if let Some(missing) = missing_pipelines(cfg, &sink).await?.into_iter().next() {
         return Err(EngineError::Stream(missing));
     }
@@ -540,7 +544,7 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
     let sink = sink_for(cfg)?;
     match sink.version().await {
         Ok(v) => {
-            tracing::info!(sink = %sink.url(), version = %v, "search cluster reachable");
+            tracing::info!(sink = %sink.url(), version = %v, "sink usable");
             problems.extend(missing_pipelines(cfg, &sink).await?);
         }
         Err(e) => problems.push(e.to_string()),

@@ -140,10 +140,19 @@ pub struct PreparedIndex {
     pub paused: bool,
 }
 
+// The rules below run over a few primitives (an index or alias exists, an
+// alias's targets, an index's `_meta.ferry` and mapping, create, delete,
+// point an alias, rewrite `_meta`), each answered by the cluster or, for a
+// log, by its catalog (`log/catalog.rs`).
 impl Sink {
-    async fn exists(&self, path: &str) -> Result<bool, SinkError> {
+    /// Whether an index or alias named `name` exists.
+    async fn exists(&self, name: &str) -> Result<bool, SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.read(|c| c.exists(name));
+        }
+        let path = format!("/{name}");
         let (status, body) = self
-            .request(Method::Head, path, None, "application/json")
+            .request(Method::Head, &path, None, "application/json")
             .await?;
         match status {
             200 => Ok(true),
@@ -158,6 +167,9 @@ impl Sink {
 
     /// Concrete indexes the alias points to now (empty when it does not exist).
     pub async fn alias_targets(&self, alias: &str) -> Result<Vec<String>, SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.read(|c| c.alias_targets(alias));
+        }
         let (status, body) = self
             .request(
                 Method::Get,
@@ -187,6 +199,12 @@ impl Sink {
 
     /// Whether the ingest pipeline `name` exists.
     pub async fn pipeline_exists(&self, name: &str) -> Result<bool, SinkError> {
+        if let Some(log) = self.as_log() {
+            return Err(SinkError::Conflict(format!(
+                "ingest pipeline {name:?}: the log {} runs no pipelines; remove `pipeline` or send the index to a cluster",
+                log.shown()
+            )));
+        }
         let path = format!(
             "/_ingest/pipeline/{}",
             percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
@@ -248,27 +266,26 @@ impl Sink {
                 tracing::info!(alias = %plan.alias, from = %cur, to = %concrete, "rebuild requested: building a new index");
             }
         }
-        if targets.is_empty() && self.exists(&format!("/{}", plan.alias)).await? {
+        if targets.is_empty() && self.exists(&plan.alias).await? {
             return Err(SinkError::Conflict(format!(
                 "an index named {:?} already exists and is not an alias managed by ferry; \
                  delete it (DELETE /{}) or choose another index name",
                 plan.alias, plan.alias
             )));
         }
-        let mut exists = self.exists(&format!("/{concrete}")).await?;
+        let mut exists = self.exists(&concrete).await?;
         if exists && fresh && targets.contains(&concrete) {
             // Searches use it: build the new copy beside it; the alias
             // moves when that copy is complete.
             let next = self.next_generation(&base, &concrete).await?;
             tracing::info!(alias = %plan.alias, serving = %concrete, building = %next, "replication slot is new: building the index anew beside the one searches use");
             concrete = next;
-            exists = self.exists(&format!("/{concrete}")).await?;
+            exists = self.exists(&concrete).await?;
         }
         if exists && fresh {
             // Not served (an unfinished copy): nothing in it can be trusted.
             tracing::info!(index = %concrete, "replication slot is new: recreating the unfinished index from scratch");
-            self.request_json(Method::Delete, &format!("/{concrete}"), None)
-                .await?;
+            self.delete_index(&concrete).await?;
             exists = false;
         }
         let mut seeded = None;
@@ -282,12 +299,7 @@ impl Sink {
                     .collect()
             });
         } else {
-            self.request_json(
-                Method::Put,
-                &format!("/{concrete}"),
-                Some(plan.create_body()),
-            )
-            .await?;
+            self.create_index(&concrete, plan.create_body()).await?;
             tracing::info!(index = %concrete, alias = %plan.alias, "created index");
         }
         let previous = targets.iter().find(|t| **t != concrete).cloned();
@@ -313,10 +325,74 @@ impl Sink {
 
     /// ferry's `_meta` of a concrete index's mapping (`Null` when none).
     async fn ferry_meta(&self, concrete: &str) -> Result<Value, SinkError> {
-        let m = self
+        Ok(self.mapping(concrete).await?["_meta"]["ferry"].clone())
+    }
+
+    /// A concrete index's mapping (`_meta`, `properties`).
+    async fn mapping(&self, concrete: &str) -> Result<Value, SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.read(|c| c.mapping(concrete));
+        }
+        let mut m = self
             .request_json(Method::Get, &format!("/{concrete}/_mapping"), None)
             .await?;
-        Ok(m[concrete]["mappings"]["_meta"]["ferry"].clone())
+        Ok(m[concrete]["mappings"].take())
+    }
+
+    /// Creates a concrete index with `body` (settings and mappings).
+    async fn create_index(&self, concrete: &str, body: Value) -> Result<(), SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.change(|c| {
+                c.create(concrete, &body);
+                Ok(())
+            });
+        }
+        self.request_json(Method::Put, &format!("/{concrete}"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Replaces `_meta.ferry` of a concrete index.
+    async fn write_meta(&self, concrete: &str, ferry: Value) -> Result<(), SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.change(|c| {
+                if c.set_meta(concrete, ferry) {
+                    Ok(())
+                } else {
+                    Err(log.no_index(concrete))
+                }
+            });
+        }
+        let body = json!({"_meta": {"ferry": ferry}});
+        self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Concrete indexes whose names start with `prefix`, with their
+    /// `_meta.ferry` (none when the cluster answers the listing with an
+    /// error: nothing matched).
+    async fn metas_under(&self, prefix: &str) -> Result<Vec<(String, Value)>, SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.read(|c| c.metas_under(prefix));
+        }
+        let (status, body) = self
+            .request(
+                Method::Get,
+                &format!("/{prefix}*/_mapping"),
+                None,
+                "application/json",
+            )
+            .await?;
+        if !(200..300).contains(&status) {
+            return Ok(Vec::new());
+        }
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Ok(v.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, m)| (name.clone(), m["mappings"]["_meta"]["ferry"].clone()))
+            .collect())
     }
 
     /// The LSN a concrete index's backfill completed at (`None`: it did not
@@ -328,24 +404,16 @@ impl Sink {
     /// The index to rebuild `cur` into: an unfinished earlier attempt if one
     /// exists (it resumes from its checkpoint), else a new generation name.
     async fn next_generation(&self, base: &str, cur: &str) -> Result<String, SinkError> {
-        let (status, body) = self
-            .request(
-                Method::Get,
-                &format!("/{base}-g*/_mapping"),
-                None,
-                "application/json",
-            )
-            .await?;
-        if (200..300).contains(&status) {
-            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let mut names: Vec<String> = v
-                .as_object()
-                .map(|o| o.keys().filter(|k| k.as_str() != cur).cloned().collect())
-                .unwrap_or_default();
-            names.sort();
-            if let Some(last) = names.pop() {
-                return Ok(last);
-            }
+        let mut names: Vec<String> = self
+            .metas_under(&format!("{base}-g"))
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| name != cur)
+            .collect();
+        names.sort();
+        if let Some(last) = names.pop() {
+            return Ok(last);
         }
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -385,12 +453,7 @@ impl Sink {
             )));
         }
         change(&mut meta)?;
-        self.request_json(
-            Method::Put,
-            &format!("/{cur}/_mapping"),
-            Some(json!({"_meta": {"ferry": meta}})),
-        )
-        .await?;
+        self.write_meta(&cur, meta).await?;
         Ok(cur)
     }
 
@@ -400,7 +463,7 @@ impl Sink {
         let base = concrete_name(plan);
         let targets = self.alias_targets(&plan.alias).await?;
         if targets.is_empty() {
-            if self.exists(&format!("/{}", plan.alias)).await? {
+            if self.exists(&plan.alias).await? {
                 return Ok(Standing::Foreign);
             }
             return Ok(Standing::Missing);
@@ -414,10 +477,7 @@ impl Sink {
             .iter()
             .find(|t| **t == base || t.starts_with(&format!("{base}-g")));
         let serving = current.unwrap_or(&targets[0]).clone();
-        let m = self
-            .request_json(Method::Get, &format!("/{serving}/_mapping"), None)
-            .await?;
-        let mapping = &m[serving.as_str()]["mappings"];
+        let mapping = self.mapping(&serving).await?;
         let meta = &mapping["_meta"]["ferry"];
         if current.is_some() {
             return Ok(Standing::Current {
@@ -431,7 +491,7 @@ impl Sink {
             .cloned()
             .unwrap_or_default();
         Ok(Standing::Other {
-            building: self.exists(&format!("/{base}")).await?,
+            building: self.exists(&base).await?,
             serving,
             fields,
             target: base,
@@ -441,6 +501,9 @@ impl Sink {
     /// Aliases over indexes ferry created for `owner` (see
     /// [`IndexPlan::owner`]), as (alias, concrete index), sorted.
     pub async fn owned_aliases(&self, owner: &str) -> Result<Vec<(String, String)>, SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.read(|c| c.owned(owner));
+        }
         let all = self.request_json(Method::Get, "/_alias", None).await?;
         // ferry's concrete names are `<alias>-<8 hex>` (then `-g<n>`).
         let mut candidates: Vec<(String, String)> = Vec::new();
@@ -505,26 +568,10 @@ impl Sink {
     /// Deletes every index ferry built for `alias` (`_meta.ferry.alias`)
     /// that the alias does not serve (`served`): unfinished copies.
     async fn discard_unserved(&self, alias: &str, served: &[String]) -> Result<(), SinkError> {
-        let (status, body) = self
-            .request(
-                Method::Get,
-                &format!("/{alias}-*/_mapping"),
-                None,
-                "application/json",
-            )
-            .await?;
-        if !(200..300).contains(&status) {
-            return Ok(());
-        }
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let Some(all) = v.as_object() else {
-            return Ok(());
-        };
-        for (name, m) in all {
-            let mine = m["mappings"]["_meta"]["ferry"]["alias"] == json!(alias);
-            if mine && !served.contains(name) {
-                self.request_json(Method::Delete, &format!("/{name}"), None)
-                    .await?;
+        for (name, meta) in self.metas_under(&format!("{alias}-")).await? {
+            let mine = meta["alias"] == json!(alias);
+            if mine && !served.contains(&name) {
+                self.delete_index(&name).await?;
                 tracing::info!(index = %name, %alias, "index paused: deleted the unfinished copy, which lacks the skipped changes");
             }
         }
@@ -565,14 +612,15 @@ impl Sink {
                 ferry[mark] = json!(true);
             }
         }
-        let body = json!({"_meta": {"ferry": ferry}});
-        self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
-            .await
-            .map(|_| ())
+        self.write_meta(concrete, ferry).await
     }
 
-    /// Updates dynamic index settings (`null` resets one to its default).
+    /// Updates dynamic index settings (`null` resets one to its default);
+    /// a log has none to update.
     pub async fn update_settings(&self, concrete: &str, settings: Value) -> Result<(), SinkError> {
+        if self.is_log() {
+            return Ok(());
+        }
         self.request_json(
             Method::Put,
             &format!("/{concrete}/_settings"),
@@ -589,6 +637,12 @@ impl Sink {
         concrete: &str,
         previous: Option<&str>,
     ) -> Result<(), SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.change(|c| {
+                c.point(alias, concrete);
+                Ok(())
+            });
+        }
         let mut actions = vec![json!({"add": {"index": concrete, "alias": alias}})];
         if let Some(p) = previous {
             actions.push(json!({"remove": {"index": p, "alias": alias}}));
@@ -603,7 +657,14 @@ impl Sink {
     }
 
     /// Removes every document of a concrete index, keeping the index (TRUNCATE).
+    /// A log cannot ([`Sink::is_log`]).
     pub async fn delete_all(&self, concrete: &str) -> Result<(), SinkError> {
+        if let Some(log) = self.as_log() {
+            return Err(SinkError::Conflict(format!(
+                "the log {} cannot remove the documents of {concrete:?} in place; it is rebuilt into a new generation instead",
+                log.shown()
+            )));
+        }
         self.refresh(concrete).await?;
         self.request_json(
             Method::Post,
@@ -620,6 +681,9 @@ impl Sink {
         concrete: &str,
         properties: Map<String, Value>,
     ) -> Result<(), SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.extend(concrete, properties);
+        }
         self.request_json(
             Method::Put,
             &format!("/{concrete}/_mapping"),
@@ -631,6 +695,12 @@ impl Sink {
 
     /// Deletes a concrete index.
     pub async fn delete_index(&self, concrete: &str) -> Result<(), SinkError> {
+        if let Some(log) = self.as_log() {
+            return log.change(|c| {
+                c.delete(concrete);
+                Ok(())
+            });
+        }
         self.request_json(Method::Delete, &format!("/{concrete}"), None)
             .await
             .map(|_| ())

@@ -15,6 +15,7 @@
 mod bulk;
 mod deadletter;
 mod index;
+mod log;
 mod scan;
 
 pub use bulk::{
@@ -126,10 +127,11 @@ pub fn is_transient(status: u16) -> bool {
 /// after an outage, however long the outage was.
 pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
-/// A connection to the search cluster.
+/// A connection to the search cluster, or a file or stdout log of bulk
+/// requests (`sink.url` `file://…` or `stdout:`).
 #[derive(Clone)]
 pub struct Sink {
-    client: OpenSearch,
+    backend: Backend,
     url: String,
     timeout: Duration,
     max_backoff: Duration,
@@ -137,6 +139,15 @@ pub struct Sink {
     secrets: Vec<String>,
     /// Where requests and bulk attempts are counted, when observed.
     stats: Option<Arc<Stats>>,
+}
+
+/// What a [`Sink`] writes to.
+#[derive(Clone)]
+enum Backend {
+    /// A cluster, over HTTP.
+    Cluster(Box<OpenSearch>),
+    /// A log: index lifecycle against its catalog, writes appended.
+    Log(Arc<log::Log>),
 }
 
 impl std::fmt::Debug for Sink {
@@ -175,6 +186,13 @@ impl Sink {
     /// from `ca_cert`, `tls_verify`, and SigV4 signing from `aws`. Errors name
     /// the key to fix and never contain a secret.
     pub fn from_config(cfg: &ferry_config::SinkConfig) -> Result<Sink, SinkError> {
+        match cfg.target() {
+            ferry_config::SinkTarget::File(path) => {
+                return Ok(Self::log(log::Log::file(&path, cfg.rotate_bytes())?))
+            }
+            ferry_config::SinkTarget::Stdout => return Ok(Self::log(log::Log::stdout())),
+            ferry_config::SinkTarget::Cluster => {}
+        }
         let bad = |m: String| SinkError::Conflict(m);
         let timeout = Duration::from_secs(cfg.request_timeout_secs);
         let (parsed, in_url) = split_user_info(&cfg.url)?;
@@ -367,13 +385,40 @@ impl Sink {
             ))
         })?;
         Ok(Sink {
-            client: OpenSearch::new(transport),
+            backend: Backend::Cluster(Box::new(OpenSearch::new(transport))),
             url: shown,
             timeout,
             max_backoff: MAX_RETRY_INTERVAL,
             secrets,
             stats: None,
         })
+    }
+
+    /// A sink over a file or stdout log.
+    fn log(log: log::Log) -> Sink {
+        Sink {
+            url: log.shown().to_string(),
+            backend: Backend::Log(Arc::new(log)),
+            timeout: Duration::from_secs(60),
+            max_backoff: MAX_RETRY_INTERVAL,
+            secrets: Vec::new(),
+            stats: None,
+        }
+    }
+
+    /// The log this sink writes, when it is one.
+    fn as_log(&self) -> Option<&log::Log> {
+        match &self.backend {
+            Backend::Log(log) => Some(log),
+            Backend::Cluster(_) => None,
+        }
+    }
+
+    /// Whether the sink is a file or stdout log: it takes every write,
+    /// cannot be read back, and cannot empty an index in place (a
+    /// TRUNCATE rebuilds the index into a new generation instead).
+    pub fn is_log(&self) -> bool {
+        self.as_log().is_some()
     }
 
     /// Why a request did not get an answer, scrubbed of credentials, with a
@@ -411,8 +456,15 @@ impl Sink {
         &self.url
     }
 
-    /// Asks the cluster for its distribution and version (`GET /`).
+    /// Asks the cluster for its distribution and version (`GET /`); a log
+    /// answers what it is.
     pub async fn version(&self) -> Result<String, SinkError> {
+        if let Some(log) = self.as_log() {
+            if let Some(stats) = self.stats() {
+                stats.sink_answered();
+            }
+            return Ok(format!("a log of bulk requests at {}", log.shown()));
+        }
         let v: serde_json::Value = self
             .request_json(opensearch::http::Method::Get, "/", None)
             .await?;
@@ -431,11 +483,21 @@ impl Sink {
         content_type: &'static str,
     ) -> Result<(u16, bytes::Bytes), SinkError> {
         use opensearch::http::headers::{HeaderMap, HeaderValue, CONTENT_TYPE};
+        let client = match &self.backend {
+            Backend::Cluster(client) => client,
+            Backend::Log(log) => {
+                return Err(SinkError::Conflict(format!(
+                    "{} {path} reads from a search cluster, and sink.url names the log {}, \
+                     which ferry only appends to; run this against a cluster",
+                    method_name(&method),
+                    log.shown()
+                )))
+            }
+        };
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         let answer = async {
-            let res = self
-                .client
+            let res = client
                 .send::<bytes::Bytes, ()>(method, path, headers, None, body, Some(self.timeout))
                 .await
                 .map_err(|e| SinkError::Unreachable {
@@ -503,8 +565,12 @@ impl Sink {
         bulk::write_all(self, writes, index_names).await
     }
 
-    /// Refreshes an index (or alias) so its writes become searchable.
+    /// Refreshes an index (or alias) so its writes become searchable (a
+    /// log has nothing to refresh).
     pub async fn refresh(&self, name: &str) -> Result<(), SinkError> {
+        if self.is_log() {
+            return Ok(());
+        }
         self.request_json(
             opensearch::http::Method::Post,
             &format!("/{name}/_refresh"),

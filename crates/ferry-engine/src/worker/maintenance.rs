@@ -19,8 +19,15 @@ impl Worker {
     /// new copy already past it. A TRUNCATE never lands inside a copy of its
     /// table (it waits for the copy's lock; see ARCHITECTURE.md), so a
     /// root's copy needs no new copy.
+    /// A log ([`ferry_opensearch::Sink::is_log`]) cannot remove documents in
+    /// place, so there a root table's truncation rebuilds its index too, into
+    /// a new generation its readers see by the new `_index`.
     pub(super) async fn on_truncate(&mut self, rels: Vec<u32>) -> Result<(), EngineError> {
-        let t = self.core.router().truncation(&rels);
+        let mut t = self.core.router().truncation(&rels);
+        if self.core.sink.sink.is_log() {
+            let empty = std::mem::take(&mut t.empty);
+            t.rebuild.extend(empty);
+        }
         if t.empty.is_empty() && t.rebuild.is_empty() {
             return Ok(());
         }
@@ -49,7 +56,7 @@ impl Worker {
         }
         if !rebuilding.is_empty() {
             return Err(EngineError::Restart(format!(
-                "a related table was truncated: restarting the pipeline to rebuild {} beside the live index",
+                "a table was truncated: restarting the pipeline to rebuild {} beside the live index",
                 rebuilding.join(", ")
             )));
         }

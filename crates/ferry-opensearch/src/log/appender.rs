@@ -1,0 +1,333 @@
+//! The file a `file://` sink appends bulk requests to: each request is
+//! written whole and fsynced before `append` returns, the file is rotated
+//! between requests, and an unfinished request left by a crash is cut off
+//! when the file is opened again (it was never acknowledged, so the
+//! replay writes it again).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// The open log file.
+pub(crate) struct Appender {
+    path: PathBuf,
+    file: File,
+    /// `<file>.lock`, locked while this process writes the log, so a
+    /// second writer is refused.
+    _lock: File,
+    len: u64,
+    rotate_at: u64,
+    /// The number the file gets when it is rotated (`<file>.<n>`).
+    next_number: u64,
+}
+
+impl Appender {
+    /// Opens (or creates) the log at `path`, cutting an unfinished request
+    /// off its end.
+    pub(crate) fn open(path: &Path, rotate_at: u64) -> io::Result<Appender> {
+        let dir = parent(path);
+        if !dir.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "directory {} does not exist: create it (writable by ferry's user) or change sink.url",
+                    dir.display()
+                ),
+            ));
+        }
+        let lock_path = numbered_suffix(path, ".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        if lock.try_lock().is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "another process writes this log (it holds {}): stop it or give this ferry its own file",
+                    lock_path.display()
+                ),
+            ));
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        sync_dir(path)?;
+        let len = file.metadata()?.len();
+        let whole = whole_requests_len(&file, path)?;
+        if whole < len {
+            file.set_len(whole)?;
+            file.sync_all()?;
+            tracing::warn!(
+                file = %path.display(),
+                cut = len - whole,
+                "cut an unfinished request off the end of the log (a crash interrupted it; it was not acknowledged and is written again)"
+            );
+        }
+        Ok(Appender {
+            next_number: highest_rotated(path)? + 1,
+            path: path.to_path_buf(),
+            file,
+            _lock: lock,
+            len: whole,
+            rotate_at,
+        })
+    }
+
+    /// Appends one whole request and makes it durable; rotates first when
+    /// it would take a non-empty file past the limit.
+    pub(crate) fn append(&mut self, body: &[u8]) -> io::Result<()> {
+        if self.len > 0 && self.len + body.len() as u64 > self.rotate_at {
+            self.rotate()?;
+        }
+        if let Err(e) = self
+            .file
+            .write_all(body)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Leave no part of the request behind for the next append to
+            // follow: the file must end where a request ends.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += body.len() as u64;
+        Ok(())
+    }
+
+    /// Renames the full file to `<file>.<n>` and starts an empty one.
+    fn rotate(&mut self) -> io::Result<()> {
+        let done = numbered(&self.path, self.next_number);
+        std::fs::rename(&self.path, &done)?;
+        sync_dir(&self.path)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        sync_dir(&self.path)?;
+        tracing::info!(file = %done.display(), "rotated the log");
+        self.next_number += 1;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// `<file>.<n>`.
+fn numbered(path: &Path, n: u64) -> PathBuf {
+    numbered_suffix(path, &format!(".{n}"))
+}
+
+/// `<file><suffix>`.
+fn numbered_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes a file's creation or renaming durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(parent(path))?.sync_all()
+}
+
+/// The highest `n` of the rotated files `<file>.<n>` (0 when none).
+fn highest_rotated(path: &Path) -> io::Result<u64> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(0);
+    };
+    let prefix = format!("{name}.");
+    let mut highest = 0;
+    for entry in std::fs::read_dir(parent(path))? {
+        let entry = entry?;
+        if let Some(n) = entry
+            .file_name()
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            highest = highest.max(n);
+        }
+    }
+    Ok(highest)
+}
+
+/// The length of the file's longest prefix made of whole bulk actions (an
+/// `index` action and its source line, or a `delete` action). The file
+/// starts at a request boundary, so lines pair up unambiguously from the
+/// start. A line that is no action where one must start means the file was
+/// changed by something else: an error naming the offset, not a cut.
+fn whole_requests_len(file: &File, path: &Path) -> io::Result<u64> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::new();
+    let mut whole = 0u64;
+    let mut at = 0u64;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)? as u64;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(whole);
+        }
+        let needs_source = if line.starts_with(b"{\"index\":") {
+            true
+        } else if line.starts_with(b"{\"delete\":") {
+            false
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a log ferry wrote: byte {at} starts no bulk action; \
+                     move the file away (or point sink.url elsewhere) and restart",
+                    path.display()
+                ),
+            ));
+        };
+        at += n;
+        if needs_source {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)? as u64;
+            if n == 0 || line.last() != Some(&b'\n') {
+                return Ok(whole);
+            }
+            at += n;
+        }
+        whole = at;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INDEX: &[u8] = b"{\"index\":{\"_index\":\"u-1\",\"_id\":\"1\",\"version\":5,\"version_type\":\"external_gte\"}}\n{\"id\":1}\n";
+    const DELETE: &[u8] =
+        b"{\"delete\":{\"_index\":\"u-1\",\"_id\":\"2\",\"version\":6,\"version_type\":\"external_gte\"}}\n";
+
+    #[test]
+    fn an_unfinished_request_is_cut_at_the_last_whole_action_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        let mut body = [INDEX, DELETE].concat();
+        let whole = body.len() as u64;
+        // A crash after the action line of an index, and one mid-line.
+        for torn in [
+            &INDEX[..INDEX.iter().position(|b| *b == b'\n').expect("nl") + 1],
+            &INDEX[..10],
+        ] {
+            let mut b = body.clone();
+            b.extend_from_slice(torn);
+            std::fs::write(&path, &b).expect("write");
+            let mut log = Appender::open(&path, 1 << 20).expect("open");
+            assert_eq!(std::fs::metadata(&path).expect("meta").len(), whole);
+            log.append(DELETE).expect("append");
+            body = std::fs::read(&path).expect("read");
+            assert!(body.ends_with(&[DELETE, DELETE].concat()));
+            std::fs::write(&path, &body[..whole as usize]).expect("reset");
+            body.truncate(whole as usize);
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the documents hold (lines that look like actions
+        /// included), a log cut anywhere keeps exactly its whole actions.
+        #[test]
+        fn a_log_cut_anywhere_keeps_exactly_its_whole_actions(
+            ops in proptest::collection::vec(
+                proptest::option::of("(\\{\"index\":\\{|\\{\"delete\":|x)[a-z\"{}:]{0,12}"),
+                1..12,
+            ),
+            cut in 0.0f64..1.0,
+        ) {
+            let mut log = Vec::new();
+            let mut boundaries = vec![0u64];
+            for source in &ops {
+                match source {
+                    Some(doc) => {
+                        log.extend_from_slice(b"{\"index\":{\"_id\":\"1\"}}\n");
+                        log.extend_from_slice(doc.as_bytes());
+                        log.push(b'\n');
+                    }
+                    None => log.extend_from_slice(b"{\"delete\":{\"_id\":\"1\"}}\n"),
+                }
+                boundaries.push(log.len() as u64);
+            }
+            let at = (log.len() as f64 * cut) as usize;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("log.ndjson");
+            std::fs::write(&path, &log[..at]).expect("write");
+            let file = File::open(&path).expect("open");
+            let kept = whole_requests_len(&file, &path).expect("our own log parses");
+            let want = boundaries.iter().copied().filter(|b| *b <= at as u64).max();
+            proptest::prop_assert_eq!(Some(kept), want);
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_bulk_log_is_refused_not_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        std::fs::write(&path, [INDEX, b"hello\n", DELETE].concat()).expect("write");
+        let e = Appender::open(&path, 1 << 20).err().expect("refused");
+        assert!(
+            e.to_string().contains(&format!("byte {}", INDEX.len())),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len() as usize,
+            INDEX.len() + 6 + DELETE.len()
+        );
+    }
+
+    #[test]
+    fn rotation_happens_between_requests_and_numbers_files_upwards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        let limit = (INDEX.len() * 2) as u64;
+        let mut log = Appender::open(&path, limit).expect("open");
+        for _ in 0..5 {
+            log.append(INDEX).expect("append");
+        }
+        drop(log);
+        // Reopening continues the numbering.
+        let mut log = Appender::open(&path, limit).expect("reopen");
+        log.append(INDEX).expect("append");
+        log.append(INDEX).expect("append");
+        for n in 1..=3 {
+            let f = std::fs::read(numbered(&path, n)).expect("rotated file");
+            assert_eq!(
+                f,
+                [INDEX, INDEX].concat(),
+                "file {n} holds two whole requests"
+            );
+        }
+        assert!(!numbered(&path, 4).exists());
+        assert_eq!(std::fs::read(&path).expect("current"), INDEX);
+    }
+
+    #[test]
+    fn a_second_writer_of_the_same_log_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        let first = Appender::open(&path, 4096).expect("open");
+        let e = Appender::open(&path, 4096).err().expect("refused");
+        assert!(e.to_string().contains("another process"), "{e}");
+        drop(first);
+        Appender::open(&path, 4096).expect("free again");
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_naming_it() {
+        let e = Appender::open(Path::new("/nonexistent-ferry-dir/log.ndjson"), 4096)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("/nonexistent-ferry-dir"), "{e}");
+    }
+}
