@@ -102,6 +102,11 @@ impl Harness {
         })
     }
 
+    /// This workload's scratch directory (config, ferry's log).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// A new connection to [`DB`].
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         Ok(self.pg.client(DB).await?)

@@ -45,7 +45,7 @@ use crate::workloads::{Ctx, Sizes, Workload};
 #[command(
     name = "ferry-bench",
     about = "Benchmarks the real ferry binary against a throwaway PostgreSQL and an in-memory OpenSearch double or a real OpenSearch node",
-    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, stream-20k, big-transaction, backfill-nested, stream-relational, nested-nofk-backfill, nested-nofk-stream (both: nested-nofk), backfill-parallel, stream-in-flight (default: all)\n\
+    after_help = "Workloads: sink-selftest, backfill, backfill-live, backfill-wide, stream-simple, stream-1k, stream-5k, stream-20k, big-transaction, backfill-nested, stream-relational, nested-nofk-backfill, nested-nofk-stream (both: nested-nofk), backfill-parallel, stream-in-flight, backfill-file (default: all)\n\
                   Production sizes, only when named (never in CI): backfill-10m, backfill-live-10m, nested-1m, verify-10m (--quick: a hundredth)\n\
                   With --sink opensearch: backfill, stream-simple, backfill-nested, nested-nofk-backfill, backfill-parallel (the default there; also backfill-10m, nested-1m, verify-10m, which needs the node); the others need FastSink."
 )]

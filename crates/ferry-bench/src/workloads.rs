@@ -74,6 +74,8 @@ pub enum Workload {
     /// [`Workload::StreamSimple`] through a proxy adding 50 ms to every bulk
     /// request, with `engine.max_in_flight_bulks` 1, then 4.
     StreamInFlight,
+    /// `backfill-file`: the narrow backfill into a `file://` log.
+    BackfillFile,
     /// Production size, never in a default run: 10,000,000 narrow rows.
     Backfill10m,
     /// Production size: 10,000,000 rows seeded while two writers change them.
@@ -95,7 +97,7 @@ impl Workload {
         Workload::Verify10m,
     ];
 
-    pub const ALL: [Workload; 15] = [
+    pub const ALL: [Workload; 16] = [
         Workload::SinkSelftest,
         Workload::Backfill,
         Workload::BackfillLive,
@@ -111,6 +113,7 @@ impl Workload {
         Workload::NestedNofkStream,
         Workload::BackfillParallel,
         Workload::StreamInFlight,
+        Workload::BackfillFile,
     ];
 
     /// The name used on the command line and in reports.
@@ -131,6 +134,7 @@ impl Workload {
             Workload::NestedNofkStream => "nested-nofk-stream",
             Workload::BackfillParallel => "backfill-parallel",
             Workload::StreamInFlight => "stream-in-flight",
+            Workload::BackfillFile => "backfill-file",
             Workload::Backfill10m => "backfill-10m",
             Workload::BackfillLive10m => "backfill-live-10m",
             Workload::Nested1m => "nested-1m",
@@ -171,9 +175,10 @@ impl Workload {
     fn planned(self, s: &Sizes) -> (u64, &'static str) {
         match self {
             Workload::SinkSelftest => (s.selftest_docs, "docs"),
-            Workload::Backfill | Workload::BackfillLive | Workload::BackfillParallel => {
-                (s.backfill_rows, "rows")
-            }
+            Workload::Backfill
+            | Workload::BackfillLive
+            | Workload::BackfillParallel
+            | Workload::BackfillFile => (s.backfill_rows, "rows"),
             Workload::Backfill10m | Workload::BackfillLive10m | Workload::Verify10m => {
                 (PRODUCTION_ROWS, "rows")
             }
@@ -289,6 +294,7 @@ async fn run_workload(w: Workload, ctx: &Ctx) -> Outcome {
         }
         Workload::BackfillParallel => backfill_parallel(ctx).await,
         Workload::StreamInFlight => stream_in_flight(ctx).await,
+        Workload::BackfillFile => backfill_file(ctx).await,
         Workload::Backfill10m => backfill(&production(ctx), false).await,
         Workload::BackfillLive10m => backfill_live(&production(ctx)).await,
         Workload::Nested1m => {
@@ -615,6 +621,89 @@ async fn backfill(ctx: &Ctx, wide: bool) -> Result<Outcome> {
     if !wide {
         o.target_rate(TARGET_BACKFILL_ROWS_S);
     }
+    o.target_rss(TARGET_RSS_MIB);
+    Ok(o)
+}
+
+/// `backfill-file`: the narrow backfill into a `file://` log instead of a
+/// cluster (every request appended and fsynced), against the same COPY
+/// ceiling as `backfill`. Complete = the log's state file records the
+/// copy's seeded position, which ferry writes only after every request of
+/// the copy is fsynced; the log must then hold every row's id once.
+async fn backfill_file(ctx: &Ctx) -> Result<Outcome> {
+    let name = "backfill-file";
+    let n = ctx.sizes.backfill_rows;
+    let mut o = Outcome::new(name, n, "rows");
+    let mut h = Harness::start(ctx, name).await?;
+    h.db.batch_execute(NARROW_DDL).await?;
+    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
+    h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+    let (copy_time, _) = copy_out(
+        &h.db,
+        "COPY (SELECT id, a, b, label, note, created_at FROM items) TO STDOUT",
+    )
+    .await?;
+    o.ceiling = Some(n as f64 / copy_time.as_secs_f64());
+    o.ceiling_method = Some(format!(
+        "COPY (SELECT …) TO STDOUT of the same table into nothing: {:.2} s",
+        copy_time.as_secs_f64()
+    ));
+    let log = h.dir().join("items.ndjson");
+    h.set_sink_url(&format!("file://{}", log.display()));
+    let t0 = h.start_ferry("items")?;
+    let mut state = log.as_os_str().to_owned();
+    state.push(".ferry.json");
+    let state = std::path::PathBuf::from(state);
+    let deadline = t0 + limit(n, 5_000.0);
+    let t1 = loop {
+        let seeded = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| {
+                let served = v["aliases"][INDEX].as_str().unwrap_or_default();
+                v["indexes"][served]["meta"]["seeded_lsn"].is_string()
+            });
+        if seeded {
+            break Instant::now();
+        }
+        h.check_alive("the copy into the log")?;
+        if Instant::now() > deadline {
+            bail!(
+                "timed out waiting for the copy into the log\n{}",
+                h.log_excerpt()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = (t1 - t0).as_secs_f64();
+    o.seconds = Some(secs);
+    o.rate = Some(n as f64 / secs);
+    o.peak_rss_mib = h
+        .ferry()
+        .ok()
+        .and_then(|f| f.peak_rss_bytes())
+        .map(|b| b as f64 / (1024.0 * 1024.0));
+    h.stop_ferry();
+    let text = std::fs::read_to_string(&log)?;
+    let mut ids = std::collections::HashSet::new();
+    let mut actions = 0u64;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("{\"index\":{\"_index\""))
+    {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        ids.insert(v["index"]["_id"].as_str().unwrap_or_default().to_owned());
+        actions += 1;
+    }
+    if ids.len() as u64 != n {
+        bail!("the log holds {} distinct ids of {n} rows", ids.len());
+    }
+    o.ok = true;
+    o.check = format!("complete: the log holds every one of the {n} rows");
+    o.notes.push(format!(
+        "measured from spawning ferry; the log holds {actions} index actions ({:.1} MiB)",
+        text.len() as f64 / (1024.0 * 1024.0)
+    ));
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
 }
