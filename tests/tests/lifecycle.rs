@@ -132,6 +132,41 @@ async fn interrupted_backfill_resumes_from_its_checkpoint() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_while_ferry_is_down_mid_copy_leaves_no_row_of_the_older_snapshot() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE rt (id int PRIMARY KEY, v text);
+         INSERT INTO rt SELECT g, repeat('x', 20) || g FROM generate_series(1, 20000) g;",
+    )
+    .await
+    .expect("schema");
+    let indexes = format!(
+        "[[index]]\nname = \"{}\"\ntable = \"rt\"\n",
+        env.index("rt")
+    );
+    let cfg = env.write_config(&config(
+        &env,
+        "backfill_chunk_rows = 2000\nbackfill_batch_rows = 500",
+        &indexes,
+    ));
+    let ferry = env.run_ferry(&cfg);
+    let deadline = Instant::now() + CONVERGE;
+    while env.count("rt").await < 8_000 {
+        assert!(Instant::now() < deadline, "no progress\n{}", env.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ferry.kill();
+    // The copy's checkpointed chunks hold rows of the snapshot before this.
+    db.batch_execute("TRUNCATE rt; INSERT INTO rt VALUES (3, 'after'), (19000, 'after');")
+        .await
+        .expect("truncate");
+    let ferry = env.run_ferry(&cfg);
+    env.assert_converges("rt", "rt", CONVERGE).await;
+    assert_eq!(ferry.stop(), Some(0));
+}
+
 /// The number of documents a search on `alias` finds; panics when the
 /// search is not answered.
 async fn hits_during_rebuild(env: &TestEnv, alias: &str) -> u64 {

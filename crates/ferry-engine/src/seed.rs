@@ -76,6 +76,18 @@ pub struct Job {
     pub previous: Option<String>,
     /// Resume after this key (an interrupted backfill's checkpoint).
     pub resume_after: Option<Vec<String>>,
+    /// With `resume_after`: the oldest snapshot position whose rows the
+    /// copy already holds (the earlier runs' versions).
+    pub holds_since: Option<Lsn>,
+}
+
+impl Job {
+    /// The oldest snapshot position whose rows the copy holds once this
+    /// seeding, versioned `version`, has written to it: a change after it
+    /// may be missing from the copy.
+    pub fn copied_since(&self, version: Lsn) -> Lsn {
+        self.holds_since.map_or(version, |held| held.min(version))
+    }
 }
 
 /// The indexes to seed and the snapshot the copy starts from.
@@ -245,7 +257,11 @@ async fn seed_index(
                 written += n;
                 if let Some(reached) = order.complete(seq, upto).pop() {
                     match reached {
-                        Some(key) => sink.set_checkpoint(&job.plan, &ix.concrete, &key).await?,
+                        Some(key) => {
+                            let since = job.copied_since(copier.version);
+                            sink.set_checkpoint(&job.plan, &ix.concrete, &key, since)
+                                .await?
+                        }
                         None => complete = true,
                     }
                 }

@@ -395,6 +395,11 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
                 } else {
                     prepared.checkpoint
                 },
+                holds_since: if new_slot.is_some() {
+                    None
+                } else {
+                    prepared.checkpoint_version
+                },
             });
         }
     }

@@ -134,6 +134,10 @@ pub struct PreparedIndex {
     pub previous_routing: Option<String>,
     /// Primary key of the last row an interrupted backfill made durable.
     pub checkpoint: Option<Vec<String>>,
+    /// The oldest snapshot position whose rows the checkpointed part of
+    /// the copy holds (`None` with no checkpoint; `Some(Lsn(0))`, unknown,
+    /// for a checkpoint recorded before ferry kept it).
+    pub checkpoint_version: Option<Lsn>,
     /// The index is paused (`_meta.ferry.paused`): nothing is written to
     /// it, `concrete` is the index the alias serves, and it is rebuilt when
     /// resumed.
@@ -249,6 +253,7 @@ impl Sink {
                     previous: None,
                     previous_routing: None,
                     checkpoint: None,
+                    checkpoint_version: None,
                     paused: true,
                 });
             }
@@ -290,6 +295,7 @@ impl Sink {
         }
         let mut seeded = None;
         let mut checkpoint = None;
+        let mut checkpoint_version = None;
         if exists {
             let meta = self.ferry_meta(&concrete).await?;
             seeded = seeded_lsn(&meta);
@@ -298,6 +304,14 @@ impl Sink {
                     .map(|v| v.as_str().unwrap_or_default().to_string())
                     .collect()
             });
+            if checkpoint.is_some() {
+                checkpoint_version = Some(
+                    meta["backfill_version"]
+                        .as_str()
+                        .and_then(|s| s.parse::<Lsn>().ok())
+                        .unwrap_or(Lsn(0)),
+                );
+            }
         } else {
             self.create_index(&concrete, plan.create_body()).await?;
             tracing::info!(index = %concrete, alias = %plan.alias, "created index");
@@ -319,6 +333,7 @@ impl Sink {
             previous,
             previous_routing,
             checkpoint,
+            checkpoint_version,
             paused: false,
         })
     }
@@ -590,15 +605,20 @@ impl Sink {
         self.put_ferry_meta(concrete, ferry).await
     }
 
-    /// Records that a backfill made every row up to primary key `after` durable.
+    /// Records that a backfill made every row up to primary key `after`
+    /// durable, from snapshots no older than `since` (the oldest version
+    /// those rows carry: a copy resumed across restarts holds rows of each
+    /// run's snapshot, and a change between them must still reach it).
     pub async fn set_checkpoint(
         &self,
         plan: &IndexPlan,
         concrete: &str,
         after: &[String],
+        since: Lsn,
     ) -> Result<(), SinkError> {
         let mut ferry = plan.meta();
         ferry["backfill_after"] = json!(after);
+        ferry["backfill_version"] = json!(since.to_string());
         self.put_ferry_meta(concrete, ferry).await
     }
 

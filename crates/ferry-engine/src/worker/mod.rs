@@ -56,8 +56,10 @@ struct Worker {
     last_event: Instant,
     /// Leaf partitions of the partitioned tables read, as last seen.
     partitions: Vec<(u32, u32)>,
-    /// Per index position: the version of the snapshot this pipeline seeds
-    /// it from (a TRUNCATE older than that is already in the copy).
+    /// Per index position: the oldest snapshot position whose rows its
+    /// copy holds — this pipeline's snapshot, or an earlier run's for a copy
+    /// resumed from its checkpoint (a TRUNCATE older than that is already
+    /// in the copy).
     seeded_at: Vec<Option<ferry_core::Lsn>>,
     /// Index positions whose copy in this pipeline predates a change (see
     /// `maintenance.rs`): settled once seeding stopped, so the next start
@@ -99,7 +101,8 @@ pub async fn stream(
     let mut seeded_at = vec![None; indexes.len()];
     if let Some(s) = &seeding {
         for job in &s.jobs {
-            seeded_at[job.index.0] = Some(s.version);
+            // A resumed copy also holds rows of an earlier run's snapshot.
+            seeded_at[job.index.0] = Some(job.copied_since(s.version));
         }
     }
     // Seeding runs beside streaming; it reports each alias it moves.
