@@ -81,29 +81,44 @@ async fn backfill_runs_while_live_changes_flow_and_other_indexes_stream() {
     assert_eq!(ferry.stop(), Some(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interrupted_backfill_resumes_from_its_checkpoint() {
-    let env = TestEnv::start().await;
-    let db = env.db().await;
-    db.batch_execute(
-        "CREATE TABLE r (id int PRIMARY KEY, v text);
-         INSERT INTO r SELECT g, repeat('x', 20) || g FROM generate_series(1, 20000) g;",
-    )
+/// Creates `table` with 20,000 rows, starts ferry copying it in 2,000-row
+/// chunks and kills it (SIGKILL) once 8,000 documents are durable, so its
+/// checkpoint is at least two chunks in; returns the config.
+async fn kill_during_the_copy_of_20000_rows(
+    env: &TestEnv,
+    db: &tokio_postgres::Client,
+    table: &str,
+) -> std::path::PathBuf {
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, v text);
+         INSERT INTO {table} SELECT g, repeat('x', 20) || g FROM generate_series(1, 20000) g;"
+    ))
     .await
     .expect("schema");
-    let indexes = format!("[[index]]\nname = \"{}\"\ntable = \"r\"\n", env.index("r"));
+    let indexes = format!(
+        "[[index]]\nname = \"{}\"\ntable = \"{table}\"\n",
+        env.index(table)
+    );
     let cfg = env.write_config(&config(
-        &env,
+        env,
         "backfill_chunk_rows = 2000\nbackfill_batch_rows = 500",
         &indexes,
     ));
     let ferry = env.run_ferry(&cfg);
     let deadline = Instant::now() + CONVERGE;
-    while env.count("r").await < 8_000 {
+    while env.count(table).await < 8_000 {
         assert!(Instant::now() < deadline, "no progress\n{}", env.log_tail());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ferry.kill();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_backfill_resumes_from_its_checkpoint() {
+    let env = TestEnv::start().await;
+    let db = env.db().await;
+    let cfg = kill_during_the_copy_of_20000_rows(&env, &db, "r").await;
     db.batch_execute("UPDATE r SET v = 'changed while down' WHERE id IN (1, 19999)")
         .await
         .expect("change");
@@ -136,28 +151,7 @@ async fn interrupted_backfill_resumes_from_its_checkpoint() {
 async fn a_truncate_while_ferry_is_down_mid_copy_leaves_no_row_of_the_older_snapshot() {
     let env = TestEnv::start().await;
     let db = env.db().await;
-    db.batch_execute(
-        "CREATE TABLE rt (id int PRIMARY KEY, v text);
-         INSERT INTO rt SELECT g, repeat('x', 20) || g FROM generate_series(1, 20000) g;",
-    )
-    .await
-    .expect("schema");
-    let indexes = format!(
-        "[[index]]\nname = \"{}\"\ntable = \"rt\"\n",
-        env.index("rt")
-    );
-    let cfg = env.write_config(&config(
-        &env,
-        "backfill_chunk_rows = 2000\nbackfill_batch_rows = 500",
-        &indexes,
-    ));
-    let ferry = env.run_ferry(&cfg);
-    let deadline = Instant::now() + CONVERGE;
-    while env.count("rt").await < 8_000 {
-        assert!(Instant::now() < deadline, "no progress\n{}", env.log_tail());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ferry.kill();
+    let cfg = kill_during_the_copy_of_20000_rows(&env, &db, "rt").await;
     // The copy's checkpointed chunks hold rows of the snapshot before this.
     db.batch_execute("TRUNCATE rt; INSERT INTO rt VALUES (3, 'after'), (19000, 'after');")
         .await
