@@ -182,6 +182,14 @@ async fn a_file_log_folds_to_the_table_across_kill_9_rotation_and_truncate() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ferry.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // What a write torn by the crash leaves: half an action. ferry cuts it
+    // (a reader of the file would choke on it) and writes it again.
+    let mut torn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("open the log");
+    std::io::Write::write_all(&mut torn, b"{\"index\":{\"_index\":\"it").expect("tear");
+    drop(torn);
     let ferry = FerryProcess::start(&cfg, &ferry_log);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -213,19 +221,42 @@ async fn a_file_log_folds_to_the_table_across_kill_9_rotation_and_truncate() {
     assert_log_converges(&log, &db, &ferry_log).await;
     let second = served(&log).expect("alias");
     assert_ne!(second, first, "the truncate started a new generation");
-    assert_eq!(ferry.stop(), Some(0));
 
-    // The operator tools that only read or mark the state work on a log;
-    // those that read documents back say they need a cluster.
+    // Beside the running ferry, the operator tools that only read or mark
+    // the state work on a log; those that read documents back say they
+    // need a cluster. A second ferry on the same file is refused before it
+    // changes anything.
     let cfg_s = cfg.to_str().expect("utf8");
     let (code, out, err) = ferry_once(&["plan", "--config", cfg_s]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, _, err) = ferry_once(&["verify", "--config", cfg_s]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("only appends to"), "{err}");
+    let second_cfg = dir.path().join("second.toml");
+    std::fs::write(
+        &second_cfg,
+        std::fs::read_to_string(&cfg)
+            .expect("config")
+            .replace("ferry_test", "ferry_second"),
+    )
+    .expect("second config");
+    let second_log = dir.path().join("second.log");
+    let intruder = FerryProcess::start(&second_cfg, &second_log);
+    wait_for("the second ferry to be refused", CONVERGE, async || {
+        std::fs::read_to_string(&second_log)
+            .unwrap_or_default()
+            .contains("another process writes this log")
+    })
+    .await;
+    intruder.kill();
+    assert_eq!(
+        served(&log),
+        Some(second.clone()),
+        "the refused ferry changed nothing"
+    );
     let (code, out, err) = ferry_once(&["reindex", "items", "--config", cfg_s]);
     assert_eq!(code, 0, "{out}{err}");
-    let ferry = FerryProcess::start(&cfg, &ferry_log);
+    ferry.hangup();
     wait_for("the rebuild to go live", CONVERGE, async || {
         served(&log).is_some_and(|s| s != second)
     })
@@ -283,6 +314,20 @@ async fn a_stdout_log_carries_a_full_copy_then_the_stream_and_logs_stay_on_stder
         let t = read();
         let i = index(&t).expect("index");
         compare(&rows, &fold(&parse_bulk(&t), &i)).is_empty()
+    })
+    .await;
+    // A TRUNCATE rebuilds the index into a new generation (a new `_index`)
+    // even though stdout keeps no state file: the process keeps it.
+    let first = index(&read()).expect("index");
+    db.batch_execute("TRUNCATE items; INSERT INTO items VALUES (1, 'after', 1);")
+        .await
+        .expect("truncate");
+    let rows = rows_as_json(&db, "items").await;
+    wait_for("the new generation on stdout", CONVERGE, async || {
+        let t = read();
+        let actions = parse_bulk(&t);
+        let newest = actions.last().map(|a| a.index.clone()).expect("actions");
+        newest != first && compare(&rows, &fold(&actions, &newest)).is_empty()
     })
     .await;
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

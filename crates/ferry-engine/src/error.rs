@@ -72,7 +72,10 @@ impl EngineError {
                 SourceError::Server { .. } | SourceError::Decode(_) => Disposition::Fatal,
             },
             EngineError::Sink(e) => match e {
-                SinkError::Unreachable { .. } => Disposition::Retry,
+                SinkError::Unreachable { .. } | SinkError::Log { retry: true, .. } => {
+                    Disposition::Retry
+                }
+                SinkError::Log { retry: false, .. } => Disposition::Operator,
                 SinkError::Status { status, .. } if ferry_opensearch::is_transient(*status) => {
                     Disposition::Retry
                 }
@@ -178,6 +181,20 @@ mod tests {
         assert_eq!(sink_status(429).disposition(), Disposition::Retry);
         assert_eq!(sink_status(400).disposition(), Disposition::Fatal);
         assert_eq!(sink_status(401).disposition(), Disposition::Operator);
+        let log = |retry| {
+            EngineError::Sink(SinkError::Log {
+                log: "file:///var/lib/ferry/x.ndjson".into(),
+                reason: "cannot append to it".into(),
+                retry,
+            })
+            .disposition()
+        };
+        assert_eq!(log(true), Disposition::Retry, "a full disk is waited out");
+        assert_eq!(
+            log(false),
+            Disposition::Operator,
+            "a missing directory is not"
+        );
         assert_eq!(sink_status(403).disposition(), Disposition::Operator);
         assert_eq!(
             EngineError::Sink(SinkError::Refused {

@@ -271,6 +271,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     let index_stats = stats.register(&names);
     let sink = sink_for(cfg)?.observed_by(stats.clone());
     let version = sink.version().await?;
+    sink.claim().await?;
     if sink.is_log() {
         tracing::info!(sink = %sink.url(), "writing bulk requests to a log, not to a search cluster");
     } else {

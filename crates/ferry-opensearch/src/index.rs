@@ -434,7 +434,12 @@ impl Sink {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        Ok(format!("{base}-g{secs}"))
+        // Never the current one, even when it was made within this second.
+        let after_cur = cur
+            .strip_prefix(&format!("{base}-g"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .map_or(0, |n| n + 1);
+        Ok(format!("{base}-g{}", secs.max(after_cur)))
     }
 
     /// Asks the running ferry to rebuild `alias` into a new index: marks the
@@ -626,8 +631,12 @@ impl Sink {
     /// whole), keeping the operator's marks already there: a pause and a
     /// requested rebuild, set through the control API or `ferry reindex`.
     async fn put_ferry_meta(&self, concrete: &str, mut ferry: Value) -> Result<(), SinkError> {
+        const MARKS: [&str; 2] = ["paused", "reindex_requested"];
+        if let Some(log) = self.as_log() {
+            return log.put_meta(concrete, ferry, &MARKS);
+        }
         let now = self.ferry_meta(concrete).await?;
-        for mark in ["paused", "reindex_requested"] {
+        for mark in MARKS {
             if now[mark] == json!(true) {
                 ferry[mark] = json!(true);
             }

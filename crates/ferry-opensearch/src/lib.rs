@@ -87,6 +87,16 @@ pub enum SinkError {
     /// The configuration does not fit what is in the cluster.
     #[error("{0}")]
     Conflict(String),
+    /// A file or stdout log could not be used.
+    #[error("the log {log}: {reason}")]
+    Log {
+        /// `file:///…` or `stdout:`.
+        log: String,
+        /// What failed, with the system's error.
+        reason: String,
+        /// Waiting can help (a full disk, another process holding the file).
+        retry: bool,
+    },
     /// The response could not be understood.
     #[error("unexpected answer from OpenSearch to {what}: {reason}")]
     Protocol {
@@ -411,6 +421,17 @@ impl Sink {
         match &self.backend {
             Backend::Log(log) => Some(log),
             Backend::Cluster(_) => None,
+        }
+    }
+
+    /// Opens a file log for writing now (its lock, and the cut of an
+    /// unfinished action): called when ferry starts streaming, so a second
+    /// ferry on the same file is refused before it changes anything. A
+    /// cluster, and stdout, need nothing.
+    pub async fn claim(&self) -> Result<(), SinkError> {
+        match self.as_log() {
+            Some(log) => log.claim().await,
+            None => Ok(()),
         }
     }
 

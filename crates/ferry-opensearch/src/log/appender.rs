@@ -1,8 +1,10 @@
 //! The file a `file://` sink appends bulk requests to: each request is
-//! written whole and fsynced before `append` returns, the file is rotated
-//! between requests, and an unfinished request left by a crash is cut off
-//! when the file is opened again (it was never acknowledged, so the
-//! replay writes it again).
+//! written whole and fsynced before `append` returns, and the file is
+//! rotated between requests. When the file is opened again after a crash,
+//! an unfinished action at its end is cut off; whole actions of a request
+//! that was not acknowledged stay, and the replay writes them again with
+//! the same versions. After any failed append the owner drops the
+//! `Appender` and opens the file again, which makes the same cut.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -78,30 +80,28 @@ impl Appender {
     }
 
     /// Appends one whole request and makes it durable; rotates first when
-    /// it would take a non-empty file past the limit.
+    /// it would take a non-empty file past the limit. After an error the
+    /// `Appender` must not be used again (see the module docs).
     pub(crate) fn append(&mut self, body: &[u8]) -> io::Result<()> {
         if self.len > 0 && self.len + body.len() as u64 > self.rotate_at {
             self.rotate()?;
         }
-        if let Err(e) = self
-            .file
-            .write_all(body)
-            .and_then(|()| self.file.sync_data())
-        {
-            // Leave no part of the request behind for the next append to
-            // follow: the file must end where a request ends.
-            let _ = self.file.set_len(self.len);
-            return Err(e);
-        }
+        self.file.write_all(body)?;
+        self.file.sync_data()?;
         self.len += body.len() as u64;
         Ok(())
     }
 
-    /// Renames the full file to `<file>.<n>` and starts an empty one.
+    /// Gives the full file the name `<file>.<n>` and starts an empty one.
+    /// The new name is linked, never renamed over: a file already holding
+    /// it (a crash between link and unlink) is an error, not replaced.
     fn rotate(&mut self) -> io::Result<()> {
         let done = numbered(&self.path, self.next_number);
-        std::fs::rename(&self.path, &done)?;
+        std::fs::hard_link(&self.path, &done)?;
+        self.next_number += 1;
+        std::fs::remove_file(&self.path)?;
         sync_dir(&self.path)?;
+        self.len = 0;
         self.file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -109,8 +109,6 @@ impl Appender {
             .open(&self.path)?;
         sync_dir(&self.path)?;
         tracing::info!(file = %done.display(), "rotated the log");
-        self.next_number += 1;
-        self.len = 0;
         Ok(())
     }
 }
@@ -163,8 +161,10 @@ fn highest_rotated(path: &Path) -> io::Result<u64> {
 /// The length of the file's longest prefix made of whole bulk actions (an
 /// `index` action and its source line, or a `delete` action). The file
 /// starts at a request boundary, so lines pair up unambiguously from the
-/// start. A line that is no action where one must start means the file was
-/// changed by something else: an error naming the offset, not a cut.
+/// start. A line that is no action where one must start is what a crash
+/// can leave of unsynced data when nothing that looks like an action
+/// follows it (it is cut then); otherwise the file was changed by
+/// something else: an error naming the offset, not a cut.
 fn whole_requests_len(file: &File, path: &Path) -> io::Result<u64> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut line = Vec::new();
@@ -180,6 +180,8 @@ fn whole_requests_len(file: &File, path: &Path) -> io::Result<u64> {
             true
         } else if line.starts_with(b"{\"delete\":") {
             false
+        } else if !an_action_follows(&mut reader)? {
+            return Ok(whole);
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -200,6 +202,20 @@ fn whole_requests_len(file: &File, path: &Path) -> io::Result<u64> {
             at += n;
         }
         whole = at;
+    }
+}
+
+/// Whether a line starting like one of ferry's actions comes later.
+fn an_action_follows(reader: &mut impl BufRead) -> io::Result<bool> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(false);
+        }
+        if line.starts_with(b"{\"index\":") || line.starts_with(b"{\"delete\":") {
+            return Ok(true);
+        }
     }
 }
 
@@ -268,6 +284,34 @@ mod tests {
             let want = boundaries.iter().copied().filter(|b| *b <= at as u64).max();
             proptest::prop_assert_eq!(Some(kept), want);
         }
+    }
+
+    #[test]
+    fn garbage_after_the_last_whole_action_is_cut_as_a_crash_leaves_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        std::fs::write(&path, [INDEX, b"\0\0\0\0\n\0\0"].concat()).expect("write");
+        Appender::open(&path, 1 << 20).expect("open");
+        assert_eq!(std::fs::read(&path).expect("read"), INDEX);
+    }
+
+    #[test]
+    fn rotation_never_replaces_a_file_holding_the_next_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        let mut log = Appender::open(&path, INDEX.len() as u64).expect("open");
+        log.append(INDEX).expect("append");
+        // Something took the next number after the log was opened.
+        std::fs::write(numbered(&path, 1), DELETE).expect("squat");
+        assert!(log.append(INDEX).is_err());
+        assert_eq!(std::fs::read(numbered(&path, 1)).expect("read"), DELETE);
+        assert_eq!(std::fs::read(&path).expect("read"), INDEX);
+        drop(log);
+        // Opened again, it rotates past it.
+        let mut log = Appender::open(&path, INDEX.len() as u64).expect("reopen");
+        log.append(DELETE).expect("append");
+        assert_eq!(std::fs::read(numbered(&path, 2)).expect("read"), INDEX);
+        assert_eq!(std::fs::read(&path).expect("read"), DELETE);
     }
 
     #[test]

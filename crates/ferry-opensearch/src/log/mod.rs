@@ -1,21 +1,27 @@
 //! A sink that is a log of bulk requests rather than a cluster: `file://`
 //! (each request appended and fsynced before the write returns, rotated by
 //! size, with the index catalog kept beside it in `<file>.ferry.json`) or
-//! `stdout:` (each request written and flushed; the catalog lives in memory,
-//! so every start writes a full copy of each index first).
+//! `stdout:` (each request written and flushed; the catalog lives in the
+//! process's memory, so every start of ferry writes a full copy of each
+//! index first).
 //!
 //! A log holds exactly the request bodies a cluster would get: the same
 //! `_index` (the concrete generation), ids, routing and external versions.
 //! Replaying it in order into a cluster, or folding it by version, gives
 //! what ferry would have built there. Nothing is refused and nothing can be
 //! read back, so the operator tools that read documents need a cluster.
+//!
+//! Every `Sink` of one log in a process (a restarted pipeline's, the
+//! control API's) shares one open file and one catalog, so a restart does
+//! not trip over its own lock and stdout keeps its catalog across restarts.
 
 mod appender;
 mod catalog;
 
-use std::io::Write;
+use std::collections::HashMap;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde_json::{Map, Value};
 
@@ -32,9 +38,9 @@ pub(crate) struct Log {
 }
 
 enum Output {
-    /// Opened (and locked) on the first append, so that tools which only
-    /// read or mark the catalog (`check`, `plan`, `reindex`) work beside
-    /// the running ferry that writes the file.
+    /// Opened (and locked) by [`Log::claim`] when ferry starts streaming,
+    /// or by the first append, so that tools which only read or mark the
+    /// catalog (`check`, `plan`, `reindex`) work beside the running ferry.
     File {
         path: PathBuf,
         rotate_at: u64,
@@ -45,18 +51,27 @@ enum Output {
 
 /// Where the catalog lives.
 enum Keeping {
-    /// In `<file>.ferry.json`, read for every question and rewritten for
-    /// every change, so a `ferry reindex` or `pause` run beside the daemon
-    /// is seen by it.
+    /// In `<file>.ferry.json`, read for every question and changed under
+    /// an exclusive lock of `<file>.ferry.json.lock`, so changes from the
+    /// daemon's tasks and from `ferry reindex` or `pause` beside it never
+    /// overwrite one another.
     File(PathBuf),
-    /// In memory (stdout: every start begins with an empty catalog).
-    Memory(Mutex<Catalog>),
+    /// In memory, for the life of the process (stdout).
+    Memory(Arc<Mutex<Catalog>>),
 }
 
 impl Log {
     /// The log at `path` (rotated past `rotate_at` bytes) and its catalog;
-    /// the file itself is opened on the first append.
+    /// the file itself is opened by [`Log::claim`] or the first append.
     pub(crate) fn file(path: &Path, rotate_at: u64) -> Result<Log, SinkError> {
+        let shown = format!("file://{}", path.display());
+        if path.is_dir() {
+            return Err(SinkError::Conflict(format!(
+                "sink.url: {} is a directory; name a file in it (e.g. file://{}/ferry.ndjson)",
+                path.display(),
+                path.display()
+            )));
+        }
         let dir = path.parent().unwrap_or(Path::new("/"));
         if !dir.is_dir() {
             return Err(SinkError::Conflict(format!(
@@ -65,29 +80,24 @@ impl Log {
             )));
         }
         let state = with_suffix(path, ".ferry.json");
-        Catalog::load(&state).map_err(|e| {
-            SinkError::Conflict(format!(
-                "sink.url: cannot use the log {}: {e}",
-                path.display()
-            ))
-        })?;
+        Catalog::load(&state).map_err(|e| log_error(&shown, "read its index state", e))?;
         Ok(Log {
-            shown: format!("file://{}", path.display()),
-            out: Arc::new(Mutex::new(Output::File {
-                path: path.to_path_buf(),
-                rotate_at,
-                open: None,
-            })),
+            out: shared_file(path, rotate_at),
             catalog: Keeping::File(state),
+            shown,
         })
     }
 
-    /// A log on standard output.
+    /// The log on standard output.
     pub(crate) fn stdout() -> Log {
+        static CATALOG: OnceLock<Arc<Mutex<Catalog>>> = OnceLock::new();
+        static OUT: OnceLock<Arc<Mutex<Output>>> = OnceLock::new();
         Log {
             shown: "stdout:".into(),
-            out: Arc::new(Mutex::new(Output::Stdout)),
-            catalog: Keeping::Memory(Mutex::new(Catalog::default())),
+            out: OUT
+                .get_or_init(|| Arc::new(Mutex::new(Output::Stdout)))
+                .clone(),
+            catalog: Keeping::Memory(CATALOG.get_or_init(Default::default).clone()),
         }
     }
 
@@ -96,12 +106,35 @@ impl Log {
         &self.shown
     }
 
+    /// Opens the file now: takes its lock (a second ferry on the same
+    /// file is refused before it changes anything) and cuts an unfinished
+    /// action off its end.
+    pub(crate) async fn claim(&self) -> Result<(), SinkError> {
+        self.with_output(|_| Ok(())).await
+    }
+
     /// Appends one encoded bulk request and returns once it is durable
     /// (fsynced; for stdout, flushed).
     pub(crate) async fn append(&self, body: Vec<u8>) -> Result<(), SinkError> {
+        self.with_output(move |out| match out {
+            Some(file) => file.append(&body),
+            None => {
+                let mut stdout = io::stdout().lock();
+                stdout.write_all(&body).and_then(|()| stdout.flush())
+            }
+        })
+        .await
+    }
+
+    /// Runs `f` on the open file (`None` for stdout), opening it first.
+    /// After a failure the file is closed, so the next use opens it again
+    /// and cuts whatever the failure left at its end.
+    async fn with_output(
+        &self,
+        f: impl FnOnce(Option<&mut Appender>) -> io::Result<()> + Send + 'static,
+    ) -> Result<(), SinkError> {
         let out = self.out.clone();
-        let shown = self.shown.clone();
-        tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
             match &mut *out {
                 Output::File {
@@ -113,29 +146,26 @@ impl Log {
                         Some(file) => file,
                         None => open.insert(Appender::open(path, *rotate_at)?),
                     };
-                    file.append(&body)
+                    let done = f(Some(file));
+                    if done.is_err() {
+                        *open = None;
+                    }
+                    done
                 }
-                Output::Stdout => {
-                    let mut stdout = std::io::stdout().lock();
-                    stdout.write_all(&body).and_then(|()| stdout.flush())
-                }
+                Output::Stdout => f(None),
             }
         })
         .await
-        .map_err(|e| SinkError::Conflict(format!("writing the log {shown} stopped: {e}")))?
-        .map_err(|e| SinkError::Unreachable {
-            url: self.shown.clone(),
-            reason: format!("cannot append to the log: {e}"),
-        })
+        .map_err(|e| SinkError::Conflict(format!("writing the log {} stopped: {e}", self.shown)))?;
+        done.map_err(|e| log_error(&self.shown, "append to it", e))
     }
 
     /// Answers a question about the catalog.
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Catalog) -> T) -> Result<T, SinkError> {
         match &self.catalog {
             Keeping::Memory(c) => Ok(f(&c.lock().unwrap_or_else(|p| p.into_inner()))),
-            Keeping::File(path) => Ok(f(
-                &Catalog::load(path).map_err(|e| self.state_error(path, e))?
-            )),
+            Keeping::File(path) => Ok(f(&Catalog::load(path)
+                .map_err(|e| log_error(&self.shown, "read its index state", e))?)),
         }
     }
 
@@ -148,17 +178,18 @@ impl Log {
         match &self.catalog {
             Keeping::Memory(c) => f(&mut c.lock().unwrap_or_else(|p| p.into_inner())),
             Keeping::File(path) => {
-                let mut catalog = Catalog::load(path).map_err(|e| self.state_error(path, e))?;
+                let fail = |e| log_error(&self.shown, "change its index state", e);
+                let lock = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(with_suffix(path, ".lock"))
+                    .map_err(fail)?;
+                lock.lock().map_err(fail)?;
+                let mut catalog = Catalog::load(path).map_err(fail)?;
                 f(&mut catalog)?;
-                catalog.save(path).map_err(|e| self.state_error(path, e))
+                catalog.save(path).map_err(fail)
             }
-        }
-    }
-
-    fn state_error(&self, path: &Path, e: std::io::Error) -> SinkError {
-        SinkError::Unreachable {
-            url: self.shown.clone(),
-            reason: format!("the index state {}: {e}", path.display()),
         }
     }
 
@@ -184,6 +215,64 @@ impl Log {
             }
         })
     }
+
+    /// Replaces `_meta.ferry` of `concrete`, keeping the operator's marks
+    /// (`keep`) it holds now, in one change.
+    pub(crate) fn put_meta(
+        &self,
+        concrete: &str,
+        mut meta: Value,
+        keep: &[&str],
+    ) -> Result<(), SinkError> {
+        self.change(|c| {
+            let now = c.mapping(concrete)["_meta"]["ferry"].clone();
+            for mark in keep {
+                if now[*mark] == Value::Bool(true) {
+                    meta[*mark] = Value::Bool(true);
+                }
+            }
+            if c.set_meta(concrete, meta) {
+                Ok(())
+            } else {
+                Err(self.no_index(concrete))
+            }
+        })
+    }
+}
+
+/// The one output of the file at `path` in this process.
+fn shared_file(path: &Path, rotate_at: u64) -> Arc<Mutex<Output>> {
+    type Open = Mutex<HashMap<PathBuf, Weak<Mutex<Output>>>>;
+    static OPEN: OnceLock<Open> = OnceLock::new();
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    open.retain(|_, out| out.strong_count() > 0);
+    if let Some(out) = open.get(path).and_then(Weak::upgrade) {
+        return out;
+    }
+    let out = Arc::new(Mutex::new(Output::File {
+        path: path.to_path_buf(),
+        rotate_at,
+        open: None,
+    }));
+    open.insert(path.to_path_buf(), Arc::downgrade(&out));
+    out
+}
+
+/// A failed use of the log, retried when waiting can help (a full disk,
+/// another process holding the file) and left to the operator otherwise.
+fn log_error(shown: &str, what: &str, e: io::Error) -> SinkError {
+    use io::ErrorKind::*;
+    SinkError::Log {
+        log: shown.to_string(),
+        reason: format!("cannot {what}: {e}"),
+        retry: matches!(
+            e.kind(),
+            StorageFull | QuotaExceeded | WouldBlock | Interrupted | TimedOut | ResourceBusy
+        ),
+    }
 }
 
 /// `<path><suffix>`.
@@ -191,4 +280,41 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_changes_of_the_index_state_all_land() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let path = &path;
+                s.spawn(move || {
+                    // Each thread with its own `Log`, as separate processes.
+                    let log = Log::file(path, 1 << 20).expect("log");
+                    for i in 0..50 {
+                        log.change(|c| {
+                            c.create(&format!("i-{t}-{i}"), &Value::Null);
+                            Ok(())
+                        })
+                        .expect("change");
+                    }
+                });
+            }
+        });
+        let log = Log::file(&path, 1 << 20).expect("log");
+        let names = log.read(|c| c.metas_under("i-")).expect("read");
+        assert_eq!(names.len(), 200);
+    }
+
+    #[test]
+    fn a_directory_is_refused_as_the_log_naming_a_file_in_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = Log::file(dir.path(), 4096).err().expect("refused");
+        assert!(e.to_string().contains("is a directory"), "{e}");
+    }
 }
