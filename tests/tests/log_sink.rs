@@ -248,12 +248,13 @@ async fn a_file_log_folds_to_the_table_across_kill_9_rotation_and_truncate() {
             .contains("another process writes this log")
     })
     .await;
-    intruder.kill();
     assert_eq!(
         served(&log),
         Some(second.clone()),
         "the refused ferry changed nothing"
     );
+    // The running ferry keeps the file through its own restart (SIGHUP
+    // after `reindex`): the second one, retrying all along, never gets in.
     let (code, out, err) = ferry_once(&["reindex", "items", "--config", cfg_s]);
     assert_eq!(code, 0, "{out}{err}");
     ferry.hangup();
@@ -262,6 +263,12 @@ async fn a_file_log_folds_to_the_table_across_kill_9_rotation_and_truncate() {
     })
     .await;
     assert_log_converges(&log, &db, &ferry_log).await;
+    let intruder_log = std::fs::read_to_string(&second_log).unwrap_or_default();
+    assert!(
+        !intruder_log.contains("replication started"),
+        "the second ferry streamed into the log: {intruder_log}"
+    );
+    intruder.kill();
     assert_eq!(ferry.stop(), Some(0));
 }
 

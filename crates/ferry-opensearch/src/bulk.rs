@@ -215,8 +215,11 @@ pub(crate) async fn write_all(
         let appended = log.append(body).await;
         if let Some(stats) = sink.stats() {
             stats.bulk_request(BulkClass::of(appended.as_ref().ok().map(|()| 200)));
-            if appended.is_ok() {
-                stats.bulk_completed();
+            match &appended {
+                Ok(()) => stats.bulk_completed(),
+                // The pipeline restarts and writes it again: failing writes
+                // in a row turn readiness off as a cluster's would.
+                Err(_) => stats.bulk_retried(),
             }
         }
         appended?;

@@ -6,17 +6,16 @@
 //! the same versions. After any failed append the owner drops the
 //! `Appender` and opens the file again, which makes the same cut.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 /// The open log file.
 pub(crate) struct Appender {
     path: PathBuf,
     file: File,
-    /// `<file>.lock`, locked while this process writes the log, so a
-    /// second writer is refused.
-    _lock: File,
     len: u64,
     rotate_at: u64,
     /// The number the file gets when it is rotated (`<file>.<n>`).
@@ -37,21 +36,8 @@ impl Appender {
                 ),
             ));
         }
-        let lock_path = numbered_suffix(path, ".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)?;
-        if lock.try_lock().is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "another process writes this log (it holds {}): stop it or give this ferry its own file",
-                    lock_path.display()
-                ),
-            ));
-        }
+        hold_writer_lock(path)?;
+        finish_interrupted_rotation(path)?;
         let file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -73,7 +59,6 @@ impl Appender {
             next_number: highest_rotated(path)? + 1,
             path: path.to_path_buf(),
             file,
-            _lock: lock,
             len: whole,
             rotate_at,
         })
@@ -111,6 +96,74 @@ impl Appender {
         tracing::info!(file = %done.display(), "rotated the log");
         Ok(())
     }
+}
+
+/// Takes `<file>.lock` for this process, once, and holds it until the
+/// process ends: reopening the file after a restart of the pipeline or a
+/// failed append never lets another ferry in between.
+fn hold_writer_lock(path: &Path) -> io::Result<()> {
+    static HELD: OnceLock<Mutex<HashMap<PathBuf, File>>> = OnceLock::new();
+    let mut held = HELD
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if held.contains_key(path) {
+        return Ok(());
+    }
+    let lock_path = numbered_suffix(path, ".lock");
+    let lock = open_lock_file(&lock_path)?;
+    match lock.try_lock() {
+        Ok(()) => {
+            held.insert(path.to_path_buf(), lock);
+            Ok(())
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "another process writes this log (it holds {}): stop it or give this ferry its own file",
+                lock_path.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot lock {}: {e}", lock_path.display()),
+        )),
+    }
+}
+
+/// Opens a lock file, read-only when it exists (a lock file another user
+/// created stays usable: `flock` needs no write access), else creates it.
+pub(crate) fn open_lock_file(path: &Path) -> io::Result<File> {
+    match File::open(path) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// A crash between linking the full file to `<file>.<n>` and unlinking
+/// `<file>` leaves one file under both names: finish the rotation, so no
+/// append lands in a rotated file.
+fn finish_interrupted_rotation(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(current) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let highest = highest_rotated(path)?;
+    if current.nlink() < 2 || highest == 0 {
+        return Ok(());
+    }
+    let rotated = std::fs::metadata(numbered(path, highest))?;
+    if rotated.dev() == current.dev() && rotated.ino() == current.ino() {
+        std::fs::remove_file(path)?;
+        sync_dir(path)?;
+        tracing::info!(file = %path.display(), "finished a rotation a crash interrupted");
+    }
+    Ok(())
 }
 
 /// `<file>.<n>`.
@@ -161,10 +214,11 @@ fn highest_rotated(path: &Path) -> io::Result<u64> {
 /// The length of the file's longest prefix made of whole bulk actions (an
 /// `index` action and its source line, or a `delete` action). The file
 /// starts at a request boundary, so lines pair up unambiguously from the
-/// start. A line that is no action where one must start is what a crash
-/// can leave of unsynced data when nothing that looks like an action
-/// follows it (it is cut then); otherwise the file was changed by
-/// something else: an error naming the offset, not a cut.
+/// start. A line with NUL bytes where an action must start, with nothing
+/// that looks like an action after it, is what a power loss can leave of
+/// unsynced data (it is cut then); any other line that is no action means
+/// the file is not ferry's log or was changed by something else: an error
+/// naming the offset, never a cut.
 fn whole_requests_len(file: &File, path: &Path) -> io::Result<u64> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut line = Vec::new();
@@ -180,7 +234,7 @@ fn whole_requests_len(file: &File, path: &Path) -> io::Result<u64> {
             true
         } else if line.starts_with(b"{\"delete\":") {
             false
-        } else if !an_action_follows(&mut reader)? {
+        } else if line.contains(&0) && !an_action_follows(&mut reader)? {
             return Ok(whole);
         } else {
             return Err(io::Error::new(
@@ -357,14 +411,42 @@ mod tests {
     }
 
     #[test]
-    fn a_second_writer_of_the_same_log_is_refused() {
+    fn a_log_locked_by_another_process_is_refused_and_this_process_keeps_its_lock() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.ndjson");
-        let first = Appender::open(&path, 4096).expect("open");
+        let lock = numbered_suffix(&path, ".lock");
+        let other = open_lock_file(&lock).expect("lock file");
+        other.lock().expect("the other writer's lock");
         let e = Appender::open(&path, 4096).err().expect("refused");
         assert!(e.to_string().contains("another process"), "{e}");
-        drop(first);
-        Appender::open(&path, 4096).expect("free again");
+        drop(other);
+        drop(Appender::open(&path, 4096).expect("free now"));
+        // Closed, the file stays this process's: nobody takes it in between.
+        let other = open_lock_file(&lock).expect("lock file");
+        assert!(other.try_lock().is_err());
+        Appender::open(&path, 4096).expect("reopened by this process");
+    }
+
+    #[test]
+    fn a_file_without_any_bulk_action_is_refused_not_wiped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        let foreign = b"{\n  \"aliases\": {}\n}\n";
+        std::fs::write(&path, foreign).expect("write");
+        assert!(Appender::open(&path, 4096).is_err());
+        assert_eq!(std::fs::read(&path).expect("read"), foreign);
+    }
+
+    #[test]
+    fn a_rotation_a_crash_interrupted_is_finished_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.ndjson");
+        std::fs::write(&path, INDEX).expect("write");
+        std::fs::hard_link(&path, numbered(&path, 1)).expect("link");
+        let mut log = Appender::open(&path, 1 << 20).expect("open");
+        log.append(DELETE).expect("append");
+        assert_eq!(std::fs::read(numbered(&path, 1)).expect("read"), INDEX);
+        assert_eq!(std::fs::read(&path).expect("read"), DELETE);
     }
 
     #[test]

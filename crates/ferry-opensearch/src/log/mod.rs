@@ -179,12 +179,7 @@ impl Log {
             Keeping::Memory(c) => f(&mut c.lock().unwrap_or_else(|p| p.into_inner())),
             Keeping::File(path) => {
                 let fail = |e| log_error(&self.shown, "change its index state", e);
-                let lock = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(with_suffix(path, ".lock"))
-                    .map_err(fail)?;
+                let lock = appender::open_lock_file(&with_suffix(path, ".lock")).map_err(fail)?;
                 lock.lock().map_err(fail)?;
                 let mut catalog = Catalog::load(path).map_err(fail)?;
                 f(&mut catalog)?;
