@@ -460,6 +460,10 @@ impl Sink {
         alias: &str,
         change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
     ) -> Result<String, SinkError> {
+        if let Some(log) = self.as_log() {
+            // One change of the state file, under its lock.
+            return log.update_served_meta(alias, change);
+        }
         let cur = self
             .alias_targets(alias)
             .await?

@@ -64,6 +64,11 @@ impl Appender {
         })
     }
 
+    /// Changes the size past which the file is rotated.
+    pub(crate) fn set_rotate_at(&mut self, rotate_at: u64) {
+        self.rotate_at = rotate_at;
+    }
+
     /// Appends one whole request and makes it durable; rotates first when
     /// it would take a non-empty file past the limit. After an error the
     /// `Appender` must not be used again (see the module docs).

@@ -79,6 +79,11 @@ impl Log {
                 dir.display()
             )));
         }
+        // One spelling per file, so every `Sink` of it shares one output.
+        let path = &match (dir.canonicalize(), path.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            _ => path.to_path_buf(),
+        };
         let state = with_suffix(path, ".ferry.json");
         Catalog::load(&state).map_err(|e| log_error(&shown, "read its index state", e))?;
         Ok(Log {
@@ -211,6 +216,33 @@ impl Log {
         })
     }
 
+    /// Changes `_meta.ferry` of the index `alias` serves with `change`, in
+    /// one change of the catalog; returns that index.
+    pub(crate) fn update_served_meta(
+        &self,
+        alias: &str,
+        change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
+    ) -> Result<String, SinkError> {
+        let mut served = String::new();
+        self.change(|c| {
+            let cur =
+                c.alias_targets(alias).into_iter().next().ok_or_else(|| {
+                    SinkError::Conflict(format!("there is no index {alias:?} yet"))
+                })?;
+            let mut meta = c.mapping(&cur)["_meta"]["ferry"].clone();
+            if !meta.is_object() {
+                return Err(SinkError::Conflict(format!(
+                    "index {cur:?} behind {alias:?} was not created by ferry"
+                )));
+            }
+            change(&mut meta)?;
+            c.set_meta(&cur, meta);
+            served = cur;
+            Ok(())
+        })?;
+        Ok(served)
+    }
+
     /// Replaces `_meta.ferry` of `concrete`, keeping the operator's marks
     /// (`keep`) it holds now, in one change.
     pub(crate) fn put_meta(
@@ -245,6 +277,18 @@ fn shared_file(path: &Path, rotate_at: u64) -> Arc<Mutex<Output>> {
         .unwrap_or_else(|p| p.into_inner());
     open.retain(|_, out| out.strong_count() > 0);
     if let Some(out) = open.get(path).and_then(Weak::upgrade) {
+        // A reloaded configuration may change the rotation size.
+        if let Output::File {
+            rotate_at: at,
+            open: file,
+            ..
+        } = &mut *out.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            *at = rotate_at;
+            if let Some(file) = file {
+                file.set_rotate_at(rotate_at);
+            }
+        }
         return out;
     }
     let out = Arc::new(Mutex::new(Output::File {
