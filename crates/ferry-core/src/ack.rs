@@ -27,9 +27,10 @@
 //! (60 s by default). A delete must therefore never overtake an older write
 //! of its document that is still in flight (its retries may last longer
 //! than that). And two operations of one document with the *same* version
-//! (one transaction split across batches: deleted, then inserted again) are
-//! ordered by nothing but their arrival, so a write must not overtake an
-//! in-flight delete of the same version either. [`Overtaking`] picks out
+//! (one transaction split across batches: updated twice, or deleted and
+//! inserted again) are ordered by nothing but their arrival, so a write
+//! must not overtake an in-flight write or delete of the same version
+//! either. [`Overtaking`] picks out
 //! such operations. The rest of their batch is sent at once (sealed with
 //! [`Acks::seal_part`]); the held operations keep the batch's own ticket and
 //! follow once what they wait for has landed (or are dropped when a newer
@@ -181,8 +182,8 @@ impl Acks {
 
 /// The document operations in flight, so that an operation that must not
 /// overtake an older one of its document is held back (see the module
-/// docs): a delete waits for any write of its document, a write for a
-/// delete of the same version (one transaction split across batches).
+/// docs): a delete waits for any write of its document, a write for any
+/// operation of the same version (one transaction split across batches).
 #[derive(Debug, Default)]
 pub struct Overtaking {
     /// (index position, document id, routing) → its operations in flight.
@@ -242,8 +243,8 @@ impl Overtaking {
 
     /// True when `w`, from the batch numbered `origin`, must wait for an
     /// operation in flight from an older batch: a delete for any write of
-    /// its document, a write for a delete of its document with the same
-    /// version (versions cannot order those two).
+    /// its document, a write for a write or delete of its document with the
+    /// same version (versions cannot order those two).
     pub fn holds(&self, w: &DocWrite, origin: u64) -> bool {
         let Some(flying) = self.ops.get(&owned(w)) else {
             return false;
@@ -253,8 +254,8 @@ impl Overtaking {
             f.origin < origin
                 && match (delete, f.delete) {
                     (true, false) => true,
-                    (false, true) => f.version >= w.version,
-                    _ => false,
+                    (false, _) => f.version >= w.version,
+                    (true, true) => false,
                 }
         })
     }
@@ -415,6 +416,23 @@ mod tests {
         assert!(
             o.holds(&at(write("1"), 7), 1),
             "same transaction: order unknown to the cluster"
+        );
+        assert!(
+            !o.holds(&at(write("1"), 8), 1),
+            "a newer write wins by its version"
+        );
+        o.landed(0);
+        assert!(!o.holds(&at(write("1"), 7), 1));
+    }
+
+    #[test]
+    fn a_write_never_overtakes_an_in_flight_write_of_the_same_version() {
+        let mut o = Overtaking::default();
+        let first = at(write("1"), 7);
+        o.sent(0, [(0, &first)]);
+        assert!(
+            o.holds(&at(write("1"), 7), 1),
+            "one transaction updating a document twice across batches: the cluster keeps whichever lands last"
         );
         assert!(
             !o.holds(&at(write("1"), 8), 1),

@@ -36,9 +36,6 @@ struct FakeSink {
     /// Holds every flush with a document body containing this text (or,
     /// for `delete ID`, deleting that document) until a permit is added.
     hold: Arc<Mutex<Option<Hold>>>,
-    /// When set, each flush takes a pseudo-random 0–3 ms (this generator's
-    /// state), so flushes in flight land in any order.
-    jitter: Arc<Mutex<Option<u64>>>,
 }
 
 impl DocSink for FakeSink {
@@ -55,15 +52,6 @@ impl DocSink for FakeSink {
             if writes.iter().any(holds) {
                 gate.acquire().await.expect("gate open").forget();
             }
-        }
-        let pause = self.jitter.lock().unwrap().as_mut().map(|state| {
-            *state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *state >> 62
-        });
-        if let Some(ms) = pause {
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         if *self.fail.lock().unwrap() {
             return Err(SinkError::Unreachable {
@@ -190,7 +178,6 @@ impl Harness {
             fail: Arc::default(),
             gate: held.then(|| Arc::new(Semaphore::new(0))),
             hold: Arc::default(),
-            jitter: Arc::default(),
         };
         let rows = FakeRows::default();
         let confirmed = log.clone();
@@ -607,6 +594,32 @@ async fn a_write_waits_for_an_in_flight_delete_of_the_same_version() {
     assert!(matches!(flushed[1][0].op, DocOp::Index(_)));
 }
 
+#[tokio::test]
+async fn a_write_waits_for_an_in_flight_write_of_the_same_version() {
+    let mut h = Harness::in_flight("skip", 1000, false, 4);
+    let gate = h.hold("first");
+    h.pipeline.begin(Lsn(110));
+    h.insert("1", "first").await;
+    // The batch is cut inside the transaction: the first write is in flight ...
+    h.pipeline.dispatch().await.unwrap();
+    // ... when the same transaction writes the document again. Both carry
+    // version 110, so the cluster would keep whichever lands last.
+    h.insert("1", "second").await;
+    h.commit(120).await;
+    h.pipeline.dispatch().await.unwrap();
+    let early = tokio::time::timeout(std::time::Duration::from_millis(100), h.land()).await;
+    assert!(
+        early.is_err(),
+        "the second write waits for the first to land"
+    );
+    gate.add_permits(1);
+    h.land().await.unwrap();
+    h.land().await.unwrap();
+    assert_eq!(h.confirmed(), [120]);
+    let landed = fold_landed(&h.sink.flushed.lock().unwrap());
+    assert!(landed["1"].contains("second"), "{landed:?}");
+}
+
 /// A pipeline over `docs(id, tenant, body)` (OID 30) routed by `tenant`:
 /// flat (documents from the WAL tuple) or built by query.
 fn routed_pipeline(flat: bool) -> (Pipeline<FakeSink, FakeRows>, FakeSink, FakeRows) {
@@ -626,7 +639,6 @@ fn routed_pipeline(flat: bool) -> (Pipeline<FakeSink, FakeRows>, FakeSink, FakeR
         fail: Arc::default(),
         gate: None,
         hold: Arc::default(),
-        jitter: Arc::default(),
     };
     let rows = FakeRows::default();
     let mut pipeline = Pipeline::new(
@@ -844,64 +856,4 @@ fn fold_landed(flushed: &[Vec<DocWrite>]) -> HashMap<String, String> {
         .into_iter()
         .filter_map(|(id, (_, body))| body.map(|b| (id, b)))
         .collect()
-}
-
-#[tokio::test]
-async fn flushes_landing_in_any_order_leave_each_document_as_its_last_change() {
-    for seed in 1..300u64 {
-        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
-        let in_flight = 1 + (next() % 4) as usize;
-        let max_changes = 1 + (next() % 9) as usize;
-        let mut h = Harness::in_flight("skip", max_changes, false, in_flight);
-        *h.sink.jitter.lock().unwrap() = Some(seed);
-        let mut expected: HashMap<String, String> = HashMap::new();
-        let mut lsn = 100;
-        // Transactions over 12 documents: writes of overlapping sets, and deletes.
-        for t in 0..6 {
-            lsn += 100;
-            h.pipeline.begin(Lsn(lsn));
-            let n = 1 + next() % 8;
-            for _ in 0..n {
-                let id = (next() % 12).to_string();
-                if next() % 4 == 0 {
-                    let c = change(20, ChangeOp::Delete, Some(&[&id, "x"]), None);
-                    h.pipeline.change(c).unwrap();
-                    expected.remove(&id);
-                } else {
-                    let body = format!("t{t}-{id}");
-                    let c = change(20, ChangeOp::Update, None, Some(&[&id, &body]));
-                    h.pipeline.change(c).unwrap();
-                    expected.insert(
-                        id.clone(),
-                        format!("{{\"id\":\"{id}\",\"body\":\"{body}\"}}"),
-                    );
-                }
-                h.pipeline.step().await.unwrap();
-                if next() % 3 == 0 {
-                    // The batch delay ran out here.
-                    h.pipeline.dispatch().await.unwrap();
-                }
-            }
-            h.pipeline.commit(Lsn(lsn + 50), 0);
-            h.pipeline.step().await.unwrap();
-            if next() % 2 == 0 {
-                h.pipeline.dispatch().await.unwrap();
-            }
-        }
-        h.pipeline.dispatch().await.unwrap();
-        h.pipeline.settle().await.unwrap();
-        let landed = fold_landed(&h.sink.flushed.lock().unwrap());
-        assert_eq!(
-            landed,
-            expected,
-            "seed {seed} (in flight {in_flight}, batches of {max_changes}): {:#?}",
-            h.log.lock().unwrap()
-        );
-    }
 }
