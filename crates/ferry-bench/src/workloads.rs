@@ -635,14 +635,8 @@ async fn backfill_file(ctx: &Ctx) -> Result<Outcome> {
     let n = ctx.sizes.backfill_rows;
     let mut o = Outcome::new(name, n, "rows");
     let mut h = Harness::start(ctx, name).await?;
-    h.db.batch_execute(NARROW_DDL).await?;
-    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
-    h.db.batch_execute("VACUUM (ANALYZE) items").await?;
-    let (copy_time, _) = copy_out(
-        &h.db,
-        "COPY (SELECT id, a, b, label, note, created_at FROM items) TO STDOUT",
-    )
-    .await?;
+    load_narrow(&h.db, n).await?;
+    let (copy_time, _) = copy_out(&h.db, NARROW_COPY).await?;
     o.ceiling = Some(n as f64 / copy_time.as_secs_f64());
     o.ceiling_method = Some(format!(
         "COPY (SELECT …) TO STDOUT of the same table into nothing: {:.2} s",
@@ -706,6 +700,17 @@ async fn backfill_file(ctx: &Ctx) -> Result<Outcome> {
     ));
     o.target_rss(TARGET_RSS_MIB);
     Ok(o)
+}
+
+/// The narrow table read whole, as the ceiling of its copies measures it.
+const NARROW_COPY: &str = "COPY (SELECT id, a, b, label, note, created_at FROM items) TO STDOUT";
+
+/// Creates the narrow `items` table with rows 1..=`n`, analyzed.
+async fn load_narrow(db: &tokio_postgres::Client, n: u64) -> Result<()> {
+    db.batch_execute(NARROW_DDL).await?;
+    db.batch_execute(&insert_narrow(1, n as i64)).await?;
+    db.batch_execute("VACUUM (ANALYZE) items").await?;
+    Ok(())
 }
 
 /// Writers changing the table while `backfill-live` copies it.
@@ -894,18 +899,12 @@ async fn backfill_live(ctx: &Ctx) -> Result<Outcome> {
     h.set_log_filter("warn,ferry_engine::backfill=info");
 
     let loading = Instant::now();
-    h.db.batch_execute(NARROW_DDL).await?;
-    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
-    h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+    load_narrow(&h.db, n).await?;
     o.notes.push(format!(
         "loading the table took {:.1} s before ferry started",
         loading.elapsed().as_secs_f64()
     ));
-    let (copy_time, copy_bytes) = copy_out(
-        &h.db,
-        "COPY (SELECT id, a, b, label, note, created_at FROM items) TO STDOUT",
-    )
-    .await?;
+    let (copy_time, copy_bytes) = copy_out(&h.db, NARROW_COPY).await?;
     o.ceiling = Some(n as f64 / copy_time.as_secs_f64());
     o.ceiling_method = Some(format!(
         "COPY (SELECT …) TO STDOUT of the same table into nothing, without the writers: {:.2} s, {:.1} MiB",
@@ -1541,9 +1540,7 @@ async fn verify_big(ctx: &Ctx) -> Result<Outcome> {
              run it with --sink opensearch"
         );
     }
-    h.db.batch_execute(NARROW_DDL).await?;
-    h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
-    h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+    load_narrow(&h.db, n).await?;
     let t0 = h.start_ferry("items")?;
     let t1 = h.wait_count(n as usize, limit(n, 2_000.0)).await?;
     let seed_rss = h.ferry().ok().and_then(|f| f.peak_rss_bytes());
@@ -1615,9 +1612,7 @@ async fn backfill_parallel(ctx: &Ctx) -> Result<Outcome> {
         };
         for parallelism in [1usize, 4] {
             let mut h = Harness::start(ctx, name).await?;
-            h.db.batch_execute(NARROW_DDL).await?;
-            h.db.batch_execute(&insert_narrow(1, n as i64)).await?;
-            h.db.batch_execute("VACUUM (ANALYZE) items").await?;
+            load_narrow(&h.db, n).await?;
             h.set_engine(&format!("backfill_parallelism = {parallelism}"));
             let _proxy = match latency {
                 Some(d) => Some(delayed(&mut h, d).await?),

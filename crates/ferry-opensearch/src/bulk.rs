@@ -207,26 +207,6 @@ pub(crate) async fn write_all(
     if writes.is_empty() {
         return Ok(outcome);
     }
-    if let Some(log) = sink.as_log() {
-        // A log takes every write as one request; versions are for its
-        // reader to apply.
-        let mut body = Vec::with_capacity(writes.iter().map(DocWrite::weight).sum::<usize>());
-        encode_bulk(&writes.iter().collect::<Vec<_>>(), index_names, &mut body);
-        let appended = log.append(body).await;
-        if let Some(stats) = sink.stats() {
-            stats.bulk_request(BulkClass::of(appended.as_ref().ok().map(|()| 200)));
-            match &appended {
-                Ok(()) => stats.bulk_completed(),
-                // The pipeline restarts and writes it again: failing writes
-                // in a row turn readiness off as a cluster's would.
-                Err(_) => stats.bulk_retried(),
-            }
-        }
-        appended?;
-        outcome.requests = 1;
-        outcome.written = writes.len() as u64;
-        return Ok(outcome);
-    }
     // A stack of pending chunks; a 413 splits a chunk into halves.
     let mut pending: Vec<Vec<&DocWrite>> = vec![writes.iter().collect()];
     let mut delays = retry_delays(sink.max_backoff);

@@ -367,17 +367,19 @@ impl Sink {
             .map(|_| ())
     }
 
-    /// Replaces `_meta.ferry` of a concrete index.
-    async fn write_meta(&self, concrete: &str, ferry: Value) -> Result<(), SinkError> {
+    /// Changes `_meta.ferry` of a concrete index with `change` (`Null`
+    /// when there is none); a log does it in one locked change of its
+    /// catalog, a cluster by reading the mapping and writing it back.
+    async fn modify_meta(
+        &self,
+        concrete: &str,
+        change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError> {
         if let Some(log) = self.as_log() {
-            return log.change(|c| {
-                if c.set_meta(concrete, ferry) {
-                    Ok(())
-                } else {
-                    Err(log.no_index(concrete))
-                }
-            });
+            return log.modify_meta(concrete, change);
         }
+        let mut ferry = self.ferry_meta(concrete).await?;
+        change(&mut ferry)?;
         let body = json!({"_meta": {"ferry": ferry}});
         self.request_json(Method::Put, &format!("/{concrete}/_mapping"), Some(body))
             .await
@@ -460,24 +462,21 @@ impl Sink {
         alias: &str,
         change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
     ) -> Result<String, SinkError> {
-        if let Some(log) = self.as_log() {
-            // One change of the state file, under its lock.
-            return log.update_served_meta(alias, change);
-        }
         let cur = self
             .alias_targets(alias)
             .await?
             .into_iter()
             .next()
             .ok_or_else(|| SinkError::Conflict(format!("there is no index {alias:?} yet")))?;
-        let mut meta = self.ferry_meta(&cur).await?;
-        if !meta.is_object() {
-            return Err(SinkError::Conflict(format!(
-                "index {cur:?} behind {alias:?} was not created by ferry"
-            )));
-        }
-        change(&mut meta)?;
-        self.write_meta(&cur, meta).await?;
+        self.modify_meta(&cur, |meta| {
+            if !meta.is_object() {
+                return Err(SinkError::Conflict(format!(
+                    "index {cur:?} behind {alias:?} was not created by ferry"
+                )));
+            }
+            change(meta)
+        })
+        .await?;
         Ok(cur)
     }
 
@@ -635,17 +634,16 @@ impl Sink {
     /// whole), keeping the operator's marks already there: a pause and a
     /// requested rebuild, set through the control API or `ferry reindex`.
     async fn put_ferry_meta(&self, concrete: &str, mut ferry: Value) -> Result<(), SinkError> {
-        const MARKS: [&str; 2] = ["paused", "reindex_requested"];
-        if let Some(log) = self.as_log() {
-            return log.put_meta(concrete, ferry, &MARKS);
-        }
-        let now = self.ferry_meta(concrete).await?;
-        for mark in MARKS {
-            if now[mark] == json!(true) {
-                ferry[mark] = json!(true);
+        self.modify_meta(concrete, |now| {
+            for mark in ["paused", "reindex_requested"] {
+                if now[mark] == json!(true) {
+                    ferry[mark] = json!(true);
+                }
             }
-        }
-        self.write_meta(concrete, ferry).await
+            *now = ferry;
+            Ok(())
+        })
+        .await
     }
 
     /// Updates dynamic index settings (`null` resets one to its default);

@@ -8,6 +8,7 @@
 //!   and treating a 409 on an external version as success (a newer write is
 //!   already there). It returns only when every write is durable or when an
 //!   item is rejected for good (poison), which is an error naming the document.
+//!   A file or stdout log (`log/`) appends the same request body instead.
 //!
 //! Dropping a `write` future is safe: nothing is acknowledged upstream unless
 //! it returned `Ok`.
@@ -583,7 +584,10 @@ impl Sink {
         writes: &[DocWrite],
         index_names: &[String],
     ) -> Result<BulkOutcome, SinkError> {
-        bulk::write_all(self, writes, index_names).await
+        match self.as_log() {
+            Some(log) => log.write(writes, index_names, self.stats()).await,
+            None => bulk::write_all(self, writes, index_names).await,
+        }
     }
 
     /// Refreshes an index (or alias) so its writes become searchable (a

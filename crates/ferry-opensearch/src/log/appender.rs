@@ -12,6 +12,8 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use super::{check_dir, parent, sync_dir, with_suffix};
+
 /// The open log file.
 pub(crate) struct Appender {
     path: PathBuf,
@@ -26,16 +28,7 @@ impl Appender {
     /// Opens (or creates) the log at `path`, cutting an unfinished request
     /// off its end.
     pub(crate) fn open(path: &Path, rotate_at: u64) -> io::Result<Appender> {
-        let dir = parent(path);
-        if !dir.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "directory {} does not exist: create it (writable by ferry's user) or change sink.url",
-                    dir.display()
-                ),
-            ));
-        }
+        check_dir(path)?;
         hold_writer_lock(path)?;
         finish_interrupted_rotation(path)?;
         let file = OpenOptions::new()
@@ -115,7 +108,7 @@ fn hold_writer_lock(path: &Path) -> io::Result<()> {
     if held.contains_key(path) {
         return Ok(());
     }
-    let lock_path = numbered_suffix(path, ".lock");
+    let lock_path = with_suffix(path, ".lock");
     let lock = open_lock_file(&lock_path)?;
     match lock.try_lock() {
         Ok(()) => {
@@ -173,26 +166,7 @@ fn finish_interrupted_rotation(path: &Path) -> io::Result<()> {
 
 /// `<file>.<n>`.
 fn numbered(path: &Path, n: u64) -> PathBuf {
-    numbered_suffix(path, &format!(".{n}"))
-}
-
-/// `<file><suffix>`.
-fn numbered_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Makes a file's creation or renaming durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(parent(path))?.sync_all()
+    with_suffix(path, &format!(".{n}"))
 }
 
 /// The highest `n` of the rotated files `<file>.<n>` (0 when none).
@@ -419,7 +393,7 @@ mod tests {
     fn a_log_locked_by_another_process_is_refused_and_this_process_keeps_its_lock() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.ndjson");
-        let lock = numbered_suffix(&path, ".lock");
+        let lock = with_suffix(&path, ".lock");
         let other = open_lock_file(&lock).expect("lock file");
         other.lock().expect("the other writer's lock");
         let e = Appender::open(&path, 4096).err().expect("refused");

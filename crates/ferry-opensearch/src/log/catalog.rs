@@ -59,11 +59,7 @@ impl Catalog {
         f.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)?.sync_all()
+        super::sync_dir(path)
     }
 
     /// Whether an alias or a concrete index has this name.

@@ -25,7 +25,10 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde_json::{Map, Value};
 
-use crate::SinkError;
+use ferry_core::stats::{BulkClass, Stats};
+use ferry_core::DocWrite;
+
+use crate::{encode_bulk, BulkOutcome, SinkError};
 use appender::Appender;
 use catalog::Catalog;
 
@@ -72,13 +75,8 @@ impl Log {
                 path.display()
             )));
         }
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        if !dir.is_dir() {
-            return Err(SinkError::Conflict(format!(
-                "sink.url: directory {} of the log does not exist: create it (writable by ferry's user) or change sink.url",
-                dir.display()
-            )));
-        }
+        check_dir(path).map_err(|e| SinkError::Conflict(format!("sink.url: {e}")))?;
+        let dir = parent(path);
         // One spelling per file, so every `Sink` of it shares one output.
         let path = &match (dir.canonicalize(), path.file_name()) {
             (Ok(dir), Some(name)) => dir.join(name),
@@ -118,9 +116,42 @@ impl Log {
         self.with_output(|_| Ok(())).await
     }
 
+    /// Appends `writes` as one bulk request, encoded as a cluster would get
+    /// it (`index_names[w.index]` is the concrete index of `w`), and
+    /// returns once it is durable. Versions are for the log's reader to
+    /// apply, so every write counts as written. A failure is counted as a
+    /// retried bulk attempt: the pipeline restarts and writes it again, and
+    /// failing writes in a row turn readiness off as a cluster's would.
+    pub(crate) async fn write(
+        &self,
+        writes: &[DocWrite],
+        index_names: &[String],
+        stats: Option<&Stats>,
+    ) -> Result<BulkOutcome, SinkError> {
+        if writes.is_empty() {
+            return Ok(BulkOutcome::default());
+        }
+        let mut body = Vec::with_capacity(writes.iter().map(DocWrite::weight).sum::<usize>());
+        encode_bulk(&writes.iter().collect::<Vec<_>>(), index_names, &mut body);
+        let appended = self.append(body).await;
+        if let Some(stats) = stats {
+            stats.bulk_request(BulkClass::of(appended.as_ref().ok().map(|()| 200)));
+            match &appended {
+                Ok(()) => stats.bulk_completed(),
+                Err(_) => stats.bulk_retried(),
+            }
+        }
+        appended?;
+        Ok(BulkOutcome {
+            requests: 1,
+            written: writes.len() as u64,
+            ..BulkOutcome::default()
+        })
+    }
+
     /// Appends one encoded bulk request and returns once it is durable
     /// (fsynced; for stdout, flushed).
-    pub(crate) async fn append(&self, body: Vec<u8>) -> Result<(), SinkError> {
+    async fn append(&self, body: Vec<u8>) -> Result<(), SinkError> {
         self.with_output(move |out| match out {
             Some(file) => file.append(&body),
             None => {
@@ -216,48 +247,16 @@ impl Log {
         })
     }
 
-    /// Changes `_meta.ferry` of the index `alias` serves with `change`, in
-    /// one change of the catalog; returns that index.
-    pub(crate) fn update_served_meta(
-        &self,
-        alias: &str,
-        change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
-    ) -> Result<String, SinkError> {
-        let mut served = String::new();
-        self.change(|c| {
-            let cur =
-                c.alias_targets(alias).into_iter().next().ok_or_else(|| {
-                    SinkError::Conflict(format!("there is no index {alias:?} yet"))
-                })?;
-            let mut meta = c.mapping(&cur)["_meta"]["ferry"].clone();
-            if !meta.is_object() {
-                return Err(SinkError::Conflict(format!(
-                    "index {cur:?} behind {alias:?} was not created by ferry"
-                )));
-            }
-            change(&mut meta)?;
-            c.set_meta(&cur, meta);
-            served = cur;
-            Ok(())
-        })?;
-        Ok(served)
-    }
-
-    /// Replaces `_meta.ferry` of `concrete`, keeping the operator's marks
-    /// (`keep`) it holds now, in one change.
-    pub(crate) fn put_meta(
+    /// Changes `_meta.ferry` of `concrete` with `change`, in one change
+    /// of the catalog.
+    pub(crate) fn modify_meta(
         &self,
         concrete: &str,
-        mut meta: Value,
-        keep: &[&str],
+        change: impl FnOnce(&mut Value) -> Result<(), SinkError>,
     ) -> Result<(), SinkError> {
         self.change(|c| {
-            let now = c.mapping(concrete)["_meta"]["ferry"].clone();
-            for mark in keep {
-                if now[*mark] == Value::Bool(true) {
-                    meta[*mark] = Value::Bool(true);
-                }
-            }
+            let mut meta = c.mapping(concrete)["_meta"]["ferry"].clone();
+            change(&mut meta)?;
             if c.set_meta(concrete, meta) {
                 Ok(())
             } else {
@@ -319,6 +318,34 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
+}
+
+/// The directory `path` is in (`.` for a bare name).
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes the creation, renaming or removal of `path` durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    std::fs::File::open(parent(path))?.sync_all()
+}
+
+/// An error naming the directory of `path` when it does not exist.
+fn check_dir(path: &Path) -> io::Result<()> {
+    let dir = parent(path);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "directory {} of the log does not exist: create it (writable by ferry's user) or change sink.url",
+            dir.display()
+        ),
+    ))
 }
 
 #[cfg(test)]
