@@ -157,6 +157,17 @@ async fn a_truncate_while_ferry_is_down_mid_copy_leaves_no_row_of_the_older_snap
         .await
         .expect("truncate");
     let ferry = env.run_ferry(&cfg);
+    // The resumed copy holds rows from both sides of the truncate: it is
+    // deleted (its alias with it, as nothing was served yet) and copied anew.
+    let deadline = Instant::now() + CONVERGE;
+    while env.log().matches("created index").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not copied again\n{}",
+            env.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     env.assert_converges("rt", "rt", CONVERGE).await;
     assert_eq!(ferry.stop(), Some(0));
 }

@@ -38,16 +38,29 @@ impl Worker {
         for i in t.empty {
             let ix = &self.core.rows.indexes[i];
             // A copy from a snapshot after the truncate already lacks the
-            // rows; emptying it would also delete rows inserted since.
+            // rows; emptying it would also delete rows inserted since (the
+            // replayed inserts are older than the copy's tombstones).
             let copied_after = self.seeded_at[i].is_some_and(|at| at >= version);
+            // A copy resumed across the truncate holds rows from before it
+            // and rows from after it: it can be neither kept nor emptied,
+            // only copied again.
+            let resumed_across = !copied_after
+                && self.seeded_at[i].is_some()
+                && self.seeding_version.is_some_and(|at| at >= version);
             let mut targets: Vec<String> = ix.shadow.iter().cloned().collect();
-            if !copied_after {
+            if !copied_after && !resumed_across {
                 targets.push(self.core.sink.primary(IndexId(i)).to_string());
             }
             for concrete in &targets {
                 self.core.sink.sink.delete_all(concrete).await?;
             }
             tracing::info!(index = %ix.alias, "root table truncated: removed every document");
+            if resumed_across {
+                let alias = ix.alias.clone();
+                if self.mark_for_rebuild(i, Some(version)).await? {
+                    rebuilding.push(alias);
+                }
+            }
         }
         for i in t.rebuild {
             if self.mark_for_rebuild(i, Some(version)).await? {

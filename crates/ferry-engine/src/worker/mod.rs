@@ -61,6 +61,9 @@ struct Worker {
     /// resumed from its checkpoint (a TRUNCATE older than that is already
     /// in the copy).
     seeded_at: Vec<Option<ferry_core::Lsn>>,
+    /// The snapshot position this pipeline's seeding copies from, if it
+    /// seeds anything.
+    seeding_version: Option<ferry_core::Lsn>,
     /// Index positions whose copy in this pipeline predates a change (see
     /// `maintenance.rs`): settled once seeding stopped, so the next start
     /// copies them again.
@@ -99,6 +102,7 @@ pub async fn stream(
         .map(|(c, ix)| c.columns.is_none() && ix.fast)
         .collect();
     let mut seeded_at = vec![None; indexes.len()];
+    let seeding_version = seeding.as_ref().map(|s| s.version);
     if let Some(s) = &seeding {
         for job in &s.jobs {
             // A resumed copy also holds rows of an earlier run's snapshot.
@@ -138,6 +142,7 @@ pub async fn stream(
         last_event: Instant::now(),
         partitions,
         seeded_at,
+        seeding_version,
         copy_again: Vec::new(),
     };
     tracing::info!("streaming changes");
