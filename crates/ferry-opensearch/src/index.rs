@@ -146,7 +146,7 @@ pub struct PreparedIndex {
 
 // The rules below run over a few primitives (an index or alias exists, an
 // alias's targets, an index's `_meta.ferry` and mapping, create, delete,
-// point an alias, rewrite `_meta`), each answered by the cluster or, for a
+// point an alias, change `_meta`), each answered by the cluster or, for a
 // log, by its catalog (`log/catalog.rs`).
 impl Sink {
     /// Whether an index or alias named `name` exists.
