@@ -42,6 +42,74 @@ pub fn ferry_bin() -> PathBuf {
     .clone()
 }
 
+/// Every document of index (or alias) `name` on `sink` by id (`_source`),
+/// after a refresh; empty when it does not exist.
+pub async fn documents_in(sink: &Sink, name: &str) -> BTreeMap<String, Value> {
+    let name = name.to_string();
+    let mut out = BTreeMap::new();
+    if sink.refresh(&name).await.is_err() {
+        return out; // not created yet
+    }
+    let mut after: Option<Value> = None;
+    loop {
+        let mut q = json!({"size": 5000, "sort": [{"id": "asc"}], "query": {"match_all": {}}});
+        if let Some(a) = &after {
+            q["search_after"] = a.clone();
+        }
+        let res = sink
+            .json_request(Method::Post, &format!("/{name}/_search"), Some(q))
+            .await
+            .expect("search");
+        let hits = res["hits"]["hits"].as_array().cloned().unwrap_or_default();
+        if hits.is_empty() {
+            break;
+        }
+        for h in &hits {
+            out.insert(
+                h["_id"].as_str().unwrap_or_default().to_string(),
+                h["_source"].clone(),
+            );
+        }
+        after = hits.last().map(|h| h["sort"].clone());
+    }
+    out
+}
+
+/// One HTTP/1.0 GET: (status, head, body).
+pub async fn get(port: u16, path: &str) -> std::io::Result<(u16, String, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
+    let text = String::from_utf8(raw).map_err(std::io::Error::other)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no head in {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, head.to_string(), body.to_string()))
+}
+
+/// The value of the sample line starting with `series` (name and labels).
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
 /// A PostgreSQL database plus a test OpenSearch, for one test.
 pub struct TestEnv {
     /// The throwaway cluster.
@@ -124,35 +192,7 @@ impl TestEnv {
 
     /// Every document of `index` by id (`_source`), after a refresh.
     pub async fn documents(&self, index: &str) -> BTreeMap<String, Value> {
-        let name = self.index(index);
-        let mut out = BTreeMap::new();
-        if self.sink.refresh(&name).await.is_err() {
-            return out; // not created yet
-        }
-        let mut after: Option<Value> = None;
-        loop {
-            let mut q = json!({"size": 5000, "sort": [{"id": "asc"}], "query": {"match_all": {}}});
-            if let Some(a) = &after {
-                q["search_after"] = a.clone();
-            }
-            let res = self
-                .sink
-                .json_request(Method::Post, &format!("/{name}/_search"), Some(q))
-                .await
-                .expect("search");
-            let hits = res["hits"]["hits"].as_array().cloned().unwrap_or_default();
-            if hits.is_empty() {
-                break;
-            }
-            for h in &hits {
-                out.insert(
-                    h["_id"].as_str().unwrap_or_default().to_string(),
-                    h["_source"].clone(),
-                );
-            }
-            after = hits.last().map(|h| h["sort"].clone());
-        }
-        out
+        documents_in(&self.sink, &self.index(index)).await
     }
 
     /// The `properties` of `index`'s mapping (through its alias).

@@ -7,41 +7,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{ferry_bin, ferry_once, TestEnv};
+use ferry_e2e::{ferry_bin, ferry_once, get, sample, TestEnv};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A value that must never show up on the admin endpoint.
 const ROW_SECRET: &str = "row-secret-7f3a";
-
-/// One HTTP/1.0 GET: (status, head, body).
-async fn get(port: u16, path: &str) -> std::io::Result<(u16, String, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
-    let text = String::from_utf8(raw).map_err(std::io::Error::other)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no head in {text:?}")))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, head.to_string(), body.to_string()))
-}
-
-/// The value of the sample line starting with `series` (name and labels).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-}
 
 /// `ferry run` with a chosen environment; killed on drop.
 struct Ferry(Child);

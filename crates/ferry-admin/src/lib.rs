@@ -216,7 +216,7 @@ pub(crate) mod testutil {
     /// Stats with two indexes and some traffic, at a fixed time.
     pub fn sample() -> Stats {
         let s = Stats::default();
-        let ix = s.register(&["users".to_string(), "orders".to_string()]);
+        let ix = s.register(&[("users".into(), None), ("orders".into(), None)]);
         s.set_streaming(true);
         s.register_table(16384, "public.users");
         s.count_change(16384, 0);
@@ -300,7 +300,7 @@ mod tests {
 
     fn ready_stats() -> Stats {
         let s = Stats::default();
-        s.register(&["a".into()])[0].set_state(IndexState::Streaming);
+        s.register(&[("a".into(), None)])[0].set_state(IndexState::Streaming);
         s.source_ok.store(true, Relaxed);
         s.sink_ok.store(true, Relaxed);
         s.set_streaming(true);
@@ -340,7 +340,7 @@ mod tests {
     fn readiness_fails_once_bulk_writes_fail_longer_than_the_limit() {
         let limits = HealthLimits::default();
         let s = ready_stats();
-        s.bulk_retried();
+        s.bulk_retried(None);
         let now = mono_us();
         assert_eq!(
             readiness(&s, &limits, now),
@@ -351,7 +351,7 @@ mod tests {
         assert!(readiness(&s, &limits, later)
             .unwrap_err()
             .contains("flush_failure_secs = 30"));
-        s.bulk_completed();
+        s.bulk_completed(None);
         assert_eq!(readiness(&s, &limits, later), Ok(()));
     }
 

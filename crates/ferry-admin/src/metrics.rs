@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use ferry_core::stats::{IndexState, Stats, BATCH_BUCKETS, FLUSH_BUCKETS_MS};
+use ferry_core::stats::{IndexState, IndexStats, Stats, BATCH_BUCKETS, FLUSH_BUCKETS_MS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
@@ -113,7 +113,8 @@ impl Collector for StatsCollector {
                 ("rejected", &ix.docs_rejected),
             ]
             .map(|(result, v)| {
-                let labels = [("index", ix.name.as_str()), ("result", result)];
+                let mut labels = index_labels(ix);
+                labels.push(("result", result));
                 (labels, counter(v.load(Relaxed)))
             })
         });
@@ -131,7 +132,7 @@ impl Collector for StatsCollector {
             MetricType::Counter,
             indexes.iter().map(|ix| {
                 let v = ix.dead_letters.load(Relaxed);
-                ([("index", ix.name.as_str())], counter(v))
+                (index_labels(ix), counter(v))
             }),
         )?;
 
@@ -220,7 +221,7 @@ impl Collector for StatsCollector {
             MetricType::Gauge,
             indexes.iter().map(|ix| {
                 let v = ix.backfill_rows.load(Relaxed);
-                ([("index", ix.name.as_str())], gauge(v))
+                (index_labels(ix), gauge(v))
             }),
         )?;
         family(
@@ -230,13 +231,14 @@ impl Collector for StatsCollector {
             MetricType::Gauge,
             indexes.iter().filter_map(|ix| {
                 let total = ix.backfill_total.load(Relaxed);
-                (total >= 0).then(|| ([("index", ix.name.as_str())], gauge(total)))
+                (total >= 0).then(|| (index_labels(ix), gauge(total)))
             }),
         )?;
         let states = indexes.iter().flat_map(|ix| {
             let current = ix.state();
             IndexState::ALL.map(|st| {
-                let labels = [("index", ix.name.as_str()), ("state", st.as_str())];
+                let mut labels = index_labels(ix);
+                labels.push(("state", st.as_str()));
                 (labels, gauge(u32::from(st == current)))
             })
         });
@@ -258,6 +260,27 @@ impl Collector for StatsCollector {
             "ferry_sink_up",
             "1 while the search cluster answers HTTP requests.",
             gauge(u32::from(s.sink_ok.load(Relaxed))),
+        )?;
+        let now = ferry_core::stats::mono_us();
+        let sinks = s.sinks();
+        family(
+            &mut enc,
+            "ferry_named_sink_up",
+            "1 while the named sink ([sink.NAME]) answers; ferry_sink_up is 1 only when every sink does.",
+            MetricType::Gauge,
+            sinks
+                .iter()
+                .map(|k| ([("sink", k.name.as_str())], gauge(u32::from(k.ok.load(Relaxed))))),
+        )?;
+        family(
+            &mut enc,
+            "ferry_named_sink_failing_seconds",
+            "Seconds the named sink's bulk writes have failed in a row (the slot holds its position meanwhile); 0 when not failing.",
+            MetricType::Gauge,
+            sinks.iter().map(|k| {
+                let secs = k.failing_for(now).map_or(0.0, |d| d.as_secs_f64());
+                ([("sink", k.name.as_str())], gauge(secs))
+            }),
         )?;
         single(
             &mut enc,
@@ -291,6 +314,15 @@ impl Collector for StatsCollector {
             gauge(s.stalled_for(mono).map_or(0.0, |d| d.as_secs_f64())),
         )
     }
+}
+
+/// The labels of an index's series: `index`, and `sink` with named sinks.
+fn index_labels(ix: &IndexStats) -> Vec<(&'static str, &str)> {
+    let mut labels = vec![("index", ix.name.as_str())];
+    if let Some(sink) = &ix.sink {
+        labels.push(("sink", sink.as_str()));
+    }
+    labels
 }
 
 fn counter(v: u64) -> ConstCounter<u64> {
@@ -577,7 +609,7 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let s = Stats::default();
-        s.register(&["we\"ird\\na\nme".to_string()]);
+        s.register(&[("we\"ird\\na\nme".into(), None)]);
         let t = render_at_now(s);
         assert!(
             t.contains("ferry_dead_letters_total{index=\"we\\\"ird\\\\na\\nme\"} 0\n"),

@@ -26,6 +26,19 @@ pub(crate) fn status_at(stats: &Stats, info: &AdminInfo, now_us: i64) -> Value {
     let mono = ferry_core::stats::mono_us();
     let ready = crate::readiness(stats, &info.limits, mono);
     let live = crate::liveness(stats, &info.limits, mono);
+    // Named sinks: each one's reachability and how long its writes have
+    // failed (the slot holds its position while any sink fails).
+    let sinks: Vec<Value> = stats
+        .sinks()
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name,
+                "ok": k.ok.load(Relaxed),
+                "failing_seconds": k.failing_for(mono).map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            })
+        })
+        .collect();
     let indexes: Vec<Value> = stats
         .indexes
         .lock()
@@ -37,6 +50,7 @@ pub(crate) fn status_at(stats: &Stats, info: &AdminInfo, now_us: i64) -> Value {
             let last_error = ix.last_error.lock().ok().and_then(|e| e.clone());
             json!({
                 "name": ix.name,
+                "sink": ix.sink,
                 "state": ix.state().as_str(),
                 "backfill": {
                     "rows": ix.backfill_rows.load(Relaxed),
@@ -77,6 +91,7 @@ pub(crate) fn status_at(stats: &Stats, info: &AdminInfo, now_us: i64) -> Value {
             "update": stats.changes[1].load(Relaxed),
             "delete": stats.changes[2].load(Relaxed),
         },
+        "sinks": sinks,
         "indexes": indexes,
     })
 }
@@ -136,8 +151,22 @@ pub fn status_table(v: &Value) -> String {
     .map(String::from)];
     let mut errors = Vec::new();
     let empty = Vec::new();
+    for k in v["sinks"].as_array().unwrap_or(&empty) {
+        let state = match (k["ok"].as_bool(), k["failing_seconds"].as_f64()) {
+            (_, Some(secs)) => format!("writes failing for {secs:.1} s (the slot waits for it)"),
+            (Some(true), None) => "reachable".to_string(),
+            _ => "NOT REACHABLE (the slot waits for it)".to_string(),
+        };
+        out.push_str(&format!("sink      {}  {state}\n", text(&k["name"])));
+    }
+    if v["sinks"].as_array().is_some_and(|a| !a.is_empty()) {
+        out.push('\n');
+    }
     for ix in v["indexes"].as_array().unwrap_or(&empty) {
-        let name = text(&ix["name"]);
+        let name = match ix["sink"].as_str() {
+            Some(sink) => format!("{}@{sink}", text(&ix["name"])),
+            None => text(&ix["name"]),
+        };
         let backfill = format!(
             "{}/{}",
             num(&ix["backfill"]["rows"]),

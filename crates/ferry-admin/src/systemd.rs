@@ -263,7 +263,7 @@ mod tests {
         next("STATUS=standby: slot busy");
         next("WATCHDOG=1");
         *stats.waiting.lock().expect("lock") = None;
-        stats.register(&["items".into()])[0].set_state(IndexState::Seeding);
+        stats.register(&[("items".into(), None)])[0].set_state(IndexState::Seeding);
         next("STATUS=seeding: backfilling 1 index");
         next("WATCHDOG=1");
         stats.set_streaming(true);
@@ -294,7 +294,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
         let stats = Arc::new(Stats::default());
-        stats.register(&["items".into()])[0].set_state(IndexState::Streaming);
+        stats.register(&[("items".into(), None)])[0].set_state(IndexState::Streaming);
         stats.set_streaming(true);
         let (_tx, rx) = watch::channel(false);
         let n = Arc::new(Notifier::from_env().expect("usable").expect("set"));

@@ -16,8 +16,11 @@ use serde::Deserialize;
 pub struct Config {
     /// The PostgreSQL database changes come from.
     pub source: SourceConfig,
-    /// The OpenSearch (or Elasticsearch) cluster documents go to.
-    pub sink: SinkConfig,
+    /// Where documents go: one `[sink]`, or several named ones
+    /// (`[sink.primary]`, `[sink.eu]`) fed by the one replication stream.
+    #[serde(rename = "sink")]
+    #[schemars(with = "SinksSchema")]
+    pub sinks: Sinks,
     /// Batching and queueing knobs.
     #[serde(default)]
     pub engine: EngineConfig,
@@ -273,6 +276,159 @@ impl SourceConfig {
     }
 }
 
+/// Where documents go: the one `[sink]`, or the named `[sink.NAME]` tables.
+/// The parsed form keeps the sinks in name order; an unnamed `[sink]` is
+/// one sink named `default` that metrics do not label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sinks {
+    /// Whether the file names its sinks (`[sink.NAME]`).
+    pub named: bool,
+    /// The sinks, ordered by name.
+    pub list: Vec<NamedSink>,
+}
+
+/// One sink and its name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedSink {
+    /// `NAME` of `[sink.NAME]` (`default` for an unnamed `[sink]`).
+    pub name: String,
+    /// Its keys.
+    pub config: SinkConfig,
+}
+
+/// The name an unnamed `[sink]` goes by.
+pub const DEFAULT_SINK: &str = "default";
+
+/// The keys of one sink: a `[sink]` table holding any of them is one
+/// unnamed sink, not a table of named ones.
+const SINK_KEYS: &[&str] = &[
+    "url",
+    "rotate_bytes",
+    "dead_letter_index",
+    "request_timeout_secs",
+    "username",
+    "password_file",
+    "password_env",
+    "ca_cert",
+    "tls_verify",
+    "api_key_file",
+    "api_key_env",
+    "client_cert",
+    "client_key",
+    "aws",
+];
+
+/// The JSON schema's view of `[sink]`: one sink, or named sinks.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum SinksSchema {
+    One(Box<SinkConfig>),
+    Named(BTreeMap<String, SinkConfig>),
+}
+
+impl<'de> Deserialize<'de> for Sinks {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sinks, D::Error> {
+        use serde::de::Error;
+        let raw = BTreeMap::<String, config::Value>::deserialize(d)?;
+        let one = raw.is_empty()
+            || raw.iter().any(|(k, v)| {
+                SINK_KEYS.contains(&k.as_str()) || !matches!(v.kind, config::ValueKind::Table(_))
+            });
+        if one {
+            let table =
+                config::Value::new(None, config::ValueKind::Table(raw.into_iter().collect()));
+            let config = table
+                .try_deserialize::<SinkConfig>()
+                .map_err(|e| D::Error::custom(format!("sink: {e}")))?;
+            return Ok(Sinks {
+                named: false,
+                list: vec![NamedSink {
+                    name: DEFAULT_SINK.into(),
+                    config,
+                }],
+            });
+        }
+        let mut list = Vec::with_capacity(raw.len());
+        for (name, v) in raw {
+            let config = v
+                .try_deserialize::<SinkConfig>()
+                .map_err(|e| D::Error::custom(format!("sink.{name}: {e}")))?;
+            list.push(NamedSink { name, config });
+        }
+        Ok(Sinks { named: true, list })
+    }
+}
+
+impl Sinks {
+    /// The sink called `name`.
+    pub fn find(&self, name: &str) -> Option<&NamedSink> {
+        self.list.iter().find(|s| s.name == name)
+    }
+
+    /// Every sink's name, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.list.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The key prefix of `sink`'s keys: `sink`, or `sink.NAME` when named.
+    pub fn key(&self, sink: &NamedSink) -> String {
+        if self.named {
+            format!("sink.{}", sink.name)
+        } else {
+            "sink".into()
+        }
+    }
+
+    /// The label a sink's metrics carry: its name when sinks are named.
+    pub fn label(&self, pos: usize) -> Option<String> {
+        self.named.then(|| self.list[pos].name.clone())
+    }
+
+    /// Everything wrong with the sinks, each under its own key.
+    fn problems(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let mut urls = std::collections::HashMap::new();
+        for s in &self.list {
+            let prefix = self.key(s);
+            if self.named && !sink_name_ok(&s.name) {
+                p.push(Problem {
+                    key: prefix.clone(),
+                    message: format!(
+                        "{:?} is not a usable sink name: use lowercase letters, digits, '_' and '-' (it labels metrics and is passed as --sink)",
+                        s.name
+                    ),
+                });
+            }
+            for mut problem in sink_problems(&s.config) {
+                if self.named {
+                    problem.key = problem.key.replacen("sink", &prefix, 1);
+                    problem.message = problem.message.replace("sink.", &format!("{prefix}."));
+                }
+                p.push(problem);
+            }
+            let url = s.config.url.trim_end_matches('/').to_string();
+            if let Some(other) = urls.insert(url, s.name.clone()) {
+                p.push(Problem {
+                    key: format!("{prefix}.url"),
+                    message: format!(
+                        "is also the url of sink.{other}: two sinks on one cluster or log would write the same indexes; remove one"
+                    ),
+                });
+            }
+        }
+        p
+    }
+}
+
+fn sink_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 /// `[sink]`: the search cluster, or a file or stdout log of bulk requests.
 #[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -491,6 +647,10 @@ pub struct IndexConfig {
     /// by id.
     #[serde(default)]
     pub routing: Option<String>,
+    /// The named sinks (`[sink.NAME]`) this index goes to, e.g.
+    /// `sinks = ["primary"]`; default: every sink.
+    #[serde(default)]
+    pub sinks: Option<Vec<String>>,
 }
 
 /// What happens to a document the cluster rejects for good (a 4xx other
@@ -707,6 +867,56 @@ fn default_request_timeout() -> u64 {
     60
 }
 
+/// Everything wrong with one sink's keys, under `sink.…` (see
+/// [`Sinks::problems`] for named sinks).
+fn sink_problems(sink: &SinkConfig) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        p.push(Problem {
+            key: key.to_string(),
+            message,
+        })
+    };
+    match url::Url::parse(&sink.url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+        _ if sink.url == "stdout:" => {}
+        Ok(u) if u.scheme() == "file" => {
+            let file = sink.target();
+            if u.host_str()
+                .is_some_and(|h| !h.is_empty() && h != "localhost")
+                || u.path().ends_with('/')
+                || matches!(&file, SinkTarget::File(p) if p.file_name().is_none())
+                || file == SinkTarget::Cluster
+            {
+                bad(
+                    "sink.url",
+                    format!(
+                        "{:?} does not name a local file: use file:/// and an absolute path \
+                         (e.g. file:///var/lib/ferry/users.ndjson)",
+                        sink.url
+                    ),
+                );
+            }
+        }
+        Ok(_) => bad(
+            "sink.url",
+            "must start with http:// or https:// (e.g. http://127.0.0.1:9200), \
+             or be file:///path/to/log.ndjson or stdout:"
+                .into(),
+        ),
+        Err(e) => bad(
+            "sink.url",
+            format!("is not a URL ({e}); expected e.g. http://127.0.0.1:9200"),
+        ),
+    }
+    if sink.request_timeout_secs == 0 {
+        bad("sink.request_timeout_secs", "must be at least 1".into());
+    }
+    p.extend(sink_secret_problems(sink));
+    p.extend(log_sink_problems(sink));
+    p
+}
+
 /// Keys that mean nothing for the kind of sink `sink.url` names: the
 /// cluster's credentials and TLS for a file or stdout log, and rotation for
 /// anything but a file.
@@ -756,7 +966,7 @@ fn log_sink_problems(sink: &SinkConfig) -> Vec<Problem> {
 /// Conflicts between the ways of giving credentials and TLS settings. Files
 /// and variables are not read here: they are resolved at start-up, where a
 /// missing one is reported with its key too.
-fn secret_problems(src: &SourceConfig, sink: &SinkConfig) -> Vec<Problem> {
+fn source_secret_problems(src: &SourceConfig) -> Vec<Problem> {
     let mut p = Vec::new();
     let mut bad = |key: &str, message: String| {
         p.push(Problem {
@@ -782,7 +992,18 @@ fn secret_problems(src: &SourceConfig, sink: &SinkConfig) -> Vec<Problem> {
             );
         }
     }
+    p
+}
 
+/// Conflicts between the ways a sink is given credentials and TLS settings.
+fn sink_secret_problems(sink: &SinkConfig) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        p.push(Problem {
+            key: key.to_string(),
+            message,
+        })
+    };
     let parsed = url::Url::parse(&sink.url).ok();
     let url_user = parsed.as_ref().is_some_and(|u| !u.username().is_empty());
     let url_password = parsed.as_ref().is_some_and(|u| u.password().is_some());
@@ -1046,6 +1267,90 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl Config {
+    /// The positions in `sinks.list` of the sinks `ix` goes to: those its
+    /// `sinks` key names, or every sink.
+    pub fn sinks_of(&self, ix: &IndexConfig) -> Vec<usize> {
+        match &ix.sinks {
+            None => (0..self.sinks.list.len()).collect(),
+            Some(names) => self
+                .sinks
+                .list
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| names.contains(&s.name))
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+
+    /// The first sink's keys: *the* sink of a configuration with one
+    /// (after [`Config::for_sink`], every operator tool's view).
+    pub fn sink(&self) -> &SinkConfig {
+        &self.sinks.list[0].config
+    }
+
+    /// The configuration one sink sees: that sink alone and the indexes
+    /// going to it. `name` may be omitted when there is one sink; the error
+    /// says which names there are.
+    pub fn for_sink(&self, name: Option<&str>) -> Result<Config, String> {
+        let pos = match name {
+            None if self.sinks.list.len() == 1 => 0,
+            None => {
+                return Err(format!(
+                    "this configuration has several sinks ({}): name one with --sink NAME",
+                    self.sinks.names().join(", ")
+                ))
+            }
+            Some(n) if !self.sinks.named => {
+                return Err(format!(
+                    "--sink {n}: this configuration has one unnamed [sink]; drop --sink"
+                ))
+            }
+            Some(n) => self
+                .sinks
+                .list
+                .iter()
+                .position(|s| s.name == n)
+                .ok_or_else(|| {
+                    format!(
+                        "--sink {n}: no such sink; the sinks are {}",
+                        self.sinks.names().join(", ")
+                    )
+                })?,
+        };
+        let mut one = self.clone();
+        one.indexes.retain(|ix| self.sinks_of(ix).contains(&pos));
+        one.sinks.list = vec![self.sinks.list[pos].clone()];
+        Ok(one)
+    }
+
+    /// One entry per (index, sink) pair, index by index, each `sinks` key
+    /// naming its one sink (see [`Config::sink_of`]): what the pipeline
+    /// runs. With one sink this is the configuration itself.
+    pub fn fan_out(&self) -> Config {
+        let mut out = self.clone();
+        if !self.sinks.named {
+            return out;
+        }
+        out.indexes = self
+            .indexes
+            .iter()
+            .flat_map(|ix| {
+                self.sinks_of(ix).into_iter().map(|s| IndexConfig {
+                    sinks: Some(vec![self.sinks.list[s].name.clone()]),
+                    ..ix.clone()
+                })
+            })
+            .collect();
+        out
+    }
+
+    /// The position in `sinks.list` of the sink a fanned-out index entry
+    /// goes to (its first named sink; the only one after [`Config::fan_out`]).
+    pub fn sink_of(&self, ix: &IndexConfig) -> usize {
+        self.sinks_of(ix).first().copied().unwrap_or(0)
+    }
+
     /// Loads `path` (TOML) with `FERRY_…` environment overrides, then validates it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         if !path.is_file() {
@@ -1126,41 +1431,6 @@ impl Config {
         }
         if let Some(m) = pg_name_problem(&src.publication, false) {
             bad("source.publication", m);
-        }
-        match url::Url::parse(&self.sink.url) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            _ if self.sink.url == "stdout:" => {}
-            Ok(u) if u.scheme() == "file" => {
-                let file = self.sink.target();
-                if u.host_str()
-                    .is_some_and(|h| !h.is_empty() && h != "localhost")
-                    || u.path().ends_with('/')
-                    || matches!(&file, SinkTarget::File(p) if p.file_name().is_none())
-                    || file == SinkTarget::Cluster
-                {
-                    bad(
-                        "sink.url",
-                        format!(
-                            "{:?} does not name a local file: use file:/// and an absolute path \
-                             (e.g. file:///var/lib/ferry/users.ndjson)",
-                            self.sink.url
-                        ),
-                    );
-                }
-            }
-            Ok(_) => bad(
-                "sink.url",
-                "must start with http:// or https:// (e.g. http://127.0.0.1:9200), \
-                 or be file:///path/to/log.ndjson or stdout:"
-                    .into(),
-            ),
-            Err(e) => bad(
-                "sink.url",
-                format!("is not a URL ({e}); expected e.g. http://127.0.0.1:9200"),
-            ),
-        }
-        if self.sink.request_timeout_secs == 0 {
-            bad("sink.request_timeout_secs", "must be at least 1".into());
         }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
             match url::Url::parse(endpoint) {
@@ -1267,13 +1537,55 @@ impl Config {
                     ),
                 );
             }
-            if ix.pipeline.is_some() && self.sink.is_log() {
+            let listed = ix.sinks.as_deref().unwrap_or_default();
+            for unknown in listed.iter().filter(|n| self.sinks.find(n).is_none()) {
                 bad(
-                    &format!("index[{i}].pipeline"),
-                    "needs a search cluster, which runs ingest pipelines; sink.url names a file or stdout log, which \
-                     gets the documents as ferry builds them: remove the key or send the index to a cluster"
-                        .into(),
+                    &format!("index[{i}].sinks"),
+                    if self.sinks.named {
+                        format!(
+                            "names sink {unknown:?}, which is not configured; the sinks are {} ([sink.NAME])",
+                            self.sinks.names().join(", ")
+                        )
+                    } else {
+                        "lists named sinks, and [sink] is one unnamed sink: name the sinks \
+                         ([sink.primary], [sink.eu]) or remove the key"
+                            .into()
+                    },
                 );
+            }
+            if listed
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                != listed.len()
+            {
+                bad(
+                    &format!("index[{i}].sinks"),
+                    "names a sink twice; list each once".into(),
+                );
+            }
+            if ix.sinks.as_ref().is_some_and(Vec::is_empty) {
+                bad(
+                    &format!("index[{i}].sinks"),
+                    "lists no sink: name at least one, or remove the key to send the index to every sink".into(),
+                );
+            }
+            if let Some(log) = self
+                .sinks_of(ix)
+                .into_iter()
+                .map(|s| &self.sinks.list[s])
+                .find(|s| s.config.is_log())
+            {
+                if ix.pipeline.is_some() {
+                    bad(
+                        &format!("index[{i}].pipeline"),
+                        format!(
+                            "needs a search cluster, which runs ingest pipelines; {}.url names a file or stdout log, which \
+                             gets the documents as ferry builds them: remove the key or send the index to a cluster",
+                            self.sinks.key(log)
+                        ),
+                    );
+                }
             }
             if ix.pipeline.is_some()
                 && ["index.default_pipeline", "default_pipeline"]
@@ -1321,8 +1633,8 @@ impl Config {
             );
         }
         p.append(&mut relation_problems);
-        p.extend(secret_problems(&self.source, &self.sink));
-        p.extend(log_sink_problems(&self.sink));
+        p.extend(source_secret_problems(&self.source));
+        p.extend(self.sinks.problems());
         if p.is_empty() {
             Ok(())
         } else {
@@ -1690,11 +2002,11 @@ columns = ["id", "email", "name", "company_id"]
         std::env::remove_var("FERRY_ENGINE__MAX_BATCH_CHANGES");
         std::env::remove_var("FERRY_CONFIG");
         let c = c.expect("env config");
-        assert_eq!(c.sink.url, "http://10.0.0.1:9200");
+        assert_eq!(c.sink().url, "http://10.0.0.1:9200");
         assert_eq!(c.engine.max_batch_changes, 77);
         assert_eq!(c.source.sslmode, Some(SslMode::VerifyFull));
         assert_eq!(c.source.password_env.as_deref(), Some("PG_SECRET"));
-        assert!(!c.sink.tls_verify);
+        assert!(!c.sink().tls_verify);
     }
     #[test]
     fn committed_json_schema_matches_the_config_types() {
@@ -1752,9 +2064,9 @@ table = "users"
     fn security_keys_default_to_safe_values() {
         let c = Config::from_toml(BASE).expect("base");
         assert_eq!(c.source.sslmode, None);
-        assert!(c.sink.tls_verify, "certificate checks are on by default");
-        assert_eq!(c.sink.aws, None);
-        assert_eq!(c.sink.username, None);
+        assert!(c.sink().tls_verify, "certificate checks are on by default");
+        assert_eq!(c.sink().aws, None);
+        assert_eq!(c.sink().username, None);
     }
 
     #[test]
@@ -1769,12 +2081,12 @@ table = "users"
             c.source.password_file.as_deref(),
             Some(Path::new("/run/secrets/pg"))
         );
-        assert_eq!(c.sink.username.as_deref(), Some("ferry"));
-        assert_eq!(c.sink.password_env.as_deref(), Some("OS_PASSWORD"));
+        assert_eq!(c.sink().username.as_deref(), Some("ferry"));
+        assert_eq!(c.sink().password_env.as_deref(), Some("OS_PASSWORD"));
 
         let aws = with("", "aws = { region = \"eu-west-1\", service = \"aoss\" }");
         let c = Config::from_toml(&aws).expect("aws config");
-        let a = c.sink.aws.expect("aws");
+        let a = c.sink().aws.clone().expect("aws");
         assert_eq!(a.service, AwsService::Aoss);
         assert_eq!(a.region.as_deref(), Some("eu-west-1"));
     }
@@ -1840,13 +2152,13 @@ table = "users"
         );
         let c = Config::from_toml(&file).expect("a file log");
         assert_eq!(
-            c.sink.target(),
+            c.sink().target(),
             SinkTarget::File("/var/lib/ferry/users.ndjson".into())
         );
-        assert_eq!(c.sink.rotate_bytes(), DEFAULT_ROTATE_BYTES);
+        assert_eq!(c.sink().rotate_bytes(), DEFAULT_ROTATE_BYTES);
         let c = Config::from_toml(&BASE.replace("https://search.example:9200", "stdout:"))
             .expect("stdout");
-        assert_eq!(c.sink.target(), SinkTarget::Stdout);
+        assert_eq!(c.sink().target(), SinkTarget::Stdout);
 
         let e = err(&file.replace(
             "[[index]]",
@@ -1919,13 +2231,13 @@ table = "users"
             "api_key_env = \"OS_API_KEY\"\nclient_cert = \"/etc/ferry/client.pem\"\nclient_key = \"/etc/ferry/client.key\"",
         ))
         .expect("api key + mTLS");
-        assert_eq!(c.sink.api_key_env.as_deref(), Some("OS_API_KEY"));
+        assert_eq!(c.sink().api_key_env.as_deref(), Some("OS_API_KEY"));
         assert_eq!(
-            c.sink.client_cert.as_deref(),
+            c.sink().client_cert.as_deref(),
             Some(Path::new("/etc/ferry/client.pem"))
         );
         assert_eq!(
-            c.sink.client_key.as_deref(),
+            c.sink().client_key.as_deref(),
             Some(Path::new("/etc/ferry/client.key"))
         );
     }
@@ -1997,5 +2309,156 @@ table = "users"
         ));
         assert!(e.contains("index[0].pipeline"), "{e}");
         assert!(e.contains("settings.index.default_pipeline"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod sinks_tests {
+    use super::*;
+
+    const NAMED: &str = r#"
+[source]
+url = "postgres://ferry@127.0.0.1:5432/app"
+slot = "ferry_app"
+publication = "ferry_app"
+
+[sink.primary]
+url = "http://es.example:9200"
+
+[sink.eu]
+url = "http://os.example:9200"
+dead_letter_index = "eu-dead-letters"
+
+[[index]]
+name = "users"
+table = "users"
+
+[[index]]
+name = "orders"
+table = "orders"
+sinks = ["eu"]
+"#;
+
+    fn problems(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
+        }
+    }
+
+    #[test]
+    fn named_sinks_parse_in_name_order_and_an_index_goes_to_every_sink_unless_it_names_some() {
+        let c = Config::from_toml(NAMED).expect("named sinks");
+        assert!(c.sinks.named);
+        assert_eq!(c.sinks.names(), ["eu", "primary"]);
+        assert_eq!(c.sinks.list[0].config.dead_letter_index, "eu-dead-letters");
+        assert_eq!(c.sinks_of(&c.indexes[0]), [0, 1]);
+        assert_eq!(c.sinks_of(&c.indexes[1]), [0]);
+        let fanned = c.fan_out();
+        let pairs: Vec<(&str, usize)> = fanned
+            .indexes
+            .iter()
+            .map(|i| (i.name.as_str(), fanned.sink_of(i)))
+            .collect();
+        assert_eq!(pairs, [("users", 0), ("users", 1), ("orders", 0)]);
+    }
+
+    #[test]
+    fn a_single_unnamed_sink_is_one_default_sink_and_fans_out_to_itself() {
+        let c = Config::from_toml(&NAMED.replace(
+            "[sink.primary]\nurl = \"http://es.example:9200\"\n\n[sink.eu]\nurl = \"http://os.example:9200\"\ndead_letter_index = \"eu-dead-letters\"",
+            "[sink]\nurl = \"http://es.example:9200\"",
+        ).replace("sinks = [\"eu\"]\n", ""))
+        .expect("one sink");
+        assert!(!c.sinks.named);
+        assert_eq!(c.sinks.names(), [DEFAULT_SINK]);
+        assert_eq!(c.sink().url, "http://es.example:9200");
+        assert_eq!(c.fan_out(), c);
+        assert_eq!(c.sinks.label(0), None);
+    }
+
+    #[test]
+    fn for_sink_keeps_that_sink_and_its_indexes_and_names_the_sinks_when_one_is_needed() {
+        let c = Config::from_toml(NAMED).expect("named sinks");
+        let primary = c.for_sink(Some("primary")).expect("primary");
+        assert_eq!(primary.sink().url, "http://es.example:9200");
+        assert_eq!(primary.indexes.len(), 1);
+        assert_eq!(primary.indexes[0].name, "users");
+        let e = c.for_sink(None).expect_err("which sink?");
+        assert!(
+            e.contains("--sink NAME") && e.contains("eu, primary"),
+            "{e}"
+        );
+        let e = c.for_sink(Some("us")).expect_err("unknown");
+        assert!(
+            e.contains("no such sink") && e.contains("eu, primary"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_named_sinks_problems_carry_its_own_key() {
+        let e = problems(&NAMED.replace("url = \"http://os.example:9200\"", "url = \"ftp://x\""));
+        assert!(e.contains("sink.eu.url"), "{e}");
+        let e = problems(&NAMED.replace(
+            "dead_letter_index = \"eu-dead-letters\"",
+            "username = \"ferry\"",
+        ));
+        assert!(
+            e.contains("sink.eu.username") && e.contains("sink.eu.password_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn index_sinks_must_name_configured_sinks_once() {
+        let e = problems(&NAMED.replace("sinks = [\"eu\"]", "sinks = [\"us\"]"));
+        assert!(
+            e.contains("index[1].sinks") && e.contains("\"us\"") && e.contains("eu, primary"),
+            "{e}"
+        );
+        let e = problems(&NAMED.replace("sinks = [\"eu\"]", "sinks = [\"eu\", \"eu\"]"));
+        assert!(e.contains("names a sink twice"), "{e}");
+        let e = problems(&NAMED.replace("sinks = [\"eu\"]", "sinks = []"));
+        assert!(e.contains("lists no sink"), "{e}");
+    }
+
+    #[test]
+    fn two_sinks_on_one_url_are_refused() {
+        let e = problems(&NAMED.replace("http://os.example:9200", "http://es.example:9200/"));
+        assert!(e.contains("is also the url of sink."), "{e}");
+    }
+
+    #[test]
+    fn index_sinks_with_one_unnamed_sink_say_how_to_name_them() {
+        let text = NAMED
+            .replace("[sink.primary]\nurl = \"http://es.example:9200\"\n\n[sink.eu]\nurl = \"http://os.example:9200\"\ndead_letter_index = \"eu-dead-letters\"", "[sink]\nurl = \"http://es.example:9200\"");
+        let e = problems(&text);
+        assert!(
+            e.contains("index[1].sinks") && e.contains("[sink.primary]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_key_of_an_unnamed_sink_is_reported_not_taken_for_a_sink_name() {
+        let e = problems(&NAMED.replace(
+            "[sink.primary]\nurl = \"http://es.example:9200\"\n\n[sink.eu]\nurl = \"http://os.example:9200\"\ndead_letter_index = \"eu-dead-letters\"",
+            "[sink]\nurl = \"http://es.example:9200\"\nrequest_timeout = 5",
+        ));
+        assert!(e.contains("request_timeout"), "{e}");
+    }
+
+    #[test]
+    fn a_pipeline_on_an_index_going_to_a_log_names_that_sink() {
+        let e = problems(
+            &NAMED
+                .replace("http://os.example:9200", "stdout:")
+                .replace("table = \"orders\"", "table = \"orders\"\npipeline = \"p\""),
+        );
+        assert!(
+            e.contains("index[1].pipeline") && e.contains("sink.eu.url"),
+            "{e}"
+        );
     }
 }

@@ -84,6 +84,8 @@ impl IndexState {
 pub struct IndexStats {
     /// The alias users query.
     pub name: String,
+    /// The named sink it goes to (`[sink.NAME]`); `None` with one unnamed sink.
+    pub sink: Option<String>,
     /// Current state.
     pub state: Mutex<IndexState>,
     /// Index operations the cluster applied (superseded and rejected ones excluded).
@@ -102,6 +104,28 @@ pub struct IndexStats {
     pub backfill_total: AtomicI64,
     /// Last error, if any.
     pub last_error: Mutex<Option<String>>,
+}
+
+/// One named sink's reachability (`[sink.NAME]`); the global
+/// [`Stats::sink_ok`] and bulk failure clock hold for all sinks together.
+#[derive(Debug)]
+pub struct SinkStats {
+    /// `NAME` of `[sink.NAME]`.
+    pub name: String,
+    /// Its last request got an HTTP answer (or its log was written).
+    pub ok: AtomicBool,
+    /// When its bulk attempts began failing in a row ([`mono_us`]); 0 when not.
+    failing_since: AtomicU64,
+}
+
+impl SinkStats {
+    /// How long its bulk attempts have failed in a row, as of `now` ([`mono_us`]).
+    pub fn failing_for(&self, now: u64) -> Option<Duration> {
+        match self.failing_since.load(Relaxed) {
+            0 => None,
+            since => Some(Duration::from_micros(now.saturating_sub(since))),
+        }
+    }
 }
 
 /// Row changes received for one table, by operation (insert, update, delete).
@@ -197,6 +221,8 @@ pub struct Stats {
     pub standby: AtomicBool,
     /// Since when (monotonic µs, [`mono_us`]) bulk attempts fail in a row; 0 when the last succeeded.
     sink_failing_since: AtomicU64,
+    /// The named sinks (`[sink.NAME]`), in order; empty with one unnamed sink.
+    sinks: Mutex<Vec<Arc<SinkStats>>>,
     /// Last progress (monotonic µs, [`mono_us`]); see the module docs.
     pub progress_at: AtomicU64,
     /// When work last arrived on a pipeline that had none pending (monotonic µs).
@@ -242,12 +268,14 @@ pub const FLUSH_BUCKETS_MS: [u64; 9] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500
 
 impl Stats {
     /// Registers the indexes (config order) and returns their stats.
-    pub fn register(&self, names: &[String]) -> Vec<Arc<IndexStats>> {
+    /// Each is (alias, named sink it goes to).
+    pub fn register(&self, names: &[(String, Option<String>)]) -> Vec<Arc<IndexStats>> {
         let list: Vec<_> = names
             .iter()
-            .map(|n| {
+            .map(|(n, sink)| {
                 Arc::new(IndexStats {
                     name: n.clone(),
+                    sink: sink.clone(),
                     state: Mutex::new(IndexState::Starting),
                     docs_written: AtomicU64::new(0),
                     docs_deleted: AtomicU64::new(0),
@@ -264,6 +292,32 @@ impl Stats {
             *g = list.clone();
         }
         list
+    }
+
+    /// Registers the named sinks of the run (replacing those of an earlier
+    /// configuration; one already known keeps its figures) and returns their
+    /// stats, in order.
+    pub fn register_sinks(&self, names: &[String]) -> Vec<Arc<SinkStats>> {
+        let mut g = lock(&self.sinks);
+        let list: Vec<Arc<SinkStats>> = names
+            .iter()
+            .map(|n| {
+                g.iter().find(|s| &s.name == n).cloned().unwrap_or_else(|| {
+                    Arc::new(SinkStats {
+                        name: n.clone(),
+                        ok: AtomicBool::new(false),
+                        failing_since: AtomicU64::new(0),
+                    })
+                })
+            })
+            .collect();
+        *g = list.clone();
+        list
+    }
+
+    /// The named sinks' stats (empty with one unnamed sink).
+    pub fn sinks(&self) -> Vec<Arc<SinkStats>> {
+        lock(&self.sinks).clone()
     }
 
     /// The stats of index `pos`, if registered.
@@ -385,14 +439,26 @@ impl Stats {
         self.oldest_flush_at.store(at.unwrap_or(0), Relaxed);
     }
 
-    /// The search cluster answered a request (any HTTP status).
-    pub fn sink_answered(&self) {
-        self.sink_ok.store(true, Relaxed);
+    /// The search cluster answered a request (any HTTP status); `who` is
+    /// the named sink that did. The global flag holds once every named
+    /// sink answers.
+    pub fn sink_answered(&self, who: Option<&SinkStats>) {
+        let all = match who {
+            Some(w) => {
+                w.ok.store(true, Relaxed);
+                lock(&self.sinks).iter().all(|s| s.ok.load(Relaxed))
+            }
+            None => true,
+        };
+        self.sink_ok.store(all, Relaxed);
     }
 
     /// A request to the search cluster got no HTTP answer (refused,
-    /// dropped, timed out).
-    pub fn sink_unreachable(&self) {
+    /// dropped, timed out); `who` is the named sink that did not answer.
+    pub fn sink_unreachable(&self, who: Option<&SinkStats>) {
+        if let Some(w) = who {
+            w.ok.store(false, Relaxed);
+        }
         self.sink_ok.store(false, Relaxed);
     }
 
@@ -406,17 +472,36 @@ impl Stats {
         self.bulk_requests[i].fetch_add(1, Relaxed);
     }
 
-    /// A bulk attempt failed transiently and will be sent again.
-    pub fn bulk_retried(&self) {
+    /// A bulk attempt (of named sink `who`) failed transiently and will be
+    /// sent again.
+    pub fn bulk_retried(&self, who: Option<&SinkStats>) {
         self.retries.fetch_add(1, Relaxed);
+        let now = mono_us();
+        if let Some(w) = who {
+            let _ = w.failing_since.compare_exchange(0, now, Relaxed, Relaxed);
+        }
         let _ = self
             .sink_failing_since
-            .compare_exchange(0, mono_us(), Relaxed, Relaxed);
+            .compare_exchange(0, now, Relaxed, Relaxed);
     }
 
-    /// A bulk attempt completed (every item durable, superseded or refused for good).
-    pub fn bulk_completed(&self) {
-        self.sink_failing_since.store(0, Relaxed);
+    /// A bulk attempt (of named sink `who`) completed (every item durable,
+    /// superseded or refused for good); the global clock keeps running
+    /// while another named sink still fails.
+    pub fn bulk_completed(&self, who: Option<&SinkStats>) {
+        let since = match who {
+            Some(w) => {
+                w.failing_since.store(0, Relaxed);
+                lock(&self.sinks)
+                    .iter()
+                    .map(|s| s.failing_since.load(Relaxed))
+                    .filter(|&t| t > 0)
+                    .min()
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
+        self.sink_failing_since.store(since, Relaxed);
     }
 
     /// How long bulk attempts have failed in a row, as of `now` ([`mono_us`]).
@@ -512,7 +597,7 @@ mod tests {
 
     fn streaming() -> Stats {
         let s = Stats::default();
-        s.register(&["a".into()])[0].set_state(IndexState::Streaming);
+        s.register(&[("a".into(), None)])[0].set_state(IndexState::Streaming);
         s.set_streaming(true);
         s
     }
@@ -560,7 +645,7 @@ mod tests {
     #[test]
     fn a_paused_index_stays_paused_through_restarts_and_failures_until_ferry_stops() {
         let s = Stats::default();
-        let ix = s.register(&["a".into(), "b".into()]);
+        let ix = s.register(&[("a".into(), None), ("b".into(), None)]);
         ix[0].set_state(IndexState::Paused);
         ix[1].set_state(IndexState::Streaming);
         s.set_all_states(IndexState::Failed);
@@ -601,16 +686,16 @@ mod tests {
     fn failing_bulks_are_timed_from_the_first_retry_until_one_completes() {
         let s = Stats::default();
         assert_eq!(s.flush_failing_for(mono_us()), None);
-        s.bulk_retried();
+        s.bulk_retried(None);
         let first = s.sink_failing_since.load(Relaxed);
-        s.bulk_retried();
+        s.bulk_retried(None);
         assert_eq!(s.sink_failing_since.load(Relaxed), first);
         assert_eq!(s.retries.load(Relaxed), 2);
         assert_eq!(
             s.flush_failing_for(first + 2_000_000),
             Some(Duration::from_secs(2))
         );
-        s.bulk_completed();
+        s.bulk_completed(None);
         assert_eq!(s.flush_failing_for(mono_us()), None);
     }
 

@@ -22,18 +22,18 @@ use std::time::Duration;
 use ferry_config::{Config, PoisonPolicy};
 use ferry_core::stats::{IndexStats, Stats};
 use ferry_core::{DocWrite, Lsn};
-use ferry_opensearch::Sink;
+
 use ferry_postgres::Session;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::index::IndexRuntime;
+use crate::index::{IndexRuntime, RunSink};
 use crate::{EngineError, Shutdown};
 
 /// What every chunk copy of one seeding shares.
 pub struct Copier {
-    /// The sink.
-    pub sink: Sink,
+    /// The run's sinks; an index's documents go to its own.
+    pub sinks: Vec<RunSink>,
     /// The configuration (batch sizes, poison policies).
     pub cfg: Config,
     /// All figures (rejections are counted per index).
@@ -165,18 +165,19 @@ pub async fn copy_chunk(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let batch_rows = copier.cfg.engine.backfill_batch_rows;
+    let sink = &copier.sinks[ix.sink];
     let (tx, mut rx) = mpsc::channel::<Vec<DocWrite>>(1);
     let writer = async {
         let mut written = 0u64;
         while let Some(batch) = rx.recv().await {
-            let outcome = copier.sink.write(&batch, &copier.names).await?;
+            let outcome = sink.sink.write(&batch, &copier.names).await?;
             copier.stats.progressed();
             written += batch.len() as u64 - outcome.rejected.len() as u64;
             if !outcome.rejected.is_empty() {
                 // Backfill documents come from the current rows already.
                 crate::poison::apply(
-                    &copier.sink,
-                    &copier.cfg,
+                    &sink.sink,
+                    &sink.dead_letter_index,
                     &copier.stats,
                     &copier.policies,
                     outcome.rejected,

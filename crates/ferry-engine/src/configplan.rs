@@ -7,7 +7,7 @@ use ferry_opensearch::{concrete_name, Standing};
 use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, SourceError};
 
-use crate::setup::{full_identity_needs, index_plan, owner, plan_oids, plans, sink_for};
+use crate::setup::{full_identity_needs, index_plan, owner, plan_oids, plans};
 use crate::EngineError;
 
 /// One thing applying the configuration does (or leaves as it is).
@@ -130,7 +130,7 @@ pub async fn plan(cfg: &Config) -> Result<Vec<Step>, EngineError> {
     let client = params.session().await?;
     let mut types = TypeResolver::default();
     let doc_plans = plans(&client, &mut types, cfg).await?;
-    let sink = sink_for(cfg)?;
+    let sink = ferry_opensearch::Sink::from_config(cfg.sink())?;
     let owner = owner(cfg);
     let mut steps = Vec::new();
     for (ix, doc_plan) in cfg.indexes.iter().zip(&doc_plans) {

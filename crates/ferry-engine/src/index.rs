@@ -11,6 +11,17 @@
 
 use ferry_core::plan::Node;
 use ferry_core::TableShape;
+use ferry_opensearch::Sink;
+
+/// One sink of the run (`[sink]` or a `[sink.NAME]`): its connection and
+/// where documents it refuses are recorded.
+#[derive(Clone)]
+pub struct RunSink {
+    /// The cluster or log.
+    pub sink: Sink,
+    /// `dead_letter_index` of its configuration.
+    pub dead_letter_index: String,
+}
 
 /// An index's id for the run: its position in the configuration, which
 /// stats, poison policies and writes are keyed by.
@@ -20,8 +31,12 @@ pub struct IndexId(pub usize);
 /// One configured index, resolved against the database and the cluster.
 #[derive(Debug, Clone)]
 pub struct IndexRuntime {
-    /// Position in the config (the [`IndexId`]'s value).
+    /// Position in the run's configuration (the [`IndexId`]'s value); with
+    /// named sinks, that is the fanned-out one (`Config::fan_out`), one
+    /// entry per index and sink.
     pub pos: usize,
+    /// Position of the sink it goes to in the run's sinks.
+    pub sink: usize,
     /// The alias users query.
     pub alias: String,
     /// The concrete index written to (its primary target).

@@ -196,11 +196,14 @@ async fn run_once(
     shutdown: &mut Shutdown,
     stats: &Arc<Stats>,
 ) -> Result<(), EngineError> {
+    // One entry per index and sink: what the pipeline writes.
+    let cfg = &cfg.fan_out();
     let prepared = setup::prepare(cfg, stats).await?;
     if *shutdown.borrow() {
         return Ok(());
     }
-    let probe = tokio::spawn(health::probe_sink(prepared.sink.clone(), stats.clone()));
+    let sinks = prepared.sinks.iter().map(|s| s.sink.clone()).collect();
+    let probe = tokio::spawn(health::probe_sinks(sinks));
     let result = worker::stream(cfg, prepared, shutdown, stats).await;
     probe.abort();
     stats.set_streaming(false);

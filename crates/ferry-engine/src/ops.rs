@@ -32,7 +32,7 @@ struct Ops {
 async fn open(cfg: &Config) -> Result<Ops, EngineError> {
     let params = PgParams::from_config(&cfg.source)?;
     let client = params.session().await?;
-    let sink = Sink::from_config(&cfg.sink)?;
+    let sink = Sink::from_config(cfg.sink())?;
     let mut types = TypeResolver::default();
     let mut indexes = Vec::new();
     for (pos, ix) in cfg.indexes.iter().enumerate() {
@@ -50,6 +50,7 @@ async fn open(cfg: &Config) -> Result<Ops, EngineError> {
             })?;
         indexes.push(IndexRuntime {
             pos,
+            sink: 0,
             alias: ix.name.clone(),
             concrete,
             shape: plan.table.clone(),
@@ -95,9 +96,9 @@ pub async fn dead_letters_list(
     page: usize,
     mut each: impl FnMut(&DeadLetter),
 ) -> Result<usize, EngineError> {
-    let sink = Sink::from_config(&cfg.sink)?;
+    let sink = Sink::from_config(cfg.sink())?;
     let mut scroll = sink
-        .dead_letter_pages(&cfg.sink.dead_letter_index, index, page)
+        .dead_letter_pages(&cfg.sink().dead_letter_index, index, page)
         .await?;
     let mut n = 0;
     while let Some(hits) = sink.next_page(&mut scroll).await? {
@@ -116,8 +117,8 @@ pub async fn dead_letters_purge(
     index: Option<&str>,
     page: usize,
 ) -> Result<usize, EngineError> {
-    let sink = Sink::from_config(&cfg.sink)?;
-    let dl = &cfg.sink.dead_letter_index;
+    let sink = Sink::from_config(cfg.sink())?;
+    let dl = &cfg.sink().dead_letter_index;
     // The scroll reads the entries as they were when it opened, so removing
     // each page as it comes never skips one.
     let mut scroll = sink.dead_letter_pages(dl, index, page).await?;
@@ -139,7 +140,7 @@ pub async fn dead_letters_retry(
     page: usize,
 ) -> Result<(usize, usize), EngineError> {
     let ops = open(cfg).await?;
-    let dl = &cfg.sink.dead_letter_index;
+    let dl = &cfg.sink().dead_letter_index;
     let mut scroll = ops.sink.dead_letter_pages(dl, index, page).await?;
     let (mut healed_n, mut failing_n) = (0, 0);
     while let Some(hits) = ops.sink.next_page(&mut scroll).await? {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use ferry_config::{Config, PoisonPolicy};
+use ferry_config::PoisonPolicy;
 use ferry_core::stats::Stats;
 use ferry_opensearch::{DeadLetter, Rejected, Sink, SinkError};
 
@@ -13,27 +13,30 @@ use crate::EngineError;
 /// and counts, `dead_letter` stores them durably before returning.
 pub async fn apply(
     sink: &Sink,
-    cfg: &Config,
+    dead_letter_index: &str,
     stats: &Stats,
     indexes: &[(String, PoisonPolicy)],
     rejected: Vec<Rejected>,
 ) -> Result<(), EngineError> {
-    let letters = triage(stats, indexes, rejected)?;
+    let letters: Vec<DeadLetter> = triage(stats, indexes, rejected)?
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
     if !letters.is_empty() {
-        sink.store_dead_letters(&cfg.sink.dead_letter_index, &letters)
-            .await?;
+        sink.store_dead_letters(dead_letter_index, &letters).await?;
     }
     Ok(())
 }
 
 /// The policy without the storing: `stop` fails with the first document,
 /// `skip` logs and counts, `dead_letter` returns the letters the caller
-/// must store durably before it confirms anything.
+/// must store durably before it confirms anything, each with its index's
+/// position.
 pub fn triage(
     stats: &Stats,
     indexes: &[(String, PoisonPolicy)],
     rejected: Vec<Rejected>,
-) -> Result<Vec<DeadLetter>, EngineError> {
+) -> Result<Vec<(usize, DeadLetter)>, EngineError> {
     let mut letters = Vec::new();
     for r in rejected {
         let Some((alias, policy)) = indexes.get(r.write.index) else {
@@ -70,13 +73,16 @@ pub fn triage(
                 if let Some(st) = stats.index(r.write.index) {
                     st.dead_letters.fetch_add(1, Relaxed);
                 }
-                letters.push(DeadLetter {
-                    index: alias.clone(),
-                    id: r.write.id,
-                    status: r.status,
-                    reason: r.reason,
-                    lsn: r.write.version,
-                });
+                letters.push((
+                    r.write.index,
+                    DeadLetter {
+                        index: alias.clone(),
+                        id: r.write.id,
+                        status: r.status,
+                        reason: r.reason,
+                        lsn: r.write.version,
+                    },
+                ));
             }
         }
     }

@@ -61,6 +61,7 @@ pub async fn preview(cfg: &Config, name: &str, roots: Roots) -> Result<Preview, 
     let version = client.current_wal_lsn().await?;
     let runtime = IndexRuntime {
         pos,
+        sink: 0,
         alias: ix.name.clone(),
         concrete: concrete.clone(),
         shape: plan.table.clone(),

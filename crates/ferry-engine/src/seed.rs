@@ -29,14 +29,14 @@ use ferry_config::Config;
 use ferry_core::ack::InOrder;
 use ferry_core::stats::{IndexState, Stats};
 use ferry_core::Lsn;
-use ferry_opensearch::{IndexPlan, Sink};
+use ferry_opensearch::IndexPlan;
 use ferry_postgres::PgParams;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::backfill::{self, Chunk, Copier, Pool, Progress};
-use crate::index::{IndexId, IndexRuntime};
+use crate::index::{IndexId, IndexRuntime, RunSink};
 use crate::{EngineError, Shutdown};
 
 /// Held by every task of a seeding (its indexes and chunks run as tasks of
@@ -108,7 +108,7 @@ pub struct Seeding {
 /// it stops writing to the old index.
 pub async fn run(
     seeding: Seeding,
-    sink: Sink,
+    sinks: Vec<RunSink>,
     indexes: Vec<IndexRuntime>,
     cfg: Config,
     shutdown: Shutdown,
@@ -123,7 +123,7 @@ pub async fn run(
     }
     let pool = Pool::new(sessions);
     let copier = Arc::new(Copier {
-        sink,
+        sinks,
         names: indexes.iter().map(|i| i.concrete.clone()).collect(),
         policies: cfg
             .indexes
@@ -174,7 +174,7 @@ async fn seed_index(
     swapped: mpsc::Sender<(usize, String)>,
     alive: Alive,
 ) -> Result<(), EngineError> {
-    let sink = &copier.sink;
+    let sink = &copier.sinks[ix.sink].sink;
     sink.update_settings(
         &ix.concrete,
         json!({"gc_deletes": "12h", "refresh_interval": "-1"}),

@@ -17,7 +17,7 @@ use ferry_opensearch::{IndexPlan, PreparedIndex, Sink};
 use ferry_postgres::catalog::{self, TypeResolver};
 use ferry_postgres::{PgParams, Session, SourceError};
 
-use crate::index::{IndexId, IndexRuntime};
+use crate::index::{IndexId, IndexRuntime, RunSink};
 use crate::seed::{Job, Seeding};
 use crate::{docplan, EngineError};
 
@@ -29,8 +29,8 @@ pub struct Prepared {
     pub client: Session,
     /// Type kinds learned so far.
     pub types: TypeResolver,
-    /// The sink.
-    pub sink: Sink,
+    /// The sinks, by position (`cfg.sinks.list`'s order).
+    pub sinks: Vec<RunSink>,
     /// The indexes, in config order.
     pub indexes: Vec<IndexRuntime>,
     /// Indexes to seed while streaming runs.
@@ -252,8 +252,18 @@ pub(crate) fn full_identity_needs(plans: &[Node]) -> Vec<(u32, String)> {
     plans.iter().flat_map(|p| p.needs_full_identity()).collect()
 }
 
-pub(crate) fn sink_for(cfg: &Config) -> Result<Sink, EngineError> {
-    Ok(Sink::from_config(&cfg.sink)?)
+/// Connects to every sink of `cfg` (not yet asked anything).
+pub(crate) fn sinks_for(cfg: &Config) -> Result<Vec<RunSink>, EngineError> {
+    cfg.sinks
+        .list
+        .iter()
+        .map(|s| {
+            Ok(RunSink {
+                sink: Sink::from_config(&s.config)?,
+                dead_letter_index: s.config.dead_letter_index.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Checks the database, the slot and the cluster, creates what is missing,
@@ -267,18 +277,35 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     catalog::check_wal_level(&client).await?;
     let mut types = TypeResolver::default();
     let plans = plans(&client, &mut types, cfg).await?;
-    let names: Vec<String> = cfg.indexes.iter().map(|i| i.name.clone()).collect();
+    let names: Vec<(String, Option<String>)> = cfg
+        .indexes
+        .iter()
+        .map(|i| (i.name.clone(), cfg.sinks.label(cfg.sink_of(i))))
+        .collect();
     let index_stats = stats.register(&names);
-    let sink = sink_for(cfg)?.observed_by(stats.clone());
-    let version = sink.version().await?;
-    sink.claim().await?;
-    if sink.is_log() {
-        tracing::info!(sink = %sink.url(), "writing bulk requests to a log, not to a search cluster");
-    } else {
-        tracing::info!(sink = %sink.url(), %version, "connected to the search cluster");
-    }
-    if let Some(missing) = missing_pipelines(cfg, &sink).await?.into_iter().next() {
-        return Err(EngineError::Stream(missing));
+    let mut sinks = sinks_for(cfg)?;
+    let own = match cfg.sinks.named {
+        true => stats.register_sinks(&cfg.sinks.names()),
+        false => stats.register_sinks(&[]),
+    };
+    for (pos, s) in sinks.iter_mut().enumerate() {
+        let label = cfg.sinks.label(pos);
+        s.sink = s
+            .sink
+            .clone()
+            .observed_by(stats.clone(), own.get(pos).cloned());
+        let sink = &s.sink;
+        let name = label.unwrap_or_default();
+        let version = sink.version().await?;
+        sink.claim().await?;
+        if sink.is_log() {
+            tracing::info!(sink = %sink.url(), name, "writing bulk requests to a log, not to a search cluster");
+        } else {
+            tracing::info!(sink = %sink.url(), name, %version, "connected to the search cluster");
+        }
+        if let Some(missing) = missing_pipelines(cfg, pos, sink).await?.into_iter().next() {
+            return Err(EngineError::Stream(missing));
+        }
     }
 
     let oids = plan_oids(&plans);
@@ -326,6 +353,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
             // (a first start has nothing to serve yet).
             let mut served = Vec::new();
             for ix in &cfg.indexes {
+                let sink = &sinks[cfg.sink_of(ix)].sink;
                 if !sink.alias_targets(&ix.name).await?.is_empty() {
                     served.push(ix.name.clone());
                 }
@@ -353,7 +381,11 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
     let owner = owner(cfg);
     for (pos, (ix, doc_plan)) in cfg.indexes.iter().zip(plans).enumerate() {
         let plan = index_plan(&ix.name, &doc_plan, ix, &owner);
-        let prepared = sink.prepare_index(&plan, new_slot.is_some()).await?;
+        let sink_pos = cfg.sink_of(ix);
+        let prepared = sinks[sink_pos]
+            .sink
+            .prepare_index(&plan, new_slot.is_some())
+            .await?;
         let seeded = new_slot.is_none() && prepared.seeded.is_some();
         if prepared.paused {
             tracing::info!(index = %ix.name, concrete = %prepared.concrete, "index is paused: not written until resumed (then rebuilt)");
@@ -378,6 +410,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         };
         indexes.push(IndexRuntime {
             pos,
+            sink: sink_pos,
             alias: ix.name.clone(),
             concrete: prepared.concrete,
             shape: doc_plan.table.clone(),
@@ -439,7 +472,7 @@ pub async fn prepare(cfg: &Config, stats: &Arc<Stats>) -> Result<Prepared, Engin
         params,
         client,
         types,
-        sink,
+        sinks,
         indexes,
         seeding,
         partitions,
@@ -547,25 +580,43 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, EngineError> {
             s.retained,
         );
     }
-    let sink = sink_for(cfg)?;
-    match sink.version().await {
-        Ok(v) => {
-            tracing::info!(sink = %sink.url(), version = %v, "sink usable");
-            problems.extend(missing_pipelines(cfg, &sink).await?);
+    for (pos, s) in sinks_for(cfg)?.iter().enumerate() {
+        let sink = &s.sink;
+        let name = cfg.sinks.label(pos).unwrap_or_default();
+        match sink.version().await {
+            Ok(v) => {
+                tracing::info!(sink = %sink.url(), name, version = %v, "sink usable");
+                problems.extend(missing_pipelines(cfg, pos, sink).await?);
+            }
+            Err(e) if cfg.sinks.named => problems.push(format!("sink.{name}: {e}")),
+            Err(e) => problems.push(e.to_string()),
         }
-        Err(e) => problems.push(e.to_string()),
     }
     Ok(problems)
 }
 
-/// One problem per `[[index]] pipeline` the cluster does not have, with the fix.
-async fn missing_pipelines(cfg: &Config, sink: &Sink) -> Result<Vec<String>, EngineError> {
+/// One problem per `[[index]] pipeline` sink `pos` does not have, with the fix.
+async fn missing_pipelines(
+    cfg: &Config,
+    pos: usize,
+    sink: &Sink,
+) -> Result<Vec<String>, EngineError> {
     let mut out = Vec::new();
     for (i, ix) in cfg.indexes.iter().enumerate() {
+        if !cfg.sinks_of(ix).contains(&pos) {
+            continue;
+        }
         if let Some(p) = &ix.pipeline {
             if !sink.pipeline_exists(p).await? {
+                let (key, cluster) = match cfg.sinks.label(pos) {
+                    Some(s) => (
+                        format!("index {:?}", ix.name),
+                        format!("the cluster of sink.{s}"),
+                    ),
+                    None => (format!("index[{i}]"), "the cluster".into()),
+                };
                 out.push(format!(
-                    "index[{i}].pipeline: ingest pipeline {p:?} does not exist in the cluster: \
+                    "{key}.pipeline: ingest pipeline {p:?} does not exist in {cluster}: \
                      create it (PUT _ingest/pipeline/{p}) or remove the key"
                 ));
             }

@@ -31,7 +31,7 @@ pub use scan::{DocRef, Hit, Scroll};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::stats::Stats;
+use ferry_core::stats::{SinkStats, Stats};
 use ferry_core::DocWrite;
 use opensearch::cert::CertificateValidation;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
@@ -149,7 +149,42 @@ pub struct Sink {
     /// Credentials to blank out of any text that leaves the sink.
     secrets: Vec<String>,
     /// Where requests and bulk attempts are counted, when observed.
-    stats: Option<Arc<Stats>>,
+    stats: Option<Observer>,
+}
+
+/// Where an observed [`Sink`] reports: the run's figures and, for a named
+/// sink (`[sink.NAME]`), its own reachability.
+#[derive(Clone)]
+pub(crate) struct Observer {
+    stats: Arc<Stats>,
+    own: Option<Arc<SinkStats>>,
+}
+
+impl Observer {
+    /// A request got an HTTP answer.
+    pub(crate) fn sink_answered(&self) {
+        self.stats.sink_answered(self.own.as_deref());
+    }
+
+    /// A request got no HTTP answer.
+    pub(crate) fn sink_unreachable(&self) {
+        self.stats.sink_unreachable(self.own.as_deref());
+    }
+
+    /// Counts one bulk request by its answer's class.
+    pub(crate) fn bulk_request(&self, class: ferry_core::stats::BulkClass) {
+        self.stats.bulk_request(class);
+    }
+
+    /// A bulk attempt failed transiently.
+    pub(crate) fn bulk_retried(&self) {
+        self.stats.bulk_retried(self.own.as_deref());
+    }
+
+    /// A bulk attempt completed.
+    pub(crate) fn bulk_completed(&self) {
+        self.stats.bulk_completed(self.own.as_deref());
+    }
 }
 
 /// What a [`Sink`] writes to.
@@ -456,15 +491,24 @@ impl Sink {
     /// Counts every request's answer (or its absence) and every bulk
     /// attempt in `stats`: [`Stats::sink_answered`],
     /// [`Stats::sink_unreachable`], [`Stats::bulk_request`],
-    /// [`Stats::bulk_retried`], [`Stats::bulk_completed`].
-    pub fn observed_by(mut self, stats: Arc<Stats>) -> Self {
-        self.stats = Some(stats);
+    /// [`Stats::bulk_retried`], [`Stats::bulk_completed`]; a named sink
+    /// also in its `own` [`SinkStats`].
+    pub fn observed_by(mut self, stats: Arc<Stats>, own: Option<Arc<SinkStats>>) -> Self {
+        self.stats = Some(Observer { stats, own });
         self
     }
 
+    /// Records that this sink did not answer in time (a health probe
+    /// gave up on it).
+    pub fn report_unreachable(&self) {
+        if let Some(o) = &self.stats {
+            o.sink_unreachable();
+        }
+    }
+
     /// The figures this sink reports to, if any.
-    pub(crate) fn stats(&self) -> Option<&Stats> {
-        self.stats.as_deref()
+    pub(crate) fn stats(&self) -> Option<&Observer> {
+        self.stats.as_ref()
     }
 
     /// Caps the retry backoff (tests use short caps).
@@ -939,7 +983,10 @@ mod security_tests {
         let text = format!(
             "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\npublication = \"p\"\n[sink]\nurl = \"{url}\"\nrequest_timeout_secs = 5\n{extra}\n[[index]]\nname = \"i\"\ntable = \"t\"\n"
         );
-        ferry_config::Config::from_toml(&text).expect("config").sink
+        ferry_config::Config::from_toml(&text)
+            .expect("config")
+            .sink()
+            .clone()
     }
 
     struct Certs {

@@ -105,25 +105,32 @@ impl Actor {
         match action {
             Action::Indexes => Ok(self.indexes()),
             Action::Reindex(name) => {
-                let sink = sink_for(&cfg, Some(&name))?;
-                let serving = sink.request_reindex(&name).await.map_err(sink_error)?;
+                let mut serving = String::new();
+                for sink in sinks_of(&cfg, &name)? {
+                    serving = sink.request_reindex(&name).await.map_err(sink_error)?;
+                }
                 self.restart_pipeline();
                 Ok(json!({"index": name, "serving": serving, "rebuilding": true}))
             }
             Action::Pause(name) => {
-                let sink = sink_for(&cfg, Some(&name))?;
-                let serving = sink.set_paused(&name, true).await.map_err(sink_error)?;
+                let mut serving = String::new();
+                for sink in sinks_of(&cfg, &name)? {
+                    serving = sink.set_paused(&name, true).await.map_err(sink_error)?;
+                }
                 self.restart_pipeline();
                 Ok(json!({"index": name, "serving": serving, "paused": true}))
             }
             Action::Resume(name) => {
-                let sink = sink_for(&cfg, Some(&name))?;
-                let serving = sink.set_paused(&name, false).await.map_err(sink_error)?;
+                let mut serving = String::new();
+                for sink in sinks_of(&cfg, &name)? {
+                    serving = sink.set_paused(&name, false).await.map_err(sink_error)?;
+                }
                 self.restart_pipeline();
                 Ok(json!({"index": name, "serving": serving, "paused": false, "rebuilding": true}))
             }
             Action::DeadLetters { index, limit } => {
                 known(&cfg, index.as_deref())?;
+                one_sink(&cfg)?;
                 let mut entries = Vec::new();
                 let count =
                     ferry_engine::ops::dead_letters_list(&cfg, index.as_deref(), PAGE, |l| {
@@ -140,6 +147,7 @@ impl Actor {
             }
             Action::RetryDeadLetters { index } => {
                 known(&cfg, index.as_deref())?;
+                one_sink(&cfg)?;
                 let (healed, failing) =
                     ferry_engine::ops::dead_letters_retry(&cfg, index.as_deref(), PAGE)
                         .await
@@ -152,6 +160,7 @@ impl Actor {
                 repair,
             } => {
                 known(&cfg, index.as_deref())?;
+                one_sink(&cfg)?;
                 self.start_verify(cfg, index, sample, repair)
             }
             Action::VerifyStatus => Ok(self.verify_status()),
@@ -172,6 +181,7 @@ impl Actor {
             .map(|ix| {
                 json!({
                     "name": ix.name,
+                    "sink": ix.sink,
                     "state": ix.state().as_str(),
                     "docs_written": ix.docs_written.load(Relaxed),
                     "docs_deleted": ix.docs_deleted.load(Relaxed),
@@ -272,7 +282,27 @@ fn known(cfg: &Config, name: Option<&str>) -> Result<(), ControlError> {
     }
 }
 
-fn sink_for(cfg: &Config, name: Option<&str>) -> Result<Sink, ControlError> {
-    known(cfg, name)?;
-    Sink::from_config(&cfg.sink).map_err(|e| failed(EngineError::from(e)))
+/// Every sink index `name` goes to (an action on an index applies on each).
+fn sinks_of(cfg: &Config, name: &str) -> Result<Vec<Sink>, ControlError> {
+    known(cfg, Some(name))?;
+    let Some(ix) = cfg.indexes.iter().find(|i| i.name == name) else {
+        return Ok(Vec::new());
+    };
+    cfg.sinks_of(ix)
+        .into_iter()
+        .map(|s| {
+            Sink::from_config(&cfg.sinks.list[s].config).map_err(|e| failed(EngineError::from(e)))
+        })
+        .collect()
+}
+
+/// `BadRequest` when the running configuration has several sinks: the
+/// action reads one cluster, which the request cannot name.
+fn one_sink(cfg: &Config) -> Result<(), ControlError> {
+    match cfg.for_sink(None) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ControlError::BadRequest(format!(
+            "{e} (run the command beside the daemon with --direct --sink NAME)"
+        ))),
+    }
 }

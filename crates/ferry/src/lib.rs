@@ -31,6 +31,11 @@ pub struct Cli {
     /// when admin.token_file / admin.token_env is set).
     #[arg(long, global = true)]
     pub direct: bool,
+    /// `plan`, `verify`, `reindex` and `dead-letters`: the named sink
+    /// (`[sink.NAME]`) to act on; needed when the configuration has several
+    /// (`plan` covers every sink without it).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub sink: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -234,11 +239,12 @@ fn run_cli(cli: Cli) -> ExitCode {
         }
     };
     let direct = cli.direct;
+    let sink = cli.sink;
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
-            Command::Plan { config } => plan::plan(config).await,
+            Command::Plan { config } => plan::plan(config, sink).await,
             Command::Status { url, config, json } => status(url, config, json).await,
             Command::Demo { rows } => demo::run(rows).await,
             Command::DeadLetters {
@@ -246,8 +252,13 @@ fn run_cli(cli: Cli) -> ExitCode {
                 index,
                 page_size,
                 action,
-            } => ops::dead_letters(&config, action, index, page_size, direct).await,
-            Command::Reindex { name, config } => ops::reindex(&config, &name, direct).await,
+            } => {
+                let at = ops::At { sink, direct };
+                ops::dead_letters(&config, action, index, page_size, at).await
+            }
+            Command::Reindex { name, config } => {
+                ops::reindex(&config, &name, ops::At { sink, direct }).await
+            }
             Command::Remote(command) => remote::run(command).await,
             Command::Config { action } => schema::run(action),
             Command::Slot { config, action } => ops::slot(&config, action).await,
@@ -271,7 +282,7 @@ fn run_cli(cli: Cli) -> ExitCode {
                     repair,
                     page_size,
                 };
-                ops::verify(&config, index, opts).await
+                ops::verify(&config, index, sink, opts).await
             }
         }
     })
@@ -305,6 +316,15 @@ fn init_logging(format: LogFormat, telemetry: Option<BoxedLayer>) {
 /// is set to a non-empty value (<https://no-color.org>).
 fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Loads `path` as one sink sees it ([`Config::for_sink`]); exit code 2
+/// with the sink names when `sink` is needed or unknown.
+pub(crate) fn load_for(path: &std::path::Path, sink: Option<&str>) -> Result<Config, ExitCode> {
+    load(path)?.for_sink(sink).map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::from(2)
+    })
 }
 
 pub(crate) fn load(path: &std::path::Path) -> Result<Config, ExitCode> {

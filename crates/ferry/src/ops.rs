@@ -24,15 +24,34 @@ macro_rules! out {
     }};
 }
 
+/// Which sink an operator command acts on, and whether it goes around
+/// the running ferry's control API.
+pub struct At {
+    /// `--sink NAME`.
+    pub sink: Option<String>,
+    /// `--direct`.
+    pub direct: bool,
+}
+
+impl At {
+    /// The configuration the command sees, and whether it acts directly:
+    /// always with several sinks, whose daemon cannot be told which one.
+    fn load(&self, config: &Path) -> Result<(ferry_config::Config, bool), ExitCode> {
+        let several = crate::load(config)?.sinks.list.len() > 1;
+        let cfg = crate::load_for(config, self.sink.as_deref())?;
+        Ok((cfg, self.direct || several))
+    }
+}
+
 /// Runs a dead-letter command.
 pub async fn dead_letters(
     config: &Path,
     action: DeadLetterAction,
     index: Option<String>,
     page_size: usize,
-    direct: bool,
+    at: At,
 ) -> ExitCode {
-    let cfg = match crate::load(config) {
+    let (cfg, direct) = match at.load(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -132,8 +151,8 @@ pub async fn slot(config: &Path, action: SlotAction) -> ExitCode {
 /// a token is configured (the rebuild starts at once), else (or with
 /// `--direct`) marks the index for a rebuild that the running ferry
 /// performs on its next pipeline start (SIGHUP or restart).
-pub async fn reindex(config: &Path, name: &str, direct: bool) -> ExitCode {
-    let cfg = match crate::load(config) {
+pub async fn reindex(config: &Path, name: &str, at: At) -> ExitCode {
+    let (cfg, direct) = match at.load(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -148,7 +167,7 @@ pub async fn reindex(config: &Path, name: &str, direct: bool) -> ExitCode {
             Ok(None) => {}
         }
     }
-    let sink = match ferry_opensearch::Sink::from_config(&cfg.sink) {
+    let sink = match ferry_opensearch::Sink::from_config(cfg.sink()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "reindex failed");
@@ -174,9 +193,10 @@ pub async fn reindex(config: &Path, name: &str, direct: bool) -> ExitCode {
 pub async fn verify(
     config: &Path,
     index: Option<String>,
+    sink: Option<String>,
     opts: ferry_engine::ops::VerifyOptions,
 ) -> ExitCode {
-    let cfg = match crate::load(config) {
+    let cfg = match crate::load_for(config, sink.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -12,15 +12,19 @@ use ferry_opensearch::{BulkOutcome, DeadLetter, Sink, SinkError};
 use ferry_postgres::Session;
 
 use super::seams::{DocSink, RowSource};
-use crate::index::{IndexId, IndexRuntime, Target};
+use crate::index::{IndexId, IndexRuntime, RunSink, Target};
 use crate::EngineError;
 
-/// The OpenSearch sink, writing each index's documents to its concrete
-/// index and, while a rebuild seeds, to the index the alias still serves.
+/// The sinks, writing each index's documents to its concrete index on its
+/// sink and, while a rebuild seeds, to the index the alias still serves.
+/// With several sinks a batch's writes go to each at once, and the batch
+/// is durable only when every sink made its part durable.
 #[derive(Clone)]
 pub struct OpenSearchSink {
-    /// The cluster connection.
-    pub sink: Sink,
+    /// The run's sinks, by position.
+    sinks: Vec<RunSink>,
+    /// Per index position: the position of its sink.
+    sink_of: Vec<usize>,
     /// `Sink::write` addresses concrete indexes by slot in this list, laid
     /// out by [`Target::names`]: each index's primary, then each index's
     /// shadow, the one its alias still serves during a rebuild ("" when
@@ -28,18 +32,22 @@ pub struct OpenSearchSink {
     names: Vec<String>,
     /// Per index position: whether writes are copied to its shadow.
     shadowed: Vec<bool>,
-    dead_letter_index: String,
 }
 
 impl OpenSearchSink {
     /// Writes to the indexes as prepared at start-up.
-    pub fn new(sink: Sink, indexes: &[IndexRuntime], dead_letter_index: &str) -> OpenSearchSink {
+    pub fn new(sinks: Vec<RunSink>, indexes: &[IndexRuntime]) -> OpenSearchSink {
         OpenSearchSink {
-            sink,
+            sinks,
+            sink_of: indexes.iter().map(|i| i.sink).collect(),
             names: Target::names(indexes),
             shadowed: indexes.iter().map(|i| i.shadow.is_some()).collect(),
-            dead_letter_index: dead_letter_index.to_string(),
         }
+    }
+
+    /// The sink index `id` goes to.
+    pub fn sink(&self, id: IndexId) -> &Sink {
+        &self.sinks[self.sink_of[id.0]].sink
     }
 
     /// The concrete index that index `id` writes to (its primary target).
@@ -57,6 +65,35 @@ impl OpenSearchSink {
             name.clear();
         }
     }
+
+    /// Sends `writes` (addressed by slot) to their sinks, each sink's share
+    /// at once, and merges the answers; any sink's failure fails the whole.
+    async fn send(&self, writes: &[DocWrite]) -> Result<BulkOutcome, SinkError> {
+        if self.sinks.len() == 1 {
+            return self.sinks[0].sink.write(writes, &self.names).await;
+        }
+        let n = self.shadowed.len();
+        let mut shares = vec![Vec::new(); self.sinks.len()];
+        for w in writes {
+            let (id, _) = Target::of(w.index, n);
+            shares[self.sink_of[id.0]].push(w.clone());
+        }
+        let sends = shares
+            .iter()
+            .zip(&self.sinks)
+            .filter(|(share, _)| !share.is_empty())
+            .map(|(share, s)| s.sink.write(share, &self.names));
+        let mut merged = BulkOutcome::default();
+        for outcome in futures_util::future::try_join_all(sends).await? {
+            merged.requests += outcome.requests;
+            merged.written += outcome.written;
+            merged.superseded += outcome.superseded;
+            merged.superseded_writes.extend(outcome.superseded_writes);
+            merged.retried += outcome.retried;
+            merged.rejected.extend(outcome.rejected);
+        }
+        Ok(merged)
+    }
 }
 
 impl DocSink for OpenSearchSink {
@@ -66,7 +103,7 @@ impl DocSink for OpenSearchSink {
             .iter()
             .any(|w| self.shadowed.get(w.index) == Some(&true))
         {
-            return self.sink.write(writes, &self.names).await;
+            return self.send(writes).await;
         }
         // Keep the index the alias still serves current during a rebuild.
         let mut all = writes.to_vec();
@@ -79,7 +116,7 @@ impl DocSink for OpenSearchSink {
                     ..w.clone()
                 }),
         );
-        let mut outcome = self.sink.write(&all, &self.names).await?;
+        let mut outcome = self.send(&all).await?;
         // A document the served index refused is missing from searches
         // until the alias moves: report it under its index like any other
         // rejection (once, even when both targets refused it), so the
@@ -102,10 +139,20 @@ impl DocSink for OpenSearchSink {
         Ok(outcome)
     }
 
-    async fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
-        self.sink
-            .store_dead_letters(&self.dead_letter_index, letters)
-            .await
+    async fn store_dead_letters(&self, letters: &[(usize, DeadLetter)]) -> Result<(), SinkError> {
+        for (pos, s) in self.sinks.iter().enumerate() {
+            let mine: Vec<DeadLetter> = letters
+                .iter()
+                .filter(|(ix, _)| self.sink_of.get(*ix) == Some(&pos))
+                .map(|(_, l)| l.clone())
+                .collect();
+            if !mine.is_empty() {
+                s.sink
+                    .store_dead_letters(&s.dead_letter_index, &mine)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -24,10 +24,12 @@ impl Worker {
     /// a new generation its readers see by the new `_index`.
     pub(super) async fn on_truncate(&mut self, rels: Vec<u32>) -> Result<(), EngineError> {
         let mut t = self.core.router().truncation(&rels);
-        if self.core.sink.sink.is_log() {
-            let empty = std::mem::take(&mut t.empty);
-            t.rebuild.extend(empty);
-        }
+        let sinks = &self.core.sink;
+        let (logs, clusters): (Vec<usize>, Vec<usize>) = std::mem::take(&mut t.empty)
+            .into_iter()
+            .partition(|&i| sinks.sink(IndexId(i)).is_log());
+        t.empty = clusters;
+        t.rebuild.extend(logs);
         if t.empty.is_empty() && t.rebuild.is_empty() {
             return Ok(());
         }
@@ -52,7 +54,7 @@ impl Worker {
                 targets.push(self.core.sink.primary(IndexId(i)).to_string());
             }
             for concrete in &targets {
-                self.core.sink.sink.delete_all(concrete).await?;
+                self.core.sink.sink(IndexId(i)).delete_all(concrete).await?;
             }
             tracing::info!(index = %ix.alias, "root table truncated: removed every document");
             if resumed_across {
@@ -96,7 +98,12 @@ impl Worker {
             }
             None => {
                 let alias = &self.core.rows.indexes[i].alias;
-                let serving = self.core.sink.sink.request_reindex(alias).await?;
+                let serving = self
+                    .core
+                    .sink
+                    .sink(IndexId(i))
+                    .request_reindex(alias)
+                    .await?;
                 tracing::info!(index = %alias, serving = %serving, "rebuilding the index beside the one searches use");
                 Ok(true)
             }
@@ -113,9 +120,9 @@ impl Worker {
     /// beside it even when nothing else would (a reseed after a lost slot,
     /// `ferry reindex`). A copy that finished and went live is just marked.
     pub(super) async fn discard_stale_copies(&self) {
-        let sink = &self.core.sink.sink;
         for &i in &self.copy_again {
             let ix = &self.core.rows.indexes[i];
+            let sink = self.core.sink.sink(IndexId(i));
             let settled = async {
                 let served = sink.alias_targets(&ix.alias).await?;
                 let live = served.contains(&ix.concrete);
@@ -145,7 +152,7 @@ impl Worker {
             ix.shadow = None;
         }
         self.core.sink.retire_shadow(pos);
-        self.core.sink.sink.delete_index(old).await?;
+        self.core.sink.sink(IndexId(pos)).delete_index(old).await?;
         tracing::info!(index = %old, "deleted the index the alias left");
         Ok(())
     }

@@ -81,7 +81,7 @@ pub async fn stream(
         params,
         client,
         types,
-        sink,
+        sinks,
         indexes,
         seeding,
         partitions,
@@ -94,7 +94,7 @@ pub async fn stream(
     )
     .await?;
     let ack = capture.ack.clone();
-    let doc_sink = OpenSearchSink::new(sink.clone(), &indexes, &cfg.sink.dead_letter_index);
+    let doc_sink = OpenSearchSink::new(sinks.clone(), &indexes);
     let follow_shape = cfg
         .indexes
         .iter()
@@ -115,7 +115,7 @@ pub async fn stream(
     let mut seeding_task = seeding.map(|s| {
         tokio::spawn(crate::seed::run(
             s,
-            sink,
+            sinks,
             indexes.clone(),
             cfg.clone(),
             shutdown.clone(),

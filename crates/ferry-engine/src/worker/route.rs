@@ -250,6 +250,7 @@ pub(super) mod tests {
     pub fn index(pos: usize, plan: Node, flat: bool) -> IndexRuntime {
         IndexRuntime {
             pos,
+            sink: 0,
             alias: format!("ix{pos}"),
             concrete: format!("ix{pos}-1"),
             shape: plan.table.clone(),

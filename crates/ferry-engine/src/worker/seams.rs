@@ -28,11 +28,11 @@ pub trait DocSink: Clone + Send + Sync + 'static {
         writes: &[DocWrite],
     ) -> impl Future<Output = Result<BulkOutcome, SinkError>> + Send;
 
-    /// Stores `letters` durably; called before the batch holding their
-    /// documents is confirmed.
+    /// Stores `letters` (each with its index's position) durably; called
+    /// before the batch holding their documents is confirmed.
     fn store_dead_letters(
         &self,
-        letters: &[DeadLetter],
+        letters: &[(usize, DeadLetter)],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 

@@ -105,7 +105,7 @@ impl Worker {
         let names: Vec<String> = added.keys().cloned().collect();
         let sink = &self.core.sink;
         match sink
-            .sink
+            .sink(IndexId(pos))
             .extend_mapping(sink.primary(IndexId(pos)), added)
             .await
         {

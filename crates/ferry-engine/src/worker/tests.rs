@@ -77,8 +77,8 @@ impl DocSink for FakeSink {
         })
     }
 
-    async fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
-        for l in letters {
+    async fn store_dead_letters(&self, letters: &[(usize, DeadLetter)]) -> Result<(), SinkError> {
+        for (_, l) in letters {
             self.log
                 .lock()
                 .unwrap()

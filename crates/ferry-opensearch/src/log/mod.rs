@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde_json::{Map, Value};
 
-use ferry_core::stats::{BulkClass, Stats};
+use ferry_core::stats::BulkClass;
 use ferry_core::DocWrite;
 
 use crate::{encode_bulk, BulkOutcome, SinkError};
@@ -126,7 +126,7 @@ impl Log {
         &self,
         writes: &[DocWrite],
         index_names: &[String],
-        stats: Option<&Stats>,
+        stats: Option<&crate::Observer>,
     ) -> Result<BulkOutcome, SinkError> {
         if writes.is_empty() {
             return Ok(BulkOutcome::default());
