@@ -62,6 +62,10 @@ pub struct Pipeline<S: DocSink, R: RowSource> {
     names: Vec<(String, String)>,
     /// Positions of the indexes with a routing column.
     routed: HashSet<usize>,
+    /// Index position → the first position whose documents are built the
+    /// same way (one index on several sinks, see `Config::fan_out`): their
+    /// roots are resolved and their documents built once per batch.
+    twins: Vec<usize>,
     max_changes: usize,
     max_bytes: usize,
     max_delay: Duration,
@@ -96,6 +100,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             confirm,
             stats,
             names: names(indexes),
+            twins: twins(indexes),
             routed: indexes
                 .iter()
                 .filter(|ix| ix.plan.routing.is_some())
@@ -487,39 +492,64 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         let work = self.batch.take();
         let mut writes = work.writes;
         let mut rebuild = work.rebuild;
+        // One index on several sinks asks the same question once.
+        let mut resolved: HashMap<(usize, ferry_core::plan::Probe, Vec<String>), Vec<Vec<String>>> =
+            HashMap::new();
         for ((index, probe), values) in work.probes {
-            let span = tracing::info_span!(
-                target: PIPELINE_TARGET,
-                "resolve",
-                index = self.index_name(index),
-                column = %probe.column,
-                values = values.len() as i64,
-                roots = field::Empty,
-            );
-            let keys = self
-                .rows
-                .resolve(index, &probe, values)
-                .instrument(span.clone())
-                .await?;
-            span.record("roots", keys.len() as i64);
+            let mut sorted: Vec<String> = values.iter().cloned().collect();
+            sorted.sort_unstable();
+            let asked = (self.twin(index), probe, sorted);
+            let keys = match resolved.get(&asked) {
+                Some(keys) => keys.clone(),
+                None => {
+                    let span = tracing::info_span!(
+                        target: PIPELINE_TARGET,
+                        "resolve",
+                        index = self.index_name(index),
+                        column = %asked.1.column,
+                        values = values.len() as i64,
+                        roots = field::Empty,
+                    );
+                    let keys = self
+                        .rows
+                        .resolve(index, &asked.1, values)
+                        .instrument(span.clone())
+                        .await?;
+                    span.record("roots", keys.len() as i64);
+                    resolved.insert(asked, keys.clone());
+                    keys
+                }
+            };
             rebuild.entry(index).or_default().extend(keys);
         }
         // The build reads the current rows, which reflect at least every
         // transaction of this batch: version them with the newest one.
         let built_from = writes.len();
+        let mut built: HashMap<(usize, Vec<Vec<String>>), std::ops::Range<usize>> = HashMap::new();
         for (index, keys) in rebuild {
-            let keys: Vec<Vec<String>> = keys.into_iter().collect();
+            let mut keys: Vec<Vec<String>> = keys.into_iter().collect();
+            keys.sort_unstable();
             let before = writes.len();
+            let asked = (self.twin(index), keys);
+            if let Some(range) = built.get(&asked) {
+                // A twin's documents: the same, addressed to this index.
+                let copies: Vec<DocWrite> = writes[range.clone()]
+                    .iter()
+                    .map(|w| DocWrite { index, ..w.clone() })
+                    .collect();
+                writes.extend(copies);
+                continue;
+            }
             let span = tracing::info_span!(
                 target: PIPELINE_TARGET,
                 "build",
                 index = self.index_name(index),
                 table = self.names.get(index).map_or("", |n| n.1.as_str()),
-                roots = keys.len() as i64,
+                roots = asked.1.len() as i64,
                 documents = field::Empty,
             );
             async {
-                for chunk in keys.chunks(1000) {
+                for chunk in asked.1.chunks(1000) {
                     self.rows
                         .build(index, chunk, self.version, &mut writes)
                         .await?;
@@ -529,6 +559,7 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             .instrument(span.clone())
             .await?;
             span.record("documents", (writes.len() - before) as i64);
+            built.insert(asked, before..writes.len());
         }
         if !self.routed.is_empty() {
             let built = writes.split_off(built_from);
@@ -550,6 +581,11 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
             .set_oldest_flush(self.sent_at.values().min().copied());
     }
 
+    /// The first index built the same way as `index` (itself if none).
+    fn twin(&self, index: usize) -> usize {
+        self.twins.get(index).copied().unwrap_or(index)
+    }
+
     fn index_name(&self, index: usize) -> &str {
         self.names.get(index).map_or("", |n| n.0.as_str())
     }
@@ -568,6 +604,23 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
 
 /// Index position → (alias, qualified root table), for trace spans.
 /// (Counts in spans are `i64`: OTLP has no unsigned integers.)
+/// Per index position, the first position with the same alias and
+/// document plan (itself when none): built documents are then the same
+/// but for the index they are addressed to.
+fn twins(indexes: &[IndexRuntime]) -> Vec<usize> {
+    let last = indexes.iter().map(|i| i.pos + 1).max().unwrap_or(0);
+    let mut twins: Vec<usize> = (0..last).collect();
+    for ix in indexes {
+        if let Some(first) = indexes
+            .iter()
+            .find(|o| o.alias == ix.alias && o.plan == ix.plan && o.fast == ix.fast)
+        {
+            twins[ix.pos] = first.pos;
+        }
+    }
+    twins
+}
+
 fn names(indexes: &[IndexRuntime]) -> Vec<(String, String)> {
     let mut names =
         vec![(String::new(), String::new()); indexes.iter().map(|i| i.pos + 1).max().unwrap_or(0)];

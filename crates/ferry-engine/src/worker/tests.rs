@@ -857,3 +857,76 @@ fn fold_landed(flushed: &[Vec<DocWrite>]) -> HashMap<String, String> {
         .filter_map(|(id, (_, body))| body.map(|b| (id, b)))
         .collect()
 }
+
+#[tokio::test]
+async fn one_index_on_two_sinks_is_built_once_per_batch_and_written_to_both() {
+    let cfg = Config::from_toml(
+        "[source]\nurl = \"postgres://ferry@127.0.0.1:5432/app\"\nslot = \"s\"\npublication = \"p\"\n\
+         [sink.a]\nurl = \"http://127.0.0.1:9200\"\n[sink.b]\nurl = \"http://127.0.0.1:9201\"\n\
+         [[index]]\nname = \"docs\"\ntable = \"docs\"\nwhere = \"body <> ''\"\n",
+    )
+    .expect("test config")
+    .fan_out();
+    let docs = shape("docs", 31, &["id", "body"]);
+    let plan = node("", docs.clone(), Link::Root);
+    let pairs: Vec<_> = (0..2)
+        .map(|pos| {
+            let mut ix = index(pos, plan.clone(), false);
+            ix.alias = "docs".into();
+            ix.sink = pos;
+            ix
+        })
+        .collect();
+    let sink = FakeSink {
+        log: Log::default(),
+        flushed: Arc::default(),
+        fail: Arc::default(),
+        gate: None,
+        hold: Arc::default(),
+    };
+    let rows = FakeRows::default();
+    for pos in 0..2 {
+        rows.rows
+            .lock()
+            .unwrap()
+            .insert((pos, "1".into()), "{\"body\":\"one\"}".into());
+    }
+    let mut pipeline = Pipeline::new(
+        sink.clone(),
+        rows.clone(),
+        &pairs,
+        &cfg,
+        Arc::new(Stats::default()),
+        Box::new(|_| {}),
+    );
+    pipeline.set_relation(relation(&docs), Vec::new());
+    run(
+        &mut pipeline,
+        10,
+        change(31, ChangeOp::Insert, None, Some(&["1", "one"])),
+    )
+    .await;
+    assert_eq!(
+        *rows.built.lock().unwrap(),
+        [vec!["1".to_string()]],
+        "one build for both sinks"
+    );
+    let flushed = sink.flushed.lock().unwrap();
+    let mut written: Vec<(usize, String, bool)> = flushed
+        .iter()
+        .flatten()
+        .map(|w| {
+            (
+                w.index,
+                w.id.clone(),
+                matches!(&w.op, DocOp::Index(b) if b == b"{\"body\":\"one\"}"),
+            )
+        })
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [(0, "1".to_string(), true), (1, "1".to_string(), true)],
+        "the same document, once per sink"
+    );
+}
