@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ferry_e2e::{
-    compare, documents_in, get, rows_as_json, sample, wait_for, FerryProcess, TestEnv,
+    compare, documents_in, ferry_once, get, rows_as_json, sample, wait_for, FerryProcess, TestEnv,
 };
 use ferry_opensearch::Sink;
 use ferry_testkit::{try_free_port, FaultProxy, Osmem};
@@ -171,5 +171,17 @@ async fn two_sinks_both_equal_the_table_after_one_failed_for_a_while_and_the_slo
     })
     .await;
     assert!(confirmed_past(&db, &before).await);
+
+    // Operator tools read one cluster, named with --sink.
+    let config = cfg.to_str().expect("utf-8 path");
+    let (code, out, err) = ferry_once(&["verify", "-c", config, "--sink", "eu"]);
+    assert_eq!(code, 0, "verify of the eu sink\n{out}\n{err}");
+    assert!(out.contains("missing 0, different 0, extra 0"), "{out}");
+    let (code, _, err) = ferry_once(&["verify", "-c", config]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--sink NAME") && err.contains("eu, primary"),
+        "{err}"
+    );
     assert_eq!(ferry.stop(), Some(0), "{}", text());
 }

@@ -148,7 +148,16 @@ pub fn readiness(stats: &Stats, limits: &HealthLimits, now: u64) -> Result<(), S
         return Err("PostgreSQL is unreachable (or not reached yet)".into());
     }
     if !stats.sink_ok.load(Relaxed) {
-        return Err("the search cluster is unreachable (or not reached yet)".into());
+        let down: Vec<String> = stats
+            .sinks()
+            .iter()
+            .filter(|s| !s.ok.load(Relaxed))
+            .map(|s| s.name.clone())
+            .collect();
+        return Err(match down.is_empty() {
+            true => "the search cluster is unreachable (or not reached yet)".into(),
+            false => format!("sink {} unreachable (or not reached yet)", down.join(", ")),
+        });
     }
     if let Some(t) = stats.flush_failing_for(now) {
         if t > limits.flush_failure {

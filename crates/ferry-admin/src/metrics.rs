@@ -258,7 +258,7 @@ impl Collector for StatsCollector {
         single(
             &mut enc,
             "ferry_sink_up",
-            "1 while the search cluster answers HTTP requests.",
+            "1 while the search cluster answers HTTP requests (with named sinks: while every sink does).",
             gauge(u32::from(s.sink_ok.load(Relaxed))),
         )?;
         let now = ferry_core::stats::mono_us();

@@ -331,11 +331,22 @@ impl<'de> Deserialize<'de> for Sinks {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sinks, D::Error> {
         use serde::de::Error;
         let raw = BTreeMap::<String, config::Value>::deserialize(d)?;
-        let one = raw.is_empty()
-            || raw.iter().any(|(k, v)| {
-                SINK_KEYS.contains(&k.as_str()) || !matches!(v.kind, config::ValueKind::Table(_))
-            });
+        // An unnamed sink has a scalar `url`; named sinks are all tables
+        // (so a sink may be called `aws`).
+        let table = |v: &config::Value| matches!(v.kind, config::ValueKind::Table(_));
+        let one = raw.is_empty() || raw.values().any(|v| !table(v));
         if one {
+            let named: Vec<&String> = raw
+                .iter()
+                .filter(|(k, v)| table(v) && !SINK_KEYS.contains(&k.as_str()))
+                .map(|(k, _)| k)
+                .collect();
+            if let Some(first) = named.first() {
+                return Err(D::Error::custom(format!(
+                    "sink: an unnamed [sink] (its url, or FERRY_SINK__URL) is mixed with the named sink [sink.{first}]: \
+                     name every sink ([sink.NAME] with its own url) or keep the one [sink]"
+                )));
+            }
             let table =
                 config::Value::new(None, config::ValueKind::Table(raw.into_iter().collect()));
             let config = table
@@ -403,12 +414,11 @@ impl Sinks {
             for mut problem in sink_problems(&s.config) {
                 if self.named {
                     problem.key = problem.key.replacen("sink", &prefix, 1);
-                    problem.message = problem.message.replace("sink.", &format!("{prefix}."));
+                    problem.message = rename_sink_keys(&problem.message, &prefix);
                 }
                 p.push(problem);
             }
-            let url = s.config.url.trim_end_matches('/').to_string();
-            if let Some(other) = urls.insert(url, s.name.clone()) {
+            if let Some(other) = urls.insert(same_place(&s.config.url), s.name.clone()) {
                 p.push(Problem {
                     key: format!("{prefix}.url"),
                     message: format!(
@@ -418,6 +428,41 @@ impl Sinks {
             }
         }
         p
+    }
+}
+
+/// `sink.KEY` mentions in `message` as `PREFIX.KEY`, leaving text such as
+/// a quoted URL's `//sink.example` alone.
+fn rename_sink_keys(message: &str, prefix: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("sink.") {
+        let before = rest[..at].chars().next_back();
+        out.push_str(&rest[..at]);
+        if before.is_none_or(|c| !(c.is_ascii_alphanumeric() || "/._-@:".contains(c))) {
+            out.push_str(prefix);
+            out.push('.');
+        } else {
+            out.push_str("sink.");
+        }
+        rest = &rest[at + "sink.".len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What two sink URLs must not share: scheme, host (any case), port (the
+/// default one filled in) and path; the raw text for anything else.
+fn same_place(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => format!(
+            "{}://{}:{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or_default().to_ascii_lowercase(),
+            u.port_or_known_default().unwrap_or(0),
+            u.path().trim_end_matches('/')
+        ),
+        _ => url.trim_end_matches('/').to_string(),
     }
 }
 
@@ -1538,7 +1583,10 @@ impl Config {
                 );
             }
             let listed = ix.sinks.as_deref().unwrap_or_default();
-            for unknown in listed.iter().filter(|n| self.sinks.find(n).is_none()) {
+            for unknown in listed
+                .iter()
+                .filter(|n| !self.sinks.named || self.sinks.find(n).is_none())
+            {
                 bad(
                     &format!("index[{i}].sinks"),
                     if self.sinks.named {
@@ -1635,6 +1683,20 @@ impl Config {
         p.append(&mut relation_problems);
         p.extend(source_secret_problems(&self.source));
         p.extend(self.sinks.problems());
+        for (pos, s) in self.sinks.list.iter().enumerate() {
+            if self.sinks.named
+                && !self.indexes.is_empty()
+                && !self
+                    .indexes
+                    .iter()
+                    .any(|ix| self.sinks_of(ix).contains(&pos))
+            {
+                p.push(Problem {
+                    key: self.sinks.key(s),
+                    message: "no [[index]] goes to it (each lists its sinks): add it to an index's sinks or remove it".into(),
+                });
+            }
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -2460,5 +2522,75 @@ sinks = ["eu"]
             e.contains("index[1].pipeline") && e.contains("sink.eu.url"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod sinks_review_tests {
+    use super::*;
+
+    fn two(a: &str, b: &str, extra: &str) -> String {
+        format!(
+            "[source]\nurl = \"postgres://ferry@127.0.0.1:5432/app\"\nslot = \"s\"\npublication = \"p\"\n\
+             [sink.{a}]\nurl = \"http://one.example:9200\"\n[sink.{b}]\nurl = \"http://two.example\"\n{extra}\
+             [[index]]\nname = \"users\"\ntable = \"users\"\n"
+        )
+    }
+
+    #[test]
+    fn a_sink_may_be_named_like_a_sink_key() {
+        let c = Config::from_toml(&two("aws", "url", "")).expect("named aws and url");
+        assert_eq!(c.sinks.names(), ["aws", "url"]);
+    }
+
+    #[test]
+    fn an_unnamed_sink_mixed_with_named_ones_says_so() {
+        let text = two("a", "b", "").replace("[sink.a]\n", "[sink]\n");
+        let e = Config::from_toml(&text).expect_err("mixed");
+        assert!(
+            e.to_string().contains("mixed with the named sink [sink.b]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn urls_naming_one_cluster_in_different_spellings_are_refused() {
+        let text = two("a", "b", "").replace("http://two.example", "http://ONE.example:9200/");
+        let e = Config::from_toml(&text).expect_err("same cluster");
+        assert!(e.to_string().contains("is also the url of sink.a"), "{e}");
+        let text = two("a", "b", "").replace("http://one.example:9200", "http://two.example:80");
+        assert!(
+            Config::from_toml(&text).is_err(),
+            "port 80 is http's default"
+        );
+    }
+
+    #[test]
+    fn a_sink_no_index_goes_to_is_refused() {
+        let text = two("a", "b", "").replace(
+            "table = \"users\"\n",
+            "table = \"users\"\nsinks = [\"a\"]\n",
+        );
+        let e = Config::from_toml(&text).expect_err("b unused");
+        assert!(
+            e.to_string().contains("sink.b") && e.to_string().contains("no [[index]] goes to it"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sink_keys_in_messages_are_renamed_but_urls_are_not() {
+        assert_eq!(
+            rename_sink_keys("\"file://sink.example/x\" is bad; see sink.url", "sink.eu"),
+            "\"file://sink.example/x\" is bad; see sink.eu.url"
+        );
+    }
+
+    #[test]
+    fn index_sinks_naming_default_with_one_unnamed_sink_is_refused() {
+        let text = "[source]\nurl = \"postgres://ferry@h/app\"\nslot = \"s\"\npublication = \"p\"\n\
+                    [sink]\nurl = \"http://h:9200\"\n[[index]]\nname = \"u\"\ntable = \"u\"\nsinks = [\"default\"]\n";
+        let e = Config::from_toml(text).expect_err("no named sinks");
+        assert!(e.to_string().contains("index[0].sinks"), "{e}");
     }
 }

@@ -302,7 +302,12 @@ impl Stats {
         let list: Vec<Arc<SinkStats>> = names
             .iter()
             .map(|n| {
-                g.iter().find(|s| &s.name == n).cloned().unwrap_or_else(|| {
+                let known = g.iter().find(|s| &s.name == n).cloned();
+                if let Some(k) = &known {
+                    // A new run: its first bulk attempt starts the clock.
+                    k.failing_since.store(0, Relaxed);
+                }
+                known.unwrap_or_else(|| {
                     Arc::new(SinkStats {
                         name: n.clone(),
                         ok: AtomicBool::new(false),
@@ -443,19 +448,20 @@ impl Stats {
     /// the named sink that did. The global flag holds once every named
     /// sink answers.
     pub fn sink_answered(&self, who: Option<&SinkStats>) {
-        let all = match who {
-            Some(w) => {
-                w.ok.store(true, Relaxed);
-                lock(&self.sinks).iter().all(|s| s.ok.load(Relaxed))
-            }
-            None => true,
-        };
+        let sinks = lock(&self.sinks);
+        if let Some(w) = who {
+            w.ok.store(true, Relaxed);
+        }
+        // Under the lock: a concurrent report of another sink cannot be
+        // overwritten by a value computed before it.
+        let all = who.is_none() || sinks.iter().all(|s| s.ok.load(Relaxed));
         self.sink_ok.store(all, Relaxed);
     }
 
     /// A request to the search cluster got no HTTP answer (refused,
     /// dropped, timed out); `who` is the named sink that did not answer.
     pub fn sink_unreachable(&self, who: Option<&SinkStats>) {
+        let _sinks = lock(&self.sinks);
         if let Some(w) = who {
             w.ok.store(false, Relaxed);
         }
@@ -477,6 +483,7 @@ impl Stats {
     pub fn bulk_retried(&self, who: Option<&SinkStats>) {
         self.retries.fetch_add(1, Relaxed);
         let now = mono_us();
+        let _sinks = lock(&self.sinks);
         if let Some(w) = who {
             let _ = w.failing_since.compare_exchange(0, now, Relaxed, Relaxed);
         }
@@ -489,10 +496,11 @@ impl Stats {
     /// superseded or refused for good); the global clock keeps running
     /// while another named sink still fails.
     pub fn bulk_completed(&self, who: Option<&SinkStats>) {
+        let sinks = lock(&self.sinks);
         let since = match who {
             Some(w) => {
                 w.failing_since.store(0, Relaxed);
-                lock(&self.sinks)
+                sinks
                     .iter()
                     .map(|s| s.failing_since.load(Relaxed))
                     .filter(|&t| t > 0)

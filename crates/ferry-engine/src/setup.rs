@@ -48,8 +48,18 @@ pub(crate) async fn plans(
     cfg: &Config,
 ) -> Result<Vec<Node>, SourceError> {
     let mut out = Vec::with_capacity(cfg.indexes.len());
-    for (i, ix) in cfg.indexes.iter().enumerate() {
-        out.push(docplan::build(client, types, i, ix).await?);
+    let mut names: Vec<&str> = Vec::new();
+    for ix in &cfg.indexes {
+        // Errors name the index's position in the file, also when the run
+        // fanned it out to several sinks (`Config::fan_out`).
+        let at = match names.iter().position(|n| *n == ix.name) {
+            Some(at) => at,
+            None => {
+                names.push(&ix.name);
+                names.len() - 1
+            }
+        };
+        out.push(docplan::build(client, types, at, ix).await?);
     }
     Ok(out)
 }

@@ -105,28 +105,37 @@ impl Actor {
         match action {
             Action::Indexes => Ok(self.indexes()),
             Action::Reindex(name) => {
-                let mut serving = String::new();
-                for sink in sinks_of(&cfg, &name)? {
-                    serving = sink.request_reindex(&name).await.map_err(sink_error)?;
-                }
+                let done = on_each_sink(&cfg, &name, |sink, n| async move {
+                    sink.request_reindex(&n).await
+                })
+                .await?;
                 self.restart_pipeline();
-                Ok(json!({"index": name, "serving": serving, "rebuilding": true}))
+                Ok(with_sinks(
+                    json!({"index": name, "serving": done.serving, "rebuilding": true}),
+                    done.sinks,
+                ))
             }
             Action::Pause(name) => {
-                let mut serving = String::new();
-                for sink in sinks_of(&cfg, &name)? {
-                    serving = sink.set_paused(&name, true).await.map_err(sink_error)?;
-                }
+                let done = on_each_sink(&cfg, &name, |sink, n| async move {
+                    sink.set_paused(&n, true).await
+                })
+                .await?;
                 self.restart_pipeline();
-                Ok(json!({"index": name, "serving": serving, "paused": true}))
+                Ok(with_sinks(
+                    json!({"index": name, "serving": done.serving, "paused": true}),
+                    done.sinks,
+                ))
             }
             Action::Resume(name) => {
-                let mut serving = String::new();
-                for sink in sinks_of(&cfg, &name)? {
-                    serving = sink.set_paused(&name, false).await.map_err(sink_error)?;
-                }
+                let done = on_each_sink(&cfg, &name, |sink, n| async move {
+                    sink.set_paused(&n, false).await
+                })
+                .await?;
                 self.restart_pipeline();
-                Ok(json!({"index": name, "serving": serving, "paused": false, "rebuilding": true}))
+                Ok(with_sinks(
+                    json!({"index": name, "serving": done.serving, "paused": false, "rebuilding": true}),
+                    done.sinks,
+                ))
             }
             Action::DeadLetters { index, limit } => {
                 known(&cfg, index.as_deref())?;
@@ -282,18 +291,64 @@ fn known(cfg: &Config, name: Option<&str>) -> Result<(), ControlError> {
     }
 }
 
-/// Every sink index `name` goes to (an action on an index applies on each).
-fn sinks_of(cfg: &Config, name: &str) -> Result<Vec<Sink>, ControlError> {
+/// What an action on an index did on its sinks.
+struct OnSinks {
+    /// The index the alias serves, on the first sink that took the action.
+    serving: String,
+    /// With named sinks: each sink's answer (the index served, or why not).
+    sinks: Option<serde_json::Map<String, Value>>,
+}
+
+/// Runs `act` on every sink index `name` goes to, each one whatever the
+/// others answered (a sink already in the asked state refuses with a
+/// conflict, and the others must still follow). Fails only when every sink
+/// refused, with the first refusal.
+async fn on_each_sink<F, Fut>(cfg: &Config, name: &str, act: F) -> Result<OnSinks, ControlError>
+where
+    F: Fn(Sink, String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, SinkError>>,
+{
     known(cfg, Some(name))?;
     let Some(ix) = cfg.indexes.iter().find(|i| i.name == name) else {
-        return Ok(Vec::new());
+        return Err(ControlError::NotFound(format!(
+            "no [[index]] named {name:?}"
+        )));
     };
-    cfg.sinks_of(ix)
-        .into_iter()
-        .map(|s| {
-            Sink::from_config(&cfg.sinks.list[s].config).map_err(|e| failed(EngineError::from(e)))
-        })
-        .collect()
+    let mut serving = None;
+    let mut first_error = None;
+    let mut answers = serde_json::Map::new();
+    for pos in cfg.sinks_of(ix) {
+        let named = &cfg.sinks.list[pos];
+        let sink = Sink::from_config(&named.config).map_err(|e| failed(EngineError::from(e)))?;
+        match act(sink, name.to_string()).await {
+            Ok(now) => {
+                answers.insert(named.name.clone(), json!({"serving": now}));
+                serving.get_or_insert(now);
+            }
+            Err(e) => {
+                answers.insert(named.name.clone(), json!({"error": e.to_string()}));
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (serving, first_error) {
+        (Some(serving), _) => Ok(OnSinks {
+            serving,
+            sinks: cfg.sinks.named.then_some(answers),
+        }),
+        (None, Some(e)) => Err(sink_error(e)),
+        (None, None) => Err(ControlError::NotFound(format!(
+            "index {name:?} goes to no sink"
+        ))),
+    }
+}
+
+/// `body` with a `sinks` member when there are named sinks.
+fn with_sinks(mut body: Value, sinks: Option<serde_json::Map<String, Value>>) -> Value {
+    if let Some(s) = sinks {
+        body["sinks"] = Value::Object(s);
+    }
+    body
 }
 
 /// `BadRequest` when the running configuration has several sinks: the

@@ -240,6 +240,20 @@ fn run_cli(cli: Cli) -> ExitCode {
     };
     let direct = cli.direct;
     let sink = cli.sink;
+    if sink.is_some()
+        && !matches!(
+            cli.command,
+            Command::Plan { .. }
+                | Command::Verify { .. }
+                | Command::Reindex { .. }
+                | Command::DeadLetters { .. }
+        )
+    {
+        tracing::error!(
+            "--sink names the sink for plan, verify, reindex and dead-letters; this command covers every sink: drop --sink"
+        );
+        return ExitCode::from(2);
+    }
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run(config).await,

@@ -53,7 +53,7 @@ impl Worker {
         let current = catalog::read_table(
             &self.core.rows.client,
             &mut self.types,
-            &format!("index[{pos}]"),
+            &format!("index {:?}", self.core.rows.indexes[pos].alias),
             &table,
             None,
             true,
