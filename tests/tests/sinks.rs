@@ -105,6 +105,52 @@ async fn two_sinks_both_equal_the_table_after_one_failed_for_a_while_and_the_slo
         "per-sink document counts\n{metrics}"
     );
 
+    // A document only the eu cluster refuses (twice: the write and its
+    // rebuild) becomes a dead letter there, in eu's own dead-letter index;
+    // the primary has it.
+    let config = cfg.to_str().expect("utf-8 path");
+    proxy.set(ferry_testkit::Fault::ItemStatus {
+        status: 400,
+        every_nth: 1,
+        times: Some(2),
+    });
+    db.batch_execute("UPDATE items SET name = 'refused by eu' WHERE id = 7")
+        .await
+        .expect("update");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let (code, out, err) = ferry_once(&["dead-letters", "-c", config, "list", "--sink", "eu"]);
+        if out.lines().any(|l| l.split('\t').nth(1) == Some("7")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter on the eu sink: {code}\n{out}\n{err}\n{}",
+            text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, out, _) = ferry_once(&["dead-letters", "-c", config, "list", "--sink", "primary"]);
+    assert!(
+        !out.lines().any(|l| l.contains('\t')),
+        "no dead letter on the primary: {out}"
+    );
+    assert_sink_converges(&env.sink, &index, &db, "the primary sink", &text()).await;
+    assert!(
+        documents_in(&second_client, "eu-dead-letters").await.len() == 1,
+        "the eu sink's dead letter is in its own dead_letter_index"
+    );
+    let (code, out, err) = ferry_once(&["dead-letters", "-c", config, "retry", "--sink", "eu"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_sink_converges(
+        &second_client,
+        &index,
+        &db,
+        "the eu sink after the retry",
+        &text(),
+    )
+    .await;
+
     // The eu cluster fails every request for a while.
     proxy.set(ferry_testkit::Fault::Status {
         status: 503,
@@ -173,7 +219,6 @@ async fn two_sinks_both_equal_the_table_after_one_failed_for_a_while_and_the_slo
     assert!(confirmed_past(&db, &before).await);
 
     // Operator tools read one cluster, named with --sink.
-    let config = cfg.to_str().expect("utf-8 path");
     let (code, out, err) = ferry_once(&["verify", "-c", config, "--sink", "eu"]);
     assert_eq!(code, 0, "verify of the eu sink\n{out}\n{err}");
     assert!(out.contains("missing 0, different 0, extra 0"), "{out}");

@@ -22,7 +22,12 @@ fn root() -> PathBuf {
 
 /// The keys the `[section]` table accepts (`sink.aws` is `[sink.aws]`).
 fn keys_of(section: &str) -> BTreeSet<String> {
-    let text = format!("[{section}]\nzz_not_a_key = 1\n");
+    // A lone `[sink.aws]` would be a named sink called aws: give its sink a url.
+    let sink = match section {
+        "sink.aws" => "[sink]\nurl = \"http://127.0.0.1:9200\"\n",
+        _ => "",
+    };
+    let text = format!("{sink}[{section}]\nzz_not_a_key = 1\n");
     let err = match ferry_config::Config::from_toml(&text) {
         Ok(_) => panic!("[{section}] accepted an unknown key"),
         Err(e) => e.to_string(),
