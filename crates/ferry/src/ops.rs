@@ -37,8 +37,12 @@ impl At {
     /// The configuration the command sees, and whether it acts directly:
     /// always with several sinks, whose daemon cannot be told which one.
     fn load(&self, config: &Path) -> Result<(ferry_config::Config, bool), ExitCode> {
-        let several = crate::load(config)?.sinks.list.len() > 1;
-        let cfg = crate::load_for(config, self.sink.as_deref())?;
+        let all = crate::load(config)?;
+        let several = all.sinks.list.len() > 1;
+        let cfg = all.for_sink(self.sink.as_deref()).map_err(|e| {
+            tracing::error!("{e}");
+            ExitCode::from(2)
+        })?;
         Ok((cfg, self.direct || several))
     }
 }

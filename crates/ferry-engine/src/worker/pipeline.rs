@@ -496,10 +496,14 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         let mut resolved: HashMap<(usize, ferry_core::plan::Probe, Vec<String>), Vec<Vec<String>>> =
             HashMap::new();
         for ((index, probe), values) in work.probes {
-            let mut sorted: Vec<String> = values.iter().cloned().collect();
+            // Only an index with a twin pays for the sorted copy.
+            let mut sorted: Vec<String> = match self.has_twin(index) {
+                true => values.iter().cloned().collect(),
+                false => Vec::new(),
+            };
             sorted.sort_unstable();
             let asked = (self.twin(index), probe, sorted);
-            let keys = match resolved.get(&asked) {
+            let keys = match resolved.get(&asked).filter(|_| self.has_twin(index)) {
                 Some(keys) => keys.clone(),
                 None => {
                     let span = tracing::info_span!(
@@ -528,10 +532,12 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
         let mut built: HashMap<(usize, Vec<Vec<String>>), std::ops::Range<usize>> = HashMap::new();
         for (index, keys) in rebuild {
             let mut keys: Vec<Vec<String>> = keys.into_iter().collect();
-            keys.sort_unstable();
+            if self.has_twin(index) {
+                keys.sort_unstable();
+            }
             let before = writes.len();
             let asked = (self.twin(index), keys);
-            if let Some(range) = built.get(&asked) {
+            if let Some(range) = built.get(&asked).filter(|_| self.has_twin(index)) {
                 // A twin's documents: the same, addressed to this index.
                 let copies: Vec<DocWrite> = writes[range.clone()]
                     .iter()
@@ -584,6 +590,15 @@ impl<S: DocSink, R: RowSource> Pipeline<S, R> {
     /// The first index built the same way as `index` (itself if none).
     fn twin(&self, index: usize) -> usize {
         self.twins.get(index).copied().unwrap_or(index)
+    }
+
+    /// Whether another index is built the same way as `index`.
+    fn has_twin(&self, index: usize) -> bool {
+        let first = self.twin(index);
+        self.twins
+            .iter()
+            .enumerate()
+            .any(|(i, &t)| t == first && i != index)
     }
 
     fn index_name(&self, index: usize) -> &str {

@@ -27,7 +27,7 @@ type Hold = (String, Arc<Semaphore>);
 
 /// Refuses (400) every document whose body contains `bad`; can fail whole
 /// flushes or hold them until the test releases a permit.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct FakeSink {
     log: Log,
     flushed: Arc<Mutex<Vec<Vec<DocWrite>>>>,
@@ -633,13 +633,7 @@ fn routed_pipeline(flat: bool) -> (Pipeline<FakeSink, FakeRows>, FakeSink, FakeR
     let mut plan = node("", docs.clone(), Link::Root);
     plan.routing = Some("tenant".into());
     let ix = index(0, plan, flat);
-    let sink = FakeSink {
-        log: Log::default(),
-        flushed: Arc::default(),
-        fail: Arc::default(),
-        gate: None,
-        hold: Arc::default(),
-    };
+    let sink = FakeSink::default();
     let rows = FakeRows::default();
     let mut pipeline = Pipeline::new(
         sink.clone(),
@@ -877,13 +871,7 @@ async fn one_index_on_two_sinks_is_built_once_per_batch_and_written_to_both() {
             ix
         })
         .collect();
-    let sink = FakeSink {
-        log: Log::default(),
-        flushed: Arc::default(),
-        fail: Arc::default(),
-        gate: None,
-        hold: Arc::default(),
-    };
+    let sink = FakeSink::default();
     let rows = FakeRows::default();
     for pos in 0..2 {
         rows.rows
